@@ -1,0 +1,5 @@
+import sys
+
+from parts.cli import main
+
+sys.exit(main())

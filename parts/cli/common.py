@@ -1,0 +1,72 @@
+"""Argument types and option groups shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '1,3' -> [1, 3]; ranges and commas combine ('0-2,5')."""
+    values: list[int] = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        try:
+            if "-" in piece[1:]:
+                low, high = (int(x) for x in piece.split("-", 1))
+                if high < low:
+                    raise argparse.ArgumentTypeError(f"range {piece!r} runs backwards: write {high}-{low}")
+                values.extend(range(low, high + 1))
+            else:
+                values.append(int(piece))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers like 0-4 or 1,2,3") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: numbers must be 0 or more")
+    return list(dict.fromkeys(values))
+
+
+def name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="Hugging Face name or folder (default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 weights")
+    group.add_argument("--revision", default=None, help="hub revision, e.g. a Pythia checkpoint step1000")
+    group.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default 8)")
+    group.add_argument(
+        "--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+        help="run every prompt in full instead of reusing the shared demonstrations' keys and values",
+    )
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", default=None,
+        help="folder with <task>/{train,test}.jsonl (default: $PARTS_DATA_DIR, else the Hugging Face hub)",
+    )

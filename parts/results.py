@@ -1,0 +1,233 @@
+"""A decomposition run: its prompts, component logits and what follows from them.
+
+A run saves to a folder holding `summary.json` (what was run and the headline numbers),
+`prompts.jsonl` (one line per example: the exact prompt and its gold label) and
+`tensors.safetensors` (component logits, remainder, model logits). The folder is written
+under a temporary name and renamed into place, so a folder that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from parts import __version__
+from parts.decompose import Decomposition
+from parts.errors import PartsError
+from parts.prompts import PromptSet
+
+FORMAT_VERSION = 1
+SUMMARY = "summary.json"
+PROMPTS = "prompts.jsonl"
+TENSORS = "tensors.safetensors"
+_TENSOR_NAMES = ("component_logits", "remainder", "model_logits")
+
+
+@dataclass(eq=False)
+class DecompositionRun:
+    """One (model, task, template, seed, split) decomposition and its results."""
+
+    model: str
+    prompts: PromptSet
+    label_token_ids: list[int]
+    n_layers: int
+    n_heads: int
+    component_names: list[str]
+    component_logits: Float[Tensor, "example component label"]
+    remainder: Float[Tensor, "example label"]
+    model_logits: Float[Tensor, "example label"]
+    info: dict[str, Any] = field(default_factory=dict)  # how it was run: batch size, timings...
+
+    @classmethod
+    def from_decomposition(
+        cls, model: str, prompts: PromptSet, label_token_ids: list[int], component_names: list[str],
+        n_layers: int, n_heads: int, decomposition: Decomposition, **info: Any,
+    ) -> DecompositionRun:
+        return cls(
+            model, prompts, list(label_token_ids), n_layers, n_heads, list(component_names),
+            decomposition.component_logits, decomposition.remainder, decomposition.model_logits, dict(info),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        """Same run: same metadata, prompts and (bit-identical) tensors."""
+        if not isinstance(other, DecompositionRun):
+            return NotImplemented
+        return (
+            self.summary() == other.summary()
+            and self.prompts == other.prompts
+            and all(torch.equal(getattr(self, n), getattr(other, n)) for n in _TENSOR_NAMES)
+        )
+
+    # -- derived numbers ---------------------------------------------------------------
+    @property
+    def labels(self) -> Int[Tensor, example]:
+        return torch.tensor(self.prompts.labels, dtype=torch.long)
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of always answering the most frequent gold label."""
+        counts = torch.bincount(self.labels, minlength=len(self.prompts.label_names))
+        return float(counts.max()) / max(1, self.n_examples)
+
+    @property
+    def component_predictions(self) -> Int[Tensor, "example component"]:
+        """Each component's label: the argmax over its label-word logits (ties: lower label)."""
+        return self.component_logits.argmax(-1)
+
+    @property
+    def component_accuracy(self) -> Float[Tensor, component]:
+        correct = self.component_predictions == einops.rearrange(self.labels, "example -> example 1")
+        return correct.float().mean(0)
+
+    @property
+    def full_predictions(self) -> Int[Tensor, example]:
+        return self.model_logits.argmax(-1)
+
+    @property
+    def full_accuracy(self) -> float:
+        return float((self.full_predictions == self.labels).float().mean())
+
+    @property
+    def reconstruction_error(self) -> Float[Tensor, example]:
+        """Largest |sum of components + remainder - model logit| over the label words."""
+        total = einops.reduce(self.component_logits, "example component label -> example label", "sum")
+        return (total + self.remainder - self.model_logits).abs().amax(-1)
+
+    @property
+    def max_reconstruction_error(self) -> float:
+        return float(self.reconstruction_error.max())
+
+    def top_components(self, k: int = 5) -> list[tuple[str, float]]:
+        accuracy = self.component_accuracy
+        order = torch.argsort(accuracy, descending=True, stable=True)[:k]
+        return [(self.component_names[i], float(accuracy[i])) for i in order]
+
+    def component_index(self, name: str) -> int:
+        try:
+            return self.component_names.index(name)
+        except ValueError:
+            raise PartsError(f"no component {name!r}: names look like L0H0 or MLP0") from None
+
+    # -- description ---------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        p = self.prompts
+        return {
+            "format_version": FORMAT_VERSION,
+            "parts_version": __version__,
+            "model": self.model,
+            "task": p.task,
+            "template": p.template,
+            "seed": p.seed,
+            "shots": p.shots,
+            "split": p.split,
+            "n_examples": self.n_examples,
+            "label_names": list(p.label_names),
+            "label_words": list(p.label_words),
+            "label_token_ids": self.label_token_ids,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "chance": self.chance,
+            "full_accuracy": self.full_accuracy,
+            "component_names": self.component_names,
+            "component_accuracy": [round(float(a), 6) for a in self.component_accuracy],
+            "max_reconstruction_error": self.max_reconstruction_error,
+            "demonstrations": list(p.demonstrations),
+            "info": self.info,
+        }
+
+    def describe(self, k: int = 5) -> str:
+        p = self.prompts
+        best = ", ".join(f"{name} {acc:.1%}" for name, acc in self.top_components(k))
+        return "\n".join(
+            [
+                f"{self.model} | {p.task} template {p.template} seed {p.seed} | {p.shots}-shot | "
+                f"{p.split} n={self.n_examples}",
+                f"full model accuracy  {self.full_accuracy:.1%}   (majority class {self.chance:.1%})",
+                f"best components      {best}",
+                f"components           {len(self.component_names)} ({self.n_layers} layers x "
+                f"{self.n_heads} heads + {self.n_layers} MLPs)",
+                f"reconstruction error {self.max_reconstruction_error:.2e} (max |sum of parts - model logit|)",
+            ]
+        )
+
+    def __repr__(self) -> str:
+        p = self.prompts
+        return (
+            f"DecompositionRun({self.model!r}, task={p.task!r}, template={p.template}, seed={p.seed}, "
+            f"split={p.split!r}, n={self.n_examples}, full_accuracy={self.full_accuracy:.3f})"
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the run to `path` atomically (a temporary folder renamed into place)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            save_file(
+                {name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES},
+                str(staging / TENSORS),
+            )
+            with (staging / PROMPTS).open("w") as handle:
+                p = self.prompts
+                for index, prompt, label in zip(p.example_indices, p.prompts, p.labels, strict=True):
+                    handle.write(json.dumps({"index": index, "label": label, "prompt": prompt}) + "\n")
+            (staging / SUMMARY).write_text(json.dumps(self.summary(), indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> DecompositionRun:
+        folder = Path(path)
+        summary_file = folder / SUMMARY
+        if not summary_file.is_file():
+            raise PartsError(f"{folder} is not a finished run (no {SUMMARY}): rerun it")
+        summary = json.loads(summary_file.read_text())
+        if summary.get("format_version") != FORMAT_VERSION:
+            raise PartsError(
+                f"{folder} was written in run format {summary.get('format_version')!r} "
+                f"(this parts reads {FORMAT_VERSION}): rerun it with this version"
+            )
+        try:
+            tensors = load_file(str(folder / TENSORS))
+            rows = [json.loads(line) for line in (folder / PROMPTS).read_text().splitlines() if line]
+        except (OSError, ValueError) as err:
+            raise PartsError(f"{folder} is damaged ({err}): delete it and rerun") from err
+        prompts = PromptSet(
+            task=summary["task"],
+            template=summary["template"],
+            seed=summary["seed"],
+            shots=summary["shots"],
+            split=summary["split"],
+            label_names=tuple(summary["label_names"]),
+            label_words=tuple(summary["label_words"]),
+            demonstrations=tuple(summary["demonstrations"]),
+            example_indices=tuple(r["index"] for r in rows),
+            prompts=tuple(r["prompt"] for r in rows),
+            labels=tuple(r["label"] for r in rows),
+        )
+        return cls(
+            summary["model"], prompts, summary["label_token_ids"], summary["n_layers"], summary["n_heads"],
+            summary["component_names"], tensors["component_logits"], tensors["remainder"], tensors["model_logits"],
+            summary.get("info", {}),
+        )

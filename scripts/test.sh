@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up, lint, type-check and run the tests (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+# Data for the integration tests: the shared folder beside the checkout unless set.
+if [ -z "${PARTS_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  PARTS_DATA_DIR="$(cd ../shared/data && pwd)"
+  export PARTS_DATA_DIR
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check parts tests benchmarks
+.venv/bin/mypy parts
+.venv/bin/python -m pytest -q "$@"

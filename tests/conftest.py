@@ -1,0 +1,127 @@
+"""Shared fixtures: a word-level tokenizer, tiny random models of several families, a tiny task."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = (
+    "[PAD] [UNK] [BOS] review sentiment : positive negative great awful good bad film movie plot "
+    "acting the a was is and but not very dull fun boring loved hated ? yes no"
+).split()
+POSITIVE = ["great", "good", "fun", "loved"]
+NEGATIVE = ["awful", "bad", "dull", "boring", "hated"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A word-level tokenizer saved to disk (the bridge re-reads it by `name_or_path`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[BOS]"
+    )
+    folder = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised Hugging Face causal LM of one family."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    vocab = len(WORDS)
+    if family == "llama":  # RMSNorm, rotary, grouped-query attention, tied unembedding
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             pad_token_id=0, tie_word_embeddings=True, **overrides)
+        return LlamaForCausalLM(config).eval()
+    if family == "neox":  # LayerNorm, parallel residual, biases, untied unembedding (Pythia)
+        config = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, max_position_embeddings=256, pad_token_id=0,
+                               tie_word_embeddings=False, **overrides)
+        return GPTNeoXForCausalLM(config).eval()
+    if family == "gpt2":  # LayerNorm, learned absolute positions, biases, tied unembedding
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256, pad_token_id=0, **overrides)
+        return GPT2LMHeadModel(config).eval()
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "neox", "gpt2")
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model(request, tokenizer):
+    from parts.models import from_hf
+
+    model = from_hf(make_hf_model(request.param), tokenizer, f"tiny-{request.param}")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    from parts.models import from_hf
+
+    return from_hf(make_hf_model("llama"), tokenizer, "tiny-llama")
+
+
+def _review(rng, label: int) -> str:
+    words = POSITIVE if label == 1 else NEGATIVE
+    n = int(rng.integers(2, 7))
+    filler = ["the", "film", "was", "very", "and", "plot", "acting", "movie", "is", "a"]
+    return " ".join(str(rng.choice(words if i % 2 else filler)) for i in range(n))
+
+
+@pytest.fixture(scope="session")
+def tiny_task_file(tmp_path_factory) -> Path:
+    """A user task (JSON + data folder) over the tokenizer's words: 40 train, 30 test rows."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("tinytask")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 30)):
+        rows = [{"text": _review(rng, i % 2), "label": i % 2} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"name": "tiny", "data_dir": ".", "template": "review : {text} sentiment :",
+            "label_words": [" negative", " positive"], "label_names": ["negative", "positive"],
+            "templates": {"2": "review {text} ?"}}
+    path = folder / "tiny.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared data directory (PARTS_DATA_DIR); integration tests need it."""
+    value = os.environ.get("PARTS_DATA_DIR")
+    if not value:
+        here = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+        if here.is_dir():
+            return here
+        pytest.skip("PARTS_DATA_DIR is not set (scripts/test.sh sets it to ../shared/data)")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    from parts.models import load_model
+
+    return load_model(device="cpu")

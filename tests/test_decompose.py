@@ -1,0 +1,100 @@
+"""The decomposition is exact: components + remainder == the model's own label-word logits."""
+
+from __future__ import annotations
+
+import einops
+import pytest
+import torch
+
+from parts.decompose import Decomposer, component_names
+
+PROMPTS = [
+    "review : great film sentiment : positive review : awful plot sentiment : negative review : good fun sentiment :",
+    "review : great film sentiment : positive review : awful plot sentiment : negative review : dull sentiment :",
+    "review : great film sentiment : positive review : awful plot sentiment : negative review : the movie was very "
+    "boring and the acting was bad sentiment :",
+    "review : great film sentiment : positive review : awful plot sentiment : negative review : loved it sentiment :",
+    "review : great film sentiment : positive review : awful plot sentiment : negative review : a film sentiment :",
+]
+
+
+def label_ids(model):
+    return [model.tokenizer.convert_tokens_to_ids(w) for w in ("negative", "positive", "yes")]
+
+
+def reference_logits(model, prompt: str) -> torch.Tensor:
+    """The Hugging Face model's own logits at the last token, one prompt at a time."""
+    ids = torch.tensor([model.tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        return model.original_model(ids).logits[0, -1]
+
+
+def test_component_names_layer_major():
+    assert component_names(2, 3) == ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1", "L1H2", "MLP0", "MLP1"]
+
+
+@pytest.mark.parametrize("prefix_reuse", [True, False])
+def test_components_sum_to_model_logits(tiny_model, prefix_reuse):
+    ids = label_ids(tiny_model)
+    decomposer = Decomposer(tiny_model, ids)
+    out = decomposer(PROMPTS, batch_size=2, prefix_reuse=prefix_reuse, progress=False)
+    n_components = tiny_model.cfg.n_layers * (tiny_model.cfg.n_heads + 1)
+    assert out.component_logits.shape == (len(PROMPTS), n_components, 3)
+    total = einops.reduce(out.component_logits, "batch component label -> batch label", "sum") + out.remainder
+    reference = torch.stack([reference_logits(tiny_model, p)[ids] for p in PROMPTS])
+    assert (out.model_logits - reference).abs().max() < 1e-4  # padding and prefix reuse change nothing
+    assert (total - reference).abs().max() < 1e-4
+    assert out.reconstruction_error.max() < 1e-4
+    # Not trivially exact: the components themselves carry the logits.
+    assert out.component_logits.abs().sum() > 10 * out.remainder.abs().sum() / n_components
+
+
+def test_padding_and_prefix_reuse_do_not_change_results(tiny_model):
+    decomposer = Decomposer(tiny_model, label_ids(tiny_model))
+    batched = decomposer(PROMPTS, batch_size=5, prefix_reuse=True, progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        alone = decomposer([prompt], batch_size=1, prefix_reuse=False, progress=False)
+        assert (alone.component_logits[0] - batched.component_logits[i]).abs().max() < 1e-4
+        assert (alone.remainder[0] - batched.remainder[i]).abs().max() < 1e-4
+
+
+def test_matches_transformer_lens_activation_cache(tiny_model):
+    """An independent decomposition: TransformerLens's own `get_full_resid_decomposition`."""
+    ids = label_ids(tiny_model)
+    out = Decomposer(tiny_model, ids)(PROMPTS[:2], progress=False, prefix_reuse=False, batch_size=1)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        tokens = torch.tensor([tiny_model.tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            _, cache = tiny_model.run_with_cache(tokens)
+            stack, labels = cache.get_full_resid_decomposition(
+                layer=-1, pos_slice=-1, expand_neurons=False, apply_ln=True, return_labels=True
+            )
+        tl_logits = einops.einsum(stack[:, 0], tiny_model.W_U[:, ids], "component d_model, d_model label -> component label")
+        n_heads = tiny_model.cfg.n_layers * tiny_model.cfg.n_heads
+        assert labels[:2] == ["L0H0", "L0H1"] and labels[n_heads].endswith("mlp_out")
+        n = len(out.component_logits[i])
+        assert (tl_logits[:n] - out.component_logits[i]).abs().max() < 1e-4
+
+
+def test_ignored_prefix_cache_fails_loudly(tiny_llama, monkeypatch):
+    """If the bridge ever drops the KV cache again, decomposition must refuse, not mislead."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    monkeypatch.setattr(AttentionBridge, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
+    decomposer = Decomposer(tiny_llama, label_ids(tiny_llama))
+    with pytest.raises(RuntimeError, match="ignored|no usable KV cache"):
+        decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+
+
+def test_shared_prefix_length():
+    assert Decomposer.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert Decomposer.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each keeps one token
+
+
+def test_prompt_longer_than_context_is_an_error(tiny_llama):
+    from parts.errors import PartsError
+
+    long_prompt = " ".join(["film"] * 300)
+    n = len(tiny_llama.tokenizer(long_prompt)["input_ids"])  # 300 words, plus BOS if the tokenizer adds one
+    with pytest.raises(PartsError, match=rf"prompt 0 is {n} tokens, {n - 256} more than .* 256"):
+        Decomposer(tiny_llama, label_ids(tiny_llama))([long_prompt], progress=False)
