@@ -54,3 +54,59 @@ def decompose_task(
     task = get_task(task) if not isinstance(task, Task) else task
     prompts = build_prompts(task, template, seed, shots, split, limit, data_dir)
     return run_decomposition(model, prompts, batch_size, prefix_reuse, progress)
+
+
+def model_slug(name: str | None) -> str:
+    """A folder name for a model: the embedded default, or the hub name with '/' replaced."""
+    from parts.models import EMBEDDED_ALIASES, EMBEDDED_MODEL
+
+    label = EMBEDDED_MODEL if name in EMBEDDED_ALIASES else str(name)
+    return label.replace("/", "--").replace(" ", "_")
+
+
+def run_dir(
+    root: str | Path,
+    model: str | None,
+    task: str | Task,
+    template: int,
+    seed: int,
+    split: str = "test",
+    shots: int | None = None,
+    limit: int | None = None,
+) -> Path:
+    """Where a sweep keeps one run: `root/<model>/<task>/t{template}-s{seed}-k{shots}-{split}-n{limit}`.
+
+    Every setting that changes the numbers is in the path, so a finished folder can be reused.
+    """
+    task = get_task(task) if not isinstance(task, Task) else task
+    shots = task.default_shots if shots is None else shots
+    size = "all" if limit is None else str(limit)
+    return Path(root) / model_slug(model) / task.name / f"t{template}-s{seed}-k{shots}-{split}-n{size}"
+
+
+def ensure_run(
+    path: str | Path,
+    model: TransformerBridge | None,
+    load: bool = True,
+    **settings: object,
+) -> DecompositionRun | None:
+    """The finished run at `path`, or run it now (`settings` as for `decompose_task`) and save it.
+
+    A folder counts as finished only if it loads (runs are saved atomically), so an interrupted
+    sweep reruns exactly what it had not finished. With `load=False` a finished run is not read.
+    """
+    from parts.errors import PartsError
+
+    path = Path(path)
+    if (path / "summary.json").is_file():
+        if not load:
+            return None
+        try:
+            return DecompositionRun.load(path)
+        except PartsError:
+            pass  # damaged or from another version: run it again
+    if model is None:
+        raise ValueError("a model is needed to run a missing decomposition")
+    result = decompose_task(model, **settings)  # type: ignore[arg-type]
+    result.save(path)
+    return result
