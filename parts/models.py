@@ -154,6 +154,23 @@ def from_hf(
     return bridge
 
 
+def _check_local_folder(name: str) -> str:
+    """A name that is a path must be a model folder; anything else is left to the hub."""
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or path.exists()
+    if not looks_local:
+        return name
+    if not path.is_dir():
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise PartsError(f"model folder {path} {problem}: pass a folder saved with save_pretrained, or a hub name")
+    if not (path / "config.json").is_file():
+        raise PartsError(
+            f"model folder {path} has no config.json: pass a folder saved with save_pretrained "
+            "(model and tokenizer), or a hub name"
+        )
+    return str(path)
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -187,15 +204,18 @@ def load_model(
         label = EMBEDDED_MODEL
     else:
         assert name is not None
-        source, label = name, name
+        source, label = _check_local_folder(name), name
     if revision is not None:
         label = f"{label}@{revision}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        # The model first: its errors (an unknown architecture) say more than the tokenizer's.
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision)
-    except OSError as err:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError, KeyError) as err:
+        # transformers reports a bad name, folder or config as any of these; all are the user's to fix.
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PartsError(
-            f"cannot load model {name!r}: {str(err).splitlines()[0]} "
+            f"cannot load model {name!r}: {first_line} "
             "(check the name, your network or HF_HOME cache; omit --model for the offline default)"
         ) from err
     hf_model = hf_model.to(device)  # type: ignore[arg-type]

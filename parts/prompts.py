@@ -77,7 +77,7 @@ def sample_labeled_set(
         raise PartsError(
             f"the training split of {task.name} ({len(train_labels)} examples, per class "
             f"{per_class.tolist()}) cannot give {shots} balanced demonstrations and {n_train} "
-            "further examples: lower --shots or --labels"
+            "further examples: lower --shots, or --limit (--split train) or --labels"
         )
     rng = np.random.default_rng(_stable_seed(task.name, seed))
     demos = balanced_sample(train_labels, shots, task.n_labels, rng)
@@ -164,6 +164,8 @@ def build_prompts(
     if shots < 0:
         raise PartsError(f"--shots must be zero or more, got {shots}")
     train = load_split(task, "train", data_dir)
+    if not train and (shots > 0 or split == "train"):
+        raise PartsError(f"the train split of {task.name} is empty: demonstrations come from it; check the data directory")
     train_labels = [row["label"] for row in train]
     n_train = (LABEL_BUDGET - shots if limit is None else limit) if split == "train" else 0
     demos: list[int]

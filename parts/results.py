@@ -178,6 +178,7 @@ class DecompositionRun:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        retired = staging.with_name(staging.name + "-old")
         try:
             save_file(
                 {name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES},
@@ -188,11 +189,16 @@ class DecompositionRun:
                 for index, prompt, label in zip(p.example_indices, p.prompts, p.labels, strict=True):
                     handle.write(json.dumps({"index": index, "label": label, "prompt": prompt}) + "\n")
             (staging / SUMMARY).write_text(json.dumps(self.summary(), indent=1))
+            # Move an old run aside in one rename (never delete it file by file in place), so
+            # an interruption leaves either the old run, nothing, or the new run at `target`.
             if target.exists():
-                shutil.rmtree(target)
+                os.replace(target, retired)
             os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if retired.exists() and not target.exists():
+                os.replace(retired, target)  # the new run failed: put the old one back
             raise
         return target
 
@@ -202,17 +208,22 @@ class DecompositionRun:
         summary_file = folder / SUMMARY
         if not summary_file.is_file():
             raise PartsError(f"{folder} is not a finished run (no {SUMMARY}): rerun it")
-        summary = json.loads(summary_file.read_text())
-        if summary.get("format_version") != FORMAT_VERSION:
+        try:
+            summary = json.loads(summary_file.read_text())
+        except ValueError as err:
+            raise PartsError(f"{summary_file} is not valid JSON ({err}): delete {folder} and rerun") from err
+        if not isinstance(summary, dict) or summary.get("format_version") != FORMAT_VERSION:
+            version = summary.get("format_version") if isinstance(summary, dict) else None
             raise PartsError(
-                f"{folder} was written in run format {summary.get('format_version')!r} "
+                f"{folder} was written in run format {version!r} "
                 f"(this parts reads {FORMAT_VERSION}): rerun it with this version"
             )
         try:
             tensors = load_file(str(folder / TENSORS))
             rows = [json.loads(line) for line in (folder / PROMPTS).read_text().splitlines() if line]
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a torn file
             raise PartsError(f"{folder} is damaged ({err}): delete it and rerun") from err
+        _check_consistent(folder, summary, tensors, rows)
         prompts = PromptSet(
             task=summary["task"],
             template=summary["template"],
@@ -230,4 +241,33 @@ class DecompositionRun:
             summary["model"], prompts, summary["label_token_ids"], summary["n_layers"], summary["n_heads"],
             summary["component_names"], tensors["component_logits"], tensors["remainder"], tensors["model_logits"],
             summary.get("info", {}),
+        )
+
+
+_SUMMARY_KEYS = ("model", "task", "template", "seed", "shots", "split", "n_examples", "label_names", "label_words",
+                 "label_token_ids", "n_layers", "n_heads", "component_names", "demonstrations")
+
+
+def _check_consistent(folder: Path, summary: dict[str, Any], tensors: dict[str, Tensor], rows: list[Any]) -> None:
+    """A run folder whose files disagree (hand-edited, or mixed from two runs) is an error, not a run."""
+    missing = [k for k in _SUMMARY_KEYS if k not in summary] + [n for n in _TENSOR_NAMES if n not in tensors]
+    if missing:
+        raise PartsError(f"{folder} is damaged (missing {', '.join(missing)}): delete it and rerun")
+    expected = {
+        "component_logits": (summary["n_examples"], len(summary["component_names"]), len(summary["label_names"])),
+        "remainder": (summary["n_examples"], len(summary["label_names"])),
+        "model_logits": (summary["n_examples"], len(summary["label_names"])),
+    }
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise PartsError(
+                f"{folder} is damaged ({name} has shape {tuple(tensors[name].shape)}, the summary says {shape}): "
+                "delete it and rerun"
+            )
+    if not all(isinstance(row, dict) and {"index", "label", "prompt"} <= row.keys() for row in rows):
+        raise PartsError(f"{folder} is damaged ({PROMPTS} lines lack index, label or prompt): delete it and rerun")
+    if len(rows) != summary["n_examples"]:
+        raise PartsError(
+            f"{folder} is damaged ({PROMPTS} has {len(rows)} examples, the summary says {summary['n_examples']}): "
+            "delete it and rerun"
         )

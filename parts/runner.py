@@ -3,14 +3,88 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import einops
+import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts.decompose import Decomposer
+from parts.errors import PartsError
 from parts.models import model_name
 from parts.prompts import PromptSet, build_prompts, label_token_ids
 from parts.results import DecompositionRun
 from parts.tasks import Task, get_task
+
+
+def check_fits_context(tokenizer: Any, prompts: PromptSet, n_ctx: int) -> None:
+    """Every prompt fits the context window; else name the longest one, by its index in the split."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts.prompts))["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > n_ctx]
+    if not too_long:
+        return
+    worst = max(too_long, key=lambda i: lengths[i])
+    raise PartsError(
+        f"{len(too_long)} of {len(prompts)} prompts exceed the model's context window of {n_ctx} tokens; the longest, "
+        f"example {prompts.example_indices[worst]} of the {prompts.split} split, is {lengths[worst]} tokens "
+        f"({lengths[worst] - n_ctx} too many): use fewer --shots, a shorter template or a model with a longer context"
+    )
+
+
+def check_finite(run: DecompositionRun, model: TransformerBridge | None = None) -> None:
+    """Non-finite logits (an overflow, or broken weights) must stop the run, not be averaged into accuracies.
+
+    Names the first affected example and the component where it starts. An overflow anywhere makes the
+    final norm's scale non-finite and so every component's logits, so with the model at hand the
+    example is rerun to find the earliest non-finite head or MLP output; without it, the earliest
+    non-finite component logits in computation order (heads of a layer, then its MLP).
+    """
+    bad_examples = ~torch.isfinite(run.component_logits).all(-1).all(-1)
+    bad_examples |= ~torch.isfinite(run.remainder).all(-1) | ~torch.isfinite(run.model_logits).all(-1)
+    if not bad_examples.any():
+        return
+    row = int(bad_examples.nonzero()[0, 0])
+    origin = overflow_origin(model, run.prompts.prompts[row]) if model is not None else None
+    p = run.prompts
+    raise PartsError(
+        f"non-finite logits in {int(bad_examples.sum())} of {run.n_examples} examples, first example "
+        f"{p.example_indices[row]} of the {p.split} split at {origin or first_non_finite_component(run, row)}: "
+        "the model overflowed; load it in float32 (--dtype float32) or check its weights"
+    )
+
+
+def first_non_finite_component(run: DecompositionRun, row: int) -> str:
+    """The earliest component, in computation order, whose logits for example `row` are not finite."""
+    bad = ~torch.isfinite(run.component_logits[row]).all(-1)  # component
+    if not bad.any():
+        return "the embeddings or biases" if not torch.isfinite(run.remainder[row]).all() else "the model's own logits"
+    heads = [layer * (run.n_heads + 1) + head for layer in range(run.n_layers) for head in range(run.n_heads)]
+    mlps = [layer * (run.n_heads + 1) + run.n_heads for layer in range(run.n_layers)]
+    computation_order = torch.tensor(heads + mlps)
+    first = int(torch.where(bad, computation_order, computation_order.max() + 1).argmin())
+    return f"component {run.component_names[first]} (and {int(bad.sum()) - 1} more)"
+
+
+def overflow_origin(model: TransformerBridge, prompt: str) -> str | None:
+    """Rerun one prompt and name the earliest head or MLP whose output is not finite (at any position)."""
+    n_layers = int(model.cfg.n_layers)
+    hooks = {"hook_embed"} | {f"blocks.{layer}.{name}" for layer in range(n_layers) for name in ("attn.hook_z", "hook_mlp_out")}
+    tokens = torch.tensor([model.tokenizer(prompt)["input_ids"]], device=model.W_U.device)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in hooks)
+        if not torch.isfinite(cache["hook_embed"]).all():
+            return "the embeddings"
+        for layer in range(n_layers):
+            head_out = einops.einsum(
+                cache[f"blocks.{layer}.attn.hook_z"].float(), model.W_O[layer].float(),
+                "batch pos head d_head, head d_head d_model -> batch pos head d_model",
+            )
+            bad_heads = (~torch.isfinite(head_out)).any(-1).any(1).any(0)  # head
+            if bad_heads.any():
+                return f"component L{layer}H{int(bad_heads.nonzero()[0, 0])} (the first non-finite output)"
+            if not torch.isfinite(cache[f"blocks.{layer}.hook_mlp_out"]).all():
+                return f"component MLP{layer} (the first non-finite output)"
+    return None
 
 
 def run_decomposition(
@@ -22,6 +96,7 @@ def run_decomposition(
 ) -> DecompositionRun:
     """Decompose every prompt of a prompt set with a loaded model."""
     ids = label_token_ids(model.tokenizer, prompts.label_words)
+    check_fits_context(model.tokenizer, prompts, int(model.cfg.n_ctx))
     decomposer = Decomposer(model, ids)
     decomposition = decomposer(
         prompts.prompts,
@@ -31,10 +106,12 @@ def run_decomposition(
         description=f"{prompts.task} t{prompts.template} s{prompts.seed} {prompts.split}",
     )
     info = {"dtype": str(model.W_U.dtype).replace("torch.", ""), "prefix_reuse": prefix_reuse}
-    return DecompositionRun.from_decomposition(
+    run = DecompositionRun.from_decomposition(
         model_name(model), prompts, ids, decomposer.component_names, decomposer.n_layers,
         decomposer.n_heads, decomposition, **info,
     )
+    check_finite(run, model)
+    return run
 
 
 def decompose_task(
@@ -95,18 +172,37 @@ def ensure_run(
     A folder counts as finished only if it loads (runs are saved atomically), so an interrupted
     sweep reruns exactly what it had not finished. With `load=False` a finished run is not read.
     """
-    from parts.errors import PartsError
-
     path = Path(path)
     if (path / "summary.json").is_file():
         if not load:
             return None
         try:
-            return DecompositionRun.load(path)
+            finished = DecompositionRun.load(path)
         except PartsError:
-            pass  # damaged or from another version: run it again
+            finished = None  # damaged or from another version: run it again
+        if finished is not None:
+            check_same_settings(path, finished, model, settings)
+            return finished
     if model is None:
         raise ValueError("a model is needed to run a missing decomposition")
     result = decompose_task(model, **settings)  # type: ignore[arg-type]
     result.save(path)
     return result
+
+
+def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBridge | None, settings: dict[str, Any]) -> None:
+    """A finished folder reused for other settings (another model, task...) is an error, never silently reused."""
+    task = settings.get("task")
+    task = get_task(task) if task is not None and not isinstance(task, Task) else task
+    wanted: dict[str, Any] = {
+        "model": model_name(model) if model is not None else None,
+        "task": task.name if task is not None else None,
+        "template": settings.get("template", 1),
+        "seed": settings.get("seed", 0),
+        "split": settings.get("split", "test"),
+        "shots": settings.get("shots") if settings.get("shots") is not None or task is None else task.default_shots,
+    }
+    found = {"model": run.model, **{k: getattr(run.prompts, k) for k in wanted if k != "model"}}
+    wrong = [f"{k} {found[k]!r} (wanted {wanted[k]!r})" for k in wanted if wanted[k] is not None and wanted[k] != found[k]]
+    if wrong:
+        raise PartsError(f"{path} holds a different run: {', '.join(wrong)}; choose another folder or delete it")

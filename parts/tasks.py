@@ -300,7 +300,8 @@ def data_dir_from_env(data_dir: str | Path | None = None) -> Path | None:
         return None
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise PartsError(f"data directory {path} does not exist: fix --data-dir or PARTS_DATA_DIR")
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise PartsError(f"data directory {path} {problem}: fix --data-dir or PARTS_DATA_DIR")
     return path
 
 
@@ -335,17 +336,28 @@ def load_user_task(path: Path) -> Task:
     if len(names) != len(words):
         raise PartsError(f"task file {path}: label_names and label_words differ in length")
     data_dir = (path.parent / spec["data_dir"]).resolve()
-    template = Template(spec["template"], tuple(words))
-    templates = {1: template}
-    for number, text in (spec.get("templates") or {}).items():
-        templates[int(number)] = Template(text, tuple(words))
-    return Task(
-        str(spec["name"]),
-        tuple(names),
-        templates,
-        int(spec.get("shots", 4 if len(words) != 3 else 3)),
-        data_dir=data_dir,
-    )
+    texts = {1: spec["template"], **(spec.get("templates") or {})}
+    templates: dict[int, Template] = {}
+    for number, text in texts.items():
+        if not str(number).isdigit() or not isinstance(text, str):
+            raise PartsError(f"task file {path}: templates must map numbers to strings, got {number!r}: {text!r}")
+        templates[int(number)] = _checked_template(path, text, tuple(words))
+    shots = spec.get("shots", 4 if len(words) != 3 else 3)
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise PartsError(f"task file {path}: shots must be a whole number of demonstrations, got {shots!r}")
+    return Task(str(spec["name"]), tuple(names), templates, shots, data_dir=data_dir)
+
+
+def _checked_template(path: Path, text: str, words: tuple[str, ...]) -> Template:
+    """A template whose format string parses (an unmatched brace is an error here, not mid-run)."""
+    template = Template(text, words)
+    try:
+        template.fields  # noqa: B018 - parsing is the check
+    except ValueError as err:
+        raise PartsError(
+            f"task file {path}: template {text!r} is not a valid format string ({err}); write a literal brace as {{{{ or }}}}"
+        ) from err
+    return template
 
 
 def _read_jsonl(path: Path, task: Task) -> list[Example]:
@@ -358,6 +370,11 @@ def _read_jsonl(path: Path, task: Task) -> list[Example]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise PartsError(f"{path}:{line_number} is not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise PartsError(
+                    f"{path}:{line_number} is a JSON {type(row).__name__}: each line must be an object with "
+                    'the fields the templates use and an integer "label"'
+                )
             label = row.get("label")
             if not isinstance(label, int) or isinstance(label, bool):
                 raise PartsError(
