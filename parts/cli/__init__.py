@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from parts import __version__
-from parts.cli import decompose
+from parts.cli import analyze, decompose, sweep
 from parts.errors import PartsError
 
-COMMANDS = [decompose]
+COMMANDS = [decompose, sweep, analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:

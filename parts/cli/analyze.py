@@ -1,0 +1,65 @@
+"""`parts analyze`: categories and stability of the components of every run under a folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from parts.cli.common import positive_int
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="good, bad and label-biased components per run, and their stability across seeds and templates",
+        description=(
+            "Read every finished run under ROOT, print per run the category counts, top components and full-model "
+            "accuracy, and across runs of a task the agreement of component accuracies; write it all as JSON."
+        ),
+    )
+    parser.add_argument("root", help="a sweep's --out folder (or a single run folder)")
+    parser.add_argument("--out", default=None, help="JSON file to write (default: ROOT/analysis.json)")
+    parser.add_argument("--label-bias", type=probability, default=0.9,
+                        help="share of examples on one label that makes a component label-biased (default 0.9)")
+    parser.add_argument("--alpha", type=probability, default=0.05, help="significance level of the binomial tests")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="top components compared by IoU (default 5)")
+    parser.set_defaults(func=run)
+
+
+def write_json_atomically(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file, indent=1, allow_nan=False)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.analysis import analysis_report, find_runs, format_report, load_runs
+
+    paths = find_runs(args.root)
+    runs = load_runs(args.root)
+    report = analysis_report(runs, paths, args.label_bias, args.alpha, args.top_k)
+    out = Path(args.out) if args.out else Path(args.root) / "analysis.json"
+    write_json_atomically(report, out)
+    print(format_report(report))
+    print(f"\nwrote {out}")
+    return 0

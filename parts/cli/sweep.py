@@ -1,0 +1,50 @@
+"""`parts sweep`: every (task, template, seed) decomposition of one model into a run root."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from parts.cli.common import add_data_options, add_model_options, int_list, name_list, non_negative_int, positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="decompose every task x template x seed with one model load; rerun to resume",
+        description=(
+            "Decompose every (task, template, seed) into OUT/<model>/<task>/t{template}-s{seed}-k{shots}-{split}-n{limit}. "
+            "Finished runs are skipped, so an interrupted sweep continues where it stopped."
+        ),
+    )
+    parser.add_argument("--task", "--tasks", dest="tasks", type=name_list, required=True,
+                        help="task names or task JSON files, comma-separated (sst2,agnews)")
+    parser.add_argument("--templates", type=int_list, default=[1, 2, 3, 4],
+                        help="template numbers: 1,2,3,4 (default) or a range 1-3; 4 = the perturbed template")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4], help="demonstration seeds (default 0-4)")
+    parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
+    parser.add_argument("--split", choices=["test", "train"], default="test",
+                        help="test, or train: each seed's labelled examples beside the demonstrations")
+    parser.add_argument("--limit", type=positive_int, default=None, help="examples per run (a seeded balanced sample)")
+    parser.add_argument("--out", required=True, help="root folder of the run folders")
+    add_model_options(parser)
+    add_data_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.sweep import plan_sweep, sweep
+
+    label = args.model if args.revision is None else f"{args.model}@{args.revision}"
+    planned = plan_sweep(label, args.tasks, args.templates, args.seeds, args.split, args.limit, args.shots, args.out)
+    already = sum(run.finished for run in planned)
+    start = time.perf_counter()
+    paths = sweep(
+        args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit, shots=args.shots,
+        out=args.out, data_dir=args.data_dir, batch_size=args.batch_size, prefix_reuse=args.prefix_reuse,
+        device=args.device, dtype=args.dtype, revision=args.revision,
+    )
+    print(f"{len(paths)} runs under {args.out} ({len(paths) - already} new, {already} already finished; "
+          f"{time.perf_counter() - start:.0f} s)")
+    return 0

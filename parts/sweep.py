@@ -1,0 +1,117 @@
+"""Sweeps: every (task, template, seed) decomposition of one model, resumable.
+
+A sweep plans its run folders with `parts.runner.run_dir`, skips those already finished
+(a run folder is written atomically, so one with a `summary.json` is complete), loads the
+model once if anything is left to do, and runs the rest through `parts.runner.ensure_run`.
+Interrupt it at any point and run it again: it redoes only the unfinished runs, and since a
+run depends only on its settings the files come out byte-identical to an uninterrupted sweep.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from parts.errors import PartsError
+from parts.models import load_model
+from parts.prompts import build_prompts
+from parts.results import SUMMARY
+from parts.runner import ensure_run, run_dir
+from parts.tasks import Task, get_task
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its settings and its folder."""
+
+    task: Task
+    template: int
+    seed: int
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.name} t{self.template} s{self.seed}"
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
+
+def plan_sweep(
+    model_name: str | None,
+    tasks: Sequence[str | Task],
+    templates: Sequence[int],
+    seeds: Sequence[int],
+    split: str = "test",
+    limit: int | None = None,
+    shots: int | None = None,
+    out: str | Path = "runs",
+) -> list[PlannedRun]:
+    """Every (task, template, seed) of the sweep in order (task-major), with its run folder."""
+    for what, values in (("task", tasks), ("template", templates), ("seed", seeds)):
+        if not values:
+            raise PartsError(f"a sweep needs at least one {what}: give --{what}s")
+    resolved = [t if isinstance(t, Task) else get_task(t) for t in tasks]
+    for task in resolved:
+        for template in templates:
+            task.template(template)  # names the task and template that do not exist
+    return [
+        PlannedRun(task, template, seed, run_dir(out, model_name, task, template, seed, split, shots, limit))
+        for task in resolved
+        for template in templates
+        for seed in seeds
+    ]
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Staging folders a killed process left behind for this run (`DecompositionRun.save` names them)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def sweep(
+    model_name: str | None,
+    tasks: Sequence[str | Task],
+    templates: Sequence[int],
+    seeds: Sequence[int],
+    split: str = "test",
+    limit: int | None = None,
+    shots: int | None = None,
+    out: str | Path = "runs",
+    data_dir: str | Path | None = None,
+    batch_size: int = 8,
+    prefix_reuse: bool = True,
+    device: str | None = None,
+    dtype: str = "float32",
+    revision: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Run every (task, template, seed) into `out` and return the run folders, in plan order.
+
+    The model is loaded once, and not at all when every run is already finished.
+    """
+    label = model_name if revision is None else f"{model_name}@{revision}"
+    planned = plan_sweep(label, tasks, templates, seeds, split, limit, shots, out)
+    pending = [run for run in planned if not run.finished]
+    if pending:
+        # Build every missing run's prompts first: a data problem surfaces before the model load.
+        for run in pending:
+            build_prompts(run.task, run.template, run.seed, shots, split, limit, data_dir)
+        model = load_model(model_name, device=device, dtype=dtype, revision=revision)
+        with tqdm(total=len(planned), initial=len(planned) - len(pending), desc="sweep", unit="run",
+                  disable=not progress) as bar:
+            for run in pending:
+                bar.set_postfix_str(run.label)
+                _remove_stale_staging(run.path)
+                ensure_run(
+                    run.path, model, load=False, task=run.task, template=run.template, seed=run.seed, shots=shots,
+                    split=split, limit=limit, data_dir=data_dir, batch_size=batch_size, prefix_reuse=prefix_reuse,
+                    progress=progress,
+                )
+                bar.update(1)
+    return [run.path for run in planned]
