@@ -262,11 +262,14 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "m | sst2 | test n=10 | 4-shot | 3 runs" in printed
     assert "sst2 t2 s0      70.0%     2    1      2       1  L1H0 100.0%, MLP1 90.0%, L1H1 60.0%" in printed
-    assert "best component beats the full model in 1/3 runs" in printed
+    # Best 100%, 60%, 60% against full 70%, 100%, 100%; worst 0%, 10%, 10%.
+    assert "best component beats the full model in 1/3 runs (mean best 73.3% vs full 90.0%; mean worst 6.7%)" in printed
     report = json.loads(out.read_text())
     first = report["runs"][0]
     assert first["label"] == "sst2 t2 s0" and first["category_counts"] == category_counts(component_table(runs[0]))
     assert [c["component"] for c in first["top_components"]] == ["L1H0", "MLP1", "L1H1", "MLP0", "L0H0"]
+    assert first["worst_component"] == {"component": "L0H1", "accuracy": 0.0}
+    assert first["label_biased_on_all_examples"] == 1  # L0H0; MLP0 says label 1 on 90% only
     assert first["components"][4]["p_above"] == pytest.approx(386 / 1024)
     group = report["groups"][0]
     pairs = {(p["run_a"], p["run_b"]): p for p in group["pairs"]}
