@@ -22,6 +22,7 @@ run once and its keys and values reused for every batch (exact, as attention is 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,12 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts.errors import PartsError
+
+MAX_AUTO_BATCH_SIZE = 64  # beyond this a batch saves no time on any device measured
+# Share of free memory an automatic batch may plan to use: the estimate below is rough, and on a
+# CPU the memory is shared with other processes.
+MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}
+ESTIMATE_MARGIN = 2  # allocator slack and temporaries the per-prompt estimate leaves out
 
 
 def component_names(n_layers: int, n_heads: int) -> list[str]:
@@ -112,6 +119,59 @@ def _last(cache: Any, name: str) -> Tensor:
     return cache[name][:, -1].float()
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new batch can use now: free CUDA memory, or the system's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+    except ImportError:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(psutil.virtual_memory().available)
+
+
+def prompt_memory_bytes(cfg: Any, new_tokens: int, prefix_tokens: int, element_bytes: int) -> int:
+    """Rough peak memory one prompt adds to a batch: its keys and values in every layer, one
+    layer's activations (inference mode frees the others), attention scores, the cached
+    last-position activations and one row of logits."""
+    n_heads = int(cfg.n_heads)
+    n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    d_head, d_model, d_mlp, n_layers = int(cfg.d_head), int(cfg.d_model), int(cfg.d_mlp), int(cfg.n_layers)
+    keys = prefix_tokens + new_tokens
+    kv_cache = 2 * n_layers * n_kv_heads * d_head * keys
+    layer = new_tokens * (6 * d_model + 3 * d_mlp)
+    scores = 2 * n_heads * new_tokens * keys * max(element_bytes, 4) // element_bytes  # softmax runs in float32
+    cached = n_layers * (n_heads * d_head + d_model) + int(cfg.d_vocab)
+    return (kv_cache + layer + scores + cached) * element_bytes
+
+
+def auto_batch_size(
+    model: TransformerBridge, token_lists: Sequence[Sequence[int]], prefix_length: int, free_bytes: int | None = None
+) -> int:
+    """The largest batch whose longest prompts fit a share of free memory, from 1 to MAX_AUTO_BATCH_SIZE."""
+    device = model.W_U.device
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    budget = free * MEMORY_FRACTION.get(device.type, 0.5)
+    longest = max(len(t) for t in token_lists) - prefix_length
+    per_prompt = ESTIMATE_MARGIN * prompt_memory_bytes(model.cfg, longest, prefix_length, model.W_U.element_size())
+    return max(1, min(MAX_AUTO_BATCH_SIZE, len(token_lists), int(budget // per_prompt)))
+
+
+def resolve_batch_size(
+    batch_size: int | str | None, model: TransformerBridge, token_lists: Sequence[Sequence[int]], prefix_length: int
+) -> int:
+    """A given batch size checked, or (None / "auto") one chosen from free memory."""
+    if batch_size is None or batch_size == "auto":
+        return auto_batch_size(model, token_lists, prefix_length)
+    if isinstance(batch_size, str) or batch_size < 1:
+        raise PartsError(f"--batch-size must be a positive whole number or auto, got {batch_size!r}")
+    return int(batch_size)
+
+
 class Decomposer:
     """Runs prompts through the model and returns their `Decomposition`.
 
@@ -176,12 +236,13 @@ class Decomposer:
         for row, tokens in enumerate(suffixes):
             input_ids[row, width - len(tokens):] = torch.tensor(tokens)
             mask[row, prefix_length + width - len(tokens):] = 1
-        kwargs: dict[str, Any] = {}
+        # Without a prefix to extend, a KV cache would only cost memory (as much as the activations).
+        kwargs: dict[str, Any] = {"use_cache": False}
         cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(batch)
-            kwargs["past_key_values"] = cache
+            kwargs = {"past_key_values": cache}
         with torch.inference_mode():
             logits, activations = self.model.run_with_cache(
                 input_ids.to(self.device),
@@ -224,17 +285,17 @@ class Decomposer:
     def __call__(
         self,
         prompts: Sequence[str],
-        batch_size: int = 8,
+        batch_size: int | str | None = 8,
         prefix_reuse: bool = True,
         progress: bool = True,
         description: str = "decomposing",
     ) -> Decomposition:
+        """Decompose `prompts`, `batch_size` at a time (None or "auto": chosen from free memory)."""
         if not prompts:
             raise PartsError("no prompts to decompose")
-        if batch_size < 1:
-            raise PartsError(f"--batch-size must be positive, got {batch_size}")
         token_lists = self.tokenize(prompts)
         prefix_length = self.shared_prefix_length(token_lists) if prefix_reuse and len(prompts) > 1 else 0
+        batch_size = resolve_batch_size(batch_size, self.model, token_lists, prefix_length)
         prefix_cache = self.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
         # Longest first so padding within a batch is small (and memory peaks at the start).
         order = sorted(range(len(prompts)), key=lambda i: -len(token_lists[i]))

@@ -90,7 +90,7 @@ def overflow_origin(model: TransformerBridge, prompt: str) -> str | None:
 def run_decomposition(
     model: TransformerBridge,
     prompts: PromptSet,
-    batch_size: int = 8,
+    batch_size: int | str | None = 8,
     prefix_reuse: bool = True,
     progress: bool = True,
 ) -> DecompositionRun:
@@ -123,7 +123,7 @@ def decompose_task(
     split: str = "test",
     limit: int | None = None,
     data_dir: str | Path | None = None,
-    batch_size: int = 8,
+    batch_size: int | str | None = 8,
     prefix_reuse: bool = True,
     progress: bool = True,
 ) -> DecompositionRun:

@@ -25,6 +25,11 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def batch_size(text: str) -> int | str:
+    """A positive whole number, or "auto" (chosen from free memory by `parts.decompose`)."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def int_list(text: str) -> list[int]:
     """'0-4' -> [0, 1, 2, 3, 4]; '1,3' -> [1, 3]; ranges and commas combine ('0-2,5')."""
     values: list[int] = []
@@ -58,7 +63,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 weights")
     group.add_argument("--revision", default=None, help="hub revision, e.g. a Pythia checkpoint step1000")
-    group.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default 8)")
+    group.add_argument("--batch-size", type=batch_size, default="auto",
+                       help="prompts per forward pass, or auto (default): as many as a share of free memory holds")
     group.add_argument(
         "--no-prefix-reuse", dest="prefix_reuse", action="store_false",
         help="run every prompt in full instead of reusing the shared demonstrations' keys and values",
