@@ -397,14 +397,14 @@ def test_a_failed_save_leaves_no_run_and_keeps_the_old_one(tmp_path, monkeypatch
 
 
 KILLER = textwrap.dedent("""
-    # One interpreter imports everything once, then forks a child per moment (before any torch work).
+    # One interpreter imports everything once, then forks a child per job (before any torch work).
     import json, os, signal, sys
     from pathlib import Path
 
     import parts.decompose, parts.results
     from parts.cli import main
 
-    root, argv = Path(sys.argv[1]), sys.argv[2:]
+    jobs_file = Path(sys.argv[1])
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -416,46 +416,68 @@ KILLER = textwrap.dedent("""
                 calls.append(1)
                 return die() if len(calls) == 2 else split(self, *args)
             parts.decompose.Decomposer._split = second_batch_dies
-        elif moment == "tensors":  # the tensors written, the rest of the folder not
-            save_file = parts.results.save_file
-            parts.results.save_file = lambda tensors, name: (save_file(tensors, name), die())
+        elif moment in ("tensors", "second-save"):  # the tensors written, the rest of the folder not
+            save_file, calls = parts.results.save_file, []
+            def dies_after_writing(tensors, name):
+                calls.append(1)
+                save_file(tensors, name)
+                if moment == "tensors" or len(calls) == 2:
+                    die()
+            parts.results.save_file = dies_after_writing
         elif moment == "rename":  # everything written, the final rename not done
             replace = os.replace
             os.replace = lambda src, dst: die() if Path(dst) == out else replace(src, dst)
 
     codes = {}
-    for moment in ("none", "decompose", "tensors", "rename"):
-        out = root / moment / "run"
+    for moment, argv, out in json.loads(jobs_file.read_text()):
         pid = os.fork()
         if pid == 0:
-            patch(moment, out)
-            os._exit(main([*argv, "--out", str(out)]))
+            patch(moment, Path(out))
+            os._exit(main(argv))
         codes[moment] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    (root / "codes.json").write_text(json.dumps(codes))
+    jobs_file.with_suffix(".codes.json").write_text(json.dumps(codes))
 """)
 
 
+def all_files(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (staging folders included) by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, tiny_task_file, tiny_model_dir):
-    """SIGKILL at three moments (mid-forward, mid-save, before the rename); a clean run in another process
-    is the reference, so this also checks determinism across processes."""
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
+    """SIGKILL at three moments of `parts decompose` (mid-forward, mid-save, before the rename) and in a
+    `parts sweep` between two runs; a clean decompose in another process is the reference, so this also
+    checks determinism across processes."""
     moments = ("none", "decompose", "tensors", "rename")
     outs = {moment: tmp_path / moment / "run" for moment in moments}
     small_run("old").save(outs["rename"])  # an old run the killed one was overwriting
-    argv = ["decompose", "--model", str(tiny_model_dir), "--task", str(tiny_task_file), "--seed", "1", "--limit", "10",
-            "--batch-size", "3", "--device", "cpu"]
-    done = subprocess.run([sys.executable, str(script), str(tmp_path), *argv], env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True)
+    model = ["--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "3"]
+    decompose = ["decompose", *model, "--task", str(tiny_task_file), "--seed", "1", "--limit", "10"]
+    sweep = ["sweep", *model, "--tasks", str(tiny_task_file), "--templates", "1-2", "--seeds", "0-1", "--limit", "4"]
+    jobs = [(m, [*decompose, "--out", str(outs[m])], str(outs[m])) for m in moments]
+    jobs.append(("second-save", [*sweep, "--out", str(tmp_path / "sweep-killed")], str(tmp_path / "sweep-killed")))
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "killer.py").write_text(KILLER)
+    done = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(tmp_path / "jobs.json")],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    codes = json.loads((tmp_path / "codes.json").read_text())
-    assert codes == {"none": 0, "decompose": -signal.SIGKILL, "tensors": -signal.SIGKILL, "rename": -signal.SIGKILL}
+    codes = json.loads((tmp_path / "jobs.codes.json").read_text())
+    assert codes == {"none": 0, "decompose": -signal.SIGKILL, "tensors": -signal.SIGKILL, "rename": -signal.SIGKILL,
+                     "second-save": -signal.SIGKILL}
     for moment in moments[1:]:
         with pytest.raises(PartsError, match="is not a finished run"):
             DecompositionRun.load(outs[moment])
         assert not outs[moment].exists()
-        assert main([*argv, "--out", str(outs[moment])]) == 0  # restart
+        assert main([*decompose, "--out", str(outs[moment])]) == 0  # restart
         assert saved_bytes(outs[moment]) == saved_bytes(outs["none"])
     # And the same bytes in this process as in the other.
-    assert main([*argv, "--out", str(tmp_path / "here")]) == 0
+    assert main([*decompose, "--out", str(tmp_path / "here")]) == 0
     assert saved_bytes(tmp_path / "here") == saved_bytes(outs["none"])
+
+    # The sweep died saving its second run: one finished run and a staging folder; rerun, it matches a clean sweep.
+    killed = tmp_path / "sweep-killed"
+    assert len(list(killed.rglob("summary.json"))) == 1 and list(killed.rglob(".t1-s1-*.tmp-*"))
+    assert main([*sweep, "--out", str(killed)]) == 0
+    assert main([*sweep, "--out", str(tmp_path / "sweep-whole")]) == 0
+    assert len(list(killed.rglob("summary.json"))) == 4
+    assert all_files(killed) == all_files(tmp_path / "sweep-whole")
