@@ -1,0 +1,70 @@
+"""`parts evaluate`: component reweighting against ICL and calibration, the paper's main table."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from parts.cli.common import add_data_options, add_model_options, int_list, name_list, non_negative_int, positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="reweight components and compare with k-shot / 24-shot ICL and calibration (the paper's main table)",
+        description=(
+            "For every task, template and seed: decompose the test examples and the seed's labelled examples "
+            "(reusing finished runs), learn component weights, run the baselines, and write <out>/results.csv "
+            "and a markdown table (mean ± std over templates x seeds). Rerun the same command to resume."
+        ),
+    )
+    parser.add_argument("--tasks", type=name_list, required=True, help="comma-separated tasks, e.g. sst2,rte")
+    parser.add_argument("--templates", type=int_list, default=[1, 2, 3], help="templates, e.g. 1,2,3 (default)")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4], help="demonstration seeds, e.g. 0-4 (default)")
+    parser.add_argument("--labels", type=int_list, default=[24],
+                        help="label budgets (k demonstrations + the rest to train on), e.g. 24 or 24,12 (default 24)")
+    parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="test examples per task (a balanced sample)")
+    parser.add_argument("--out", required=True, help="output root: run folders, results.csv and the table go here")
+    add_model_options(parser)
+    add_data_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from parts.evaluate import (
+        RESULTS_CSV,
+        LazyModel,
+        evaluate_setting,
+        finished,
+        read_results,
+        results_table,
+        select,
+        sweep_settings,
+        table_path,
+        write_results,
+        write_table,
+    )
+    from parts.models import load_model
+    from parts.runner import model_slug
+
+    settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
+    model = LazyModel(lambda: load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision))
+    name = model_slug(args.model)
+    csv_path = f"{args.out}/{RESULTS_CSV}"
+    todo = [s for s in settings if not finished(read_results(csv_path), name, s)]
+    print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; {len(todo)} to go")
+    table = table_path(args.out, args.model, args.limit)
+    header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
+              f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}")
+    for setting in tqdm(todo, desc="settings", unit="setting"):
+        rows = evaluate_setting(model, args.model, setting, args.out, args.data_dir, args.batch_size)
+        write_results(csv_path, rows)
+        write_table(table, results_table(select(read_results(csv_path), name, settings)), header)
+    text = results_table(select(read_results(csv_path), name, settings))
+    write_table(table, text, header)
+    print(text)
+    print(f"rows in {csv_path}, table in {table}")
+    return 0

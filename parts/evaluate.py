@@ -1,0 +1,363 @@
+"""Component reweighting against its baselines, per (task, template, seed), as in the paper's main table.
+
+For one setting, on the same test examples and the same labelled examples:
+
+| method | labels | what |
+|---|---|---|
+| `icl` | k | the full model with the run's k demonstrations (the test run's own logits) |
+| `icl` | L | all L labelled examples (k demonstrations, then the L - k others) as demonstrations |
+| `calib+` | L | per-class weights on the k-shot probabilities, trained on the L - k others |
+| `comprw` | L | per-component weights, trained on the L - k others (`parts.reweight`) |
+| `contextual` | k | k-shot probabilities divided by the content-free prior |
+| `batch` | k | k-shot probabilities minus the test batch's mean |
+| `oracle` | k | per-component weights trained on the test set itself: an upper bound, not a method |
+
+Decompositions are `parts.runner.ensure_run` folders (reused when finished); the L-shot and
+content-free logits and the learned weights are saved beside the test run. Rows go to
+`results.csv` (merged with rows already there, written atomically), so a sweep resumes
+where it stopped and several sweeps can share one output root.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from parts import calibration
+from parts.decompose import Decomposer
+from parts.errors import PartsError
+from parts.prompts import LABEL_BUDGET, render_prompt
+from parts.results import DecompositionRun
+from parts.reweight import predict, save_weights, train_weights, weights_file
+from parts.runner import ensure_run, model_slug, run_dir
+from parts.tasks import Example, Task, Template, get_task, load_split
+
+COLUMNS = ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy", "n_test", "note")
+RESULTS_CSV = "results.csv"
+
+
+# -- L-shot prompts ------------------------------------------------------------------------------
+def leading_demonstrations_to_drop(tokenizer: Any, template: Template, demonstrations: Sequence[Example],
+                                   queries: Sequence[Example], n_ctx: int) -> int:
+    """The fewest leading demonstrations to drop so that every query's prompt fits in `n_ctx` tokens.
+
+    Dropping whole demonstrations from the left (rather than tokens per prompt) keeps one shared
+    prefix for every query, so prefix reuse still applies.
+    """
+    for dropped in range(len(demonstrations) + 1):
+        shown = demonstrations[dropped:]
+        if all(len(tokenizer(render_prompt(template, shown, q))["input_ids"]) <= n_ctx for q in queries):
+            return dropped
+    raise PartsError(f"a test prompt alone is longer than the context window of {n_ctx} tokens: "
+                     "use a model with a longer context or shorter inputs")
+
+
+def many_shot_prompts(tokenizer: Any, template: Template, demonstrations: Sequence[Example],
+                      queries: Sequence[Example], n_ctx: int, description: str = "") -> tuple[list[str], int]:
+    """Every query after all `demonstrations`, left-truncated (whole demonstrations) to fit `n_ctx`.
+
+    Returns the prompts and how many leading demonstrations were dropped (with a warning).
+    """
+    dropped = leading_demonstrations_to_drop(tokenizer, template, demonstrations, queries, n_ctx)
+    if dropped:
+        warnings.warn(
+            f"{description}: {len(demonstrations)}-shot prompts exceed the {n_ctx}-token context window; "
+            f"dropped the first {dropped} demonstrations ({len(demonstrations) - dropped} shown)", stacklevel=2,
+        )
+    shown = demonstrations[dropped:]
+    return [render_prompt(template, shown, q) for q in queries], dropped
+
+
+def label_logits(model: TransformerBridge, prompts: Sequence[str], label_token_ids: Sequence[int],
+                 batch_size: int | str | None = 8, progress: bool = True, description: str = ""
+                 ) -> Float[Tensor, "example label"]:
+    """The full model's logits at the label words (no decomposition kept), shared prefix reused."""
+    return Decomposer(model, label_token_ids)(prompts, batch_size=batch_size, progress=progress,
+                                              description=description).model_logits
+
+
+def _cached_logits(path: Path, compute: Callable[[], tuple[Tensor, dict[str, str]]]) -> tuple[Tensor, dict[str, str]]:
+    """Logits saved at `path` (with string metadata), or computed now and saved atomically."""
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor("logits"), dict(handle.metadata() or {})
+    logits, metadata = compute()
+    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle_fd)
+    try:
+        save_file({"logits": logits.contiguous().cpu()}, staging, metadata=metadata)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return logits, metadata
+
+
+# -- One setting ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One (task, template, seed) of a sweep and how its runs are sized."""
+
+    task: Task
+    template: int
+    seed: int
+    limit: int | None  # test examples
+    labels: tuple[int, ...] = (LABEL_BUDGET,)  # label budgets: k demonstrations + (L - k) training examples
+    shots: int | None = None
+
+    @property
+    def k(self) -> int:
+        return self.task.default_shots if self.shots is None else self.shots
+
+    def expected_methods(self) -> set[tuple[str, int]]:
+        k = self.k
+        fixed = {("icl", k), ("contextual", k), ("batch", k), ("oracle", k)}
+        return fixed | {(m, n) for n in self.labels for m in ("icl", "calib+", "comprw")}
+
+
+class LazyModel:
+    """Loads the model the first time it is needed, so a finished sweep never loads it."""
+
+    def __init__(self, load: Callable[[], TransformerBridge]):
+        self._load = load
+        self._model: TransformerBridge | None = None
+
+    def __call__(self) -> TransformerBridge:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+
+def _row(model: str, setting: Setting, method: str, labels: int, accuracy: float, n_test: int, note: str = ""
+         ) -> dict[str, Any]:
+    return {"model": model, "task": setting.task.name, "template": setting.template, "seed": setting.seed,
+            "shots": setting.k, "limit": "all" if setting.limit is None else setting.limit, "method": method,
+            "labels": labels, "accuracy": round(accuracy, 6), "n_test": n_test, "note": note}
+
+
+def _accuracy(predictions: Tensor, run: DecompositionRun) -> float:
+    return float((predictions == run.labels).float().mean())
+
+
+def evaluate_setting(
+    model: LazyModel, model_arg: str | None, setting: Setting, root: str | Path, data_dir: str | Path | None = None,
+    batch_size: int | str | None = 8, progress: bool = True, **recipe: Any,
+) -> list[dict[str, Any]]:
+    """Every method's test accuracy for one setting (one row each); runs only what is not on disk."""
+    task, k = setting.task, setting.k
+    where = {"model": model_arg, "task": task, "template": setting.template, "seed": setting.seed, "shots": k}
+    run_settings: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "data_dir": data_dir,
+                    "batch_size": batch_size, "progress": progress}
+
+    def decomposition(split: str, limit: int | None) -> DecompositionRun:
+        path = run_dir(root, split=split, limit=limit, **where)  # type: ignore[arg-type]
+        loaded = (path / "summary.json").is_file()
+        run = ensure_run(path, None if loaded else model(), task=task, split=split, limit=limit, **run_settings)
+        assert run is not None
+        return run
+
+    test = decomposition("test", setting.limit)
+    test_dir = run_dir(root, split="test", limit=setting.limit, **where)  # type: ignore[arg-type]
+    name, n_test = model_slug(model_arg), test.n_examples
+    label = f"{task.name} t{setting.template} s{setting.seed}"
+    rows = [_row(name, setting, "icl", k, test.full_accuracy, n_test)]
+
+    train_rows = load_split(task, "train", data_dir)
+    test_rows = load_split(task, "test", data_dir)
+    demonstrations = [train_rows[i] for i in test.prompts.demonstrations]
+    template = task.template(setting.template)
+
+    def compute_content_free() -> tuple[Tensor, dict[str, str]]:
+        prompts = calibration.content_free_prompts(template, demonstrations)
+        return label_logits(model(), prompts, test.label_token_ids, batch_size, False), {}
+
+    content_free, _ = _cached_logits(test_dir / "content-free.safetensors", compute_content_free)
+    prior = calibration.contextual_prior(content_free)
+    rows.append(_row(name, setting, "contextual", k, _accuracy(calibration.contextual_predict(test.model_logits, prior), test),
+                     n_test, "prior " + " ".join(f"{p:.3f}" for p in prior.tolist())))
+    rows.append(_row(name, setting, "batch", k, _accuracy(calibration.batch_predict(test.model_logits), test), n_test))
+
+    oracle = train_weights(test.component_logits, test.labels, **recipe)
+    save_weights(weights_file(test_dir, "oracle"), test.component_names, oracle, trained_on="test set (upper bound)")
+    rows.append(_row(name, setting, "oracle", k, oracle.train_accuracy, n_test,
+                     f"upper bound: trained on the test labels; {oracle.stopped_because} after {oracle.epochs} epochs"))
+
+    for budget in setting.labels:
+        train = decomposition("train", budget - k)
+        weights = train_weights(train.component_logits, train.labels, **recipe)
+        save_weights(weights_file(test_dir, budget), test.component_names, weights, labels=budget,
+                     train_run=str(run_dir(root, split="train", limit=budget - k, **where)))  # type: ignore[arg-type]
+        trained = f"train acc {weights.train_accuracy:.3f}; {weights.stopped_because} after {weights.epochs} epochs"
+        rows.append(_row(name, setting, "comprw", budget, _accuracy(predict(weights.weights, test.component_logits), test),
+                         n_test, trained))
+        class_weights = calibration.train_calib_plus(train.model_logits, train.labels)
+        rows.append(_row(name, setting, "calib+", budget,
+                         _accuracy(calibration.calib_plus_predict(class_weights.weights, test.model_logits), test), n_test,
+                         "class weights " + " ".join(f"{w:.3f}" for w in class_weights.weights.tolist())))
+
+        def compute_many_shot(train: DecompositionRun = train, budget: int = budget) -> tuple[Tensor, dict[str, str]]:
+            labelled = demonstrations + [train_rows[i] for i in train.prompts.example_indices]
+            queries = [test_rows[i] for i in test.prompts.example_indices]
+            loaded = model()
+            prompts, dropped = many_shot_prompts(loaded.tokenizer, template, labelled, queries, int(loaded.cfg.n_ctx),
+                                                 f"{label} {budget}-shot")
+            logits = label_logits(loaded, prompts, test.label_token_ids, batch_size, progress, f"{label} {budget}-shot")
+            return logits, {"dropped": str(dropped), "shown": str(len(labelled) - dropped)}
+
+        many_logits, info = _cached_logits(test_dir / f"icl-labels{budget}.safetensors", compute_many_shot)
+        dropped = int(info.get("dropped", "0"))
+        note = f"left-truncated: first {dropped} of {budget} demonstrations dropped" if dropped else ""
+        rows.append(_row(name, setting, "icl", budget, _accuracy(many_logits.argmax(-1), test), n_test, note))
+    return rows
+
+
+# -- results.csv -------------------------------------------------------------------------------------
+def _key(row: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(row[c]) for c in ("model", "task", "template", "seed", "shots", "limit", "method", "labels"))
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Merge `rows` into the CSV at `path` (a new row replaces one with the same key), atomically."""
+    path = Path(path)
+    merged = {_key(r): r for r in read_results(path)}
+    merged.update({_key(r): r for r in rows})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle_fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(merged.values())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def finished(rows: Sequence[dict[str, Any]], model: str, setting: Setting) -> bool:
+    """Whether `rows` already hold every method of `setting` for `model`."""
+    limit = "all" if setting.limit is None else str(setting.limit)
+    have = {(r["method"], int(r["labels"])) for r in rows
+            if (r["model"], r["task"], str(r["template"]), str(r["seed"]), str(r["shots"]), str(r["limit"]))
+            == (model, setting.task.name, str(setting.template), str(setting.seed), str(setting.k), limit)}
+    return setting.expected_methods() <= have
+
+
+# -- The main table ------------------------------------------------------------------------------------
+def column_name(method: str, labels: int, shots: int) -> str:
+    """The paper's column headings: k-shot ICL, 24-shot ICL, Calib+ 24, CompRW 24, ..."""
+    if method == "icl":
+        return "k-shot ICL" if labels == shots else f"{labels}-shot ICL"
+    names = {"calib+": "Calib+", "comprw": "CompRW", "contextual": "ContextualCal", "batch": "BatchCal",
+             "oracle": "Oracle RW (upper bound)"}
+    return f"{names[method]} {labels}" if method in ("calib+", "comprw") else names.get(method, method)
+
+
+def _column_order(name: str) -> tuple[int, int]:
+    for rank, prefix in enumerate(("k-shot ICL", "ContextualCal", "BatchCal")):
+        if name == prefix:
+            return (0, rank)
+    budget = int("".join(ch for ch in name if ch.isdigit()) or 0)
+    for rank, word in enumerate(("-shot ICL", "Calib+", "CompRW")):
+        if word in name and name != "k-shot ICL":
+            return (1 + 1000 - budget, rank)  # larger budgets first, as the paper
+    return (10_000, 0)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table: accuracy (%) per task and method as mean ± std over templates x seeds,
+    then the average over tasks (of the per-task means)."""
+    if not rows:
+        return "(no results)"
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        column = column_name(r["method"], int(r["labels"]), int(r["shots"]))
+        cells.setdefault((r["task"], column), []).append(100 * float(r["accuracy"]))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    columns = sorted({c for _, c in cells}, key=_column_order)
+    runs = {t: len({(r["template"], r["seed"]) for r in rows if r["task"] == t}) for t in tasks}
+    lines = ["| task | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for t in tasks:
+        shown = []
+        for c in columns:
+            values = cells.get((t, c))
+            shown.append("" if not values else "{:.1f} ± {:.1f}".format(*mean_std(values)))
+        lines.append(f"| {t} | {runs[t]} | " + " | ".join(shown) + " |")
+    averages = []
+    for c in columns:
+        means = [statistics.fmean(cells[(t, c)]) for t in tasks if (t, c) in cells]
+        averages.append(f"**{statistics.fmean(means):.1f}**" if len(means) == len(tasks) else "")
+    lines.append(f"| **average** | {sum(runs.values())} | " + " | ".join(averages) + " |")
+    return "\n".join(lines)
+
+
+def select(rows: Sequence[dict[str, Any]], model: str, settings: Sequence[Setting]) -> list[dict[str, Any]]:
+    """The rows of `rows` that belong to `settings` (for `model`), in the order of `settings`."""
+    wanted: dict[tuple[str, ...], int] = {}
+    for order, s in enumerate(settings):
+        limit = "all" if s.limit is None else str(s.limit)
+        wanted[(model, s.task.name, str(s.template), str(s.seed), str(s.k), limit)] = order
+    chosen = [r for r in rows if (r["model"], r["task"], str(r["template"]), str(r["seed"]), str(r["shots"]),
+                                  str(r["limit"])) in wanted]
+    budgets = {n for s in settings for n in s.labels} | {s.k for s in settings}
+    chosen = [r for r in chosen if int(r["labels"]) in budgets]
+    return sorted(chosen, key=lambda r: wanted[(r["model"], r["task"], str(r["template"]), str(r["seed"]),
+                                                str(r["shots"]), str(r["limit"]))])
+
+
+def write_table(path: str | Path, table: str, header: str = "") -> Path:
+    path = Path(path)
+    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(handle_fd, "w") as handle:
+        handle.write((header + "\n\n" if header else "") + table + "\n")
+    os.replace(staging, path)
+    return path
+
+
+def sweep_settings(tasks: Sequence[str], templates: Sequence[int], seeds: Sequence[int], limit: int | None,
+                   labels: Sequence[int], shots: int | None = None) -> list[Setting]:
+    """Every (task, template, seed), seed-major: an interrupted sweep leaves whole seeds done."""
+    resolved = [get_task(t) for t in tasks]
+    for task in resolved:  # fail now, not an hour in
+        for template in templates:
+            task.template(template)
+        k = task.default_shots if shots is None else shots
+        for budget in labels:
+            if budget <= k:
+                raise PartsError(f"--labels {budget} leaves no training examples beside the {k} demonstrations of "
+                                 f"{task.name}: use more than {k}")
+    return [Setting(task, template, seed, limit, tuple(labels), shots)
+            for seed in seeds for template in templates for task in resolved]
+
+
+def table_path(root: str | Path, model_arg: str | None, limit: int | None) -> Path:
+    """`results-<model>-n<limit>.md`: one table per model and test size, so sweeps sharing a root do not clash."""
+    return Path(root) / f"results-{model_slug(model_arg)}-n{'all' if limit is None else limit}.md"
+
