@@ -146,9 +146,18 @@ def from_hf(
     if tokenizer.pad_token_id is None:
         # Batches are padded; any token works since padded positions are masked out.
         tokenizer.pad_token = tokenizer.eos_token
-    bridge = TransformerBridge.boot_transformers(
-        str(tokenizer.name_or_path), hf_model=hf_model, tokenizer=tokenizer
-    )
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            str(tokenizer.name_or_path), hf_model=hf_model, tokenizer=tokenizer
+        )
+    except (ValueError, AssertionError, NotImplementedError) as err:
+        # An architecture (or variant, e.g. GPT-NeoX without attention biases) TransformerLens cannot wrap.
+        lines = str(err).strip().splitlines() or ["its architecture adapter rejected this variant"]
+        reason = lines[0].split(". Available architectures")[0]  # the list that follows is hundreds of names
+        raise PartsError(
+            f"TransformerLens cannot wrap model {name!r} ({type(hf_model).__name__}): {reason}; "
+            "use an architecture TransformerLens supports (Llama, Mistral, Qwen, GPT-2, GPT-NeoX/Pythia, ...)"
+        ) from err
     bridge.eval()
     bridge.cfg.model_name = name
     return bridge

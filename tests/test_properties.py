@@ -31,7 +31,8 @@ PROMPT_WORDS = WORDS[3:]  # no [PAD] [UNK] [BOS]
 @st.composite
 def architectures(draw):
     """A small random Hugging Face config: Llama (RMSNorm, rotary, GQA, optional biases), GPT-NeoX
-    (LayerNorm, partial rotary, parallel or sequential residual) or GPT-2 (LayerNorm, learned positions)."""
+    (LayerNorm, biases, partial rotary, parallel or sequential residual) or GPT-2 (LayerNorm, biases,
+    learned positions); embeddings tied or not."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     family = draw(st.sampled_from(["llama", "neox", "gpt2"]))
@@ -49,7 +50,9 @@ def architectures(draw):
     if family == "neox":
         return GPTNeoXConfig(
             hidden_size=n_heads * d_head, intermediate_size=d_mlp, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            use_parallel_residual=draw(st.booleans()), attention_bias=draw(st.booleans()),
+            # Attention biases always on: TransformerLens 4.3's NeoX adapter cannot wrap a bias-free NeoX
+            # (parts says so: tests/test_reliability.py); Pythia always has them.
+            use_parallel_residual=draw(st.booleans()), attention_bias=True,
             rotary_pct=draw(st.sampled_from([0.5, 1.0])), max_position_embeddings=128, **common,
         )
     return GPT2Config(n_embd=n_heads * d_head, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads, n_positions=128,

@@ -90,6 +90,23 @@ def test_unknown_models_are_one_line_errors_without_the_hub(tmp_path, tiny_task_
     assert not (tmp_path / "run").exists()
 
 
+def test_architectures_transformer_lens_cannot_wrap(tokenizer):
+    """An unsupported architecture, and a supported one in a variant its adapter rejects (bias-free GPT-NeoX)."""
+    from transformers import CTRLConfig, CTRLLMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from parts.models import from_hf
+
+    ctrl = CTRLLMHeadModel(CTRLConfig(vocab_size=40, n_embd=8, n_layer=1, n_head=2, dff=16))
+    with pytest.raises(PartsError, match=r"^TransformerLens cannot wrap model 'c' \(CTRLLMHeadModel\): Could not determine "
+                                         r"supported architecture from config; use an architecture TransformerLens supports"):
+        from_hf(ctrl, tokenizer, "c")
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=16, attention_bias=False))
+    with pytest.raises(PartsError, match=r"^TransformerLens cannot wrap model 'n' \(GPTNeoXForCausalLM\): its architecture "
+                                         "adapter rejected this variant"):
+        from_hf(neox, tokenizer, "n")
+
+
 def test_unknown_dtype(tiny_task_file, tmp_path, capsys):
     err = one_line_error(["decompose", "--task", str(tiny_task_file), "--out", str(tmp_path / "r"), "--dtype", "int3"], capsys)
     assert "unknown dtype 'int3': use one of bf16, bfloat16, float16, float32, fp16, fp32" in err
@@ -205,6 +222,20 @@ def test_number_lists_reject_bad_ranges(text, message):
         int_list(text)
 
 
+@pytest.mark.parametrize("option,message", [
+    (["--seeds", "5-0"], "argument --seeds: range '5-0' runs backwards: write 0-5"),
+    (["--templates", "1,x"], "argument --templates: '1,x' is not a list of numbers like 0-4 or 1,2,3"),
+    (["--limit", "0"], "argument --limit: 0 must be at least 1"),
+    (["--batch-size", "-2"], "argument --batch-size: -2 must be at least 1"),
+])
+def test_bad_sweep_options_name_the_option(option, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--tasks", "sst2", "--out", "x", *option])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_number_lists_parse():
     assert int_list("0-2,5") == [0, 1, 2, 5]
     assert int_list("3,1,3") == [3, 1]
@@ -214,12 +245,12 @@ def test_number_lists_parse():
 # -- run folders ----------------------------------------------------------------------------------------------
 
 
-def small_run(model: str = "m", n_layers: int = 2, n_heads: int = 1) -> DecompositionRun:
+def small_run(model: str = "m", n_layers: int = 2, n_heads: int = 1, seed: int = 0) -> DecompositionRun:
     """3 examples (split indices 10, 11, 12), 2 labels, `n_layers` x (`n_heads` + 1) components of known values."""
     from parts.decompose import component_names
 
     names = component_names(n_layers, n_heads)
-    prompts = PromptSet("tiny", 1, 0, 2, "test", ("neg", "pos"), (" neg", " pos"), (5, 6), (10, 11, 12),
+    prompts = PromptSet("tiny", 1, seed, 2, "test", ("neg", "pos"), (" neg", " pos"), (5, 6), (10, 11, 12),
                         ("p0", "p1", "p2"), (0, 1, 1))
     component_logits = torch.arange(3 * len(names) * 2, dtype=torch.float32).reshape(3, len(names), 2) / 10
     remainder = torch.zeros(3, 2)
@@ -270,6 +301,32 @@ def test_a_staging_folder_is_not_a_run(tmp_path):
     (tmp_path / "run").rename(tmp_path / ".next.tmp-abc")
     with pytest.raises(PartsError, match="next is not a finished run"):
         DecompositionRun.load(tmp_path / "next")
+
+
+def test_analyze_keeps_models_apart_and_refuses_damaged_or_old_runs(tmp_path, capsys):
+    """Runs of two models under one root are never compared; one bad folder stops the analysis with its name."""
+    root = tmp_path / "runs"
+    for model in ("a", "b"):
+        for seed in (0, 1):
+            small_run(model, seed=seed).save(root / model / f"s{seed}")
+    (root / "a" / ".s2.tmp-killed").mkdir()  # a killed save's leftovers are not runs
+    assert main(["analyze", str(root), "--out", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["runs"]) == 4
+    assert sorted((g["model"], g["runs"]) for g in report["groups"]) == [
+        ("a", ["tiny t1 s0", "tiny t1 s1"]), ("b", ["tiny t1 s0", "tiny t1 s1"])]
+    capsys.readouterr()
+
+    summary_file = root / "b" / "s1" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary_file.write_text(json.dumps({**summary, "format_version": 999}))
+    err = one_line_error(["analyze", str(root)], capsys)
+    assert f"{root / 'b' / 's1'} was written in run format 999 (this parts reads 1): rerun it" in err
+    summary_file.write_text(json.dumps(summary))
+    tensors = root / "a" / "s0" / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:50])
+    err = one_line_error(["analyze", str(root)], capsys)
+    assert f"{root / 'a' / 's0'} is damaged (" in err and "delete it and rerun" in err
 
 
 def test_ensure_run_refuses_a_folder_holding_another_run(tmp_path, tiny_task_file, tiny_llama):
