@@ -1,0 +1,55 @@
+"""`parts figures`: every figure a folder of saved runs supports, as HTML and static images."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from parts.cli.common import name_list
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "figures",
+        help="draw the paper's figures from saved runs (HTML, PNG, SVG/PDF)",
+        description=(
+            "Write every figure the runs under ROOT support: per task the accuracy heatmap, categories, "
+            "distribution by layer, stability and correlation matrix, learned weights, and one head up close; "
+            "the method bars from ROOT/results.csv. Figures whose inputs are absent are skipped."
+        ),
+    )
+    parser.add_argument("root", help="a sweep's output folder (or one run folder)")
+    parser.add_argument("--out", required=True, help="folder to write the figures to")
+    parser.add_argument("--formats", type=name_list, default=["html", "png", "svg"],
+                        help="comma-separated: html, png, svg, pdf (default html,png,svg)")
+    parser.add_argument("--html-only", type=name_list, default=None, metavar="NAMES",
+                        help="write HTML only for these figure names (default: every figure)")
+    parser.add_argument("--plotlyjs", choices=["directory", "cdn", "inline"], default="directory",
+                        help="HTML pages load plotly.js from one shared copy in --out (default, works offline), "
+                             "the CDN (smallest), or carry it inline")
+    parser.add_argument("--tasks", type=name_list, default=None, help="only these tasks (comma-separated)")
+    parser.add_argument("--results", default=None, help="results.csv for the method bars (default ROOT/results.csv)")
+    parser.add_argument("--no-model", dest="use_model", action="store_false",
+                        help="skip the head close-ups (they load the runs' model for attention patterns)")
+    parser.add_argument("--device", default=None, help="device for the head close-ups' model (default: cuda if available)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.errors import PartsError
+    from parts.export import FORMATS, write_figures
+    from parts.figureset import figure_set
+    from parts.models import load_model
+
+    unknown = [f for f in args.formats if f not in FORMATS]
+    if unknown:
+        raise PartsError(f"unknown format(s) {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
+    loader = (lambda name: load_model(name, device=args.device)) if args.use_model else None
+    figures = figure_set(args.root, loader, args.tasks, args.results)
+    if not figures:
+        raise PartsError(f"nothing to draw under {args.root}: decompose some test runs first")
+    written = write_figures(figures, args.out, args.formats, args.plotlyjs, args.html_only)
+    for name in figures:
+        print(name)
+    print(f"wrote {len(written)} files for {len(figures)} figures to {args.out}")
+    return 0

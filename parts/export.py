@@ -1,0 +1,163 @@
+"""Writing figures: interactive HTML and static images (PNG, SVG, PDF) through kaleido 1.x.
+
+Static export drives a headless Chromium. One browser serves every figure of a call
+(`static_export`), since starting one costs seconds. Nothing here downloads anything: the
+browser is the system's (Debian: `apt-get install -y chromium fonts-liberation`) and MathJax,
+which kaleido would fetch from a CDN, is turned off. Every file is written under a temporary
+name and renamed into place, so an interrupted export leaves no half-written figure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from parts.errors import PartsError
+
+CHROMIUM_INSTALL = "apt-get install -y chromium fonts-liberation"
+STATIC_FORMATS = ("png", "svg", "pdf")
+FORMATS = ("html", *STATIC_FORMATS)
+PLOTLYJS_MODES = ("directory", "cdn", "inline")
+PNG_SCALE = 2  # pixels per layout pixel: sharp on screens and slides
+
+
+def find_chromium() -> str:
+    """The Chromium (or Chrome) executable kaleido will drive; a PartsError naming the install if none."""
+    from choreographer.browsers.chromium import Chromium
+
+    path = Chromium.find_browser(skip_local=False)
+    if not path:
+        raise PartsError(f"static figure export needs a Chromium browser and none was found: {CHROMIUM_INSTALL}")
+    return str(path)
+
+
+@contextmanager
+def static_export() -> Iterator[None]:
+    """One headless browser for every static image written inside the block."""
+    import kaleido
+
+    find_chromium()
+    # plotly passes its default HTTP headers as per-call options, which a running server
+    # ignores with a warning; they only matter for map tiles.
+    pio.defaults.headers = None
+    kaleido.start_sync_server(mathjax=False, silence_warnings=True)
+    try:
+        yield
+    finally:
+        kaleido.stop_sync_server(silence_warnings=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes files private; figures are for sharing
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def figure_html(figure: go.Figure, plotlyjs: str = "directory") -> str:
+    """A standalone page for the figure; `plotlyjs`: 'directory' (a shared plotly.min.js beside it),
+    'cdn' (smallest, needs the network to view) or 'inline' (one self-contained file, ~4.6 MB)."""
+    if plotlyjs not in PLOTLYJS_MODES:
+        raise PartsError(f"plotly.js mode {plotlyjs!r} is not one of {', '.join(PLOTLYJS_MODES)}: choose one of them")
+    include: str | bool = True if plotlyjs == "inline" else plotlyjs
+    return pio.to_html(figure, include_plotlyjs=include, full_html=True, config={"displaylogo": False})
+
+
+def _shared_plotlyjs(folder: Path) -> None:
+    """The plotly.min.js that 'directory' HTML pages load, copied once per folder."""
+    from plotly.offline import get_plotlyjs
+
+    target = folder / "plotly.min.js"
+    if not target.is_file():
+        _write_atomic(target, get_plotlyjs().encode())
+
+
+def write_figure(
+    figure: go.Figure,
+    folder: str | Path,
+    name: str,
+    formats: Iterable[str] = ("html", "png", "svg"),
+    plotlyjs: str = "directory",
+) -> list[Path]:
+    """Write `folder/name.<format>` for each format; static formats need a browser (see `static_export`)."""
+    formats = list(formats)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise PartsError(f"unknown figure format(s) {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
+    folder = Path(folder)
+    written = []
+    for fmt in formats:
+        path = folder / f"{name}.{fmt}"
+        if fmt == "html":
+            _write_atomic(path, figure_html(figure, plotlyjs).encode())
+            if plotlyjs == "directory":
+                _shared_plotlyjs(folder)
+        else:
+            scale = PNG_SCALE if fmt == "png" else 1
+            _write_atomic(path, pio.to_image(figure, format=fmt, scale=scale))
+        written.append(path)
+    return written
+
+
+def write_figures(
+    figures: Mapping[str, go.Figure],
+    folder: str | Path,
+    formats: Iterable[str] = ("html", "png", "svg"),
+    plotlyjs: str = "directory",
+    html_only: Iterable[str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write every figure in every format with one browser; `html_only` limits HTML to those names."""
+    from tqdm.auto import tqdm
+
+    formats = list(formats)
+    keep_html = None if html_only is None else set(html_only)
+    written: list[Path] = []
+    needs_browser = any(fmt in STATIC_FORMATS for fmt in formats)
+    with static_export() if needs_browser else _nothing():
+        for name, figure in tqdm(figures.items(), desc="figures", disable=not progress):
+            chosen = [f for f in formats if f != "html" or keep_html is None or name in keep_html]
+            written += write_figure(figure, folder, name, chosen, plotlyjs)
+    return written
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def chromium_screenshot(html: str | Path, png: str | Path, width: int = 1000, height: int = 800) -> Path:
+    """Open an HTML file in headless Chromium and save what it shows (to check a page renders)."""
+    import subprocess
+
+    browser = find_chromium()
+    profile = tempfile.mkdtemp(prefix="parts-chromium-")
+    try:
+        subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             f"--user-data-dir={profile}", f"--window-size={width},{height}", "--virtual-time-budget=5000",
+             f"--screenshot={Path(png).resolve()}", Path(html).resolve().as_uri()],
+            check=True, capture_output=True, timeout=120,
+        )
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return Path(png)

@@ -1,0 +1,178 @@
+"""Every figure a folder of saved runs supports, by name: what `parts figures` writes.
+
+Runs are grouped as `parts.analysis.group_runs` does (same model, task, split, shots and
+examples: accuracies that can be compared). Per group of test runs, the reference run (lowest
+template, then lowest seed) gives the heatmap, categories, distribution and, with a model, the
+close-up of its best head; two runs give the stability scatters and all of them the correlation
+matrix. `results.csv` at the root gives the method bars, and weights saved beside the reference
+run by `parts evaluate` the weights heatmap. A figure whose inputs are absent is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from parts import plotting
+from parts.errors import PartsError
+from parts.results import DecompositionRun
+
+RESULTS_CSV = "results.csv"
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run and the folder it was loaded from (weights are saved beside it)."""
+
+    path: Path
+    run: DecompositionRun
+
+
+def load_saved_runs(root: str | Path) -> list[SavedRun]:
+    from parts.analysis import find_runs
+
+    paths = find_runs(root)
+    if not paths:
+        raise PartsError(f"no finished runs under {root}: run `parts sweep --out {root}` or `parts decompose` first")
+    return [SavedRun(path, DecompositionRun.load(path)) for path in paths]
+
+
+def test_groups(saved: Sequence[SavedRun]) -> dict[str, list[SavedRun]]:
+    """Comparable test runs by figure-name prefix: the task, with the model and size added only
+    where needed to tell groups apart; each group sorted by (template, seed)."""
+    groups: dict[tuple, list[SavedRun]] = {}
+    for item in saved:
+        p = item.run.prompts
+        if p.split == "test":
+            groups.setdefault((item.run.model, p.task, p.shots, item.run.n_examples), []).append(item)
+    models = {key[0] for key in groups}
+    named: dict[str, list[SavedRun]] = {}
+    for (model, task, shots, n), items in groups.items():
+        tasks_like_this = sum(1 for key in groups if key[0] == model and key[1] == task)
+        prefix = task if tasks_like_this == 1 else f"{task}-k{shots}-n{n}"
+        if len(models) > 1:
+            prefix = f"{model.replace('/', '--')}-{prefix}"
+        named[prefix] = sorted(items, key=lambda s: (s.run.prompts.template, s.run.prompts.seed))
+    return named
+
+
+def stability_pairs(runs: Sequence[DecompositionRun]) -> dict[str, tuple[DecompositionRun, DecompositionRun]]:
+    """The reference run against another demonstration set (same template), and against another
+    template (its minimally contrastive one where the task names it; same seed)."""
+    from parts.tasks import get_task
+
+    reference = runs[0]
+    t, s = reference.prompts.template, reference.prompts.seed
+    pairs = {}
+    other_seed = [r for r in runs if r.prompts.template == t and r.prompts.seed != s]
+    if other_seed:
+        pairs["demonstrations"] = (reference, other_seed[0])
+    try:
+        perturbed = get_task(reference.prompts.task).perturbed
+    except PartsError:
+        perturbed = {}
+    partners = [a for a, b in perturbed.items() if b == t] + [b for a, b in perturbed.items() if a == t]
+    same_seed = [r for r in runs if r.prompts.seed == s and r.prompts.template != t]
+    same_seed.sort(key=lambda r: (r.prompts.template not in partners, r.prompts.template))
+    if same_seed:
+        pairs["templates"] = (reference, same_seed[0])
+    return pairs
+
+
+def _describe(run: DecompositionRun) -> str:
+    p = run.prompts
+    return f"{run.model}, {p.task}, template {p.template}, seed {p.seed}, {p.shots}-shot, n={run.n_examples}"
+
+
+def _pair_name(run: DecompositionRun, other: DecompositionRun, relation: str) -> tuple[str, str]:
+    if relation == "demonstrations":
+        return f"demonstrations seed {run.prompts.seed}", f"demonstrations seed {other.prompts.seed}"
+    return f"template {run.prompts.template}", f"template {other.prompts.template}"
+
+
+def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None = None) -> dict[str, go.Figure]:
+    """The figures of one group of comparable runs (see the module's docstring)."""
+    from parts.analysis import accuracy_correlation, component_table, correlation_matrix, run_label
+    from parts.reweight import load_weights, weights_file
+
+    reference = group[0].run
+    table = component_table(reference)
+    where = _describe(reference)
+    full, chance = reference.full_accuracy, reference.chance
+    def titled(heading: str) -> str:
+        return f"{heading}<br><sup>{where}</sup>"
+
+    label_names = reference.prompts.label_names
+    figures = {
+        f"{prefix}-accuracy-heatmap": plotting.accuracy_heatmap(table, full, chance, titled("Accuracy of every component")),
+        f"{prefix}-categories": plotting.categorization_scatter(
+            table, full, chance, label_names, title=titled("Good, bad and label-biased components")),
+        f"{prefix}-distribution": plotting.accuracy_distribution(table, full, chance, titled("Component accuracy by layer")),
+    }
+    runs = [item.run for item in group]
+    for relation, (run_a, run_b) in stability_pairs(runs).items():
+        name_a, name_b = _pair_name(run_a, run_b, relation)
+        figures[f"{prefix}-stability-{relation}"] = plotting.stability_scatter(
+            run_a.component_accuracy, run_b.component_accuracy, run_a.component_names, accuracy_correlation(run_a, run_b),
+            name_a, name_b, chance, f"{reference.prompts.task}: component accuracy across {relation}")
+    if len(runs) > 2:
+        matrix = correlation_matrix(runs)
+        matrix.index = matrix.columns = [run_label(r).split(" ", 1)[1] for r in runs]
+        figures[f"{prefix}-correlation"] = plotting.correlation_heatmap(
+            matrix, f"{reference.prompts.task}: agreement of component accuracies between runs")
+    if weights_file(group[0].path).is_file():
+        names, weights = load_weights(group[0].path)
+        figures[f"{prefix}-weights"] = plotting.weights_heatmap(
+            names, weights, titled("Learned component weights (24 labelled examples)"))
+    if model is not None:
+        from parts.inspect_head import inspect_head, pick_heads
+
+        head = pick_heads(table)["good"]
+        inspection = inspect_head(reference, head, model, examples=(0,), table=table)  # type: ignore[arg-type]
+        figures[f"{prefix}-head-{head}"] = plotting.head_closeup(inspection)
+    return figures
+
+
+def results_figures(path: str | Path, tasks: Sequence[str] | None = None) -> dict[str, go.Figure]:
+    """The method bars from a `results.csv` written by `parts evaluate` (none if it is absent);
+    one figure per model."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    results = pd.read_csv(path)
+    if tasks:
+        results = results[results["task"].isin(list(tasks))]
+    if results.empty:
+        return {}
+    if "model" not in results.columns or results["model"].nunique() == 1:
+        return {"reweighting-accuracy": plotting.method_bars(results)}
+    return {f"reweighting-accuracy-{str(m).replace('/', '--')}": plotting.method_bars(rows, f"Accuracy by method, {m}")
+            for m, rows in results.groupby("model", sort=False)}
+
+
+def figure_set(
+    root: str | Path,
+    model_loader: Callable[[str], object] | None = None,
+    tasks: Sequence[str] | None = None,
+    results: str | Path | None = None,
+) -> dict[str, go.Figure]:
+    """Every figure the runs under `root` support, by file name. `model_loader(model_name)` gives
+    the model for the head close-ups (none: they are skipped); `tasks` keeps only those tasks;
+    `results` is the results.csv for the method bars (default: `root/results.csv`)."""
+    saved = load_saved_runs(root)
+    figures: dict[str, go.Figure] = {}
+    models: dict[str, object] = {}
+    for prefix, group in test_groups(saved).items():
+        if tasks and group[0].run.prompts.task not in tasks:
+            continue
+        model = None
+        if model_loader is not None:
+            name = group[0].run.model
+            model = models[name] if name in models else models.setdefault(name, model_loader(name))
+        figures.update(group_figures(prefix, group, model))
+    figures.update(results_figures(Path(root) / RESULTS_CSV if results is None else results, tasks))
+    return figures
