@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from parts import __version__
-from parts.cli import analyze, decompose, evaluate, sweep
+from parts.cli import analyze, decompose, evaluate, figures, sweep
 from parts.errors import PartsError
 
-COMMANDS = [decompose, sweep, evaluate, analyze]
+COMMANDS = [decompose, sweep, evaluate, analyze, figures]
 
 
 def build_parser() -> argparse.ArgumentParser:
