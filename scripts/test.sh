@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
+# Static figure export (kaleido) and the HTML rendering test drive a headless Chromium: Debian's.
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation
+fi
 # Data for the integration tests: the shared folder beside the checkout unless set.
 if [ -z "${PARTS_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   PARTS_DATA_DIR="$(cd ../shared/data && pwd)"
