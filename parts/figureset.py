@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pandas as pd
@@ -137,15 +138,19 @@ def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None =
     return figures
 
 
-def results_figures(path: str | Path, tasks: Sequence[str] | None = None) -> dict[str, go.Figure]:
-    """The method bars from a `results.csv` written by `parts evaluate` (none if it is absent);
-    one figure per model."""
+def results_figures(
+    path: str | Path, tasks: Sequence[str] | None = None, examples: int | None = None
+) -> dict[str, go.Figure]:
+    """The method bars from a `results.csv` written by `parts evaluate` (none if it is absent), for
+    `tasks` and runs of `examples` test examples when given; one figure per model."""
     path = Path(path)
     if not path.is_file():
         return {}
     results = pd.read_csv(path)
     if tasks:
         results = results[results["task"].isin(list(tasks))]
+    if examples is not None and "limit" in results.columns:
+        results = results[results["limit"].astype(str) == str(examples)]
     if results.empty:
         return {}
     if "model" not in results.columns or results["model"].nunique() == 1:
@@ -159,20 +164,27 @@ def figure_set(
     model_loader: Callable[[str], object] | None = None,
     tasks: Sequence[str] | None = None,
     results: str | Path | None = None,
+    examples: int | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, go.Figure]:
-    """Every figure the runs under `root` support, by file name. `model_loader(model_name)` gives
-    the model for the head close-ups (none: they are skipped); `tasks` keeps only those tasks;
-    `results` is the results.csv for the method bars (default: `root/results.csv`)."""
-    saved = load_saved_runs(root)
+    """Every figure the runs under `root` support, by file name.
+
+    `model_loader(model_name)` gives the model for the head close-ups (none: they are skipped);
+    `tasks` and `examples` keep only runs of those tasks and of that many test examples; `results`
+    is the results.csv for the method bars (default: `root/results.csv`); `only` keeps the figures
+    whose names match one of its shell patterns (`*-heatmap`)."""
+    saved = [s for s in load_saved_runs(root)
+             if (not tasks or s.run.prompts.task in tasks) and (examples is None or s.run.n_examples == examples)]
+    wanted = (lambda name: any(fnmatch(name, pattern) for pattern in only)) if only else (lambda name: True)
     figures: dict[str, go.Figure] = {}
     models: dict[str, object] = {}
     for prefix, group in test_groups(saved).items():
-        if tasks and group[0].run.prompts.task not in tasks:
-            continue
         model = None
-        if model_loader is not None:
+        # A close-up is named {prefix}-head-L<l>H<h>: load the model only if such a name is wanted.
+        head_wanted = not only or any(fnmatch(f"{prefix}-head-L0H0", p) or p.startswith(f"{prefix}-head-") for p in only)
+        if model_loader is not None and head_wanted:
             name = group[0].run.model
             model = models[name] if name in models else models.setdefault(name, model_loader(name))
         figures.update(group_figures(prefix, group, model))
-    figures.update(results_figures(Path(root) / RESULTS_CSV if results is None else results, tasks))
-    return figures
+    figures.update(results_figures(Path(root) / RESULTS_CSV if results is None else results, tasks, examples))
+    return {name: figure for name, figure in figures.items() if wanted(name)}

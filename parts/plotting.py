@@ -382,11 +382,14 @@ def head_closeup(inspection: HeadInspection, example: int = 0) -> go.Figure:
     figure.update_yaxes(title_text="logit", row=1, col=1)
     if views:
         _attention_panel(figure, views[example], row=2)
-    figure.update_layout(boxmode="group", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     category = f", {inspection.category}" if inspection.category else ""
     heading = (f"{inspection.component} up close: accuracy {inspection.accuracy:.0%}, "
                f"label bias {inspection.label_bias:.2f}{category}")
-    return _style(figure, heading, 900, 720 if views else 420)
+    _style(figure, heading, 900, 760 if views else 460)
+    # The legend (one entry per label word) goes between the title and the first panel.
+    figure.update_layout(boxmode="group", margin=dict(t=125),
+                         legend=dict(orientation="h", x=0, xanchor="left", y=0.9, yanchor="middle", yref="container"))
+    return figure
 
 
 def _attention_panel(figure: go.Figure, view: AttentionView, row: int) -> None:

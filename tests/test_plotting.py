@@ -210,7 +210,7 @@ def tiny_runs(tmp_path_factory, tiny_llama, tiny_task_file):
     names = run.component_names
     weights = torch.linspace(-0.2, 1.2, len(names))
     save_weights(weights_file(paths[0]), names, ReweightResult(weights, 100, "plateau", 1.0))
-    RESULTS.assign(task="tiny").to_csv(root / "results.csv", index=False)
+    RESULTS.assign(task="tiny", limit=12).to_csv(root / "results.csv", index=False)
     return root, paths
 
 
@@ -257,6 +257,8 @@ def test_figure_set_names_what_the_runs_support(tiny_runs, tiny_llama):
     (matrix,) = traces(figures["tiny-correlation"], "heatmap")
     assert list(matrix.x) == ["t1 s0", "t1 s1", "t2 s0"]
     assert set(figure_set(root, tasks=["other"])) == set()
+    assert set(figure_set(root, examples=99)) == set()  # runs and results.csv rows of 12 examples only
+    assert set(figure_set(root, examples=12, only=["*-weights", "reweighting-*"])) == {"tiny-weights", "reweighting-accuracy"}
 
 
 def test_stability_pairs_prefer_the_reference_template(tiny_runs):

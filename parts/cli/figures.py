@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import name_list
+from parts.cli.common import name_list, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
@@ -28,6 +28,10 @@ def add_parser(subparsers: Any) -> None:
                         help="HTML pages load plotly.js from one shared copy in --out (default, works offline), "
                              "the CDN (smallest), or carry it inline")
     parser.add_argument("--tasks", type=name_list, default=None, help="only these tasks (comma-separated)")
+    parser.add_argument("--examples", type=positive_int, default=None,
+                        help="only runs of this many test examples (a sweep's --limit), and their results.csv rows")
+    parser.add_argument("--only", type=name_list, default=None, metavar="PATTERNS",
+                        help="only figures whose names match these comma-separated shell patterns, e.g. '*-heatmap,*-weights'")
     parser.add_argument("--results", default=None, help="results.csv for the method bars (default ROOT/results.csv)")
     parser.add_argument("--no-model", dest="use_model", action="store_false",
                         help="skip the head close-ups (they load the runs' model for attention patterns)")
@@ -45,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise PartsError(f"unknown format(s) {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
     loader = (lambda name: load_model(name, device=args.device)) if args.use_model else None
-    figures = figure_set(args.root, loader, args.tasks, args.results)
+    figures = figure_set(args.root, loader, args.tasks, args.results, args.examples, args.only)
     if not figures:
-        raise PartsError(f"nothing to draw under {args.root}: decompose some test runs first")
+        raise PartsError(f"no figure to draw from the runs under {args.root} with these filters: "
+                         "check --tasks, --examples and --only, or decompose some test runs first")
     written = write_figures(figures, args.out, args.formats, args.plotlyjs, args.html_only)
     for name in figures:
         print(name)
