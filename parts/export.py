@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -126,16 +127,18 @@ def write_figures(
     html_only: Iterable[str] | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Write every figure in every format with one browser; `html_only` limits HTML to those names."""
+    """Write every figure in every format with one browser; `html_only` (names or shell patterns
+    like '*-heatmap') limits HTML to the figures it matches."""
     from tqdm.auto import tqdm
 
     formats = list(formats)
-    keep_html = None if html_only is None else set(html_only)
+    patterns = None if html_only is None else list(html_only)
     written: list[Path] = []
     needs_browser = any(fmt in STATIC_FORMATS for fmt in formats)
     with static_export() if needs_browser else _nothing():
         for name, figure in tqdm(figures.items(), desc="figures", disable=not progress):
-            chosen = [f for f in formats if f != "html" or keep_html is None or name in keep_html]
+            keep_html = patterns is None or any(fnmatch(name, pattern) for pattern in patterns)
+            chosen = [f for f in formats if f != "html" or keep_html]
             written += write_figure(figure, folder, name, chosen, plotlyjs)
     return written
 

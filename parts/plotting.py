@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import einops
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -50,13 +51,13 @@ def accuracy_colorbar(chance: float, full_accuracy: float) -> dict[str, Any]:
     ticks = {v: f"{v:.0%}" for v in (0.0, 0.25, 0.5, 0.75, 1.0) if all(abs(v - m) > 0.06 for m in marks)}
     ticks.update(marks)
     values = sorted(ticks)
-    return dict(title=dict(text="accuracy"), tickvals=values, ticktext=[ticks[v] for v in values], ticks="outside")
+    return dict(title=dict(text="accuracy", side="right"), tickvals=values, ticktext=[ticks[v] for v in values], ticks="outside")
 
 
 def _style(figure: go.Figure, title: str, width: int, height: int) -> go.Figure:
     figure.update_layout(
         title=dict(text=title, x=0.01, xanchor="left"), template="plotly_white", font=FONT,
-        width=width, height=height, margin=dict(l=60, r=30, t=70, b=55),
+        width=width, height=height, margin=dict(l=60, r=30, t=100 if "<br>" in title else 70, b=55),
     )
     return figure
 
@@ -163,7 +164,12 @@ def categorization_scatter(
         ))
     _reference_lines(figure, chance, full_accuracy)
     counts = table["category"].value_counts()
-    for text, y, category in (("good: above chance", 0.98, "good"), ("bad: below chance", 0.02, "bad")):
+    # Regions as parts.analysis.categorize draws them: good is significantly above chance and at least
+    # the full model; bad is significantly below chance (the test's margin is not drawn).
+    figure.add_hrect(y0=full_accuracy, y1=1.02, fillcolor=CATEGORY_COLORS["good"], opacity=0.07, line_width=0, layer="below")
+    figure.add_hrect(y0=-0.02, y1=chance, fillcolor=CATEGORY_COLORS["bad"], opacity=0.05, line_width=0, layer="below")
+    for text, y, category in (("good: ≥ full model and above chance", 0.98, "good"),
+                              ("bad: below chance", 0.02, "bad")):
         figure.add_annotation(x=0.5, y=y, text=f"{text} ({counts.get(category, 0)})", showarrow=False,
                               font=dict(color=CATEGORY_COLORS[category], size=12))
     biased_text = dict(y=1.06, text=f"label-biased ({counts.get('label-biased', 0)})", showarrow=False,
@@ -358,6 +364,16 @@ def weights_heatmap(component_names: Sequence[str], weights: Float[Tensor, compo
 
 
 # -- figure 6: one head up close -------------------------------------------------------------------------
+def head_logit_view(inspection: HeadInspection) -> dict[str, Float[Tensor, example]]:
+    """What decides the head's vote, per example: for two labels the logit difference (label 1 minus
+    label 0); for more, each label word's logit minus the mean over label words (same argmax)."""
+    names, logits = inspection.label_names, inspection.logits.float()
+    if len(names) == 2:
+        return {f"logit '{names[1]}' - logit '{names[0]}'": logits[:, 1] - logits[:, 0]}
+    centred = logits - einops.reduce(logits, "example label -> example 1", "mean")
+    return {f"'{name}' (centred)": centred[:, index] for index, name in enumerate(names)}
+
+
 def head_closeup(inspection: HeadInspection, example: int = 0) -> go.Figure:
     """Figure 6: a head's label-word logits per example split by gold label (top) and its attention
     from the last token over one prompt, the demonstrations' label words marked (bottom; only when
@@ -365,7 +381,7 @@ def head_closeup(inspection: HeadInspection, example: int = 0) -> go.Figure:
     views = inspection.attention
     if views and not 0 <= example < len(views):
         raise PartsError(f"example {example} has no attention pattern: choose 0-{len(views) - 1}")
-    titles = ["its label-word logits on every example, by gold label"]
+    titles = ["its contribution to the label-word logits on every example, by gold label"]
     if views:
         view = views[example]
         titles.append(f"attention from the last token over example {view.example} "
@@ -373,13 +389,14 @@ def head_closeup(inspection: HeadInspection, example: int = 0) -> go.Figure:
     figure = make_subplots(rows=len(titles), cols=1, row_heights=[0.45, 0.55][: len(titles)] if views else None,
                            vertical_spacing=0.16, subplot_titles=titles)
     gold = [inspection.label_names[g] for g in inspection.labels.tolist()]
-    for word, name in enumerate(inspection.label_names):
+    for name, values in head_logit_view(inspection).items():
         figure.add_trace(go.Box(
-            x=gold, y=inspection.logits[:, word].tolist(), name=f"logit of '{name}'", boxpoints="all", jitter=0.35,
-            pointpos=0, marker=dict(size=4), hovertemplate=f"gold %{{x}}<br>logit of '{name}' %{{y:.2f}}<extra></extra>",
+            x=gold, y=values.tolist(), name=name, boxpoints="all", jitter=0.35, pointpos=0, marker=dict(size=4),
+            hovertemplate=f"gold %{{x}}<br>{name} %{{y:.3f}}<extra></extra>",
         ), row=1, col=1)
     figure.update_xaxes(title_text="gold label", row=1, col=1)
-    figure.update_yaxes(title_text="logit", row=1, col=1)
+    figure.update_yaxes(title_text="logit" if len(inspection.label_names) == 2 else "logit - mean over label words",
+                        row=1, col=1)
     if views:
         _attention_panel(figure, views[example], row=2)
     category = f", {inspection.category}" if inspection.category else ""

@@ -77,19 +77,21 @@ def test_categorization_scatter_two_labels():
     assert list(heads.x) == [0.0, 0.5, 0.5, 0.6] and list(heads.y) == [0.5, 0.0, 1.0, 0.6]
     assert list(mlps.x) == [0.9, 0.6] and heads.marker.color != mlps.marker.color
     assert figure.layout.xaxis.title.text == "share of examples predicted 'l1'"
-    rects = [(s.x0, s.x1) for s in figure.layout.shapes if s.type == "rect"]
-    assert rects == [(-0.02, pytest.approx(0.1)), (0.9, 1.02)]  # both one-sided bands
+    rects = [(s.x0, s.x1, s.y0, s.y1) for s in figure.layout.shapes if s.type == "rect"]
+    assert rects == [(-0.02, pytest.approx(0.1), 0, 1), (0.9, 1.02, 0, 1),  # both one-sided label bands
+                     (0, 1, FULL, 1.02), (0, 1, -0.02, CHANCE)]  # good above the full model, bad below chance
     lines = sorted(s.y0 for s in figure.layout.shapes if s.type == "line")
     assert lines == [CHANCE, FULL]
     texts = [a.text for a in figure.layout.annotations]
-    assert "good: above chance (2)" in texts and "bad: below chance (1)" in texts and "◀ label-biased (2) ▶" in texts
+    assert "good: ≥ full model and above chance (2)" in texts and "bad: below chance (1)" in texts
+    assert "◀ label-biased (2) ▶" in texts
 
 
 def test_categorization_scatter_more_labels_uses_the_bias_score():
     table = TABLE.drop(columns=["share_l0", "share_l1"])
     figure = plotting.categorization_scatter(table, FULL, 1 / 3, ["a", "b", "c"])
     assert list(traces(figure, "scatter")[0].x) == [1.0, 0.5, 0.5, 0.6]
-    assert [(s.x0, s.x1) for s in figure.layout.shapes if s.type == "rect"] == [(0.9, 1.02)]
+    assert [(s.x0, s.x1) for s in figure.layout.shapes if s.type == "rect"][0] == (0.9, 1.02)
     assert figure.layout.xaxis.title.text.startswith("label-bias score")
 
 
@@ -184,6 +186,18 @@ def test_label_word_spans_and_positions():
     assert spans_to_positions(offsets, spans) == [5, 8]
 
 
+def test_head_logit_view_centres_more_than_two_labels():
+    from parts.inspect_head import HeadInspection
+
+    logits = torch.tensor([[1.0, 2.0, 6.0], [0.0, 3.0, 0.0]])
+    inspection = HeadInspection("L0H0", 0, 0, 0.5, 0.5, "neutral", ("a", "b", "c"), logits, torch.tensor([2, 1]), [])
+    view = plotting.head_logit_view(inspection)
+    assert list(view) == ["'a' (centred)", "'b' (centred)", "'c' (centred)"]
+    assert view["'a' (centred)"].tolist() == [-2.0, -1.0] and view["'c' (centred)"].tolist() == [3.0, -1.0]
+    figure = plotting.head_closeup(inspection)  # no attention: the logits panel only
+    assert [t.type for t in figure.data] == ["box"] * 3 and list(figure.data[0].x) == ["c", "b"]
+
+
 def test_top_attended_and_picked_heads():
     from parts.inspect_head import AttentionView, pick_heads, top_attended
 
@@ -234,8 +248,9 @@ def test_inspect_head_on_a_tiny_model(tiny_runs, tiny_llama):
     assert {view.tokens[p].strip() for p in view.label_positions} == {"negative", "positive"}
     figure = plotting.head_closeup(inspection, example=1)
     boxes, bars = traces(figure, "box"), traces(figure, "bar")
-    assert [b.name for b in boxes] == ["logit of 'negative'", "logit of 'positive'"]
-    assert list(boxes[1].y) == pytest.approx(inspection.logits[:, 1].tolist())
+    (box,) = boxes  # two labels: one box per gold label of the logit difference
+    assert box.name == "logit 'positive' - logit 'negative'"
+    assert list(box.y) == pytest.approx((inspection.logits[:, 1] - inspection.logits[:, 0]).tolist())
     assert list(bars[0].y) == pytest.approx(view.pattern.tolist())
     assert bars[0].marker.color[view.label_positions[0]] == plotting.CATEGORY_COLORS["label-biased"]
     assert figure.layout.title.text.startswith(f"L2H3 up close: accuracy {row['accuracy']:.0%}")

@@ -22,8 +22,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, help="folder to write the figures to")
     parser.add_argument("--formats", type=name_list, default=["html", "png", "svg"],
                         help="comma-separated: html, png, svg, pdf (default html,png,svg)")
-    parser.add_argument("--html-only", type=name_list, default=None, metavar="NAMES",
-                        help="write HTML only for these figure names (default: every figure)")
+    parser.add_argument("--html-only", type=name_list, default=None, metavar="PATTERNS",
+                        help="write HTML only for figures matching these names or shell patterns, e.g. '*-heatmap' "
+                             "(default: every figure)")
     parser.add_argument("--plotlyjs", choices=["directory", "cdn", "inline"], default="directory",
                         help="HTML pages load plotly.js from one shared copy in --out (default, works offline), "
                              "the CDN (smallest), or carry it inline")
