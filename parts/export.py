@@ -148,19 +148,20 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def chromium_screenshot(html: str | Path, png: str | Path, width: int = 1000, height: int = 800) -> Path:
-    """Open an HTML file in headless Chromium and save what it shows (to check a page renders)."""
+def chromium_screenshot(html: str | Path, png: str | Path, width: int = 1000, height: int = 800) -> list[str]:
+    """Open an HTML file in headless Chromium, save what it shows to `png`, and return the page's
+    console messages (a script error shows up as one), to check that a page renders."""
     import subprocess
 
     browser = find_chromium()
     profile = tempfile.mkdtemp(prefix="parts-chromium-")
     try:
-        subprocess.run(
+        done = subprocess.run(
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              f"--user-data-dir={profile}", f"--window-size={width},{height}", "--virtual-time-budget=5000",
-             f"--screenshot={Path(png).resolve()}", Path(html).resolve().as_uri()],
-            check=True, capture_output=True, timeout=120,
+             "--enable-logging=stderr", "--v=0", f"--screenshot={Path(png).resolve()}", Path(html).resolve().as_uri()],
+            check=True, capture_output=True, text=True, timeout=120,
         )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
-    return Path(png)
+    return [line.split(":CONSOLE:", 1)[1].split("] ", 1)[-1] for line in done.stderr.splitlines() if ":CONSOLE:" in line]

@@ -376,10 +376,18 @@ def read_png(path: Path) -> np.ndarray:
 def test_html_figure_renders_in_headless_chromium(tmp_path):
     figure = plotting.accuracy_heatmap(TABLE, FULL, CHANCE, "tiny run")
     write_figure(figure, tmp_path, "heatmap", ["html"], plotlyjs="directory")
-    shot = chromium_screenshot(tmp_path / "heatmap.html", tmp_path / "shot.png", width=500, height=420)
-    pixels = read_png(shot)
+    console = chromium_screenshot(tmp_path / "heatmap.html", tmp_path / "shot.png", width=500, height=420)
+    assert console == []  # no script errors, no warnings
+    pixels = read_png(tmp_path / "shot.png")
     assert pixels.shape == (420, 500, 3)
     colours = {tuple(p) for p in pixels.reshape(-1, 3).tolist()}
     assert len(colours) > 50  # text, axes and the colour scale, not a blank page
     # The heatmap's cells: L1H0 (accuracy 1.0) is the scale's deep blue, L0H1 (0.0) its deep red.
     assert (0x21, 0x66, 0xAC) in colours and (0xB2, 0x18, 0x2B) in colours
+
+
+def test_a_script_error_shows_in_the_console(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text("<html><body><script>missingFunction();</script></body></html>")
+    console = chromium_screenshot(page, tmp_path / "shot.png", width=200, height=100)
+    assert console == ['"Uncaught ReferenceError: missingFunction is not defined", source: ' + page.as_uri() + " (1)"]
