@@ -5,7 +5,8 @@ examples it predicts as each label, and a category after the paper's Section 4:
 
 - label-biased: predicts one label on at least `label_bias_threshold` of the examples (the
   paper's rule is "the same label on the entire test set", i.e. a threshold of 1.0);
-- bad: accuracy significantly below chance (one-sided binomial test, p < `alpha`), not label-biased;
+- bad: accuracy significantly below chance (one-sided binomial test, p < `alpha` after a Holm
+  correction over all components: see `parts.controls`), not label-biased;
 - good: accuracy significantly above chance and at least the full model's, not label-biased;
 - neutral: the rest.
 
@@ -36,6 +37,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
+from parts.controls import adjust_pvalues
 from parts.errors import PartsError
 from parts.results import SUMMARY, DecompositionRun
 from parts.tasks import get_task
@@ -102,7 +104,9 @@ def _parse_component(name: str) -> tuple[str, int, int]:
     return "head", int(layer), int(head)
 
 
-def component_table(run: DecompositionRun, label_bias_threshold: float = 0.9, alpha: float = 0.05) -> pd.DataFrame:
+def component_table(
+    run: DecompositionRun, label_bias_threshold: float = 0.9, alpha: float = 0.05, correction: str = "holm"
+) -> pd.DataFrame:
     """One row per component (in `run.component_names` order) with its statistics and category."""
     if not 0 < label_bias_threshold <= 1:
         raise PartsError(f"label_bias_threshold must be in (0, 1], got {label_bias_threshold}")
@@ -132,7 +136,13 @@ def component_table(run: DecompositionRun, label_bias_threshold: float = 0.9, al
     table["chance"] = chance.double().numpy()
     table["p_above"] = p_above
     table["p_below"] = p_below
-    table["category"] = categorize(table, run.full_accuracy, label_bias_threshold, alpha)
+    # Uncorrected, ~4% of chance-level components would pass at alpha = 0.05 (about 12 of 300 per run):
+    # categories use p-values corrected over components ("holm", "bh" or "none"; `parts.controls`).
+    for side in ("above", "below"):
+        raw = torch.tensor(table[f"p_{side}"].to_numpy(), dtype=torch.float64)
+        table[f"p_{side}_adjusted"] = adjust_pvalues(raw, correction).numpy()
+    adjusted = table.assign(p_above=table["p_above_adjusted"], p_below=table["p_below_adjusted"])
+    table["category"] = categorize(adjusted, run.full_accuracy, label_bias_threshold, alpha)
     return table
 
 
@@ -362,7 +372,8 @@ def format_report(report: dict[str, Any], top: int = 3) -> str:
     settings = report["settings"]
     lines = [
         f"categories: label-biased = one label on >= {settings['label_bias_threshold']:.0%} of examples; "
-        f"good/bad = binomial p < {settings['alpha']} above/below chance (good also >= the full model)",
+        f"good/bad = binomial p < {settings['alpha']} above/below chance, Holm-corrected over components "
+        "(good also >= the full model)",
     ]
     for group in report["groups"]:
         members = [r for r in report["runs"] if r["model"] == group["model"] and r["task"] == group["task"]

@@ -120,10 +120,17 @@ def _randomize(hf_model: Any, seed: int) -> Any:
     """The same architecture with weights re-drawn by the model class's own initialiser."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
     config = copy.deepcopy(hf_model.config)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=next(hf_model.parameters()).dtype)
+    # fork_rng: the seed decides the weights without resetting the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(hf_model.parameters()).dtype)
     return fresh.to(next(hf_model.parameters()).device).eval()
+
+
+def random_init_name(name: str, seed: int) -> str:
+    """The name a randomly re-initialised model records (usable as a folder name)."""
+    return f"{name}+random-init-s{seed}"
 
 
 def from_hf(
@@ -141,7 +148,7 @@ def from_hf(
     """
     if random_init:
         hf_model = _randomize(hf_model, seed)
-        name = f"{name}+random-init(seed={seed})"
+        name = random_init_name(name, seed)
     hf_model.eval()
     if tokenizer.pad_token_id is None:
         # Batches are padded; any token works since padded positions are masked out.

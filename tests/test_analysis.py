@@ -82,10 +82,10 @@ def six() -> DecompositionRun:
 
 def test_component_table_by_hand(six):
     assert six.full_accuracy == pytest.approx(0.7)
-    table = component_table(six)
+    table = component_table(six, correction="none")
     assert list(table.columns) == [
         "component", "kind", "layer", "head", "accuracy", "macro_accuracy", "share_l0", "share_l1", "label_bias",
-        "majority_label", "chance", "p_above", "p_below", "category",
+        "majority_label", "chance", "p_above", "p_below", "p_above_adjusted", "p_below_adjusted", "category",
     ]
     assert table["component"].tolist() == ["L0H0", "L0H1", "L1H0", "L1H1", "MLP0", "MLP1"]
     assert table["kind"].tolist() == ["head"] * 4 + ["mlp"] * 2
@@ -104,6 +104,15 @@ def test_component_table_by_hand(six):
     assert category_counts(table) == {"good": 2, "bad": 1, "label-biased": 2, "neutral": 1}
 
 
+def test_categories_are_holm_corrected_by_default(six):
+    table = component_table(six)
+    # Holm over 6 components: sorted p_above 1, 11, 386, 386, 638, 1024 (/1024) times 6, 5, 4, 3, 2, 1, running max.
+    assert table["p_above_adjusted"].tolist() == pytest.approx([1.0, 1.0, 6 / 1024, 1.0, 1.0, 55 / 1024])
+    assert table["p_below_adjusted"][1] == pytest.approx(6 / 1024)
+    # MLP1 (9/10 right, p 0.0107) no longer passes once six components are tested.
+    assert table["category"].tolist() == ["label-biased", "bad", "good", "neutral", "label-biased", "neutral"]
+
+
 def test_p_values_match_scipy(six):
     table = component_table(six)
     for correct, row in zip([5, 0, 10, 6, 6, 9], table.itertuples(), strict=True):
@@ -112,9 +121,10 @@ def test_p_values_match_scipy(six):
 
 
 def test_thresholds_are_parameters(six):
-    strict = component_table(six, label_bias_threshold=0.95)  # MLP0's 90% is no longer enough
+    strict = component_table(six, label_bias_threshold=0.95, correction="none")  # MLP0's 90% is no longer enough
     assert strict["category"].tolist() == ["label-biased", "bad", "good", "neutral", "neutral", "good"]
-    lenient = component_table(six, alpha=0.5)  # L1H1 and MLP0 (p 0.377) are significant, but below the full 0.7
+    # L1H1 and MLP0 (p 0.377) are significant, but below the full 0.7
+    lenient = component_table(six, alpha=0.5, correction="none")
     assert lenient["category"].tolist() == ["label-biased", "bad", "good", "neutral", "label-biased", "good"]
     table = component_table(six)
     # Significantly above chance but below the full model is not good.
@@ -261,7 +271,8 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "m | sst2 | test n=10 | 4-shot | 3 runs" in printed
-    assert "sst2 t2 s0      70.0%     2    1      2       1  L1H0 100.0%, MLP1 90.0%, L1H1 60.0%" in printed
+    # Holm-corrected by default: MLP1 (p 0.0107 over 6 components) is neutral, not good.
+    assert "sst2 t2 s0      70.0%     1    1      2       2  L1H0 100.0%, MLP1 90.0%, L1H1 60.0%" in printed
     # Best 100%, 60%, 60% against full 70%, 100%, 100%; worst 0%, 10%, 10%.
     assert "best component beats the full model in 1/3 runs (mean best 73.3% vs full 90.0%; mean worst 6.7%)" in printed
     report = json.loads(out.read_text())

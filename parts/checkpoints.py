@@ -1,0 +1,195 @@
+"""Components across training: decompose the same prompts at every checkpoint of a model.
+
+A checkpoint is a hub revision (Pythia's `EleutherAI/pythia-160m@step1000`), a local folder
+saved with `save_pretrained`, or `random` (the architecture re-initialised: training step 0).
+Every (checkpoint, task, template, seed) run is kept under `root` with `parts.runner.run_dir`
+(the model label carries the revision), so an interrupted sweep resumes where it stopped.
+
+`checkpoint_table` tracks, per checkpoint and run, the full model's accuracy, the accuracy of
+the k best components at that checkpoint (by rank), and the accuracy at that checkpoint of the
+final checkpoint's k best components (fixed identities: do the good components of the trained
+model exist early?). `checkpoint_figure` draws them against the training step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from tqdm.auto import tqdm
+
+from parts.errors import PartsError
+from parts.results import SUMMARY, DecompositionRun
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One point of training: what to load and where it sits on the x-axis."""
+
+    model: str | None  # hub name or local folder; None is the embedded model
+    step: float
+    revision: str | None = None
+    random_init: bool = False
+
+    @property
+    def label(self) -> str:
+        """The model label its runs are saved under (and the figure's hover text)."""
+        from parts.models import EMBEDDED_ALIASES, EMBEDDED_MODEL, random_init_name
+
+        name = EMBEDDED_MODEL if self.model in EMBEDDED_ALIASES else str(self.model)
+        if self.random_init:
+            return random_init_name(name, 0)
+        return f"{name}@{self.revision}" if self.revision else name
+
+
+def _number_in(text: str) -> float | None:
+    """The last number in a revision or folder name ('step1000' -> 1000), if any."""
+    found = re.findall(r"\d+", text)
+    return float(found[-1]) if found else None
+
+
+def parse_checkpoint(spec: str, base_model: str | None = None, position: int = 0) -> Checkpoint:
+    """'NAME[@REVISION][=STEP]', a folder, or 'random' (`base_model` re-initialised, step 0).
+
+    The step defaults to the last number in the revision, else in the folder's name, else
+    the checkpoint's position in the list.
+    """
+    text, _, step_text = spec.partition("=")
+    step: float | None = None
+    if step_text:
+        try:
+            step = float(step_text)
+        except ValueError:
+            raise PartsError(f"checkpoint {spec!r}: the step after '=' must be a number, e.g. ckpt/=1000") from None
+    if text == RANDOM:
+        return Checkpoint(base_model, 0.0 if step is None else step, random_init=True)
+    name, _, revision = text.partition("@")
+    if not name:
+        raise PartsError(f"checkpoint {spec!r} has no model: write NAME@REVISION, a folder, or random")
+    if step is None:
+        step = _number_in(revision) if revision else _number_in(Path(name).name)
+    return Checkpoint(name, float(position) if step is None else step, revision or None)
+
+
+def pythia_checkpoints(
+    name: str = "EleutherAI/pythia-160m", steps: Sequence[int] = (0, 1000, 8000, 36000, 143000)
+) -> list[Checkpoint]:
+    """Pythia's published revisions `step{N}` (step0 ... step143000; every 1000 plus 1-512 early)."""
+    return [Checkpoint(name, float(step), f"step{step}") for step in steps]
+
+
+def checkpoint_runs(
+    checkpoints: Sequence[Checkpoint],
+    tasks: Sequence[str],
+    templates: Sequence[int] = (1,),
+    seeds: Sequence[int] = (0,),
+    limit: int | None = 100,
+    root: str | Path = "runs/checkpoints",
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    batch_size: int = 8,
+    load: Callable[..., TransformerBridge] | None = None,
+) -> list[tuple[Checkpoint, DecompositionRun]]:
+    """Every (checkpoint, task, template, seed) run, loading each checkpoint only if a run of it is missing."""
+    from parts.models import load_model
+    from parts.runner import ensure_run, run_dir
+
+    if not checkpoints:
+        raise PartsError("give at least one checkpoint")
+    loader = load or load_model
+    results = []
+    for checkpoint in tqdm(checkpoints, desc="checkpoints", unit="ckpt"):
+        model: TransformerBridge | None = None
+        for task in tasks:
+            for template in templates:
+                for seed in seeds:
+                    path = run_dir(root, checkpoint.label, task, template, seed, "test", None, limit)
+                    if model is None and not (path / SUMMARY).is_file():
+                        model = loader(checkpoint.model, device=device, dtype=dtype, revision=checkpoint.revision,
+                                       random_init=checkpoint.random_init, seed=0)
+                    run = ensure_run(path, model, task=task, template=template, seed=seed, split="test",
+                                     limit=limit, data_dir=data_dir, batch_size=batch_size)
+                    assert run is not None
+                    results.append((checkpoint, run))
+        del model  # one checkpoint in memory at a time
+    return results
+
+
+def checkpoint_table(runs: Sequence[tuple[Checkpoint, DecompositionRun]], k: int = 3) -> pd.DataFrame:
+    """Long table: one row per (checkpoint, run, line) with line in {full model, best #i, final top-i NAME}."""
+    if k < 1:
+        raise PartsError(f"k must be at least 1, got {k}")
+    last_step = max(checkpoint.step for checkpoint, _ in runs)
+    # The final checkpoint's k best components of each (task, template, seed), tracked back in time.
+    final_top: dict[tuple[str, int, int], list[str]] = {}
+    for checkpoint, run in runs:
+        if checkpoint.step == last_step:
+            final_top[_run_key(run)] = [name for name, _ in run.top_components(k)]
+    rows = []
+    for checkpoint, run in runs:
+        base = {"checkpoint": checkpoint.label, "step": checkpoint.step, "task": run.prompts.task,
+                "template": run.prompts.template, "seed": run.prompts.seed, "n_examples": run.n_examples}
+        rows.append({**base, "line": "full model", "component": "", "accuracy": run.full_accuracy})
+        for rank, (name, accuracy) in enumerate(run.top_components(k), start=1):
+            rows.append({**base, "line": f"best #{rank}", "component": name, "accuracy": accuracy})
+        accuracy_by_name = dict(zip(run.component_names, run.component_accuracy.tolist(), strict=True))
+        for rank, name in enumerate(final_top.get(_run_key(run), []), start=1):
+            rows.append({**base, "line": f"final top-{rank}", "component": name, "accuracy": accuracy_by_name[name]})
+    return pd.DataFrame(rows)
+
+
+def _run_key(run: DecompositionRun) -> tuple[str, int, int]:
+    return run.prompts.task, run.prompts.template, run.prompts.seed
+
+
+def checkpoint_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy over templates and seeds per (task, step, line)."""
+    return (
+        table.groupby(["task", "step", "checkpoint", "line"], as_index=False, sort=True)["accuracy"].mean()
+        .sort_values(["task", "step", "line"], kind="stable", ignore_index=True)
+    )
+
+
+def _line_style(line: str) -> dict[str, object]:
+    if line == "full model":
+        return {"color": "black", "width": 3}
+    if line.startswith("best"):
+        return {"width": 2}
+    return {"width": 1.5, "dash": "dot"}
+
+
+def checkpoint_figure(table: pd.DataFrame, title: str = "Components across training") -> go.Figure:
+    """x = training step, y = accuracy (mean over templates and seeds): one panel per task.
+
+    Solid black: the full model; solid: the k best components at each step; dotted: the
+    final checkpoint's k best components, followed back through training.
+    """
+    summary = checkpoint_summary(table)
+    tasks = list(dict.fromkeys(summary["task"]))
+    figure = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, shared_yaxes=True)
+    for column, task in enumerate(tasks, start=1):
+        part = summary[summary["task"] == task]
+        for line in dict.fromkeys(part["line"]):
+            points = part[part["line"] == line]
+            figure.add_trace(
+                go.Scatter(x=points["step"], y=points["accuracy"], mode="lines+markers", name=line,
+                           legendgroup=line, showlegend=column == 1, line=_line_style(line),
+                           text=points["checkpoint"], hovertemplate="%{text}<br>step %{x}<br>accuracy %{y:.3f}"),
+                row=1, col=column,
+            )
+        figure.update_xaxes(title_text="training step", row=1, col=column)
+    figure.update_yaxes(title_text="accuracy", row=1, col=1)
+    figure.update_layout(title=title, template="plotly_white", width=420 * len(tasks) + 200, height=420)
+    return figure

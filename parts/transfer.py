@@ -1,0 +1,208 @@
+"""Out-of-distribution transfer: weights learned on a source task, applied to a shifted test set.
+
+As in the paper (SST-2 -> Yelp, BoolQ -> BoolQ contrast set): for one source setting (task,
+template, seed) the target's test examples are rendered with the source template after the
+source's own demonstrations, so the prompt prefix is exactly the one the weights were learned
+under. Component weights (`comprw`) and Calib+ class weights (`calib+`) are trained on the
+source's 24 - k labelled training examples (`parts.reweight`, `parts.calibration`, the same
+recipes as `parts evaluate`) and scored on both the source and the target test set, next to
+the full model (`icl`, k-shot) and batch calibration. Rows have `parts.evaluate`'s columns, so
+`parts.evaluate.results_table` prints the source task and "source -> target" as two lines.
+
+Runs: the source's are ordinary `run_dir` folders (shared with `parts evaluate` under the same
+root); the target's are `root/<model>/transfer/<source>-to-<target>/t{template}-s{seed}-k{k}-test-n{limit}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from parts import calibration
+from parts.errors import PartsError
+from parts.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_prompt, sample_test
+from parts.results import SUMMARY, DecompositionRun
+from parts.reweight import predict, train_weights
+from parts.runner import ensure_run, model_slug, run_decomposition, run_dir
+from parts.tasks import Task, get_task, load_split
+
+PAPER_PAIRS = (("sst2", "yelp"), ("boolq", "boolq_contrast"))
+METHODS = ("icl", "batch", "calib+", "comprw")
+
+
+def transfer_name(source: Task, target: Task) -> str:
+    """How the target side of a transfer is named in tables: 'sst2 -> yelp'."""
+    return f"{source.name} -> {target.name}"
+
+
+def check_compatible(source: Task, target: Task, template: int) -> None:
+    """The target must have the source's classes and the fields the source template reads."""
+    if source.n_labels != target.n_labels:
+        raise PartsError(
+            f"{target.name} has {target.n_labels} labels but {source.name} has {source.n_labels}: "
+            "a transfer target needs the source's classes (in the same order)"
+        )
+    fields = source.template(template).fields
+    target_fields = set(target.template(min(target.templates)).fields)
+    missing = [f for f in fields if f not in target_fields]
+    if missing:
+        raise PartsError(
+            f"{source.name} template {template} reads field(s) {', '.join(missing)} that {target.name} does not "
+            f"have: give the target's rows those fields"
+        )
+
+
+def transfer_prompts(
+    source: Task, target: Task, template: int = 1, seed: int = 0, shots: int | None = None,
+    limit: int | None = None, data_dir: str | Path | None = None,
+) -> PromptSet:
+    """The target's test examples (the usual balanced sample) after the source's demonstrations and template."""
+    check_compatible(source, target, template)
+    shown = build_prompts(source, template, seed, shots, "test", 1, data_dir)  # its demonstrations
+    source_train = load_split(source, "train", data_dir)
+    demonstrations = [source_train[i] for i in shown.demonstrations]
+    rows = load_split(target, "test", data_dir)
+    if not rows:
+        raise PartsError(f"the test split of {target.name} is empty: check the data directory")
+    indices = sample_test(target, [row["label"] for row in rows], "test", limit)
+    chosen_template = source.template(template)
+    try:
+        prompts = tuple(render_prompt(chosen_template, demonstrations, rows[i]) for i in indices)
+    except KeyError as err:
+        raise PartsError(f"a {target.name} test row has no field {err}: the source template needs it") from None
+    return PromptSet(
+        task=target.name, template=template, seed=seed, shots=shown.shots, split="test",
+        label_names=source.label_names, label_words=shown.label_words, demonstrations=shown.demonstrations,
+        example_indices=tuple(indices), prompts=prompts, labels=tuple(rows[i]["label"] for i in indices),
+    )
+
+
+def transfer_run_dir(root: str | Path, model: str | None, source: Task, target: Task, template: int, seed: int,
+                     shots: int, limit: int | None) -> Path:
+    size = "all" if limit is None else str(limit)
+    return (Path(root) / model_slug(model) / "transfer" / f"{source.name}-to-{target.name}"
+            / f"t{template}-s{seed}-k{shots}-test-n{size}")
+
+
+@dataclass(frozen=True)
+class TransferSetting:
+    source: Task
+    target: Task
+    template: int
+    seed: int
+    source_limit: int | None = 40
+    target_limit: int | None = 100
+    shots: int | None = None
+
+    @property
+    def k(self) -> int:
+        return self.source.default_shots if self.shots is None else self.shots
+
+
+def method_predictions(
+    source_train: DecompositionRun, **recipe: Any
+) -> dict[str, tuple[Callable[[DecompositionRun], Int[Tensor, example]], str]]:
+    """Each method as a function of a test run (learned once on the source's labelled examples), with a note."""
+    weights = train_weights(source_train.component_logits, source_train.labels, **recipe)
+    class_weights = calibration.train_calib_plus(source_train.model_logits, source_train.labels)
+    return {
+        "icl": (lambda run: run.full_predictions, ""),
+        "batch": (lambda run: calibration.batch_predict(run.model_logits), ""),
+        "calib+": (lambda run: calibration.calib_plus_predict(class_weights.weights, run.model_logits),
+                   "class weights " + " ".join(f"{w:.3f}" for w in class_weights.weights.tolist())),
+        "comprw": (lambda run: predict(weights.weights, run.component_logits),
+                   f"train acc {weights.train_accuracy:.3f}; {weights.stopped_because} after {weights.epochs} epochs"),
+    }
+
+
+def _labels_of(method: str, k: int) -> int:
+    return LABEL_BUDGET if method in ("calib+", "comprw") else k
+
+
+def evaluate_transfer(
+    model: Callable[[], Any], model_arg: str | None, setting: TransferSetting, root: str | Path,
+    data_dir: str | Path | None = None, batch_size: int = 8, progress: bool = True, **recipe: Any,
+) -> list[dict[str, Any]]:
+    """Source and target accuracy of every method for one setting; runs only what is not on disk.
+
+    `model()` returns the loaded model (called only when a run is missing).
+    """
+    source, target, k = setting.source, setting.target, setting.k
+    common: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "data_dir": data_dir,
+              "batch_size": batch_size, "progress": progress}
+
+    def source_run(split: str, limit: int | None) -> DecompositionRun:
+        path = run_dir(root, model_arg, source, setting.template, setting.seed, split, k, limit)
+        run = ensure_run(path, None if (path / SUMMARY).is_file() else model(), task=source, split=split,
+                         limit=limit, **common)
+        assert run is not None
+        return run
+
+    source_test = source_run("test", setting.source_limit)
+    source_train = source_run("train", LABEL_BUDGET - k)
+    target_path = transfer_run_dir(root, model_arg, source, target, setting.template, setting.seed, k,
+                                   setting.target_limit)
+    if (target_path / SUMMARY).is_file():
+        target_test = DecompositionRun.load(target_path)
+    else:
+        prompts = transfer_prompts(source, target, setting.template, setting.seed, k, setting.target_limit, data_dir)
+        target_test = run_decomposition(model(), prompts, batch_size, True, progress)
+        target_test.info["demonstrations_from"] = source.name
+        target_test.save(target_path)
+
+    name = model_slug(model_arg)
+    rows = []
+    for method, (predictions_of, note) in method_predictions(source_train, **recipe).items():
+        for task_name, run, limit in ((source.name, source_test, setting.source_limit),
+                                      (transfer_name(source, target), target_test, setting.target_limit)):
+            accuracy = float((predictions_of(run) == run.labels).float().mean())
+            rows.append({"model": name, "task": task_name, "template": setting.template, "seed": setting.seed,
+                         "shots": k, "limit": "all" if limit is None else limit, "method": method,
+                         "labels": _labels_of(method, k), "accuracy": round(accuracy, 6), "n_test": run.n_examples,
+                         "note": note})
+    return rows
+
+
+def transfer_settings(
+    pairs: Sequence[tuple[str, str]], templates: Sequence[int], seeds: Sequence[int],
+    source_limit: int | None = 40, target_limit: int | None = 100, shots: int | None = None,
+) -> list[TransferSetting]:
+    """Every (pair, template, seed), seed-major; incompatible pairs fail now, not an hour in."""
+    settings = []
+    resolved = [(get_task(s), get_task(t)) for s, t in pairs]
+    for source, target in resolved:
+        for template in templates:
+            check_compatible(source, target, template)
+    for seed in seeds:
+        for template in templates:
+            for source, target in resolved:
+                settings.append(TransferSetting(source, target, template, seed, source_limit, target_limit, shots))
+    return settings
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """'sst2:yelp,boolq:boolq_contrast' -> [("sst2", "yelp"), ("boolq", "boolq_contrast")]."""
+    pairs = []
+    for piece in text.split(","):
+        source, sep, target = piece.strip().partition(":")
+        if not sep or not source or not target:
+            raise PartsError(f"transfer pair {piece.strip()!r} is not SOURCE:TARGET (e.g. sst2:yelp)")
+        pairs.append((source, target))
+    return pairs
+
+
+def transfer_gap(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean target accuracy minus mean source accuracy per method (negative: accuracy lost in the shift)."""
+    gaps = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        source = [float(r["accuracy"]) for r in rows if r["method"] == method and " -> " not in r["task"]]
+        target = [float(r["accuracy"]) for r in rows if r["method"] == method and " -> " in r["task"]]
+        if source and target:
+            gaps[method] = float(torch.tensor(target).mean() - torch.tensor(source).mean())
+    return gaps

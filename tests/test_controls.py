@@ -1,0 +1,138 @@
+"""Multiple-comparison corrections, chance-level yardsticks, random initialisation, the control table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parts.controls import (
+    benjamini_hochberg,
+    binomial_pvalues,
+    chance_best_accuracy,
+    chance_test_size,
+    control_row,
+    corrected_component_table,
+    expected_false_good,
+    holm,
+    random_init_control,
+    significant,
+)
+from parts.errors import PartsError
+from parts.prompts import PromptSet
+from parts.results import DecompositionRun
+
+
+def test_binomial_pvalues_match_hand_computed_tails():
+    # n = 10, p = 0.5: P(X >= 9) = 11/1024, P(X >= 8) = 56/1024, P(X <= 1) = 11/1024.
+    greater = binomial_pvalues(torch.tensor([9, 8, 0]), 10, 0.5)
+    assert greater.tolist() == pytest.approx([11 / 1024, 56 / 1024, 1.0])
+    less = binomial_pvalues(torch.tensor([1]), 10, 0.5, alternative="less")
+    assert less.item() == pytest.approx(11 / 1024)
+    with pytest.raises(PartsError, match="alternative must be"):
+        binomial_pvalues(torch.tensor([1]), 10, 0.5, alternative="two-sided")
+
+
+def test_holm_and_bh_adjusted_pvalues_by_hand():
+    p = torch.tensor([0.5, 0.02, 0.01, 0.03], dtype=torch.float64)
+    # Holm: sorted 0.01, 0.02, 0.03, 0.5 times 4, 3, 2, 1 = 0.04, 0.06, 0.06, 0.5 (running max).
+    assert holm(p).tolist() == pytest.approx([0.5, 0.06, 0.04, 0.06])
+    # BH: times 4/1, 4/2, 4/3, 4/4 = 0.04, 0.04, 0.04, 0.5 (running min from the top).
+    assert benjamini_hochberg(p).tolist() == pytest.approx([0.5, 0.04, 0.04, 0.04])
+    assert significant(p, 0.05, "holm").tolist() == [False, False, True, False]
+    assert significant(p, 0.05, "bh").tolist() == [False, True, True, True]
+    assert significant(p, 0.05, "none").tolist() == [False, True, True, True]
+    assert holm(torch.tensor([0.4, 0.9], dtype=torch.float64)).tolist() == [0.8, 0.9]
+    with pytest.raises(PartsError, match="unknown correction 'bonf'"):
+        significant(p, 0.05, "bonf")
+
+
+def test_chance_yardsticks():
+    # n = 10, p = 0.5: only 9 or 10 correct pass at alpha = 0.05, probability 11/1024.
+    assert chance_test_size(10, 0.5) == pytest.approx(11 / 1024)
+    assert expected_false_good(300, 10, 0.5) == pytest.approx(300 * 11 / 1024)
+    # One component: the expected best accuracy is the mean, chance itself.
+    assert chance_best_accuracy(1, 40, 0.25) == pytest.approx(0.25)
+    # Two fair coins on one example: E[max] = P(at least one correct) = 3/4.
+    assert chance_best_accuracy(2, 1, 0.5) == pytest.approx(0.75)
+
+
+def _run(predictions: list[list[int]], labels: list[int]) -> DecompositionRun:
+    """A run whose components predict `predictions[example][component]` (one-hot logits)."""
+    prediction = torch.tensor(predictions)
+    logits = torch.nn.functional.one_hot(prediction, 2).float()
+    n, m = prediction.shape
+    prompts = PromptSet("t", 1, 0, 2, "test", ("neg", "pos"), (" neg", " pos"), (0, 1), tuple(range(n)),
+                        tuple(f"p{i}" for i in range(n)), tuple(labels))
+    names = [f"L0H{i}" for i in range(m)]
+    # The full model always answers label 0 (50% here), so it does not keep any component from "good".
+    full = torch.zeros(n, 2)
+    return DecompositionRun("m", prompts, [1, 2], 1, m, names, logits, full - logits.sum(1), full)
+
+
+def test_categorize_with_and_without_correction():
+    labels = [i % 2 for i in range(20)]
+    perfect = labels
+    wrong = [1 - y for y in labels]
+    biased = [1] * 20
+    # 15 of 20 right: P(X >= 15) = 0.0207, significant alone but not after Holm over 3 tests (0.05/3).
+    fifteen = labels[:15] + [1 - y for y in labels[15:]]
+    columns = [perfect, wrong, biased, fifteen]
+    run = _run([list(row) for row in zip(*columns, strict=True)], labels)
+    table = corrected_component_table(run, correction="holm")
+    assert table["category_uncorrected"].tolist() == ["good", "bad", "label-biased", "good"]
+    assert table["category"].tolist() == ["good", "bad", "label-biased", "neutral"]
+    assert table["p_above_adjusted"][3] == pytest.approx(min(1.0, 3 * 0.020694732666015625))
+    row = control_row(run)
+    assert row["good (uncorrected)"] == 2 and row["good (holm)"] == 1
+    assert row["above chance (uncorrected)"] == 2 and row["above chance (holm)"] == 1
+    assert row["best_component"] == "L0H0" and row["best_accuracy"] == 1.0
+
+
+def test_random_init_redraws_weights_with_the_models_initialiser(tokenizer):
+    from conftest import make_hf_model
+
+    from parts.models import from_hf
+
+    hf = make_hf_model("llama")
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = from_hf(hf, tokenizer, "tiny", random_init=True, seed=5).original_model
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    again = from_hf(hf, tokenizer, "tiny", random_init=True, seed=5)
+    other = from_hf(hf, tokenizer, "tiny", random_init=True, seed=6).original_model
+    assert again.cfg.model_name == "tiny+random-init-s5"
+    assert again.tokenizer.get_vocab() == tokenizer.get_vocab()  # the same tokenizer
+    embed, head = first.get_input_embeddings().weight, first.get_output_embeddings().weight
+    assert embed.data_ptr() == head.data_ptr()  # tied embeddings stay tied
+    assert torch.equal(embed, again.original_model.get_input_embeddings().weight)
+    assert not torch.equal(embed, other.get_input_embeddings().weight)
+    assert not torch.equal(embed, hf.get_input_embeddings().weight)
+    q = first.model.layers[0].self_attn.q_proj.weight
+    assert abs(float(q.std()) - first.config.initializer_range) < 0.005
+    assert torch.equal(first.model.norm.weight, torch.ones(32))
+
+
+def test_random_init_control_runs_both_models_on_the_same_prompts(tiny_task_file, tokenizer, tmp_path):
+    from conftest import make_hf_model
+
+    from parts.models import from_hf
+
+    loads: list[bool] = []
+
+    def load(name, device=None, random_init=False, seed=0):
+        loads.append(random_init)
+        return from_hf(make_hf_model("llama"), tokenizer, "tiny", random_init=random_init, seed=seed)
+
+    table = random_init_control([str(tiny_task_file)], templates=[1], seeds=[0, 1], limit=10, root=tmp_path,
+                                model="tiny", load=load)
+    assert loads == [False, True]
+    assert table["init"].tolist() == ["pretrained", "pretrained", "random", "random"]
+    assert table["model"].tolist()[2] == "tiny+random-init-s0"
+    assert (table["n_examples"] == 10).all()
+    counts = table[[c for c in table.columns if c.endswith("(holm)")]].sum(axis=1)
+    assert (counts == 3 * 4 + 3).all()  # every component (3 layers x 4 heads + 3 MLPs) in one category
+    # Resuming reads the saved runs and loads no model.
+    again = random_init_control([str(tiny_task_file)], templates=[1], seeds=[0, 1], limit=10, root=tmp_path,
+                                model="tiny", load=load)
+    assert loads == [False, True]
+    assert again.equals(table)
