@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +187,15 @@ def ensure_run(
     if model is None:
         raise ValueError("a model is needed to run a missing decomposition")
     result = decompose_task(model, **settings)  # type: ignore[arg-type]
+    remove_stale_staging(path)
     result.save(path)
     return result
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Staging folders a killed save of this run left behind (`.NAME.tmp-*`): the run is being redone."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBridge | None, settings: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from parts.cli import main
 from parts.cli.common import int_list
 from parts.decompose import Decomposition
 from parts.errors import PartsError
+from parts.evaluate import read_results
 from parts.prompts import PromptSet, build_prompts
 from parts.results import DecompositionRun
 from parts.runner import check_finite, decompose_task, ensure_run, run_decomposition
@@ -462,6 +463,7 @@ KILLER = textwrap.dedent("""
     from parts.cli import main
 
     jobs_file = Path(sys.argv[1])
+    NTH_SAVE = {"tensors": 1, "sweep": 2, "second-save": 2}
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -473,12 +475,12 @@ KILLER = textwrap.dedent("""
                 calls.append(1)
                 return die() if len(calls) == 2 else split(self, *args)
             parts.decompose.Decomposer._split = second_batch_dies
-        elif moment in ("tensors", "second-save"):  # the tensors written, the rest of the folder not
+        elif moment in NTH_SAVE:  # a run's tensors written, the rest of its folder not
             save_file, calls = parts.results.save_file, []
             def dies_after_writing(tensors, name):
                 calls.append(1)
                 save_file(tensors, name)
-                if moment == "tensors" or len(calls) == 2:
+                if len(calls) == NTH_SAVE[moment]:
                     die()
             parts.results.save_file = dies_after_writing
         elif moment == "rename":  # everything written, the final rename not done
@@ -502,8 +504,9 @@ def all_files(root: Path) -> dict[str, bytes]:
 
 
 def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, tiny_task_file, tiny_model_dir):
-    """SIGKILL at three moments of `parts decompose` (mid-forward, mid-save, before the rename) and in a
-    `parts sweep` between two runs; a clean decompose in another process is the reference, so this also
+    """SIGKILL at three moments of `parts decompose` (mid-forward, mid-save, before the rename), and a
+    `parts sweep` and a `parts evaluate` killed between two runs; restarted, each ends with exactly the
+    files of an uninterrupted run. A clean decompose in another process is the reference, so this also
     checks determinism across processes."""
     moments = ("none", "decompose", "tensors", "rename")
     outs = {moment: tmp_path / moment / "run" for moment in moments}
@@ -512,7 +515,11 @@ def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, ti
     decompose = ["decompose", *model, "--task", str(tiny_task_file), "--seed", "1", "--limit", "10"]
     sweep = ["sweep", *model, "--tasks", str(tiny_task_file), "--templates", "1-2", "--seeds", "0-1", "--limit", "4"]
     jobs = [(m, [*decompose, "--out", str(outs[m])], str(outs[m])) for m in moments]
-    jobs.append(("second-save", [*sweep, "--out", str(tmp_path / "sweep-killed")], str(tmp_path / "sweep-killed")))
+    jobs.append(("sweep", [*sweep, "--out", str(tmp_path / "sweep-killed")], str(tmp_path / "sweep-killed")))
+    evaluate = ["evaluate", *model, "--tasks", str(tiny_task_file), "--templates", "1", "--seeds", "0", "--labels", "12",
+                "--limit", "8"]
+    # Killed saving the train run, after the test run was saved.
+    jobs.append(("second-save", [*evaluate, "--out", str(tmp_path / "evaluate-killed")], str(tmp_path / "evaluate-killed")))
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "killer.py").write_text(KILLER)
     done = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(tmp_path / "jobs.json")],
@@ -520,7 +527,7 @@ def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, ti
     assert done.returncode == 0, done.stderr
     codes = json.loads((tmp_path / "jobs.codes.json").read_text())
     assert codes == {"none": 0, "decompose": -signal.SIGKILL, "tensors": -signal.SIGKILL, "rename": -signal.SIGKILL,
-                     "second-save": -signal.SIGKILL}
+                     "sweep": -signal.SIGKILL, "second-save": -signal.SIGKILL}
     for moment in moments[1:]:
         with pytest.raises(PartsError, match="is not a finished run"):
             DecompositionRun.load(outs[moment])
@@ -538,3 +545,27 @@ def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, ti
     assert main([*sweep, "--out", str(tmp_path / "sweep-whole")]) == 0
     assert len(list(killed.rglob("summary.json"))) == 4
     assert all_files(killed) == all_files(tmp_path / "sweep-whole")
+
+    # The evaluation died the same way: the test run finished, the train run not, no results yet.
+    killed = tmp_path / "evaluate-killed"
+    assert len(list(killed.rglob("summary.json"))) == 1 and read_results(killed / "results.csv") == []
+    assert main([*evaluate, "--out", str(killed)]) == 0
+    assert main([*evaluate, "--out", str(tmp_path / "evaluate-whole")]) == 0
+    assert len(read_results(killed / "results.csv")) == 7
+    assert evaluation_outputs(killed) == evaluation_outputs(tmp_path / "evaluate-whole")
+
+
+def evaluation_outputs(root: Path) -> dict[str, object]:
+    """Every file's bytes, except the weight and logit caches' (safetensors writes metadata in a random order,
+    and it names `root`): their tensors and metadata."""
+    from safetensors import safe_open
+
+    outputs: dict[str, object] = {}
+    for name, data in all_files(root).items():
+        if name.endswith(".safetensors") and not name.endswith("/tensors.safetensors"):
+            with safe_open(str(root / name), framework="pt") as handle:
+                metadata = {k: v.replace(str(root), "ROOT") for k, v in (handle.metadata() or {}).items()}
+                outputs[name] = (metadata, {k: handle.get_tensor(k).tolist() for k in handle.keys()})
+        else:
+            outputs[name] = data
+    return outputs
