@@ -21,6 +21,7 @@ where it stopped and several sweeps can share one output root.
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import statistics
 import tempfile
@@ -238,21 +239,26 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Merge `rows` into the CSV at `path` (a new row replaces one with the same key), atomically."""
+    """Merge `rows` into the CSV at `path` (a new row replaces one with the same key), atomically.
+
+    A lock file serialises read-merge-write, so sweeps sharing one output root keep each other's rows.
+    """
     path = Path(path)
-    merged = {_key(r): r for r in read_results(path)}
-    merged.update({_key(r): r for r in rows})
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(handle_fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(merged.values())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    with (path.parent / f".{path.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {_key(r): r for r in read_results(path)}
+        merged.update({_key(r): r for r in rows})
+        handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(handle_fd, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(merged.values())
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
     return path
 
 

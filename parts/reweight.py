@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +92,18 @@ def _check_inputs(component_logits: Tensor, labels: Tensor) -> None:
         raise PartsError(f"labels must lie in 0..{n_labels - 1}, got {sorted(set(labels.tolist()))}")
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Tensors this small gain nothing from intra-op threads, and on a busy machine their
+    synchronisation makes each step tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_weights(
     component_logits: Float[Tensor, "example component label"],
     labels: Int[Tensor, example],
@@ -108,18 +122,17 @@ def train_weights(
     logits = component_logits.detach().float()
     labels = labels.long().to(logits.device)
     weights = torch.full((logits.shape[1],), float(init), device=logits.device, requires_grad=True)
-    optimizer = torch.optim.SGD([weights], lr=learning_rate)
     best_loss = float("inf")
     failures = 0
     losses: list[float] = []
     stopped_because = "max_epochs"
     epoch = 0
-    with torch.enable_grad():
+    with torch.enable_grad(), _one_thread():
         for epoch in range(1, max_epochs + 1):
-            optimizer.zero_grad()
             classification = F.cross_entropy(combine(weights, logits, clip), labels)
-            (classification + l1_penalty * weights.abs().sum()).backward()
-            optimizer.step()
+            (gradient,) = torch.autograd.grad(classification + l1_penalty * weights.abs().sum(), weights)
+            with torch.no_grad():  # plain SGD, as torch.optim.SGD without momentum (whose first use costs seconds)
+                weights -= learning_rate * gradient
             losses.append(float(classification.detach()))
             if (epoch - 1) % check_every == 0 and accuracy(weights.detach(), logits, labels, clip) == 1.0:
                 stopped_because = "perfect"

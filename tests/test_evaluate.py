@@ -80,7 +80,7 @@ def test_write_results_merges_by_key_atomically(tmp_path):
     rows = read_results(path)
     assert [(r["task"], r["seed"], r["accuracy"]) for r in rows] == [("sst2", "0", "0.5"), ("sst2", "1", "0.9"),
                                                                      ("rte", "0", "0.6")]
-    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.csv.lock", "results.csv"]
 
 
 @pytest.fixture(scope="module")
