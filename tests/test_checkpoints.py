@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -97,3 +98,18 @@ def test_checkpoint_sweep_tracks_full_model_and_components(trained_checkpoints, 
     again = checkpoint_runs(checkpoints, [str(tiny_task_file)], templates=[1], seeds=[0, 1], limit=20, root=tmp_path,
                             load=lambda *a, **kw: pytest.fail("a finished run was recomputed"))
     assert checkpoint_table(again, k=2).equals(table)
+
+
+def test_checkpoints_command_writes_table_and_figure(trained_checkpoints, tiny_task_file, tmp_path, capsys):
+    from parts.cli import main
+
+    specs = ",".join(str(folder) for folder in trained_checkpoints[::2]) + "=1000"  # the last one at step 1000
+    code = main(["checkpoints", "--checkpoints", specs, "--tasks", str(tiny_task_file), "--limit", "10", "--top-k", "2",
+                 "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    assert "rows in" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "checkpoints.csv")
+    assert sorted(set(table["step"])) == [0.0, 1000.0] and len(table) == 2 * 5
+    assert (tmp_path / "checkpoints.html").read_text().count("final top-2") >= 1
+    assert main(["checkpoints", "--checkpoints", "x=soon", "--out", str(tmp_path)]) == 2
+    assert "the step after '=' must be a number" in capsys.readouterr().err

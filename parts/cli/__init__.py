@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from parts import __version__
-from parts.cli import analyze, control, decompose, evaluate, figures, sweep, transfer
+from parts.cli import analyze, checkpoints, control, decompose, evaluate, figures, sweep, transfer
 from parts.errors import PartsError
 
-COMMANDS = [decompose, sweep, evaluate, analyze, figures, control, transfer]
+COMMANDS = [decompose, sweep, evaluate, analyze, figures, control, transfer, checkpoints]
 
 
 def build_parser() -> argparse.ArgumentParser:

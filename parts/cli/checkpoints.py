@@ -1,0 +1,54 @@
+"""`parts checkpoints`: the full model and its best components across training checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from parts.cli.common import add_data_options, int_list, name_list, positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "checkpoints",
+        help="decompose the same prompts at every training checkpoint; track the full model and top-k components",
+        description=(
+            "CHECKPOINTS are NAME@REVISION (a hub revision, e.g. EleutherAI/pythia-160m@step1000), local folders "
+            "saved with save_pretrained, or 'random' (--model re-initialised: step 0); append =STEP to set the "
+            "x-axis value (default: the last number in the revision or folder name). Runs are kept under OUT "
+            "and reused; writes checkpoints.csv and a figure."
+        ),
+    )
+    parser.add_argument("--checkpoints", type=name_list, required=True,
+                        help="comma-separated, e.g. EleutherAI/pythia-160m@step1000,EleutherAI/pythia-160m@step143000")
+    parser.add_argument("--model", default=None, help="the model 'random' re-initialises (default: the embedded model)")
+    parser.add_argument("--tasks", type=name_list, default=["sst2"], help="comma-separated tasks (default sst2)")
+    parser.add_argument("--templates", type=int_list, default=[1], help="templates (default 1)")
+    parser.add_argument("--seeds", type=int_list, default=[0], help="demonstration seeds (default 0)")
+    parser.add_argument("--limit", type=positive_int, default=100, help="test examples per run (default 100)")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="components to follow (default 3)")
+    parser.add_argument("--out", default="runs/checkpoints", help="root of the run folders (default runs/checkpoints)")
+    parser.add_argument("--figure", default=None, help="figure file (.html; default OUT/checkpoints.html)")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 weights")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default 8)")
+    add_data_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.checkpoints import checkpoint_figure, checkpoint_runs, checkpoint_summary, checkpoint_table, parse_checkpoint
+
+    checkpoints = [parse_checkpoint(spec, args.model, position) for position, spec in enumerate(args.checkpoints)]
+    runs = checkpoint_runs(checkpoints, args.tasks, args.templates, args.seeds, args.limit, args.out, args.data_dir,
+                           args.device, args.dtype, args.batch_size)
+    table = checkpoint_table(runs, args.top_k)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    table.to_csv(Path(args.out) / "checkpoints.csv", index=False)
+    figure_path = Path(args.figure or Path(args.out) / "checkpoints.html")
+    checkpoint_figure(table).write_html(figure_path, include_plotlyjs="cdn")
+    summary = checkpoint_summary(table).pivot_table(index=["task", "step", "checkpoint"], columns="line", values="accuracy")
+    print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"rows in {Path(args.out) / 'checkpoints.csv'}, figure in {figure_path}")
+    return 0
