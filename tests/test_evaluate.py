@@ -131,6 +131,11 @@ def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model
     assert main(argv) == 0
     assert "2 of 2 settings already evaluated; 0 to go" in capsys.readouterr().out
 
+    assert argv[7:9] == ["--seeds", "0"]
+    assert main([*argv[:8], "0,1", *argv[9:], "--table-only"]) == 0  # seed 1 was never run, and is not now
+    printed = capsys.readouterr().out
+    assert "2 of 4 settings already evaluated; the table shows those" in printed and "| tiny | 2 |" in printed
+
     # An interrupted sweep: template 2's rows never made it to results.csv. Its runs, L-shot logits
     # and content-free logits are on disk, so it is finished without the model, to the same numbers.
     with (tmp_path / "results.csv").open("w", newline="") as handle:

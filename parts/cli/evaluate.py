@@ -26,6 +26,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
     parser.add_argument("--limit", type=positive_int, default=None, help="test examples per task (a balanced sample)")
     parser.add_argument("--out", required=True, help="output root: run folders, results.csv and the table go here")
+    parser.add_argument("--table-only", action="store_true",
+                        help="compute nothing: print and write the table of the settings already in results.csv")
     add_model_options(parser)
     add_data_options(parser)
     parser.set_defaults(func=run)
@@ -55,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     name = model_slug(args.model)
     csv_path = f"{args.out}/{RESULTS_CSV}"
     todo = [s for s in settings if not finished(read_results(csv_path), name, s)]
-    print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; {len(todo)} to go")
+    print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; "
+          + ("the table shows those" if args.table_only else f"{len(todo)} to go"))
+    if args.table_only:
+        todo = []
     table = table_path(args.out, args.model, args.limit)
     header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
               f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}")
