@@ -110,7 +110,7 @@ def _reuse_difference(model, task: str, shots: int, limit: int, batch_size: int,
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("task", "shots", "limit", "min_prefix"), [("sst2", 4, 16, 80), ("rte", 4, 16, 200),
+@pytest.mark.parametrize(("task", "shots", "limit", "min_prefix"), [("sst2", 4, 16, 80), ("rte", 4, 8, 200),
                                                                       ("sst2", 24, 8, 500)])
 def test_prefix_reuse_equals_full_prompts(embedded_model, data_dir, task, shots, limit, min_prefix):
     components, logits, prefix = _reuse_difference(embedded_model, task, shots, limit, 8, data_dir)
