@@ -216,7 +216,7 @@ class DecompositionRun:
             version = summary.get("format_version") if isinstance(summary, dict) else None
             raise PartsError(
                 f"{folder} was written in run format {version!r} "
-                f"(this parts reads {FORMAT_VERSION}): rerun it with this version"
+                f"(this parts reads {FORMAT_VERSION}): delete it and rerun it with this version"
             )
         try:
             tensors = load_file(str(folder / TENSORS))

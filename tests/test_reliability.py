@@ -322,7 +322,7 @@ def test_analyze_keeps_models_apart_and_refuses_damaged_or_old_runs(tmp_path, ca
     summary = json.loads(summary_file.read_text())
     summary_file.write_text(json.dumps({**summary, "format_version": 999}))
     err = one_line_error(["analyze", str(root)], capsys)
-    assert f"{root / 'b' / 's1'} was written in run format 999 (this parts reads 1): rerun it" in err
+    assert f"{root / 'b' / 's1'} was written in run format 999 (this parts reads 1): delete it and rerun it" in err
     summary_file.write_text(json.dumps(summary))
     tensors = root / "a" / "s0" / "tensors.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:50])
