@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,12 +280,19 @@ def load_runs(root: str | Path) -> list[DecompositionRun]:
     return [DecompositionRun.load(path) for path in paths]
 
 
-def group_runs(runs: Iterable[DecompositionRun]) -> dict[tuple[Any, ...], list[DecompositionRun]]:
-    """Runs whose accuracies are comparable: same model, task, split, shots and number of examples."""
-    groups: dict[tuple[Any, ...], list[DecompositionRun]] = {}
-    for run in runs:
+def collection(path: str | Path) -> str:
+    """The sweep root a run folder sits in (`root/<model>/<task>/<run>`): runs of one root are compared together."""
+    parents = Path(path).parents
+    return str(parents[2] if len(parents) > 2 else parents[0])
+
+
+def group_runs(runs: Sequence[DecompositionRun], paths: Sequence[str | Path] | None = None) -> dict[tuple[Any, ...], list[int]]:
+    """Indices of comparable runs: same collection (with paths), model, task, split, shots and number of examples."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, run in enumerate(runs):
         p = run.prompts
-        groups.setdefault((run.model, p.task, p.split, p.shots, run.n_examples), []).append(run)
+        where = collection(paths[index]) if paths is not None else ""
+        groups.setdefault((where, run.model, p.task, p.split, p.shots, run.n_examples), []).append(index)
     return groups
 
 
@@ -320,7 +327,9 @@ def run_report(
     }
 
 
-def group_report(runs: Sequence[DecompositionRun], reports: Sequence[dict[str, Any]], k: int = 5) -> dict[str, Any]:
+def group_report(
+    runs: Sequence[DecompositionRun], reports: Sequence[dict[str, Any]], k: int = 5, where: str = ""
+) -> dict[str, Any]:
     """Comparable runs together: correlation matrices, every pair, means per relation, best vs full."""
     first = runs[0]
     pairs = pair_table(runs, k)
@@ -329,8 +338,8 @@ def group_report(runs: Sequence[DecompositionRun], reports: Sequence[dict[str, A
     full = [r["full_accuracy"] for r in reports]
     worst = [r["worst_component"]["accuracy"] for r in reports]
     return {
-        "model": first.model, "task": first.prompts.task, "split": first.prompts.split, "shots": first.prompts.shots,
-        "n_examples": first.n_examples, "runs": [run_label(run) for run in runs],
+        "collection": where, "model": first.model, "task": first.prompts.task, "split": first.prompts.split,
+        "shots": first.prompts.shots, "n_examples": first.n_examples, "runs": [run_label(run) for run in runs],
         "pearson": _records(correlation_matrix(runs, "pearson").reset_index(names="run")),
         "spearman": _records(correlation_matrix(runs, "spearman").reset_index(names="run")),
         "pairs": _records(pairs),
@@ -358,8 +367,10 @@ def analysis_report(
         run_report(run, component_table(run, label_bias_threshold, alpha), k, None if paths is None else paths[i])
         for i, run in enumerate(runs)
     ]
-    by_run = {id(run): report for run, report in zip(runs, reports, strict=True)}
-    groups = [group_report(members, [by_run[id(r)] for r in members], k) for members in group_runs(runs).values()]
+    groups = []
+    for key, indices in group_runs(runs, paths).items():
+        group = group_report([runs[i] for i in indices], [reports[i] for i in indices], k, where=key[0])
+        groups.append({**group, "run_indices": indices})
     return {
         "settings": {"label_bias_threshold": label_bias_threshold, "alpha": alpha, "k": k},
         "runs": reports,
@@ -376,10 +387,9 @@ def format_report(report: dict[str, Any], top: int = 3) -> str:
         "(good also >= the full model)",
     ]
     for group in report["groups"]:
-        members = [r for r in report["runs"] if r["model"] == group["model"] and r["task"] == group["task"]
-                   and r["split"] == group["split"] and r["shots"] == group["shots"]
-                   and r["n_examples"] == group["n_examples"]]
-        lines += ["", f"{group['model']} | {group['task']} | {group['split']} n={group['n_examples']} | "
+        members = [report["runs"][i] for i in group["run_indices"]]
+        where = f"{group['collection']} | " if group["collection"] else ""
+        lines += ["", f"{where}{group['model']} | {group['task']} | {group['split']} n={group['n_examples']} | "
                       f"{group['shots']}-shot | {len(members)} runs",
                   f"{'run':<14} {'full':>6} {'good':>5} {'bad':>4} {'biased':>6} {'neutral':>7}  top components"]
         for r in members:

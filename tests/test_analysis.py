@@ -270,7 +270,7 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     out = tmp_path / "analysis.json"
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "m | sst2 | test n=10 | 4-shot | 3 runs" in printed
+    assert f"{tmp_path / 'runs'} | m | sst2 | test n=10 | 4-shot | 3 runs" in printed
     # Holm-corrected by default: MLP1 (p 0.0107 over 6 components) is neutral, not good.
     assert "sst2 t2 s0      70.0%     1    1      2       2  L1H0 100.0%, MLP1 90.0%, L1H1 60.0%" in printed
     # Best 100%, 60%, 60% against full 70%, 100%, 100%; worst 0%, 10%, 10%.
@@ -288,8 +288,20 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     assert pairs[("sst2 t2 s0", "sst2 t2 s1")]["pearson"] == pytest.approx(expected["pearson"])
     assert group["stability"]["perturbed template"]["pairs"] == 1
     assert group["pearson"][0]["sst2 t2 s1"] == pytest.approx(expected["pearson"])
+    assert group["collection"] == str(tmp_path / "runs") and group["run_indices"] == [0, 1, 2]
     assert report == json.loads(json.dumps(analysis_report(runs, find_runs(tmp_path / "runs"))))
     assert "seeds" in format_report(report)
+
+
+def test_copies_of_a_run_in_two_sweep_roots_are_grouped_apart(tmp_path, capsys):
+    runs = sst2_runs()
+    for root in ("runs", "runs/controls"):
+        for run in runs[:2]:
+            run.save(tmp_path / root / "m" / "sst2" / f"t{run.prompts.template}-s{run.prompts.seed}")
+    report = analysis_report(load_runs(tmp_path / "runs"), find_runs(tmp_path / "runs"))
+    assert [(g["collection"], g["run_indices"]) for g in report["groups"]] == [
+        (str(tmp_path / "runs" / "controls"), [0, 1]), (str(tmp_path / "runs"), [2, 3])]  # sorted paths: controls/ < m/
+    assert report["groups"][0]["pairs"] == report["groups"][1]["pairs"]
 
 
 def test_analyze_errors_are_one_line(tmp_path, capsys):
