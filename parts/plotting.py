@@ -62,14 +62,13 @@ def _style(figure: go.Figure, title: str, width: int, height: int) -> go.Figure:
     return figure
 
 
-def _reference_lines(figure: go.Figure, chance: float, full_accuracy: float, axis: str = "y", **where: Any) -> None:
-    """Dashed lines at chance and at the full model's accuracy, labelled at their end."""
-    add = figure.add_hline if axis == "y" else figure.add_vline
-    position = "top right" if axis == "y" else "top left"
-    add(chance, line=dict(color="#555", dash="dot", width=1), annotation_text=f"chance {chance:.0%}",
-        annotation_position=position, annotation_font_size=11, **where)
-    add(full_accuracy, line=dict(color="black", dash="dash", width=1.5),
-        annotation_text=f"full model {full_accuracy:.0%}", annotation_position=position, annotation_font_size=11, **where)
+def _reference_lines(figure: go.Figure, chance: float, full_accuracy: float) -> None:
+    """Horizontal dashed lines at chance and at the full model's accuracy, labelled at their right end."""
+    figure.add_hline(chance, line=dict(color="#555", dash="dot", width=1), annotation_text=f"chance {chance:.0%}",
+                     annotation_position="top right", annotation_font_size=11)
+    figure.add_hline(full_accuracy, line=dict(color="black", dash="dash", width=1.5),
+                     annotation_text=f"full model {full_accuracy:.0%}", annotation_position="top right",
+                     annotation_font_size=11)
 
 
 def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -394,6 +393,8 @@ def head_closeup(inspection: HeadInspection, example: int = 0) -> go.Figure:
             x=gold, y=values.tolist(), name=name, boxpoints="all", jitter=0.35, pointpos=0, marker=dict(size=4),
             hovertemplate=f"gold %{{x}}<br>{name} %{{y:.3f}}<extra></extra>",
         ), row=1, col=1)
+    if len(inspection.label_names) == 2:  # the head votes label 1 above this line
+        figure.add_hline(0, line=dict(color="#555", dash="dot", width=1), row=1, col=1)
     figure.update_xaxes(title_text="gold label", row=1, col=1)
     figure.update_yaxes(title_text="logit" if len(inspection.label_names) == 2 else "logit - mean over label words",
                         row=1, col=1)
