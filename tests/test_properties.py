@@ -76,6 +76,12 @@ def build_bridge(config, seed: int, tokenizer):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf_model = AutoModelForCausalLM.from_config(config).eval()
+        # Initialisers set biases to 0 and norm weights to 1, which would hide any bias or norm-weight
+        # term the decomposition dropped: draw them too.
+        with torch.no_grad():
+            for name, param in hf_model.named_parameters():
+                if param.ndim == 1:
+                    param.copy_(torch.randn_like(param) * 0.2 + (0.0 if name.endswith("bias") else 1.0))
     return from_hf(hf_model, tokenizer, f"random-{config.model_type}")
 
 
