@@ -43,6 +43,8 @@ from parts.results import SUMMARY, DecompositionRun
 from parts.tasks import get_task
 
 CATEGORIES = ("good", "bad", "label-biased", "neutral")
+CORRECTION_NAMES = {"holm": "Holm-corrected over components", "bh": "Benjamini-Hochberg-corrected over components",
+                    "none": "uncorrected"}
 METHODS = ("pearson", "spearman")
 
 
@@ -359,12 +361,14 @@ def analysis_report(
     label_bias_threshold: float = 0.9,
     alpha: float = 0.05,
     k: int = 5,
+    correction: str = "holm",
 ) -> dict[str, Any]:
     """Everything `parts analyze` prints and saves, as plain JSON-ready data."""
     if not runs:
         raise PartsError("no runs to analyse")
     reports = [
-        run_report(run, component_table(run, label_bias_threshold, alpha), k, None if paths is None else paths[i])
+        run_report(run, component_table(run, label_bias_threshold, alpha, correction), k,
+                   None if paths is None else paths[i])
         for i, run in enumerate(runs)
     ]
     groups = []
@@ -372,7 +376,7 @@ def analysis_report(
         group = group_report([runs[i] for i in indices], [reports[i] for i in indices], k, where=key[0])
         groups.append({**group, "run_indices": indices})
     return {
-        "settings": {"label_bias_threshold": label_bias_threshold, "alpha": alpha, "k": k},
+        "settings": {"label_bias_threshold": label_bias_threshold, "alpha": alpha, "k": k, "correction": correction},
         "runs": reports,
         "groups": groups,
     }
@@ -383,7 +387,7 @@ def format_report(report: dict[str, Any], top: int = 3) -> str:
     settings = report["settings"]
     lines = [
         f"categories: label-biased = one label on >= {settings['label_bias_threshold']:.0%} of examples; "
-        f"good/bad = binomial p < {settings['alpha']} above/below chance, Holm-corrected over components "
+        f"good/bad = binomial p < {settings['alpha']} above/below chance, {CORRECTION_NAMES[settings['correction']]} "
         "(good also >= the full model)",
     ]
     for group in report["groups"]:

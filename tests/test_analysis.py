@@ -304,6 +304,15 @@ def test_copies_of_a_run_in_two_sweep_roots_are_grouped_apart(tmp_path, capsys):
     assert report["groups"][0]["pairs"] == report["groups"][1]["pairs"]
 
 
+def test_analyze_correction_option(tmp_path, capsys):
+    sst2_runs()[0].save(tmp_path / "m" / "sst2" / "t2-s0")
+    assert main(["analyze", str(tmp_path), "--correction", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "above/below chance, uncorrected" in printed
+    assert "sst2 t2 s0      70.0%     2    1      2       1" in printed  # MLP1 (p 0.0107) is good uncorrected
+    assert json.loads((tmp_path / "analysis.json").read_text())["settings"]["correction"] == "none"
+
+
 def test_analyze_errors_are_one_line(tmp_path, capsys):
     assert main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err

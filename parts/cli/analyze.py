@@ -37,6 +37,8 @@ def add_parser(subparsers: Any) -> None:
                         help="share of examples on one label that makes a component label-biased (default 0.9)")
     parser.add_argument("--alpha", type=probability, default=0.05, help="significance level of the binomial tests")
     parser.add_argument("--top-k", type=positive_int, default=5, help="top components compared by IoU (default 5)")
+    parser.add_argument("--correction", choices=["holm", "bh", "none"], default="holm",
+                        help="multiple-testing correction of the p-values over a run's components (default holm)")
     parser.set_defaults(func=run)
 
 
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     paths = find_runs(args.root)
     runs = load_runs(args.root)
-    report = analysis_report(runs, paths, args.label_bias, args.alpha, args.top_k)
+    report = analysis_report(runs, paths, args.label_bias, args.alpha, args.top_k, args.correction)
     out = Path(args.out) if args.out else Path(args.root) / "analysis.json"
     write_json_atomically(report, out)
     print(format_report(report))
