@@ -276,7 +276,7 @@ COLUMNS = [
     "model", "device", "dtype", "task", "shots", "batch", "examples", "tokens (prefix)", "plain s", "plain-all s",
     "plain-eager s", "decomp s", "ratio (CPU time)", "reuse s", "speed-up (CPU time)",
     "plain MB", "plain-all MB", "decomp MB", "mem ratio", "reuse MB",
-    "max |reuse-full|", "max |decomp-plain|", "max recon err",
+    "max diff reuse-full", "max diff decomp-plain", "max recon err",
 ]
 
 
