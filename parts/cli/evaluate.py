@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
               f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}")
     for setting in tqdm(todo, desc="settings", unit="setting"):
+        if finished(read_results(csv_path), name, setting):  # another sweep sharing this root did it meanwhile
+            continue
         rows = evaluate_setting(model, args.model, setting, args.out, args.data_dir, args.batch_size)
         write_results(csv_path, rows)
         write_table(table, results_table(select(read_results(csv_path), name, settings)), header)
