@@ -9,7 +9,6 @@ run depends only on its settings the files come out byte-identical to an uninter
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +67,6 @@ def plan_sweep(
     ]
 
 
-def _remove_stale_staging(path: Path) -> None:
-    """Staging folders a killed process left behind for this run (`DecompositionRun.save` names them)."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def sweep(
     model_name: str | None,
     tasks: Sequence[str | Task],
@@ -107,7 +100,6 @@ def sweep(
                   disable=not progress) as bar:
             for run in pending:
                 bar.set_postfix_str(run.label)
-                _remove_stale_staging(run.path)
                 ensure_run(
                     run.path, model, load=False, task=run.task, template=run.template, seed=run.seed, shots=shots,
                     split=split, limit=limit, data_dir=data_dir, batch_size=batch_size, prefix_reuse=prefix_reuse,

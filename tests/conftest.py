@@ -77,6 +77,15 @@ def tiny_model(request, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama saved like a user's own model folder (n_ctx 256), for `--model FOLDER`."""
+    folder = tmp_path_factory.mktemp("tiny-llama-model")
+    make_hf_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tokenizer):
     from parts.models import from_hf
 

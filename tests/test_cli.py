@@ -10,16 +10,6 @@ from parts.cli import main
 from parts.results import DecompositionRun
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    from tests.conftest import make_hf_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_hf_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_decompose_command_writes_a_run(tmp_path, tiny_model_dir, tiny_task_file, capsys):
     out = tmp_path / "run"
     code = main(["decompose", "--model", str(tiny_model_dir), "--task", str(tiny_task_file), "--template", "2",

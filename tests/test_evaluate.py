@@ -83,16 +83,6 @@ def test_write_results_merges_by_key_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".results.csv.lock", "results.csv"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    from tests.conftest import make_hf_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama-evaluate")
-    make_hf_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 EXPECTED_METHODS = {("icl", "4"), ("contextual", "4"), ("batch", "4"), ("oracle", "4"), ("icl", "12"),
                     ("calib+", "12"), ("comprw", "12")}
 

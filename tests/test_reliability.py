@@ -31,17 +31,6 @@ from parts.tasks import get_task
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama saved like a user's own model folder (n_ctx 256)."""
-    from tests.conftest import make_hf_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama-model")
-    make_hf_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def one_line_error(argv: list[str], capsys) -> str:
     """Run the command; it must fail with status 2 and print one error line (after any loading bars), no traceback."""
     assert main(argv) == 2

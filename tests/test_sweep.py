@@ -14,16 +14,6 @@ from parts.runner import run_dir
 from parts.sweep import plan_sweep, sweep
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    from tests.conftest import make_hf_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_hf_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def count_loads(monkeypatch):
     """Counts the sweep's model loads."""

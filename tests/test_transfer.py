@@ -37,16 +37,6 @@ def target_task_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    from conftest import make_hf_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama-transfer")
-    make_hf_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_target_prompts_use_the_source_template_and_demonstrations(tiny_task_file, target_task_file):
     source, target = get_task(str(tiny_task_file)), get_task(str(target_task_file))
     prompts = transfer_prompts(source, target, template=1, seed=2, limit=6)
