@@ -76,3 +76,11 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         "--data-dir", default=None,
         help="folder with <task>/{train,test}.jsonl (default: $PARTS_DATA_DIR, else the Hugging Face hub)",
     )
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """What each run decomposes: demonstrations, split and how many examples."""
+    parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
+    parser.add_argument("--split", choices=["test", "train"], default="test",
+                        help="test, or train: each seed's labelled examples beside its demonstrations")
+    parser.add_argument("--limit", type=positive_int, default=None, help="examples per run (a seeded balanced sample)")

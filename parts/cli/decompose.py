@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from parts.cli.common import add_data_options, add_model_options, non_negative_int, positive_int
+from parts.cli.common import add_data_options, add_model_options, add_run_options, non_negative_int, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
@@ -18,10 +18,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--task", required=True, help="sst2, boolq, qqp, wic, rte, mnli, agnews, arc, or a task JSON file")
     parser.add_argument("--template", type=positive_int, default=1, help="template number (1-3, 4 = perturbed)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="demonstration seed")
-    parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
-    parser.add_argument("--split", choices=["test", "train"], default="test",
-                        help="test, or train: the seed's labelled examples beside the demonstrations")
-    parser.add_argument("--limit", type=positive_int, default=None, help="examples (a seeded balanced sample)")
+    add_run_options(parser)
     parser.add_argument("--out", required=True, help="run folder to write")
     add_model_options(parser)
     add_data_options(parser)

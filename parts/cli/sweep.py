@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from parts.cli.common import add_data_options, add_model_options, int_list, name_list, non_negative_int, positive_int
+from parts.cli.common import add_data_options, add_model_options, add_run_options, int_list, name_list
 
 
 def add_parser(subparsers: Any) -> None:
@@ -23,10 +23,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--templates", type=int_list, default=[1, 2, 3, 4],
                         help="template numbers: 1,2,3,4 (default) or a range 1-3; 4 = the perturbed template")
     parser.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3, 4], help="demonstration seeds (default 0-4)")
-    parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
-    parser.add_argument("--split", choices=["test", "train"], default="test",
-                        help="test, or train: each seed's labelled examples beside the demonstrations")
-    parser.add_argument("--limit", type=positive_int, default=None, help="examples per run (a seeded balanced sample)")
+    add_run_options(parser)
     parser.add_argument("--out", required=True, help="root folder of the run folders")
     add_model_options(parser)
     add_data_options(parser)
