@@ -145,3 +145,12 @@ def test_a_budget_no_larger_than_the_shots_is_a_one_line_error(tmp_path, tiny_mo
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--labels 4 leaves no training examples beside the 4 demonstrations" in err and "Traceback" not in err
+
+
+def test_table_only_without_results_is_a_one_line_error(tmp_path, capsys):
+    from parts.cli import main
+
+    argv = ["evaluate", "--tasks", "sst2", "--templates", "1", "--seeds", "0", "--out", str(tmp_path / "none"), "--table-only"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "results.csv does not exist" in err and "Traceback" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from parts.cli.common import add_data_options, add_model_options, int_list, name_list, non_negative_int, positive_int
@@ -36,6 +37,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from parts.errors import PartsError
     from parts.evaluate import (
         RESULTS_CSV,
         LazyModel,
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; "
           + ("the table shows those" if args.table_only else f"{len(todo)} to go"))
     if args.table_only:
+        if not Path(csv_path).is_file():
+            raise PartsError(f"{csv_path} does not exist: run `parts evaluate` without --table-only first, or fix --out")
         todo = []
     table = table_path(args.out, args.model, args.limit)
     header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
