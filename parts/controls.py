@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import einops
 import numpy as np
 import pandas as pd
 import torch
@@ -51,13 +50,6 @@ def binomial_pvalues(
     else:
         raise PartsError(f"alternative must be 'greater' or 'less', got {alternative!r}")
     return torch.as_tensor(np.clip(p, 0.0, 1.0), dtype=torch.float64)
-
-
-def component_pvalues(run: DecompositionRun, alternative: str = "greater") -> Float[Tensor, component]:
-    """Each component's binomial p-value against the run's chance rate (1 / number of labels)."""
-    correct = run.component_predictions == einops.rearrange(run.labels, "example -> example 1")
-    n_correct = einops.reduce(correct.long(), "example component -> component", "sum")
-    return binomial_pvalues(n_correct, run.n_examples, 1.0 / len(run.prompts.label_names), alternative)
 
 
 def holm(pvalues: Float[Tensor, component]) -> Float[Tensor, component]:
