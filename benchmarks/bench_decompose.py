@@ -9,8 +9,10 @@ left-padded) and the same dtype:
 - plain: the Hugging Face model's own forward (a pristine copy, no bridge, no hooks), logits at the
   last position only (`logits_to_keep=1`, the cheapest honest way to get an ICL prediction);
 - plain-all: the same with logits at every position;
-- decomposition: `parts.decompose.Decomposer` over full prompts (everything up to component_logits);
-- prefix reuse: the same with the shared demonstrations' keys and values computed once.
+- decomposition: `parts.decompose.Decomposer` over full prompts (everything up to component_logits),
+  with its default engine (the model's own modules, SDPA attention, torch hooks at the last position);
+- bridge: the same through TransformerLens's `run_with_cache` (`engine="bridge"`, the reference);
+- prefix reuse: the default engine with the shared demonstrations' keys and values computed once.
 
 Times are medians over `--repeats` rounds that interleave the paths, so load from other processes
 hits them alike. Peak memory is measured per path in a fresh subprocess: on CPU the peak resident
@@ -50,8 +52,8 @@ from parts.tasks import get_task
 
 RESULTS = Path(__file__).with_name("results.md")
 LLAMA_7B_SHAPE = "llama-2-7b-shape"
-PATHS = ("plain", "plain-all", "plain-eager", "decomposition", "prefix-reuse")
-MEMORY_PATHS = ("plain", "plain-all", "decomposition", "prefix-reuse")
+PATHS = ("plain", "plain-all", "decomposition", "bridge", "prefix-reuse")
+MEMORY_PATHS = PATHS
 
 
 @dataclass(frozen=True)
@@ -154,30 +156,23 @@ def make_workload(hf_model: Any, bridge: Any, case: Case, args: argparse.Namespa
     prompt_set = build_prompts(task, 1, 0, case.shots, "test", case.examples, args.data_dir)
     label_ids = label_token_ids(bridge.tokenizer, prompt_set.label_words)
     decomposer = Decomposer(bridge, label_ids)
+    reference = Decomposer(bridge, label_ids, engine="bridge")
     token_lists = decomposer.tokenize(prompt_set.prompts)
     prefix_length = decomposer.shared_prefix_length(token_lists)
     batch_size = resolve_batch_size(args.batch_size, bridge, token_lists, prefix_length)
     pad = decomposer.pad_token_id
 
-    def run(prefix_reuse: bool) -> Callable[[], Any]:
-        return lambda: decomposer(prompt_set.prompts, batch_size=batch_size, prefix_reuse=prefix_reuse, progress=False)
+    def run(prefix_reuse: bool, engine: Decomposer = decomposer) -> Callable[[], Any]:
+        return lambda: engine(prompt_set.prompts, batch_size=batch_size, prefix_reuse=prefix_reuse, progress=False)
 
-    def plain(logits_to_keep: int, attention: str | None = None) -> Callable[[], Any]:
-        def forward() -> Any:
-            default = hf_model.config._attn_implementation
-            hf_model.set_attn_implementation(attention or default)
-            try:
-                return plain_forward(hf_model, decomposer.tokenize(prompt_set.prompts), batch_size, pad, logits_to_keep)
-            finally:
-                hf_model.set_attn_implementation(default)
-        return forward
+    def plain(logits_to_keep: int) -> Callable[[], Any]:
+        return lambda: plain_forward(hf_model, decomposer.tokenize(prompt_set.prompts), batch_size, pad, logits_to_keep)
 
     paths: dict[str, Callable[[], Any]] = {
         "plain": plain(1),
         "plain-all": plain(0),
-        # The bridge computes attention explicitly (so hook_pattern can fire): the same in Hugging Face.
-        "plain-eager": plain(1, "eager"),
         "decomposition": run(False),
+        "bridge": run(False, reference),
         "prefix-reuse": run(True),
     }
     return Workload(case, prompt_set.prompts, token_lists, prefix_length, label_ids, batch_size, paths)
@@ -218,11 +213,12 @@ def time_paths(
 
 
 def differences(workload: Workload, outputs: dict[str, Any]) -> dict[str, float]:
-    """Max abs differences: reuse vs full prompts, decomposition vs the plain model, reconstruction."""
-    full, reused = outputs["decomposition"], outputs["prefix-reuse"]
+    """Max abs differences: reuse vs full prompts, the engines, decomposition vs the plain model, reconstruction."""
+    full, reused, bridge = outputs["decomposition"], outputs["prefix-reuse"], outputs["bridge"]
     plain = outputs["plain"][:, workload.label_ids]
     return {
         "reuse_vs_full": float((reused.component_logits - full.component_logits).abs().max()),
+        "hf_vs_bridge": float((full.component_logits - bridge.component_logits).abs().max()),
         "logits_vs_plain": float((full.model_logits - plain).abs().max()),
         "reconstruction": float(torch.maximum(full.reconstruction_error, reused.reconstruction_error).max()),
     }
@@ -274,9 +270,9 @@ def measure_memory(case: Case, path: str, args: argparse.Namespace) -> float:
 
 COLUMNS = [
     "model", "device", "dtype", "task", "shots", "batch", "examples", "tokens (prefix)", "plain s", "plain-all s",
-    "plain-eager s", "decomp s", "ratio (CPU time)", "reuse s", "speed-up (CPU time)",
-    "plain MB", "plain-all MB", "decomp MB", "mem ratio", "reuse MB",
-    "max diff reuse-full", "max diff decomp-plain", "max recon err",
+    "decomp s", "ratio (CPU time)", "bridge s", "reuse s", "speed-up (CPU time)",
+    "plain MB", "plain-all MB", "decomp MB", "mem ratio", "bridge MB", "reuse MB",
+    "max diff reuse-full", "max diff hf-bridge", "max diff decomp-plain", "max recon err",
 ]
 
 
@@ -286,13 +282,14 @@ def table_row(args: argparse.Namespace, workload: Workload, seconds: dict[str, f
     return [
         str(args.model or "embedded"), args.device, args.dtype, workload.case.task, str(workload.case.shots),
         str(workload.batch_size), str(len(workload.prompts)), f"{mean_tokens:.0f} ({workload.prefix_length})",
-        *(f"{seconds[p]:.3f}" for p in ("plain", "plain-all", "plain-eager", "decomposition")),
+        *(f"{seconds[p]:.3f}" for p in ("plain", "plain-all", "decomposition")),
         f"{seconds['decomposition'] / seconds['plain']:.2f}x ({cpu['decomposition'] / cpu['plain']:.2f}x)",
-        f"{seconds['prefix-reuse']:.3f}",
+        f"{seconds['bridge']:.3f}", f"{seconds['prefix-reuse']:.3f}",
         f"{seconds['plain'] / seconds['prefix-reuse']:.1f}x ({cpu['plain'] / cpu['prefix-reuse']:.1f}x)",
         *(f"{memory[p]:.0f}" for p in ("plain", "plain-all", "decomposition")),
-        f"{memory['decomposition'] / max(memory['plain'], 1e-9):.2f}x", f"{memory['prefix-reuse']:.0f}",
-        f"{diffs['reuse_vs_full']:.1e}", f"{diffs['logits_vs_plain']:.1e}", f"{diffs['reconstruction']:.1e}",
+        f"{memory['decomposition'] / max(memory['plain'], 1e-9):.2f}x", f"{memory['bridge']:.0f}",
+        f"{memory['prefix-reuse']:.0f}", f"{diffs['reuse_vs_full']:.1e}", f"{diffs['hf_vs_bridge']:.1e}",
+        f"{diffs['logits_vs_plain']:.1e}", f"{diffs['reconstruction']:.1e}",
     ]
 
 

@@ -17,6 +17,7 @@ small contraction on top of a forward pass that caches only the last position.
 
 All test prompts of a run share their demonstrations: their longest common token prefix is
 run once and its keys and values reused for every batch (exact, as attention is causal).
+The forward passes themselves are run by an engine (parts.engines).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts.engines import Activations, BridgeEngine, make_engine
 from parts.errors import PartsError
 
 MAX_AUTO_BATCH_SIZE = 64  # beyond this a batch saves no time on any device measured
@@ -107,16 +109,9 @@ class Decomposition:
         return (total + self.remainder - self.model_logits).abs().amax(-1)
 
 
-def _hook_names(n_layers: int) -> set[str]:
-    names = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
-    for layer in range(n_layers):
-        names |= {f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"}
-    return names
-
-
-def _last(cache: Any, name: str) -> Tensor:
-    """The activation at the last position (the cache holds only that one), in float32."""
-    return cache[name][:, -1].float()
+def _last(activations: Activations, name: str) -> Tensor:
+    """The activation at the last position (the only one kept), in float32."""
+    return activations[name][:, -1].float()
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -176,16 +171,19 @@ class Decomposer:
     """Runs prompts through the model and returns their `Decomposition`.
 
     Built once per (model, label words); `__call__` handles batching, padding and prefix reuse.
+    `engine` runs the batches: "hf" (default) the model's own modules with torch hooks and SDPA
+    attention, "bridge" TransformerLens's `run_with_cache` (the reference; see parts.engines).
     """
 
-    def __init__(self, model: TransformerBridge, label_token_ids: Sequence[int]):
+    def __init__(self, model: TransformerBridge, label_token_ids: Sequence[int], engine: str = "hf"):
         self.model = model
+        self.engine = make_engine(model, engine)
+        self.engine_name = "bridge" if isinstance(self.engine, BridgeEngine) else engine  # after any fallback
         self.label_token_ids = list(label_token_ids)
         self.readout = Readout.from_model(model, label_token_ids)
         self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
         self.component_names = component_names(self.n_layers, self.n_heads)
-        self._hooks = _hook_names(self.n_layers)
         tokenizer = model.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = model.W_U.device
@@ -217,16 +215,14 @@ class Decomposer:
     # -- forward passes ----------------------------------------------------------------
     def prefix_cache(self, prefix: Sequence[int]) -> Any:
         """Keys and values of the shared prefix, computed once."""
-        tokens = torch.tensor([list(prefix)], device=self.device)
-        with torch.inference_mode():
-            _, cache = self.model(tokens, return_type="logits_and_cache", logits_to_keep=1)
+        cache = self.engine.prefix_cache(torch.tensor([list(prefix)], device=self.device))
         if cache is None or cache.get_seq_length() != len(prefix):
             raise RuntimeError("the model returned no usable KV cache for the prompt prefix; rerun with prefix reuse off")
         return cache
 
     def _forward(
         self, suffixes: Sequence[Sequence[int]], prefix_cache: Any, prefix_length: int
-    ) -> tuple[Float[Tensor, "batch vocab_kept"], dict[str, Tensor]]:
+    ) -> tuple[Float[Tensor, "batch vocab_kept"], Activations]:
         """One left-padded batch: logits at the last position and the cached activations there."""
         width = max(len(s) for s in suffixes)
         batch = len(suffixes)
@@ -236,32 +232,21 @@ class Decomposer:
         for row, tokens in enumerate(suffixes):
             input_ids[row, width - len(tokens):] = torch.tensor(tokens)
             mask[row, prefix_length + width - len(tokens):] = 1
-        # Without a prefix to extend, a KV cache would only cost memory (as much as the activations).
-        kwargs: dict[str, Any] = {"use_cache": False}
         cache = None
         if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
+            cache = copy.deepcopy(prefix_cache)  # every forward extends the cache it is given
             cache.batch_repeat_interleave(batch)
-            kwargs = {"past_key_values": cache}
-        with torch.inference_mode():
-            logits, activations = self.model.run_with_cache(
-                input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                names_filter=lambda name: name in self._hooks,
-                pos_slice=-1,
-                logits_to_keep=1,
-                **kwargs,
-            )
+        logits, activations = self.engine.run(input_ids.to(self.device), mask.to(self.device), prefix_length, cache)
         if cache is not None and cache.get_seq_length() != prefix_length + width:
-            # The bridge dropped the prefix cache (see parts.models._install_kv_cache_fix):
+            # The prefix cache was dropped (see parts.models._install_kv_cache_fix for the bridge's case):
             # the suffix attended only to itself, so these numbers would be wrong.
             raise RuntimeError(
                 f"the prefix KV cache was ignored (length {cache.get_seq_length()}, expected "
                 f"{prefix_length + width}); rerun with prefix reuse off (--no-prefix-reuse)"
             )
-        return logits[:, -1].float(), activations
+        return logits.float(), activations
 
-    def _split(self, logits: Tensor, activations: Any) -> Decomposition:
+    def _split(self, logits: Tensor, activations: Activations) -> Decomposition:
         """Component logits from the last position's activations."""
         readout = self.readout
         z = torch.stack([_last(activations, f"blocks.{l}.attn.hook_z") for l in range(self.n_layers)], dim=1)

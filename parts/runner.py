@@ -94,11 +94,12 @@ def run_decomposition(
     batch_size: int | str | None = 8,
     prefix_reuse: bool = True,
     progress: bool = True,
+    engine: str = "hf",
 ) -> DecompositionRun:
-    """Decompose every prompt of a prompt set with a loaded model."""
+    """Decompose every prompt of a prompt set with a loaded model (`engine`: see parts.engines)."""
     ids = label_token_ids(model.tokenizer, prompts.label_words)
     check_fits_context(model.tokenizer, prompts, int(model.cfg.n_ctx))
-    decomposer = Decomposer(model, ids)
+    decomposer = Decomposer(model, ids, engine)
     decomposition = decomposer(
         prompts.prompts,
         batch_size=batch_size,
@@ -106,7 +107,8 @@ def run_decomposition(
         progress=progress,
         description=f"{prompts.task} t{prompts.template} s{prompts.seed} {prompts.split}",
     )
-    info = {"dtype": str(model.W_U.dtype).replace("torch.", ""), "prefix_reuse": prefix_reuse}
+    info = {"dtype": str(model.W_U.dtype).replace("torch.", ""), "prefix_reuse": prefix_reuse,
+            "engine": decomposer.engine_name}
     run = DecompositionRun.from_decomposition(
         model_name(model), prompts, ids, decomposer.component_names, decomposer.n_layers,
         decomposer.n_heads, decomposition, **info,

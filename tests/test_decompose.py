@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import einops
 import pytest
 import torch
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 from parts.decompose import Decomposer, component_names
+from parts.engines import HFEngine, suffix_position_ids
 
 PROMPTS = [
     "review : great film sentiment : positive review : awful plot sentiment : negative review : good fun sentiment :",
@@ -33,10 +37,14 @@ def test_component_names_layer_major():
     assert component_names(2, 3) == ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1", "L1H2", "MLP0", "MLP1"]
 
 
+ENGINES = ("hf", "bridge")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("prefix_reuse", [True, False])
-def test_components_sum_to_model_logits(tiny_model, prefix_reuse):
+def test_components_sum_to_model_logits(tiny_model, prefix_reuse, engine):
     ids = label_ids(tiny_model)
-    decomposer = Decomposer(tiny_model, ids)
+    decomposer = Decomposer(tiny_model, ids, engine)
     out = decomposer(PROMPTS, batch_size=2, prefix_reuse=prefix_reuse, progress=False)
     n_components = tiny_model.cfg.n_layers * (tiny_model.cfg.n_heads + 1)
     assert out.component_logits.shape == (len(PROMPTS), n_components, 3)
@@ -49,8 +57,9 @@ def test_components_sum_to_model_logits(tiny_model, prefix_reuse):
     assert out.component_logits.abs().sum() > 10 * out.remainder.abs().sum() / n_components
 
 
-def test_padding_and_prefix_reuse_do_not_change_results(tiny_model):
-    decomposer = Decomposer(tiny_model, label_ids(tiny_model))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_padding_and_prefix_reuse_do_not_change_results(tiny_model, engine):
+    decomposer = Decomposer(tiny_model, label_ids(tiny_model), engine)
     batched = decomposer(PROMPTS, batch_size=5, prefix_reuse=True, progress=False)
     for i, prompt in enumerate(PROMPTS):
         alone = decomposer([prompt], batch_size=1, prefix_reuse=False, progress=False)
@@ -58,10 +67,11 @@ def test_padding_and_prefix_reuse_do_not_change_results(tiny_model):
         assert (alone.remainder[0] - batched.remainder[i]).abs().max() < 1e-4
 
 
-def test_matches_transformer_lens_activation_cache(tiny_model):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_matches_transformer_lens_activation_cache(tiny_model, engine):
     """An independent decomposition: TransformerLens's own `get_full_resid_decomposition`."""
     ids = label_ids(tiny_model)
-    out = Decomposer(tiny_model, ids)(PROMPTS[:2], progress=False, prefix_reuse=False, batch_size=1)
+    out = Decomposer(tiny_model, ids, engine)(PROMPTS[:2], progress=False, prefix_reuse=False, batch_size=1)
     for i, prompt in enumerate(PROMPTS[:2]):
         tokens = torch.tensor([tiny_model.tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
@@ -81,7 +91,7 @@ def test_ignored_prefix_cache_fails_loudly(tiny_llama, monkeypatch):
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     monkeypatch.setattr(AttentionBridge, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
-    decomposer = Decomposer(tiny_llama, label_ids(tiny_llama))
+    decomposer = Decomposer(tiny_llama, label_ids(tiny_llama), engine="bridge")
     with pytest.raises(RuntimeError, match="ignored|no usable KV cache"):
         decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
 
@@ -98,3 +108,54 @@ def test_prompt_longer_than_context_is_an_error(tiny_llama):
     n = len(tiny_llama.tokenizer(long_prompt)["input_ids"])  # 300 words, plus BOS if the tokenizer adds one
     with pytest.raises(PartsError, match=rf"prompt 0 is {n} tokens, {n - 256} more than .* 256"):
         Decomposer(tiny_llama, label_ids(tiny_llama))([long_prompt], progress=False)
+
+
+# -- the engines: the model's own modules (SDPA) against TransformerLens's run_with_cache ------------
+
+
+def test_engines_agree(tiny_model):
+    ids = label_ids(tiny_model)
+    fast = Decomposer(tiny_model, ids, "hf")(PROMPTS, batch_size=2, progress=False)
+    reference = Decomposer(tiny_model, ids, "bridge")(PROMPTS, batch_size=2, progress=False)
+    for name in ("component_logits", "remainder", "model_logits"):
+        assert (getattr(fast, name) - getattr(reference, name)).abs().max() < 1e-5, name
+
+
+def test_hf_engine_runs_the_plain_modules_and_leaves_the_bridge_alone(tiny_model):
+    decomposer = Decomposer(tiny_model, label_ids(tiny_model), "hf")
+    plain, bridged = decomposer.engine.model, tiny_model.original_model
+    assert plain.config._attn_implementation == "sdpa"
+    assert bridged.config._attn_implementation == "eager"  # the bridge keeps its own attention
+    assert not any(isinstance(m, GeneralizedComponent) for m in plain.modules())
+    # The model's own weights, not a copy (the bridge adds split q/k/v weights for fused-QKV models).
+    assert {p.data_ptr() for p in plain.parameters()} <= {p.data_ptr() for p in bridged.parameters()}
+
+    def hook_counts() -> list[int]:
+        return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in [*plain.modules(), *tiny_model.modules()]]
+
+    before = hook_counts()
+    decomposer(PROMPTS[:2], progress=False)
+    assert hook_counts() == before  # the engine's hooks live only during its forward, on its own modules
+
+
+def test_suffix_position_ids_continue_the_prefix():
+    mask = torch.tensor([[1, 1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1]])  # prefix 3, suffixes of 2 and 4 tokens
+    assert suffix_position_ids(mask, 3).tolist() == [[3, 3, 3, 4], [3, 4, 5, 6]]
+    assert suffix_position_ids(torch.tensor([[0, 1, 1], [1, 1, 1]]), 0).tolist() == [[0, 0, 1], [0, 1, 2]]
+
+
+def test_hf_engine_prefix_cache_guard(tiny_llama, monkeypatch):
+    """A forward that does not extend the prefix cache it is given fails loudly."""
+    original = HFEngine.run
+    monkeypatch.setattr(HFEngine, "run", lambda self, ids, mask, prefix, cache: original(self, ids, mask, prefix,
+                                                                                          copy.deepcopy(cache)))
+    decomposer = Decomposer(tiny_llama, label_ids(tiny_llama), "hf")
+    with pytest.raises(RuntimeError, match="prefix KV cache was ignored"):
+        decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+
+
+def test_unknown_engine_is_an_error(tiny_llama):
+    from parts.errors import PartsError
+
+    with pytest.raises(PartsError, match="unknown engine 'fast': use one of hf, bridge"):
+        Decomposer(tiny_llama, label_ids(tiny_llama), "fast")

@@ -117,3 +117,17 @@ def test_prefix_reuse_equals_full_prompts(embedded_model, data_dir, task, shots,
     assert prefix >= min_prefix  # the demonstrations really are shared and reused
     assert components <= 1e-4
     assert logits <= 1e-4
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("task", "shots"), [("sst2", 4), ("rte", 4)])
+def test_hf_engine_equals_the_bridge_on_the_embedded_model(embedded_model, data_dir, task, shots):
+    """The default engine (plain modules, SDPA, prefix reused) against TransformerLens over full prompts."""
+    prompts = build_prompts(get_task(task), 1, 0, shots, "test", 8, data_dir)
+    ids = label_token_ids(embedded_model.tokenizer, prompts.label_words)
+    fast = Decomposer(embedded_model, ids, "hf")(prompts.prompts, batch_size=4, prefix_reuse=True, progress=False)
+    reference = Decomposer(embedded_model, ids, "bridge")(prompts.prompts, batch_size=4, prefix_reuse=False,
+                                                          progress=False)
+    for name in ("component_logits", "remainder", "model_logits"):
+        assert (getattr(fast, name) - getattr(reference, name)).abs().max() <= 1e-4, name
+    assert fast.reconstruction_error.max() <= 1e-4
