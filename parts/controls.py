@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from scipy import stats
 from torch import Tensor
 
@@ -35,23 +35,6 @@ CORRECTIONS = ("holm", "bh", "none")
 
 
 # -- per-component tests --------------------------------------------------------------------
-def binomial_pvalues(
-    n_correct: Int[Tensor, component], n_examples: int, chance: float, alternative: str = "greater"
-) -> Float[Tensor, component]:
-    """Exact one-sided binomial p-values of each component's count of correct answers.
-
-    "greater": evidence of accuracy above `chance` (a good component); "less": below it (a bad one).
-    """
-    k = n_correct.double().numpy()
-    if alternative == "greater":
-        p = stats.binom.sf(k - 1, n_examples, chance)  # P(X >= k)
-    elif alternative == "less":
-        p = stats.binom.cdf(k, n_examples, chance)  # P(X <= k)
-    else:
-        raise PartsError(f"alternative must be 'greater' or 'less', got {alternative!r}")
-    return torch.as_tensor(np.clip(p, 0.0, 1.0), dtype=torch.float64)
-
-
 def holm(pvalues: Float[Tensor, component]) -> Float[Tensor, component]:
     """Holm-adjusted p-values (step-down): adjusted <= alpha keeps the family-wise error <= alpha, any dependence."""
     m = pvalues.numel()

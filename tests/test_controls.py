@@ -7,7 +7,6 @@ import torch
 
 from parts.controls import (
     benjamini_hochberg,
-    binomial_pvalues,
     chance_best_accuracy,
     chance_test_size,
     control_row,
@@ -20,16 +19,6 @@ from parts.controls import (
 from parts.errors import PartsError
 from parts.prompts import PromptSet
 from parts.results import DecompositionRun
-
-
-def test_binomial_pvalues_match_hand_computed_tails():
-    # n = 10, p = 0.5: P(X >= 9) = 11/1024, P(X >= 8) = 56/1024, P(X <= 1) = 11/1024.
-    greater = binomial_pvalues(torch.tensor([9, 8, 0]), 10, 0.5)
-    assert greater.tolist() == pytest.approx([11 / 1024, 56 / 1024, 1.0])
-    less = binomial_pvalues(torch.tensor([1]), 10, 0.5, alternative="less")
-    assert less.item() == pytest.approx(11 / 1024)
-    with pytest.raises(PartsError, match="alternative must be"):
-        binomial_pvalues(torch.tensor([1]), 10, 0.5, alternative="two-sided")
 
 
 def test_holm_and_bh_adjusted_pvalues_by_hand():
