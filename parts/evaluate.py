@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -62,7 +63,11 @@ def leading_demonstrations_to_drop(tokenizer: Any, template: Template, demonstra
         shown = demonstrations[dropped:]
         if all(len(tokenizer(render_prompt(template, shown, q))["input_ids"]) <= n_ctx for q in queries):
             return dropped
-    raise PartsError(f"a test prompt alone is longer than the context window of {n_ctx} tokens: "
+    alone = [len(tokenizer(render_prompt(template, [], q))["input_ids"]) for q in queries]
+    index = max(range(len(queries)), key=alone.__getitem__)
+    shown = render_prompt(template, [], queries[index])
+    raise PartsError(f"test prompt {index} alone ({shown[:60]!r}{'...' if len(shown) > 60 else ''}) is {alone[index]} "
+                     f"tokens, {alone[index] - n_ctx} more than the context window of {n_ctx} tokens: "
                      "use a model with a longer context or shorter inputs")
 
 
@@ -85,9 +90,20 @@ def many_shot_prompts(tokenizer: Any, template: Template, demonstrations: Sequen
 def label_logits(model: TransformerBridge, prompts: Sequence[str], label_token_ids: Sequence[int],
                  batch_size: int | str | None = 8, progress: bool = True, description: str = ""
                  ) -> Float[Tensor, "example label"]:
-    """The full model's logits at the label words (no decomposition kept), shared prefix reused."""
-    return Decomposer(model, label_token_ids)(prompts, batch_size=batch_size, progress=progress,
-                                              description=description).model_logits
+    """The full model's logits at the label words (no decomposition kept), shared prefix reused.
+
+    Non-finite logits stop here (as `parts.runner.check_finite` does for decompositions): averaged into
+    an accuracy they would pass for wrong answers.
+    """
+    logits = Decomposer(model, label_token_ids)(prompts, batch_size=batch_size, progress=progress,
+                                                description=description).model_logits
+    bad = ~torch.isfinite(logits).all(-1)
+    if bad.any():
+        raise PartsError(
+            f"non-finite logits in {int(bad.sum())} of {len(prompts)} {description or 'evaluation'} prompts, first prompt "
+            f"{int(bad.nonzero()[0, 0])}: the model overflowed; load it in float32 (--dtype float32) or check its weights"
+        )
+    return logits
 
 
 def _cached_logits(path: Path, compute: Callable[[], tuple[Tensor, dict[str, str]]]) -> tuple[Tensor, dict[str, str]]:
@@ -183,7 +199,7 @@ def evaluate_setting(
 
     def compute_content_free() -> tuple[Tensor, dict[str, str]]:
         prompts = calibration.content_free_prompts(template, demonstrations)
-        return label_logits(model(), prompts, test.label_token_ids, batch_size, False), {}
+        return label_logits(model(), prompts, test.label_token_ids, batch_size, False, f"{label} content-free"), {}
 
     content_free, _ = _cached_logits(test_dir / "content-free.safetensors", compute_content_free)
     prior = calibration.contextual_prior(content_free)

@@ -215,12 +215,15 @@ def load_model(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    if name in EMBEDDED_ALIASES:
-        source: str | Path = _embedded_checkpoint()
-        label = EMBEDDED_MODEL
-    else:
-        assert name is not None
-        source, label = _check_local_folder(name), name
+    embedded = name in EMBEDDED_ALIASES
+    label = EMBEDDED_MODEL if embedded else str(name)
+    folder = None if embedded else _check_local_folder(label)
+    if revision is not None and (embedded or Path(str(folder)).is_dir()):
+        raise PartsError(
+            f"--revision {revision} applies to hub models only: {label} is a local copy with one set of weights "
+            "(pass a hub name, e.g. EleutherAI/pythia-160m, or drop --revision)"
+        )
+    source: str | Path = _embedded_checkpoint() if folder is None else folder
     if revision is not None:
         label = f"{label}@{revision}"
     try:

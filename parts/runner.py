@@ -136,6 +136,11 @@ def decompose_task(
     return run_decomposition(model, prompts, batch_size, prefix_reuse, progress)
 
 
+def model_label(name: str | None, revision: str | None = None) -> str | None:
+    """The model a sweep's runs are filed under: its name, with `@revision` for a hub checkpoint."""
+    return name if revision is None else f"{name}@{revision}"
+
+
 def model_slug(name: str | None) -> str:
     """A folder name for a model: the embedded default, or the hub name with '/' replaced."""
     from parts.models import EMBEDDED_ALIASES, EMBEDDED_MODEL

@@ -19,7 +19,7 @@ from parts.errors import PartsError
 from parts.models import load_model
 from parts.prompts import build_prompts
 from parts.results import SUMMARY
-from parts.runner import ensure_run, run_dir
+from parts.runner import ensure_run, model_label, run_dir
 from parts.tasks import Task, get_task
 
 
@@ -88,8 +88,7 @@ def sweep(
 
     The model is loaded once, and not at all when every run is already finished.
     """
-    label = model_name if revision is None else f"{model_name}@{revision}"
-    planned = plan_sweep(label, tasks, templates, seeds, split, limit, shots, out)
+    planned = plan_sweep(model_label(model_name, revision), tasks, templates, seeds, split, limit, shots, out)
     pending = [run for run in planned if not run.finished]
     if pending:
         # Build every missing run's prompts first: a data problem surfaces before the model load.

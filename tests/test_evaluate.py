@@ -41,7 +41,8 @@ def test_many_shot_prompts_drop_leading_demonstrations_to_fit(tokenizer, n_ctx, 
 def test_a_query_longer_than_the_context_is_a_parts_error(tokenizer):
     from parts.errors import PartsError
 
-    with pytest.raises(PartsError, match="a test prompt alone is longer than the context window of 6 tokens"):
+    with pytest.raises(PartsError, match=r"^test prompt 1 alone \('review : very very dull sentiment :'\) is 7 tokens, 1 more "
+                                         "than the context window of 6 tokens: use a model with a longer context"):
         many_shot_prompts(tokenizer, TEMPLATE, DEMONSTRATIONS, QUERIES, n_ctx=6)
 
 

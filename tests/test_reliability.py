@@ -80,6 +80,19 @@ def test_unknown_models_are_one_line_errors_without_the_hub(tmp_path, tiny_task_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_revision_of_a_local_model_is_an_error(tiny_model_dir, tmp_path, tiny_task_file, capsys):
+    """Only hub models have revisions: the embedded model or a folder would silently load its one set of weights."""
+    from parts.models import load_model
+
+    with pytest.raises(PartsError, match=r"^--revision step1000 applies to hub models only: SmolLM2-135M-Instruct is a "
+                                         r"local copy with one set of weights \(pass a hub name"):
+        load_model(None, revision="step1000")
+    base = ["decompose", "--task", str(tiny_task_file), "--limit", "2", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    err = one_line_error([*base, "--model", str(tiny_model_dir), "--revision", "main"], capsys)
+    assert f"--revision main applies to hub models only: {tiny_model_dir} is a local copy" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_architectures_transformer_lens_cannot_wrap(tokenizer):
     """An unsupported architecture, and a supported one in a variant its adapter rejects (bias-free GPT-NeoX)."""
     from transformers import CTRLConfig, CTRLLMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
@@ -375,6 +388,23 @@ def test_a_model_that_overflows_stops_the_run(tokenizer, tiny_task_file):
         run_decomposition(model, prompts, progress=False)
     assert (f"non-finite logits in 4 of 4 examples, first example {prompts.example_indices[0]} of the test split at "
             "component MLP1 (the first non-finite output): the model overflowed") in str(info.value)
+
+
+def test_evaluation_forwards_stop_on_non_finite_logits(tokenizer):
+    """The 24-shot ICL and content-free forwards keep no decomposition, but they are checked too."""
+    from parts.evaluate import label_logits
+    from parts.models import from_hf
+    from tests.conftest import make_hf_model
+
+    hf_model = make_hf_model("llama")
+    with torch.no_grad():
+        hf_model.model.layers[2].mlp.down_proj.weight[:, 0] = float("inf")
+    model = from_hf(hf_model, tokenizer, "tiny-broken")
+    ids = [model.tokenizer.convert_tokens_to_ids(w) for w in ("negative", "positive")]
+    prompts = ["review : good sentiment : positive review : fun sentiment :", "review : bad sentiment :"]
+    with pytest.raises(PartsError, match=r"^non-finite logits in 2 of 2 sst2 t1 s0 content-free prompts, first prompt 0: "
+                                         r"the model overflowed; load it in float32"):
+        label_logits(model, prompts, ids, progress=False, description="sst2 t1 s0 content-free")
 
 
 # -- determinism ----------------------------------------------------------------------------------------------

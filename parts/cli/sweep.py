@@ -31,9 +31,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts.runner import model_label
     from parts.sweep import plan_sweep, sweep
 
-    label = args.model if args.revision is None else f"{args.model}@{args.revision}"
+    label = model_label(args.model, args.revision)
     planned = plan_sweep(label, args.tasks, args.templates, args.seeds, args.split, args.limit, args.shots, args.out)
     already = sum(run.finished for run in planned)
     start = time.perf_counter()
