@@ -216,7 +216,8 @@ def evaluate_setting(
         train = decomposition("train", budget - k)
         weights = train_weights(train.component_logits, train.labels, **recipe)
         save_weights(weights_file(test_dir, budget), test.component_names, weights, labels=budget,
-                     train_run=str(run_dir(root, split="train", limit=budget - k, **where)))  # type: ignore[arg-type]
+                     # relative to the output root, so equal runs write equal bytes wherever they live
+                     train_run=str(run_dir(".", split="train", limit=budget - k, **where)))  # type: ignore[arg-type]
         trained = f"train acc {weights.train_accuracy:.3f}; {weights.stopped_because} after {weights.epochs} epochs"
         rows.append(_row(name, setting, "comprw", budget, _accuracy(predict(weights.weights, test.component_logits), test),
                          n_test, trained))

@@ -155,19 +155,24 @@ def weights_file(run_dir: str | Path, labels: int | str = 24) -> Path:
     return Path(run_dir) / f"reweight-labels{labels}.safetensors"
 
 
+METADATA_KEY = "parts"
+
+
 def save_weights(path: str | Path, component_names: list[str], result: ReweightResult, **info: object) -> Path:
     """Write weights and how they were trained, atomically (temp file, then rename)."""
     path = Path(path)
     if len(component_names) != len(result.weights):
         raise ValueError(f"{len(component_names)} names for {len(result.weights)} weights")
-    metadata = {
-        "component_names": json.dumps(component_names),
-        "epochs": str(result.epochs),
+    record = {
+        "component_names": component_names,
+        "epochs": result.epochs,
         "stopped_because": result.stopped_because,
-        "train_accuracy": repr(result.train_accuracy),
-        "losses": json.dumps([round(x, 6) for x in result.losses]),
-        "info": json.dumps(info, default=str),
+        "train_accuracy": result.train_accuracy,
+        "losses": [round(x, 6) for x in result.losses],
+        "info": json.loads(json.dumps(info, default=str)),
     }
+    # One key: safetensors writes several metadata keys in a random order, so equal weights gave unequal bytes.
+    metadata = {METADATA_KEY: json.dumps(record, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(handle)
@@ -188,11 +193,16 @@ def read_weights(path: str | Path) -> tuple[list[str], ReweightResult, dict[str,
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         weights = handle.get_tensor("weights")
+    if METADATA_KEY in metadata:
+        record = json.loads(metadata[METADATA_KEY])
+    else:  # files written before the single key: every value a string
+        record = {key: json.loads(metadata[key]) for key in ("component_names", "losses", "info") if key in metadata}
+        record |= {"epochs": int(metadata["epochs"]), "stopped_because": metadata["stopped_because"],
+                   "train_accuracy": float(metadata["train_accuracy"])}
     result = ReweightResult(
-        weights, int(metadata["epochs"]), metadata["stopped_because"], float(metadata["train_accuracy"]),
-        json.loads(metadata.get("losses", "[]")),
+        weights, int(record["epochs"]), record["stopped_because"], float(record["train_accuracy"]), record.get("losses", []),
     )
-    return json.loads(metadata["component_names"]), result, json.loads(metadata.get("info", "{}"))
+    return record["component_names"], result, record.get("info", {})
 
 
 def load_weights(run_dir: str | Path, labels: int | str = 24) -> tuple[list[str], Tensor]:

@@ -147,3 +147,23 @@ def test_weights_round_trip_and_missing_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["reweight-labels24.safetensors"]  # no temporary file left
     with pytest.raises(PartsError, match="no learned weights at .*reweight-labels12.safetensors"):
         load_weights(tmp_path, labels=12)
+
+
+def test_equal_weights_give_equal_bytes(tmp_path):
+    """safetensors writes several metadata keys in a random order; the weights file keeps one."""
+    result = ReweightResult(torch.tensor([0.25, 1.5, -0.5]), 300, "plateau", 0.75, [0.7, 0.69])
+    files = [save_weights(tmp_path / f"w{i}.safetensors", ["L0H0", "L0H1", "MLP0"], result, labels=24, trained_on="x")
+             for i in range(6)]
+    assert len({path.read_bytes() for path in files}) == 1
+
+
+def test_weights_files_of_the_old_format_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    metadata = {"component_names": '["L0H0", "MLP0"]', "epochs": "12", "stopped_because": "max epochs",
+                "train_accuracy": "0.5", "losses": "[0.7]", "info": '{"labels": 24}'}
+    save_file({"weights": torch.tensor([1.0, 0.5])}, tmp_path / "old.safetensors", metadata=metadata)
+    names, result, info = read_weights(tmp_path / "old.safetensors")
+    assert names == ["L0H0", "MLP0"] and result.weights.tolist() == [1.0, 0.5]
+    assert (result.epochs, result.stopped_because, result.train_accuracy, result.losses, info) == (
+        12, "max epochs", 0.5, [0.7], {"labels": 24})
