@@ -65,8 +65,8 @@ def leading_demonstrations_to_drop(tokenizer: Any, template: Template, demonstra
             return dropped
     alone = [len(tokenizer(render_prompt(template, [], q))["input_ids"]) for q in queries]
     index = max(range(len(queries)), key=alone.__getitem__)
-    shown = render_prompt(template, [], queries[index])
-    raise PartsError(f"test prompt {index} alone ({shown[:60]!r}{'...' if len(shown) > 60 else ''}) is {alone[index]} "
+    query = render_prompt(template, [], queries[index])
+    raise PartsError(f"test prompt {index} alone ({query[:60]!r}{'...' if len(query) > 60 else ''}) is {alone[index]} "
                      f"tokens, {alone[index] - n_ctx} more than the context window of {n_ctx} tokens: "
                      "use a model with a longer context or shorter inputs")
 
