@@ -159,3 +159,16 @@ def test_unknown_engine_is_an_error(tiny_llama):
 
     with pytest.raises(PartsError, match="unknown engine 'fast': use one of hf, bridge"):
         Decomposer(tiny_llama, label_ids(tiny_llama), "fast")
+
+
+def test_an_unmappable_model_falls_back_to_the_bridge_engine(tiny_llama, monkeypatch):
+    def cannot_map(self, model):
+        raise AttributeError("'AttentionBridge' object has no attribute 'o'")
+
+    monkeypatch.setattr(HFEngine, "__init__", cannot_map)
+    with pytest.warns(UserWarning, match=r"the hf engine cannot map this model's modules \('AttentionBridge' object has "
+                                         r"no attribute 'o'\); using the slower bridge engine"):
+        decomposer = Decomposer(tiny_llama, label_ids(tiny_llama), "hf")
+    assert decomposer.engine_name == "bridge"
+    out = decomposer(PROMPTS, batch_size=2, progress=False)
+    assert out.reconstruction_error.max() < 1e-4
