@@ -116,7 +116,6 @@ class HFEngine:
     """
 
     def __init__(self, model: TransformerBridge, attention: str = "sdpa"):
-        self.bridge = model
         hf_model = model.original_model
         config: Any = copy.deepcopy(hf_model.config)
         config._attn_implementation = attention
