@@ -129,11 +129,12 @@ def decompose_task(
     batch_size: int | str | None = 8,
     prefix_reuse: bool = True,
     progress: bool = True,
+    engine: str = "hf",
 ) -> DecompositionRun:
     """Build the prompts of (task, template, seed, split) and decompose them."""
     task = get_task(task) if not isinstance(task, Task) else task
     prompts = build_prompts(task, template, seed, shots, split, limit, data_dir)
-    return run_decomposition(model, prompts, batch_size, prefix_reuse, progress)
+    return run_decomposition(model, prompts, batch_size, prefix_reuse, progress, engine)
 
 
 def model_label(name: str | None, revision: str | None = None) -> str | None:
