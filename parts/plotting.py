@@ -284,7 +284,7 @@ def method_label(method: str, labels: int, shots: int) -> str:
 def _method_rank(method: str, labels: int, shots: int) -> tuple[int, int]:
     key = "icl-k" if method == "icl" and labels == shots else method
     rank = METHOD_ORDER.index(key) if key in METHOD_ORDER else len(METHOD_ORDER)
-    return rank, -labels
+    return rank, 0 if key == "icl-k" else -labels  # k-shot ICL: one series in task order, whatever each k
 
 
 def method_summary(results: pd.DataFrame, include_oracle: bool = False) -> pd.DataFrame:
@@ -302,6 +302,12 @@ def method_summary(results: pd.DataFrame, include_oracle: bool = False) -> pd.Da
                                                                            summary["shots"], strict=True)]
     summary["rank"] = [_method_rank(m, int(n), int(k)) for m, n, k in zip(summary["method"], summary["labels"],
                                                                            summary["shots"], strict=True)]
+    k_shot = (summary["method"] == "icl") & (summary["labels"] == summary["shots"])
+    shots = summary.loc[k_shot].groupby("task", sort=False)["shots"].first()
+    if shots.nunique() > 1:  # one bar series for k-shot ICL, whatever each task's k (mnli: 3)
+        usual = int(shots.mode().iloc[0])
+        others = "; ".join(f"{k} for {', '.join(shots.index[shots == k])}" for k in dict.fromkeys(shots) if k != usual)
+        summary.loc[k_shot, "label"] = f"k-shot ICL (k = {usual}; {others})"
     task_order = {t: i for i, t in enumerate(dict.fromkeys(results["task"]))}
     summary["task_rank"] = summary["task"].map(task_order)
     return summary.sort_values(["rank", "task_rank"], kind="stable").drop(columns=["rank", "task_rank"]).reset_index(drop=True)

@@ -165,6 +165,17 @@ def test_method_bars():
         plotting.method_bars(RESULTS.drop(columns=["labels", "shots"]))
 
 
+def test_k_shot_icl_is_one_series_when_tasks_differ_in_k():
+    rows = [dict(task=t, method="icl", labels=k, shots=k, accuracy=a, template=1, seed=0)
+            for t, k, a in (("sst2", 4, 0.6), ("mnli", 3, 0.4), ("rte", 4, 0.5))]
+    rows.append(dict(task="mnli", method="icl", labels=24, shots=3, accuracy=0.3, template=1, seed=0))
+    figure = plotting.method_bars(pd.DataFrame(rows))
+    k_shot, many_shot = traces(figure, "bar")
+    assert k_shot.name == "k-shot ICL (k = 4; 3 for mnli)" and list(k_shot.x) == ["sst2", "mnli", "rte"]
+    assert list(k_shot.y) == pytest.approx([0.6, 0.4, 0.5])
+    assert many_shot.name == "24-shot ICL" and list(many_shot.x) == ["mnli"]
+
+
 def test_weights_heatmap_clips_like_predictions():
     names = ["L0H0", "L0H1", "L1H0", "L1H1", "MLP0", "MLP1"]
     figure = plotting.weights_heatmap(names, torch.tensor([-0.5, 0.3, 1.7, 0.9, 0.0, 0.6]))
