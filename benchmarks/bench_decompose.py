@@ -9,7 +9,7 @@ left-padded) and the same dtype:
 - plain: the Hugging Face model's own forward (a pristine copy, no bridge, no hooks), logits at the
   last position only (`logits_to_keep=1`, the cheapest honest way to get an ICL prediction);
 - plain-all: the same with logits at every position;
-- decomposition: `parts.decompose.Decomposer` over full prompts (everything up to component_logits),
+- decomposition: `parts.decomposition.decompose.Decomposer` over full prompts (everything up to component_logits),
   with its default engine (the model's own modules, SDPA attention, torch hooks at the last position);
 - bridge: the same through TransformerLens's `run_with_cache` (`engine="bridge"`, the reference);
 - prefix reuse: the default engine with the shared demonstrations' keys and values computed once.
@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
-from parts.decompose import Decomposer, resolve_batch_size
+from parts.data.prompts import build_prompts, label_token_ids
+from parts.data.tasks import get_task
+from parts.decomposition.decompose import Decomposer, resolve_batch_size
 from parts.errors import PartsError
-from parts.models import DTYPES, EMBEDDED_ALIASES, EMBEDDED_MODEL, from_hf
-from parts.prompts import build_prompts, label_token_ids
-from parts.tasks import get_task
+from parts.model.loading import DTYPES, EMBEDDED_ALIASES, EMBEDDED_MODEL, from_hf
 
 RESULTS = Path(__file__).with_name("results.md")
 LLAMA_7B_SHAPE = "llama-2-7b-shape"
@@ -80,7 +80,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     """A pristine Hugging Face model (the plain baseline) and a bridge over an identical copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from parts.models import _embedded_checkpoint, _randomize
+    from parts.model.loading import _embedded_checkpoint, _randomize
 
     dtype = DTYPES[args.dtype]
     device = torch.device(args.device)

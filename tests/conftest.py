@@ -70,7 +70,7 @@ FAMILIES = ("llama", "neox", "gpt2")
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny_model(request, tokenizer):
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
 
     model = from_hf(make_hf_model(request.param), tokenizer, f"tiny-{request.param}")
     return model
@@ -87,7 +87,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tokenizer):
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
 
     return from_hf(make_hf_model("llama"), tokenizer, "tiny-llama")
 
@@ -134,6 +134,6 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_model():
-    from parts.models import load_model
+    from parts.model.loading import load_model
 
     return load_model(device="cpu")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from parts.analysis import (
+from parts.analysis.analyze import (
     accuracy_correlation,
     analysis_report,
     categorize,
@@ -25,10 +25,10 @@ from parts.analysis import (
     stability_summary,
 )
 from parts.cli import main
-from parts.decompose import Decomposition, component_names
+from parts.data.prompts import PromptSet
+from parts.decomposition.decompose import Decomposition, component_names
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.prompts import PromptSet
-from parts.results import DecompositionRun
 
 GOLD = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
 

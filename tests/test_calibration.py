@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parts.calibration import (
+from parts.data.tasks import Template
+from parts.errors import PartsError
+from parts.reweighting.calibration import (
     batch_predict,
     batch_prior,
     calib_plus_predict,
@@ -16,8 +18,6 @@ from parts.calibration import (
     contextual_prior,
     train_calib_plus,
 )
-from parts.errors import PartsError
-from parts.tasks import Template
 
 # Logits whose softmax over the label words is exactly these probabilities.
 PROBABILITIES = torch.tensor([[0.6, 0.4], [0.72, 0.28], [0.8, 0.2]])

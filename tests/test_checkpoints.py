@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from parts.checkpoints import (
+from parts.errors import PartsError
+from parts.experiments.checkpoints import (
     Checkpoint,
     checkpoint_figure,
     checkpoint_runs,
@@ -15,7 +16,6 @@ from parts.checkpoints import (
     parse_checkpoint,
     pythia_checkpoints,
 )
-from parts.errors import PartsError
 
 STEPS = (0, 30, 80)
 
@@ -25,8 +25,8 @@ def trained_checkpoints(tmp_path_factory, tokenizer, tiny_task_file):
     """Folders step0, step30, step80: a tiny Llama after that many Adam steps on the task's labelled lines."""
     from conftest import make_hf_model
 
-    from parts.prompts import build_prompts
-    from parts.tasks import get_task
+    from parts.data.prompts import build_prompts
+    from parts.data.tasks import get_task
 
     task = get_task(str(tiny_task_file))
     # In-context prompts of training examples (four demonstration sets), each followed by its label word.

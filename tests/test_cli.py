@@ -7,7 +7,7 @@ import json
 import pytest
 
 from parts.cli import main
-from parts.results import DecompositionRun
+from parts.decomposition.runs import DecompositionRun
 
 
 def test_decompose_command_writes_a_run(tmp_path, tiny_model_dir, tiny_task_file, capsys):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parts.controls import (
+from parts.data.prompts import PromptSet
+from parts.decomposition.runs import DecompositionRun
+from parts.errors import PartsError
+from parts.experiments.controls import (
     benjamini_hochberg,
     chance_best_accuracy,
     chance_test_size,
@@ -16,9 +19,6 @@ from parts.controls import (
     random_init_control,
     significant,
 )
-from parts.errors import PartsError
-from parts.prompts import PromptSet
-from parts.results import DecompositionRun
 
 
 def test_holm_and_bh_adjusted_pvalues_by_hand():
@@ -80,7 +80,7 @@ def test_categorize_with_and_without_correction():
 def test_random_init_redraws_weights_with_the_models_initialiser(tokenizer):
     from conftest import make_hf_model
 
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
 
     hf = make_hf_model("llama")
     torch.manual_seed(123)
@@ -104,7 +104,7 @@ def test_random_init_redraws_weights_with_the_models_initialiser(tokenizer):
 def test_random_init_control_runs_both_models_on_the_same_prompts(tiny_task_file, tokenizer, tmp_path):
     from conftest import make_hf_model
 
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
 
     loads: list[bool] = []
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-from parts.decompose import Decomposer, component_names
-from parts.engines import HFEngine, suffix_position_ids
+from parts.decomposition.decompose import Decomposer, component_names
+from parts.model.engines import HFEngine, suffix_position_ids
 
 PROMPTS = [
     "review : great film sentiment : positive review : awful plot sentiment : negative review : good fun sentiment :",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from parts.cli import main
-from parts.runner import decompose_task
+from parts.experiments.runner import decompose_task
 
 pytestmark = pytest.mark.integration
 

@@ -7,11 +7,11 @@ import csv
 import pytest
 
 from parts.cli import main
-from parts.evaluate import many_shot_prompts, read_results, results_table, write_results
-from parts.results import DecompositionRun
-from parts.reweight import load_weights
-from parts.runner import run_dir
-from parts.tasks import Template
+from parts.data.tasks import Template
+from parts.decomposition.runs import DecompositionRun
+from parts.experiments.evaluate import many_shot_prompts, read_results, results_table, write_results
+from parts.experiments.runner import run_dir
+from parts.reweighting.reweight import load_weights
 
 TEMPLATE = Template("review : {text} sentiment :", (" negative", " positive"))
 DEMONSTRATIONS = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "fun", "label": 1}]
@@ -118,7 +118,7 @@ def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although everything needed is on disk")
 
-    monkeypatch.setattr("parts.models.load_model", no_model)
+    monkeypatch.setattr("parts.model.loading.load_model", no_model)
     assert main(argv) == 0
     assert "2 of 2 settings already evaluated; 0 to go" in capsys.readouterr().out
 

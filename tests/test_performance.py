@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from parts.cli.common import batch_size as batch_size_arg
-from parts.decompose import (
+from parts.data.prompts import build_prompts, label_token_ids
+from parts.data.tasks import get_task
+from parts.decomposition.decompose import (
     ESTIMATE_MARGIN,
     MAX_AUTO_BATCH_SIZE,
     Decomposer,
@@ -18,9 +20,7 @@ from parts.decompose import (
     resolve_batch_size,
 )
 from parts.errors import PartsError
-from parts.models import from_hf
-from parts.prompts import build_prompts, label_token_ids
-from parts.tasks import get_task
+from parts.model.loading import from_hf
 from tests.conftest import make_hf_model
 from tests.test_decompose import PROMPTS, label_ids
 

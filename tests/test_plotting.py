@@ -12,12 +12,12 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from parts import plotting
+from parts.analysis.inspect_head import demonstration_label_spans, inspect_head, spans_to_positions
 from parts.cli import main
 from parts.errors import PartsError
-from parts.export import CHROMIUM_INSTALL, chromium_screenshot, find_chromium, write_figure, write_figures
-from parts.figureset import figure_set, stability_pairs
-from parts.inspect_head import demonstration_label_spans, inspect_head, spans_to_positions
+from parts.figures import plotting
+from parts.figures.export import CHROMIUM_INSTALL, chromium_screenshot, find_chromium, write_figure, write_figures
+from parts.figures.figureset import figure_set, stability_pairs
 
 # Two layers x two heads + two MLPs, with chance 0.5 and a full model at 0.7.
 TABLE = pd.DataFrame({
@@ -198,7 +198,7 @@ def test_label_word_spans_and_positions():
 
 
 def test_head_logit_view_centres_more_than_two_labels():
-    from parts.inspect_head import HeadInspection
+    from parts.analysis.inspect_head import HeadInspection
 
     logits = torch.tensor([[1.0, 2.0, 6.0], [0.0, 3.0, 0.0]])
     inspection = HeadInspection("L0H0", 0, 0, 0.5, 0.5, "neutral", ("a", "b", "c"), logits, torch.tensor([2, 1]), [])
@@ -210,7 +210,7 @@ def test_head_logit_view_centres_more_than_two_labels():
 
 
 def test_top_attended_and_picked_heads():
-    from parts.inspect_head import AttentionView, pick_heads, top_attended
+    from parts.analysis.inspect_head import AttentionView, pick_heads, top_attended
 
     view = AttentionView(0, 1, ["<s>", "a", " pos", "\n\n", "b"], torch.tensor([0.4, 0.1, 0.3, 0.0, 0.2]), [2])
     top = top_attended(view, k=3)
@@ -224,8 +224,8 @@ def test_top_attended_and_picked_heads():
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, tiny_llama, tiny_task_file):
     """Three saved runs of a tiny random model (two seeds of template 1, template 2), results and weights."""
-    from parts.reweight import ReweightResult, save_weights, weights_file
-    from parts.runner import decompose_task, run_dir
+    from parts.experiments.runner import decompose_task, run_dir
+    from parts.reweighting.reweight import ReweightResult, save_weights, weights_file
 
     root = tmp_path_factory.mktemp("runs")
     paths = []
@@ -240,8 +240,8 @@ def tiny_runs(tmp_path_factory, tiny_llama, tiny_task_file):
 
 
 def test_inspect_head_on_a_tiny_model(tiny_runs, tiny_llama):
-    from parts.analysis import component_table
-    from parts.results import DecompositionRun
+    from parts.analysis.analyze import component_table
+    from parts.decomposition.runs import DecompositionRun
 
     run = DecompositionRun.load(tiny_runs[1][0])
     inspection = inspect_head(run, "L2H3", tiny_llama, examples=(0, 5))
@@ -288,7 +288,7 @@ def test_figure_set_names_what_the_runs_support(tiny_runs, tiny_llama):
 
 
 def test_stability_pairs_prefer_the_reference_template(tiny_runs):
-    from parts.results import DecompositionRun
+    from parts.decomposition.runs import DecompositionRun
 
     runs = [DecompositionRun.load(p) for p in tiny_runs[1]]
     pairs = stability_pairs(runs)

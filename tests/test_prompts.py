@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
+from parts.data.prompts import build_prompts, label_token_ids, render_prompt, sample_labeled_set, sample_test
+from parts.data.tasks import PAPER_TASK_NAMES, PAPER_TASKS, Template, get_task, load_split
 from parts.errors import PartsError
-from parts.prompts import build_prompts, label_token_ids, render_prompt, sample_labeled_set, sample_test
-from parts.tasks import PAPER_TASK_NAMES, PAPER_TASKS, Template, get_task, load_split
 
 
 def test_paper_tasks_have_four_templates_with_one_word_per_label():

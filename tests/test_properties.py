@@ -16,9 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parts.decompose import Decomposer
-from parts.prompts import sample_labeled_set, sample_test
-from parts.tasks import Task, Template
+from parts.data.prompts import sample_labeled_set, sample_test
+from parts.data.tasks import Task, Template
+from parts.decomposition.decompose import Decomposer
 from tests.conftest import WORDS
 
 # PARTS_HYPOTHESIS_EXAMPLES=200 searches harder, with fresh random examples each time.
@@ -71,7 +71,7 @@ def prompt_batches(draw):
 def build_bridge(config, seed: int, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

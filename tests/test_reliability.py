@@ -20,13 +20,13 @@ import torch
 
 from parts.cli import main
 from parts.cli.common import int_list
-from parts.decompose import Decomposition
+from parts.data.prompts import PromptSet, build_prompts
+from parts.data.tasks import get_task
+from parts.decomposition.decompose import Decomposition
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.evaluate import read_results
-from parts.prompts import PromptSet, build_prompts
-from parts.results import DecompositionRun
-from parts.runner import check_finite, decompose_task, ensure_run, run_decomposition
-from parts.tasks import get_task
+from parts.experiments.evaluate import read_results
+from parts.experiments.runner import check_finite, decompose_task, ensure_run, run_decomposition
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_unknown_models_are_one_line_errors_without_the_hub(tmp_path, tiny_task_
 
 def test_a_revision_of_a_local_model_is_an_error(tiny_model_dir, tmp_path, tiny_task_file, capsys):
     """Only hub models have revisions: the embedded model or a folder would silently load its one set of weights."""
-    from parts.models import load_model
+    from parts.model.loading import load_model
 
     with pytest.raises(PartsError, match=r"^--revision step1000 applies to hub models only: SmolLM2-135M-Instruct is a "
                                          r"local copy with one set of weights \(pass a hub name"):
@@ -97,7 +97,7 @@ def test_architectures_transformer_lens_cannot_wrap(tokenizer):
     """An unsupported architecture, and a supported one in a variant its adapter rejects (bias-free GPT-NeoX)."""
     from transformers import CTRLConfig, CTRLLMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
 
     ctrl = CTRLLMHeadModel(CTRLConfig(vocab_size=40, n_embd=8, n_layer=1, n_head=2, dff=16))
     with pytest.raises(PartsError, match=r"^TransformerLens cannot wrap model 'c' \(CTRLLMHeadModel\): Could not determine "
@@ -250,7 +250,7 @@ def test_number_lists_parse():
 
 def small_run(model: str = "m", n_layers: int = 2, n_heads: int = 1, seed: int = 0) -> DecompositionRun:
     """3 examples (split indices 10, 11, 12), 2 labels, `n_layers` x (`n_heads` + 1) components of known values."""
-    from parts.decompose import component_names
+    from parts.decomposition.decompose import component_names
 
     names = component_names(n_layers, n_heads)
     prompts = PromptSet("tiny", 1, seed, 2, "test", ("neg", "pos"), (" neg", " pos"), (5, 6), (10, 11, 12),
@@ -376,7 +376,7 @@ def test_non_finite_logits_name_the_example_and_the_earliest_component():
 def test_a_model_that_overflows_stops_the_run(tokenizer, tiny_task_file):
     """Infinite weights in layer 1's MLP: every component's logits are NaN (the final norm's scale is), and
     rerunning the example finds where it started."""
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
     from tests.conftest import make_hf_model
 
     hf_model = make_hf_model("llama")
@@ -392,8 +392,8 @@ def test_a_model_that_overflows_stops_the_run(tokenizer, tiny_task_file):
 
 def test_evaluation_forwards_stop_on_non_finite_logits(tokenizer):
     """The 24-shot ICL and content-free forwards keep no decomposition, but they are checked too."""
-    from parts.evaluate import label_logits
-    from parts.models import from_hf
+    from parts.experiments.evaluate import label_logits
+    from parts.model.loading import from_hf
     from tests.conftest import make_hf_model
 
     hf_model = make_hf_model("llama")
@@ -416,7 +416,7 @@ def saved_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_two_runs_are_bit_identical(tmp_path, tokenizer, tiny_task_file):
     """Same model (built twice from the same seed), task, template, seed and data: the same bytes on disk."""
-    from parts.models import from_hf
+    from parts.model.loading import from_hf
     from tests.conftest import make_hf_model
 
     paths = []
@@ -442,7 +442,7 @@ def test_embedded_model_runs_are_bit_identical(tmp_path, embedded_model, data_di
 
 
 def test_a_failed_save_leaves_no_run_and_keeps_the_old_one(tmp_path, monkeypatch):
-    import parts.results
+    import parts.decomposition.runs
 
     old, new = small_run("old"), small_run("new")
     target = tmp_path / "run"
@@ -451,7 +451,7 @@ def test_a_failed_save_leaves_no_run_and_keeps_the_old_one(tmp_path, monkeypatch
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(parts.results, "save_file", torn_save_file)
+    monkeypatch.setattr(parts.decomposition.runs, "save_file", torn_save_file)
     with pytest.raises(OSError, match="disk full"):
         new.save(target)
     assert not target.exists() and list(tmp_path.iterdir()) == []
@@ -478,7 +478,7 @@ KILLER = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
 
-    import parts.decompose, parts.results
+    import parts.decomposition.decompose, parts.decomposition.runs
     from parts.cli import main
 
     jobs_file = Path(sys.argv[1])
@@ -489,19 +489,19 @@ KILLER = textwrap.dedent("""
 
     def patch(moment, out):
         if moment == "decompose":  # during the second batch's forward pass
-            split, calls = parts.decompose.Decomposer._split, []
+            split, calls = parts.decomposition.decompose.Decomposer._split, []
             def second_batch_dies(self, *args):
                 calls.append(1)
                 return die() if len(calls) == 2 else split(self, *args)
-            parts.decompose.Decomposer._split = second_batch_dies
+            parts.decomposition.decompose.Decomposer._split = second_batch_dies
         elif moment in NTH_SAVE:  # a run's tensors written, the rest of its folder not
-            save_file, calls = parts.results.save_file, []
+            save_file, calls = parts.decomposition.runs.save_file, []
             def dies_after_writing(tensors, name):
                 calls.append(1)
                 save_file(tensors, name)
                 if len(calls) == NTH_SAVE[moment]:
                     die()
-            parts.results.save_file = dies_after_writing
+            parts.decomposition.runs.save_file = dies_after_writing
         elif moment == "rename":  # everything written, the final rename not done
             replace = os.replace
             os.replace = lambda src, dst: die() if Path(dst) == out else replace(src, dst)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from parts.decompose import Decomposition
+from parts.data.prompts import PromptSet
+from parts.decomposition.decompose import Decomposition
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.prompts import PromptSet
-from parts.results import DecompositionRun
 
 
 def hand_made_run() -> DecompositionRun:

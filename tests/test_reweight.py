@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from parts.errors import PartsError
-from parts.reweight import (
+from parts.reweighting.reweight import (
     ReweightResult,
     combine,
     load_weights,

@@ -7,24 +7,24 @@ from pathlib import Path
 
 import pytest
 
-import parts.sweep
+import parts.experiments.sweep
 from parts.cli import main
 from parts.errors import PartsError
-from parts.runner import run_dir
-from parts.sweep import plan_sweep, sweep
+from parts.experiments.runner import run_dir
+from parts.experiments.sweep import plan_sweep, sweep
 
 
 @pytest.fixture
 def count_loads(monkeypatch):
     """Counts the sweep's model loads."""
     loads: list[str] = []
-    real = parts.sweep.load_model
+    real = parts.experiments.sweep.load_model
 
     def counting(name, **kwargs):
         loads.append(name)
         return real(name, **kwargs)
 
-    monkeypatch.setattr(parts.sweep, "load_model", counting)
+    monkeypatch.setattr(parts.experiments.sweep, "load_model", counting)
     return loads
 
 
@@ -56,7 +56,7 @@ def test_interrupted_sweep_resumes_to_identical_files(tiny_model_dir, tiny_task_
     assert len(count_loads) == 1
 
     # Crash after two runs are saved; a killed process also leaves a staging folder behind.
-    real_ensure_run = parts.sweep.ensure_run
+    real_ensure_run = parts.experiments.sweep.ensure_run
     calls = []
 
     def crashing(path, *args, **kwargs):
@@ -68,12 +68,12 @@ def test_interrupted_sweep_resumes_to_identical_files(tiny_model_dir, tiny_task_
         calls.append(path)
         return real_ensure_run(path, *args, **kwargs)
 
-    monkeypatch.setattr(parts.sweep, "ensure_run", crashing)
+    monkeypatch.setattr(parts.experiments.sweep, "ensure_run", crashing)
     with pytest.raises(KeyboardInterrupt):
         tiny_sweep(tiny_model_dir, tiny_task_file, tmp_path / "resumed")
     finished = [p for p in tmp_path.joinpath("resumed").rglob("summary.json")]
     assert len(finished) == 2
-    monkeypatch.setattr(parts.sweep, "ensure_run", real_ensure_run)
+    monkeypatch.setattr(parts.experiments.sweep, "ensure_run", real_ensure_run)
 
     resumed = tiny_sweep(tiny_model_dir, tiny_task_file, tmp_path / "resumed")
     assert [p.relative_to(tmp_path / "resumed") for p in resumed] == [p.relative_to(tmp_path / "whole") for p in whole]

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
+from parts.data.prompts import build_prompts, render_prompt
+from parts.data.tasks import get_task, load_split
 from parts.errors import PartsError
-from parts.prompts import build_prompts, render_prompt
-from parts.reweight import predict, train_weights
-from parts.tasks import get_task, load_split
-from parts.transfer import (
+from parts.experiments.transfer import (
     TransferSetting,
     check_compatible,
     evaluate_transfer,
@@ -21,6 +20,7 @@ from parts.transfer import (
     transfer_prompts,
     transfer_settings,
 )
+from parts.reweighting.reweight import predict, train_weights
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_evaluate_transfer_scores_source_weights_on_both_test_sets(tiny_task_fil
     assert [(r["task"], r["method"], r["labels"]) for r in rows[:4]] == [
         ("tiny", "icl", 4), ("tiny -> shifted", "icl", 4), ("tiny", "batch", 4), ("tiny -> shifted", "batch", 4)]
     assert {r["method"] for r in rows} == {"icl", "batch", "calib+", "comprw"} and len(rows) == 8
-    from parts.results import DecompositionRun
+    from parts.decomposition.runs import DecompositionRun
 
     source_test = DecompositionRun.load(tmp_path / "tiny" / "tiny" / "t2-s1-k4-test-n10")
     source_train = DecompositionRun.load(tmp_path / "tiny" / "tiny" / "t2-s1-k4-train-n20")

@@ -55,7 +55,7 @@ def write_json_atomically(data: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parts.analysis import analysis_report, find_runs, format_report, load_runs
+    from parts.analysis.analyze import analysis_report, find_runs, format_report, load_runs
 
     paths = find_runs(args.root)
     runs = load_runs(args.root)

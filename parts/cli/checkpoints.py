@@ -38,7 +38,13 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parts.checkpoints import checkpoint_figure, checkpoint_runs, checkpoint_summary, checkpoint_table, parse_checkpoint
+    from parts.experiments.checkpoints import (
+        checkpoint_figure,
+        checkpoint_runs,
+        checkpoint_summary,
+        checkpoint_table,
+        parse_checkpoint,
+    )
 
     checkpoints = [parse_checkpoint(spec, args.model, position) for position, spec in enumerate(args.checkpoints)]
     runs = checkpoint_runs(checkpoints, args.tasks, args.templates, args.seeds, args.limit, args.out, args.data_dir,

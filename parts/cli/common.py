@@ -26,7 +26,7 @@ def non_negative_int(text: str) -> int:
 
 
 def batch_size(text: str) -> int | str:
-    """A positive whole number, or "auto" (chosen from free memory by `parts.decompose`)."""
+    """A positive whole number, or "auto" (chosen from free memory by `parts.decomposition.decompose`)."""
     return "auto" if text.strip().lower() == "auto" else positive_int(text)
 
 

@@ -31,10 +31,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parts.models import load_model
-    from parts.prompts import build_prompts
-    from parts.runner import run_decomposition
-    from parts.tasks import get_task
+    from parts.data.prompts import build_prompts
+    from parts.data.tasks import get_task
+    from parts.experiments.runner import run_decomposition
+    from parts.model.loading import load_model
 
     task = get_task(args.task)
     # Build (and validate) the prompts before paying for the model load.

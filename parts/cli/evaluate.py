@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from parts.errors import PartsError
-    from parts.evaluate import (
+    from parts.experiments.evaluate import (
         RESULTS_CSV,
         LazyModel,
         evaluate_setting,
@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         write_results,
         write_table,
     )
-    from parts.models import load_model
-    from parts.runner import model_slug
+    from parts.experiments.runner import model_slug
+    from parts.model.loading import load_model
 
     settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
     model = LazyModel(lambda: load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision))

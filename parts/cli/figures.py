@@ -42,9 +42,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parts.errors import PartsError
-    from parts.export import FORMATS, write_figures
-    from parts.figureset import figure_set
-    from parts.models import load_model
+    from parts.figures.export import FORMATS, write_figures
+    from parts.figures.figureset import figure_set
+    from parts.model.loading import load_model
 
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:

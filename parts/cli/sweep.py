@@ -31,8 +31,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parts.runner import model_label
-    from parts.sweep import plan_sweep, sweep
+    from parts.experiments.runner import model_label
+    from parts.experiments.sweep import plan_sweep, sweep
 
     label = model_label(args.model, args.revision)
     planned = plan_sweep(label, args.tasks, args.templates, args.seeds, args.split, args.limit, args.shots, args.out)

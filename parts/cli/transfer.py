@@ -40,10 +40,10 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from parts.evaluate import LazyModel, results_table, write_results, write_table
-    from parts.models import load_model
-    from parts.runner import model_slug
-    from parts.transfer import evaluate_transfer, parse_pairs, transfer_gap, transfer_settings
+    from parts.experiments.evaluate import LazyModel, results_table, write_results, write_table
+    from parts.experiments.runner import model_slug
+    from parts.experiments.transfer import evaluate_transfer, parse_pairs, transfer_gap, transfer_settings
+    from parts.model.loading import load_model
 
     settings = transfer_settings(parse_pairs(args.pairs), args.templates, args.seeds, args.limit, args.target_limit,
                                  args.shots)

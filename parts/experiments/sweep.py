@@ -1,8 +1,8 @@
 """Sweeps: every (task, template, seed) decomposition of one model, resumable.
 
-A sweep plans its run folders with `parts.runner.run_dir`, skips those already finished
+A sweep plans its run folders with `parts.experiments.runner.run_dir`, skips those already finished
 (a run folder is written atomically, so one with a `summary.json` is complete), loads the
-model once if anything is left to do, and runs the rest through `parts.runner.ensure_run`.
+model once if anything is left to do, and runs the rest through `parts.experiments.runner.ensure_run`.
 Interrupt it at any point and run it again: it redoes only the unfinished runs, and since a
 run depends only on its settings the files come out byte-identical to an uninterrupted sweep.
 """
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from parts.data.prompts import build_prompts
+from parts.data.tasks import Task, get_task
+from parts.decomposition.runs import SUMMARY
 from parts.errors import PartsError
-from parts.models import load_model
-from parts.prompts import build_prompts
-from parts.results import SUMMARY
-from parts.runner import ensure_run, model_label, run_dir
-from parts.tasks import Task, get_task
+from parts.experiments.runner import ensure_run, model_label, run_dir
+from parts.model.loading import load_model
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A checkpoint is a hub revision (Pythia's `EleutherAI/pythia-160m@step1000`), a local folder
 saved with `save_pretrained`, or `random` (the architecture re-initialised: training step 0).
-Every (checkpoint, task, template, seed) run is kept under `root` with `parts.runner.run_dir`
+Every (checkpoint, task, template, seed) run is kept under `root` with `parts.experiments.runner.run_dir`
 (the model label carries the revision), so an interrupted sweep resumes where it stopped.
 
 `checkpoint_table` tracks, per checkpoint and run, the full model's accuracy, the accuracy of
@@ -24,8 +24,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
+from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
-from parts.results import SUMMARY, DecompositionRun
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -45,7 +45,7 @@ class Checkpoint:
     @property
     def label(self) -> str:
         """The model label its runs are saved under (and the figure's hover text)."""
-        from parts.models import EMBEDDED_ALIASES, EMBEDDED_MODEL, random_init_name
+        from parts.model.loading import EMBEDDED_ALIASES, EMBEDDED_MODEL, random_init_name
 
         name = EMBEDDED_MODEL if self.model in EMBEDDED_ALIASES else str(self.model)
         if self.random_init:
@@ -103,8 +103,8 @@ def checkpoint_runs(
     load: Callable[..., TransformerBridge] | None = None,
 ) -> list[tuple[Checkpoint, DecompositionRun]]:
     """Every (checkpoint, task, template, seed) run, loading each checkpoint only if a run of it is missing."""
-    from parts.models import load_model
-    from parts.runner import ensure_run, run_dir
+    from parts.experiments.runner import ensure_run, run_dir
+    from parts.model.loading import load_model
 
     if not checkpoints:
         raise PartsError("give at least one checkpoint")

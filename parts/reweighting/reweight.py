@@ -208,7 +208,7 @@ def read_weights(path: str | Path) -> tuple[list[str], ReweightResult, dict[str,
 def load_weights(run_dir: str | Path, labels: int | str = 24) -> tuple[list[str], Tensor]:
     """Component names and the learned (raw) weights saved with a test run by `parts evaluate`.
 
-    `run_dir` is the test run's folder (`parts.runner.run_dir(..., split="test")`); every
+    `run_dir` is the test run's folder (`parts.experiments.runner.run_dir(..., split="test")`); every
     (task, template, seed) has its own. Clip to [0, 1] for the weights predictions use.
     """
     names, result, _ = read_weights(weights_file(run_dir, labels))

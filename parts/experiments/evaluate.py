@@ -7,12 +7,12 @@ For one setting, on the same test examples and the same labelled examples:
 | `icl` | k | the full model with the run's k demonstrations (the test run's own logits) |
 | `icl` | L | all L labelled examples (k demonstrations, then the L - k others) as demonstrations |
 | `calib+` | L | per-class weights on the k-shot probabilities, trained on the L - k others |
-| `comprw` | L | per-component weights, trained on the L - k others (`parts.reweight`) |
+| `comprw` | L | per-component weights, trained on the L - k others (`parts.reweighting.reweight`) |
 | `contextual` | k | k-shot probabilities divided by the content-free prior |
 | `batch` | k | k-shot probabilities minus the test batch's mean |
 | `oracle` | k | per-component weights trained on the test set itself: an upper bound, not a method |
 
-Decompositions are `parts.runner.ensure_run` folders (reused when finished); the L-shot and
+Decompositions are `parts.experiments.runner.ensure_run` folders (reused when finished); the L-shot and
 content-free logits and the learned weights are saved beside the test run. Rows go to
 `results.csv` (merged with rows already there, written atomically), so a sweep resumes
 where it stopped and several sweeps can share one output root.
@@ -38,14 +38,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts import calibration
-from parts.decompose import Decomposer
+from parts.data.prompts import LABEL_BUDGET, render_prompt
+from parts.data.tasks import Example, Task, Template, get_task, load_split
+from parts.decomposition.decompose import Decomposer
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.prompts import LABEL_BUDGET, render_prompt
-from parts.results import DecompositionRun
-from parts.reweight import predict, save_weights, train_weights, weights_file
-from parts.runner import ensure_run, model_slug, run_dir
-from parts.tasks import Example, Task, Template, get_task, load_split
+from parts.experiments.runner import ensure_run, model_slug, run_dir
+from parts.reweighting import calibration
+from parts.reweighting.reweight import predict, save_weights, train_weights, weights_file
 
 COLUMNS = ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy", "n_test", "note")
 RESULTS_CSV = "results.csv"
@@ -92,7 +92,7 @@ def label_logits(model: TransformerBridge, prompts: Sequence[str], label_token_i
                  ) -> Float[Tensor, "example label"]:
     """The full model's logits at the label words (no decomposition kept), shared prefix reused.
 
-    Non-finite logits stop here (as `parts.runner.check_finite` does for decompositions): averaged into
+    Non-finite logits stop here (as `parts.experiments.runner.check_finite` does for decompositions): averaged into
     an accuracy they would pass for wrong answers.
     """
     logits = Decomposer(model, label_token_ids)(prompts, batch_size=batch_size, progress=progress,

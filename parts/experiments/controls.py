@@ -25,8 +25,8 @@ from jaxtyping import Bool, Float
 from scipy import stats
 from torch import Tensor
 
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.results import DecompositionRun
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -129,8 +129,8 @@ def chance_table(
 def corrected_component_table(
     run: DecompositionRun, alpha: float = 0.05, correction: str = "holm", label_bias_threshold: float = 0.9
 ) -> pd.DataFrame:
-    """`parts.analysis.component_table` (categories on corrected p-values) plus `category_uncorrected`."""
-    from parts import analysis
+    """`parts.analysis.analyze.component_table` (categories on corrected p-values) plus `category_uncorrected`."""
+    from parts.analysis import analyze as analysis
 
     table = analysis.component_table(run, label_bias_threshold, alpha, correction)
     table["category_uncorrected"] = analysis.categorize(table, run.full_accuracy, label_bias_threshold, alpha)
@@ -153,7 +153,7 @@ def control_row(run: DecompositionRun, alpha: float = 0.05, correction: str = "h
         "best_accuracy": best_accuracy,
         "chance_best_accuracy": chance_best_accuracy(len(run.component_names), run.n_examples, chance),
     }
-    from parts.analysis import CATEGORIES
+    from parts.analysis.analyze import CATEGORIES
 
     table = corrected_component_table(run, alpha, correction)
     for label, column in (("uncorrected", "category_uncorrected"), (correction, "category")):
@@ -182,11 +182,11 @@ def random_init_control(
 ) -> pd.DataFrame:
     """Decompose the same prompts with the pretrained and the randomly initialised model; one row per run.
 
-    Runs are kept under `root` (`parts.runner.run_dir`), so an interrupted control resumes.
-    `load` replaces `parts.models.load_model` (tests pass tiny models).
+    Runs are kept under `root` (`parts.experiments.runner.run_dir`), so an interrupted control resumes.
+    `load` replaces `parts.model.loading.load_model` (tests pass tiny models).
     """
-    from parts.models import EMBEDDED_ALIASES, EMBEDDED_MODEL, load_model, random_init_name
-    from parts.runner import ensure_run, run_dir
+    from parts.experiments.runner import ensure_run, run_dir
+    from parts.model.loading import EMBEDDED_ALIASES, EMBEDDED_MODEL, load_model, random_init_name
 
     if correction not in CORRECTIONS:
         raise PartsError(f"unknown correction {correction!r}: use one of {', '.join(CORRECTIONS)}")

@@ -4,10 +4,10 @@ As in the paper (SST-2 -> Yelp, BoolQ -> BoolQ contrast set): for one source set
 template, seed) the target's test examples are rendered with the source template after the
 source's own demonstrations, so the prompt prefix is exactly the one the weights were learned
 under. Component weights (`comprw`) and Calib+ class weights (`calib+`) are trained on the
-source's 24 - k labelled training examples (`parts.reweight`, `parts.calibration`, the same
+source's 24 - k labelled training examples (`parts.reweighting.reweight`, `parts.reweighting.calibration`, the same
 recipes as `parts evaluate`) and scored on both the source and the target test set, next to
-the full model (`icl`, k-shot) and batch calibration. Rows have `parts.evaluate`'s columns, so
-`parts.evaluate.results_table` prints the source task and "source -> target" as two lines.
+the full model (`icl`, k-shot) and batch calibration. Rows have `parts.experiments.evaluate`'s columns, so
+`parts.experiments.evaluate.results_table` prints the source task and "source -> target" as two lines.
 
 Runs: the source's are ordinary `run_dir` folders (shared with `parts evaluate` under the same
 root); the target's are `root/<model>/transfer/<source>-to-<target>/t{template}-s{seed}-k{k}-test-n{limit}`.
@@ -24,13 +24,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from parts import calibration
+from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_prompt, sample_test
+from parts.data.tasks import Task, get_task, load_split
+from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
-from parts.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_prompt, sample_test
-from parts.results import SUMMARY, DecompositionRun
-from parts.reweight import predict, train_weights
-from parts.runner import ensure_run, model_slug, run_decomposition, run_dir
-from parts.tasks import Task, get_task, load_split
+from parts.experiments.runner import ensure_run, model_slug, run_decomposition, run_dir
+from parts.reweighting import calibration
+from parts.reweighting.reweight import predict, train_weights
 
 PAPER_PAIRS = (("sst2", "yelp"), ("boolq", "boolq_contrast"))
 METHODS = ("icl", "batch", "calib+", "comprw")

@@ -19,10 +19,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts.data.prompts import DEMO_SEPARATOR
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.plotting import parse_component
-from parts.prompts import DEMO_SEPARATOR
-from parts.results import DecompositionRun
+from parts.figures.plotting import parse_component
 
 
 @dataclass(frozen=True)
@@ -118,14 +118,14 @@ def inspect_head(
 ) -> HeadInspection:
     """Figure 6's data for one head of a run; attention only when a model is given.
 
-    `table` is the run's `parts.analysis.component_table` (computed here when not given), the
+    `table` is the run's `parts.analysis.analyze.component_table` (computed here when not given), the
     source of the head's label-bias score and category.
     """
     layer, head = parse_component(component)
     if head < 0:
         raise PartsError(f"{component} is an MLP and has no attention pattern: choose a head like L3H5")
     if table is None:
-        from parts.analysis import component_table
+        from parts.analysis.analyze import component_table
 
         table = component_table(run)
     row = table.loc[table["component"] == component]

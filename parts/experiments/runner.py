@@ -10,12 +10,12 @@ import einops
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts.decompose import Decomposer
+from parts.data.prompts import PromptSet, build_prompts, label_token_ids
+from parts.data.tasks import Task, get_task
+from parts.decomposition.decompose import Decomposer
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.models import model_name
-from parts.prompts import PromptSet, build_prompts, label_token_ids
-from parts.results import DecompositionRun
-from parts.tasks import Task, get_task
+from parts.model.loading import model_name
 
 
 def check_fits_context(tokenizer: Any, prompts: PromptSet, n_ctx: int) -> None:
@@ -96,7 +96,7 @@ def run_decomposition(
     progress: bool = True,
     engine: str = "hf",
 ) -> DecompositionRun:
-    """Decompose every prompt of a prompt set with a loaded model (`engine`: see parts.engines)."""
+    """Decompose every prompt of a prompt set with a loaded model (`engine`: see parts.model.engines)."""
     ids = label_token_ids(model.tokenizer, prompts.label_words)
     check_fits_context(model.tokenizer, prompts, int(model.cfg.n_ctx))
     decomposer = Decomposer(model, ids, engine)
@@ -144,7 +144,7 @@ def model_label(name: str | None, revision: str | None = None) -> str | None:
 
 def model_slug(name: str | None) -> str:
     """A folder name for a model: the embedded default, or the hub name with '/' replaced."""
-    from parts.models import EMBEDDED_ALIASES, EMBEDDED_MODEL
+    from parts.model.loading import EMBEDDED_ALIASES, EMBEDDED_MODEL
 
     label = EMBEDDED_MODEL if name in EMBEDDED_ALIASES else str(name)
     return label.replace("/", "--").replace(" ", "_")

@@ -1,7 +1,7 @@
 """Calibration baselines on the full model's label-word probabilities.
 
 - Calib+ (the paper's): one learned weight per class, trained on the labelled examples with
-  `parts.reweight.train_weights`: class c is a "component" whose logit for label c is the
+  `parts.reweighting.reweight.train_weights`: class c is a "component" whose logit for label c is the
   probability of c and 0 elsewhere, so the prediction is argmax_label v[label] * p[label]. As in
   the public code (`train_calib.py`) the class weights are not clipped, have no L1 term and may
   train for up to 5000 epochs; the rest of the recipe (SGD, lr 0.05, stopping) is shared.
@@ -24,10 +24,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from parts.data.prompts import render_prompt
+from parts.data.tasks import Example, Template
 from parts.errors import PartsError
-from parts.prompts import render_prompt
-from parts.reweight import ReweightResult, predict, train_weights
-from parts.tasks import Example, Template
+from parts.reweighting.reweight import ReweightResult, predict, train_weights
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 

@@ -6,7 +6,7 @@ examples it predicts as each label, and a category after the paper's Section 4:
 - label-biased: predicts one label on at least `label_bias_threshold` of the examples (the
   paper's rule is "the same label on the entire test set", i.e. a threshold of 1.0);
 - bad: accuracy significantly below chance (one-sided binomial test, p < `alpha` after a Holm
-  correction over all components: see `parts.controls`), not label-biased;
+  correction over all components: see `parts.experiments.controls`), not label-biased;
 - good: accuracy significantly above chance and at least the full model's, not label-biased;
 - neutral: the rest.
 
@@ -37,10 +37,10 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from parts.controls import adjust_pvalues
+from parts.data.tasks import get_task
+from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
-from parts.results import SUMMARY, DecompositionRun
-from parts.tasks import get_task
+from parts.experiments.controls import adjust_pvalues
 
 CATEGORIES = ("good", "bad", "label-biased", "neutral")
 CORRECTION_NAMES = {"holm": "Holm-corrected over components", "bh": "Benjamini-Hochberg-corrected over components",
@@ -139,7 +139,7 @@ def component_table(
     table["p_above"] = p_above
     table["p_below"] = p_below
     # Uncorrected, ~4% of chance-level components would pass at alpha = 0.05 (about 12 of 300 per run):
-    # categories use p-values corrected over components ("holm", "bh" or "none"; `parts.controls`).
+    # categories use p-values corrected over components ("holm", "bh" or "none"; `parts.experiments.controls`).
     for side in ("above", "below"):
         raw = torch.tensor(table[f"p_{side}"].to_numpy(), dtype=torch.float64)
         table[f"p_{side}_adjusted"] = adjust_pvalues(raw, correction).numpy()

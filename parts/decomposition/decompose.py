@@ -17,7 +17,7 @@ small contraction on top of a forward pass that caches only the last position.
 
 All test prompts of a run share their demonstrations: their longest common token prefix is
 run once and its keys and values reused for every batch (exact, as attention is causal).
-The forward passes themselves are run by an engine (parts.engines).
+The forward passes themselves are run by an engine (parts.model.engines).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts.engines import Activations, BridgeEngine, make_engine
 from parts.errors import PartsError
+from parts.model.engines import Activations, BridgeEngine, make_engine
 
 MAX_AUTO_BATCH_SIZE = 64  # beyond this a batch saves no time on any device measured
 # Share of free memory an automatic batch may plan to use: the estimate below is rough, and on a
@@ -172,7 +172,7 @@ class Decomposer:
 
     Built once per (model, label words); `__call__` handles batching, padding and prefix reuse.
     `engine` runs the batches: "hf" (default) the model's own modules with torch hooks and SDPA
-    attention, "bridge" TransformerLens's `run_with_cache` (the reference; see parts.engines).
+    attention, "bridge" TransformerLens's `run_with_cache` (the reference; see parts.model.engines).
     """
 
     def __init__(self, model: TransformerBridge, label_token_ids: Sequence[int], engine: str = "hf"):
@@ -238,7 +238,7 @@ class Decomposer:
             cache.batch_repeat_interleave(batch)
         logits, activations = self.engine.run(input_ids.to(self.device), mask.to(self.device), prefix_length, cache)
         if cache is not None and cache.get_seq_length() != prefix_length + width:
-            # The prefix cache was dropped (see parts.models._install_kv_cache_fix for the bridge's case):
+            # The prefix cache was dropped (see parts.model.loading._install_kv_cache_fix for the bridge's case):
             # the suffix attended only to itself, so these numbers would be wrong.
             raise RuntimeError(
                 f"the prefix KV cache was ignored (length {cache.get_seq_length()}, expected "

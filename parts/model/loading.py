@@ -46,7 +46,7 @@ def _install_kv_cache_fix() -> None:
     transformers 5.x hands the cache to attention modules as `cache=`; TransformerLens 4.3's
     `AttentionBridge._update_kv_cache` only reads `past_key_values` / `layer_past`, so a
     prefix cache is silently ignored (the suffix attends only to itself). Renaming the keyword
-    restores Hugging Face's behaviour bit for bit. `parts.decompose` checks the cache length
+    restores Hugging Face's behaviour bit for bit. `parts.decomposition.decompose` checks the cache length
     after every cached forward, so a regression fails loudly instead of giving wrong numbers.
     """
     original = AttentionBridge._update_kv_cache

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from parts import __version__
-from parts.decompose import Decomposition
+from parts.data.prompts import PromptSet
+from parts.decomposition.decompose import Decomposition
 from parts.errors import PartsError
-from parts.prompts import PromptSet
 
 FORMAT_VERSION = 1
 SUMMARY = "summary.json"

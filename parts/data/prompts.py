@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from parts.data.tasks import Example, Task, Template, load_split
 from parts.errors import PartsError
-from parts.tasks import Example, Task, Template, load_split
 
 DEMO_SEPARATOR = "\n\n"
 LABEL_BUDGET = 24

@@ -1,6 +1,6 @@
 """The paper's figures as plotly figures, each built from plain data.
 
-Every function takes what it draws (a component table from `parts.analysis.component_table`,
+Every function takes what it draws (a component table from `parts.analysis.analyze.component_table`,
 two tables and their correlation, a results DataFrame, a weight tensor, a `HeadInspection`)
 and returns a `go.Figure`; nothing here runs a model or reads files. Accuracy colours are one
 diverging scale on [0, 1] whose neutral colour sits at chance: red below, blue above, so the
@@ -24,7 +24,7 @@ from torch import Tensor
 from parts.errors import PartsError
 
 if TYPE_CHECKING:
-    from parts.inspect_head import AttentionView, HeadInspection
+    from parts.analysis.inspect_head import AttentionView, HeadInspection
 
 BELOW, NEUTRAL, ABOVE = "#b2182b", "#f7f7f7", "#2166ac"
 HEAD_COLOR, MLP_COLOR = "#1f77b4", "#ff7f0e"
@@ -74,7 +74,7 @@ def _reference_lines(figure: go.Figure, chance: float, full_accuracy: float) -> 
 def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise PartsError(f"{what} needs columns {missing}: pass a table from parts.analysis.component_table")
+        raise PartsError(f"{what} needs columns {missing}: pass a table from parts.analysis.analyze.component_table")
 
 
 def parse_component(name: str) -> tuple[int, int]:
@@ -163,7 +163,7 @@ def categorization_scatter(
         ))
     _reference_lines(figure, chance, full_accuracy)
     counts = table["category"].value_counts()
-    # Regions as parts.analysis.categorize draws them: good is significantly above chance and at least
+    # Regions as parts.analysis.analyze.categorize draws them: good is significantly above chance and at least
     # the full model; bad is significantly below chance (the test's margin is not drawn).
     figure.add_hrect(y0=full_accuracy, y1=1.02, fillcolor=CATEGORY_COLORS["good"], opacity=0.07, line_width=0, layer="below")
     figure.add_hrect(y0=-0.02, y1=chance, fillcolor=CATEGORY_COLORS["bad"], opacity=0.05, line_width=0, layer="below")

@@ -1,6 +1,6 @@
 """Every figure a folder of saved runs supports, by name: what `parts figures` writes.
 
-Runs are grouped as `parts.analysis.group_runs` does (same model, task, split, shots and
+Runs are grouped as `parts.analysis.analyze.group_runs` does (same model, task, split, shots and
 examples: accuracies that can be compared). Per group of test runs, the reference run (lowest
 template, then lowest seed) gives the heatmap, categories, distribution and, with a model, the
 close-up of its best head; two runs give the stability scatters and all of them the correlation
@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from parts import plotting
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.results import DecompositionRun
+from parts.figures import plotting
 
 RESULTS_CSV = "results.csv"
 
@@ -34,7 +34,7 @@ class SavedRun:
 
 
 def load_saved_runs(root: str | Path) -> list[SavedRun]:
-    from parts.analysis import find_runs
+    from parts.analysis.analyze import find_runs
 
     paths = find_runs(root)
     if not paths:
@@ -64,7 +64,7 @@ def test_groups(saved: Sequence[SavedRun]) -> dict[str, list[SavedRun]]:
 def stability_pairs(runs: Sequence[DecompositionRun]) -> dict[str, tuple[DecompositionRun, DecompositionRun]]:
     """The reference run against another demonstration set (same template), and against another
     template (its minimally contrastive one where the task names it; same seed)."""
-    from parts.tasks import get_task
+    from parts.data.tasks import get_task
 
     reference = runs[0]
     t, s = reference.prompts.template, reference.prompts.seed
@@ -97,8 +97,8 @@ def _pair_name(run: DecompositionRun, other: DecompositionRun, relation: str) ->
 
 def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None = None) -> dict[str, go.Figure]:
     """The figures of one group of comparable runs (see the module's docstring)."""
-    from parts.analysis import accuracy_correlation, component_table, correlation_matrix, run_label
-    from parts.reweight import load_weights, weights_file
+    from parts.analysis.analyze import accuracy_correlation, component_table, correlation_matrix, run_label
+    from parts.reweighting.reweight import load_weights, weights_file
 
     reference = group[0].run
     table = component_table(reference)
@@ -130,7 +130,7 @@ def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None =
         figures[f"{prefix}-weights"] = plotting.weights_heatmap(
             names, weights, titled("Learned component weights (24 labelled examples)"))
     if model is not None:
-        from parts.inspect_head import inspect_head, pick_heads
+        from parts.analysis.inspect_head import inspect_head, pick_heads
 
         head = pick_heads(table)["good"]
         inspection = inspect_head(reference, head, model, examples=(0,), table=table)  # type: ignore[arg-type]
