@@ -68,7 +68,7 @@ def test_content_free_prompts_follow_template_and_demonstrations():
     template = Template("Review: {text}\nSentiment:", (" negative", " positive"))
     demonstrations = [{"text": "great fun", "label": 1}, {"text": "dull", "label": 0}]
     prompts = content_free_prompts(template, demonstrations)
-    shown = "Review: great fun\nSentiment: positive\n\nReview: dull\nSentiment: negative\n\n"
+    shown = "Review: great fun\nSentiment: positive\nReview: dull\nSentiment: negative\n"
     assert prompts == [shown + "Review: N/A\nSentiment:", shown + "Review: \nSentiment:", shown + "Review: [MASK]\nSentiment:"]
 
 
@@ -78,7 +78,7 @@ def test_content_free_inputs_fill_every_field_and_list_fields():
     assert blank == {"question": "N/A", "choices": ["N/A", "N/A", "N/A"], "label": 2, "id": "x"}
     template = Template("Q: {question}\nA. {choices[0]}\nB. {choices[1]}\nAnswer:", (" A", " B"))
     assert content_free_prompts(template, [{"question": "Why?", "choices": ["a", "b"], "label": 0}], ["[MASK]"]) == [
-        "Q: Why?\nA. a\nB. b\nAnswer: A\n\nQ: [MASK]\nA. [MASK]\nB. [MASK]\nAnswer:"
+        "Q: Why?\nA. a\nB. b\nAnswer: A\nQ: [MASK]\nA. [MASK]\nB. [MASK]\nAnswer:"
     ]
 
 

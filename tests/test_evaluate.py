@@ -21,8 +21,8 @@ QUERIES = [{"text": "awful", "label": 0}, {"text": "very very dull", "label": 0}
 def test_many_shot_prompts_show_every_demonstration_in_order(tokenizer):
     prompts, dropped = many_shot_prompts(tokenizer, TEMPLATE, DEMONSTRATIONS, QUERIES, n_ctx=25)
     assert dropped == 0
-    assert prompts[0] == ("review : good sentiment : positive\n\nreview : bad sentiment : negative\n\n"
-                          "review : fun sentiment : positive\n\nreview : awful sentiment :")
+    assert prompts[0] == ("review : good sentiment : positive\nreview : bad sentiment : negative\n"
+                          "review : fun sentiment : positive\nreview : awful sentiment :")
     # word-level tokens: 6 per demonstration, 5 and 7 for the queries
     assert [len(tokenizer(p)["input_ids"]) for p in prompts] == [23, 25]
 
@@ -34,7 +34,7 @@ def test_many_shot_prompts_drop_leading_demonstrations_to_fit(tokenizer, n_ctx, 
     assert got == dropped
     assert all(len(tokenizer(p)["input_ids"]) <= n_ctx for p in prompts)
     # the longest prompt decides for all, so they keep sharing one prefix: the last demonstrations
-    assert prompts[1] == "".join(f"review : {d['text']} sentiment :{TEMPLATE.label_words[d['label']]}\n\n"
+    assert prompts[1] == "".join(f"review : {d['text']} sentiment :{TEMPLATE.label_words[d['label']]}\n"
                                  for d in DEMONSTRATIONS[dropped:]) + "review : very very dull sentiment :"
 
 

@@ -189,10 +189,12 @@ def test_weights_heatmap_clips_like_predictions():
 
 # -- figure 6 ----------------------------------------------------------------------------------------
 def test_label_word_spans_and_positions():
-    prompt = "Review: good\nSentiment: positive\n\nReview: bad positive\nSentiment: negative\n\nReview: ok\nSentiment:"
-    spans = demonstration_label_spans(prompt, [" negative", " positive"])
+    prompt = "Review: good\nSentiment: positive\nReview: bad positive\nSentiment: negative\nReview: ok\nSentiment:"
+    spans = demonstration_label_spans(prompt, [" negative", " positive"], "\n", "\nSentiment:")
     assert [prompt[a:b] for a, b in spans] == [" positive", " negative"]  # not the ' positive' inside a review
-    assert spans == [(23, 32), (65, 74)]
+    assert spans == [(23, 32), (64, 73)]
+    # without the template's tail, the ' positive' ending the review text would pass for a label
+    assert len(demonstration_label_spans(prompt, [" negative", " positive"], "\n")) == 3
     offsets = [(0, 0), (0, 7), (7, 12), (12, 13), (13, 23), (23, 32), (32, 34), (60, 65), (65, 74)]
     assert spans_to_positions(offsets, spans) == [5, 8]
 

@@ -26,7 +26,7 @@ def test_render_prompt_exact_text():
     template = Template("Review: {text}\nSentiment:", (" negative", " positive"))
     demos = [{"text": "bad", "label": 0}, {"text": "good", "label": 1}]
     prompt = render_prompt(template, demos, {"text": "fine", "label": 1})
-    assert prompt == "Review: bad\nSentiment: negative\n\nReview: good\nSentiment: positive\n\nReview: fine\nSentiment:"
+    assert prompt == "Review: bad\nSentiment: negative\nReview: good\nSentiment: positive\nReview: fine\nSentiment:"
 
 
 def test_arc_template_reads_choices():
@@ -137,3 +137,48 @@ def test_every_paper_task_renders_from_the_data_directory(name, data_dir):
         prompts = build_prompts(task, number, seed=0, split="test", limit=4, data_dir=data_dir)
         assert len(prompts) == 4 and len(prompts.demonstrations) == task.default_shots
         assert prompts.prompts[0].count(prompts.label_words[0].strip()) >= 1
+
+
+def test_separator_ends_every_demonstration_and_is_a_template_property():
+    demos = [{"text": "bad", "label": 0}, {"text": "good", "label": 1}]
+    paper = get_task("sst2").template(1)
+    assert paper.separator == "\n"  # the authors' code: f"{sents[i]}{labels[i]}\n"
+    assert render_prompt(paper, demos, {"text": "ok", "label": 0}) == (
+        "Review: bad\nSentiment: negative\nReview: good\nSentiment: positive\nReview: ok\nSentiment:")
+    own = Template("{text} =>", (" no", " yes"), separator=" || ")
+    assert render_prompt(own, demos, {"text": "ok", "label": 0}) == "bad => no || good => yes || ok =>"
+    assert render_prompt(own, [], {"text": "ok", "label": 0}) == "ok =>"
+
+
+def test_user_task_sets_its_own_separator(tmp_path):
+    spec = {"name": "mine", "data_dir": ".", "template": "{text}:", "label_words": [" a", " b"], "separator": "\n\n"}
+    (tmp_path / "mine.json").write_text(json.dumps(spec))
+    assert get_task(tmp_path / "mine.json").template(1).separator == "\n\n"
+    spec["separator"] = 3
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(PartsError, match="separator must be a string"):
+        get_task(tmp_path / "bad.json")
+    del spec["separator"]
+    (tmp_path / "plain.json").write_text(json.dumps(spec))
+    assert get_task(tmp_path / "plain.json").template(1).separator == "\n"
+
+
+def test_many_shot_order_shuffles_all_labelled_examples_last_two_differ():
+    from parts.data.prompts import many_shot_order
+
+    sst2, agnews = get_task("sst2"), get_task("agnews")
+    drawn = [1, 0, 1, 0] + [1, 0] * 10  # the drawing order: class rotation
+    for seed in range(20):
+        order = many_shot_order(sst2, seed, drawn)
+        assert sorted(order) == list(range(24))
+        shown = [drawn[i] for i in order]
+        assert shown[-1] != shown[-2]
+        # demonstrations are no longer a fixed prefix
+        assert order[:4] != [0, 1, 2, 3]
+    assert many_shot_order(sst2, 3, drawn) == many_shot_order(sst2, 3, drawn)  # deterministic per seed
+    assert many_shot_order(sst2, 3, drawn) != many_shot_order(sst2, 4, drawn)
+    four = [c for _ in range(6) for c in (1, 3, 0, 2)]
+    orders = {tuple(many_shot_order(agnews, s, four)) for s in range(10)}
+    assert len(orders) == 10
+    periodic = sum(all(four[o[i]] != four[o[i + 1]] for i in range(23)) for o in orders)
+    assert periodic < 10  # not a rotation: some neighbours share a label

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts.data.prompts import DEMO_SEPARATOR
+from parts.data.tasks import get_task
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 from parts.figures.plotting import parse_component
@@ -57,11 +57,20 @@ def head_logits(run: DecompositionRun, component: str) -> Float[Tensor, "example
     return run.component_logits[:, run.component_index(component), :]
 
 
-def demonstration_label_spans(prompt: str, label_words: Sequence[str]) -> list[tuple[int, int]]:
-    """Character spans of the label words that end a demonstration (a label word right before the separator)."""
+def demonstration_label_spans(prompt: str, label_words: Sequence[str], separator: str = "\n", tail: str = ""
+                              ) -> list[tuple[int, int]]:
+    """Character spans of the label words that end a demonstration: a label word right after the
+    template's literal `tail` (its text after the last field, e.g. "\nSentiment:") and right before
+    the `separator`, so a label word inside an example's own text is not taken for one."""
     # Longest first, so a label word that is a prefix of another cannot take its place.
     words = "|".join(re.escape(w) for w in sorted(label_words, key=len, reverse=True))
-    return [m.span() for m in re.finditer(f"(?:{words})(?={re.escape(DEMO_SEPARATOR)})", prompt)]
+    after = f"(?<={re.escape(tail)})" if tail else ""
+    return [m.span() for m in re.finditer(f"{after}(?:{words})(?={re.escape(separator)})", prompt)]
+
+
+def _template_tail(text: str) -> str:
+    """A template's literal text after its last field (where the label word follows)."""
+    return text[text.rfind("}") + 1:] if "}" in text else text
 
 
 def spans_to_positions(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
@@ -99,7 +108,12 @@ def attention_view(model: TransformerBridge, run: DecompositionRun, example: int
     encoded = model.tokenizer(prompt, return_offsets_mapping=True)
     token_ids = list(encoded["input_ids"])
     pattern = attention_from_last_token(model, token_ids, layer, head)
-    spans = demonstration_label_spans(prompt, run.prompts.label_words)
+    try:
+        template = get_task(run.prompts.task).template(run.prompts.template)
+        separator, tail = template.separator, _template_tail(template.text)
+    except PartsError:  # a user task known only by name: the default separator, no tail check
+        separator, tail = "\n", ""
+    spans = demonstration_label_spans(prompt, run.prompts.label_words, separator, tail)
     return AttentionView(
         example=example,
         gold=run.prompts.labels[example],

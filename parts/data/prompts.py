@@ -22,7 +22,6 @@ import numpy as np
 from parts.data.tasks import Example, Task, Template, load_split
 from parts.errors import PartsError
 
-DEMO_SEPARATOR = "\n\n"
 LABEL_BUDGET = 24
 
 
@@ -99,9 +98,30 @@ def sample_test(task: Task, labels: Sequence[int], split: str, limit: int | None
 
 
 def render_prompt(template: Template, demonstrations: Sequence[Example], example: Example) -> str:
-    """Demonstrations (each followed by its label word), then the query, ending where its label goes."""
-    shown = [template.render(d) + template.label_words[d["label"]] for d in demonstrations]
-    return DEMO_SEPARATOR.join([*shown, template.render(example)])
+    """Demonstrations, each `{filled template}{label word}{template.separator}`, then the query,
+    ending where its label goes (the authors' code: one newline after each demonstration)."""
+    shown = "".join(template.render(d) + template.label_words[d["label"]] + template.separator for d in demonstrations)
+    return shown + template.render(example)
+
+
+def shuffle_last_two_differ(labels: Sequence[int], rng: np.random.Generator, tries: int = 1000) -> list[int]:
+    """An order of `labels`' positions, reshuffled until the last two labels differ (the paper's rule
+    against recency bias; the authors' code applies it to every demonstration set, 24-shot included).
+    Left as the last shuffle when every label is the same."""
+    order = [int(i) for i in rng.permutation(len(labels))]
+    for _ in range(tries):
+        if len(order) < 2 or labels[order[-1]] != labels[order[-2]] or len(set(labels)) < 2:
+            break
+        order = [int(i) for i in rng.permutation(len(labels))]
+    return order
+
+
+def many_shot_order(task: Task, seed: int, labels: Sequence[int]) -> list[int]:
+    """The order in which the L labelled examples of a seed (k demonstrations, then the L - k others,
+    as drawn) are shown in the L-shot ICL prompt: all L shuffled together, the last two of different
+    labels, as the authors' code (never the drawing order, whose class rotation invites copying)."""
+    rng = np.random.default_rng(_stable_seed(task.name, seed, "many-shot", len(labels)))
+    return shuffle_last_two_differ(labels, rng)
 
 
 def label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:

@@ -9,7 +9,7 @@ The paper's eight tasks (sst2, boolq, qqp, wic, rte, mnli, agnews, arc) each hav
 for the template-robustness analysis. Data come from a data directory laid out as
 `<dir>/<task>/{train,test}.jsonl` (`--data-dir` or `PARTS_DATA_DIR`) or, when none is set,
 from the Hugging Face hub with the same splits. A user's own task is a JSON file with keys
-`name`, `data_dir`, `template`, `label_words` (and optionally `label_names`).
+`name`, `data_dir`, `template`, `label_words` (and optionally `label_names`, `separator`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,16 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class Template:
-    """A prompt format: `text.format(**example)` followed by one of `label_words`."""
+    """A prompt format: `text.format(**example)` followed by one of `label_words`.
+
+    `separator` ends every demonstration (`{filled template}{label word}{separator}`), so the
+    query follows the last one directly. The paper's tasks use one newline, as the authors' code.
+    """
 
     text: str
     label_words: tuple[str, ...]
     note: str = ""
+    separator: str = "\n"
 
     @property
     def fields(self) -> list[str]:
@@ -319,7 +324,7 @@ def get_task(name_or_file: str | Path) -> Task:
 
 
 def load_user_task(path: Path) -> Task:
-    """A user task: {"name", "data_dir", "template", "label_words"[, "label_names"]}."""
+    """A user task: {"name", "data_dir", "template", "label_words"[, "label_names", "separator", ...]}."""
     if not path.is_file():
         raise PartsError(f"task file {path} does not exist")
     try:
@@ -336,21 +341,24 @@ def load_user_task(path: Path) -> Task:
     if len(names) != len(words):
         raise PartsError(f"task file {path}: label_names and label_words differ in length")
     data_dir = (path.parent / spec["data_dir"]).resolve()
+    separator = spec.get("separator", "\n")
+    if not isinstance(separator, str):
+        raise PartsError(f"task file {path}: separator must be a string (what ends each demonstration), got {separator!r}")
     texts = {1: spec["template"], **(spec.get("templates") or {})}
     templates: dict[int, Template] = {}
     for number, text in texts.items():
         if not str(number).isdigit() or not isinstance(text, str):
             raise PartsError(f"task file {path}: templates must map numbers to strings, got {number!r}: {text!r}")
-        templates[int(number)] = _checked_template(path, text, tuple(words))
+        templates[int(number)] = _checked_template(path, text, tuple(words), separator)
     shots = spec.get("shots", 4 if len(words) != 3 else 3)
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
         raise PartsError(f"task file {path}: shots must be a whole number of demonstrations, got {shots!r}")
     return Task(str(spec["name"]), tuple(names), templates, shots, data_dir=data_dir)
 
 
-def _checked_template(path: Path, text: str, words: tuple[str, ...]) -> Template:
+def _checked_template(path: Path, text: str, words: tuple[str, ...], separator: str = "\n") -> Template:
     """A template whose format string parses (an unmatched brace is an error here, not mid-run)."""
-    template = Template(text, words)
+    template = Template(text, words, separator=separator)
     try:
         template.fields  # noqa: B018 - parsing is the check
     except ValueError as err:

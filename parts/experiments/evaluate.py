@@ -5,7 +5,7 @@ For one setting, on the same test examples and the same labelled examples:
 | method | labels | what |
 |---|---|---|
 | `icl` | k | the full model with the run's k demonstrations (the test run's own logits) |
-| `icl` | L | all L labelled examples (k demonstrations, then the L - k others) as demonstrations |
+| `icl` | L | all L labelled examples, shuffled together (the last two of different labels), as demonstrations |
 | `calib+` | L | per-class weights on the k-shot probabilities, trained on the L - k others |
 | `comprw` | L | per-component weights, trained on the L - k others (`parts.reweighting.reweight`) |
 | `contextual` | k | k-shot probabilities divided by the content-free prior |
@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts.data.prompts import LABEL_BUDGET, render_prompt
+from parts.data.prompts import LABEL_BUDGET, many_shot_order, render_prompt
 from parts.data.tasks import Example, Task, Template, get_task, load_split
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun
@@ -227,7 +227,9 @@ def evaluate_setting(
                          "class weights " + " ".join(f"{w:.3f}" for w in class_weights.weights.tolist())))
 
         def compute_many_shot(train: DecompositionRun = train, budget: int = budget) -> tuple[Tensor, dict[str, str]]:
-            labelled = demonstrations + [train_rows[i] for i in train.prompts.example_indices]
+            drawn = demonstrations + [train_rows[i] for i in train.prompts.example_indices]
+            # all L shuffled together, the last two of different labels (the authors' code)
+            labelled = [drawn[i] for i in many_shot_order(task, setting.seed, [d["label"] for d in drawn])]
             queries = [test_rows[i] for i in test.prompts.example_indices]
             loaded = model()
             prompts, dropped = many_shot_prompts(loaded.tokenizer, template, labelled, queries, int(loaded.cfg.n_ctx),
