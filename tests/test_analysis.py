@@ -25,9 +25,9 @@ from parts.analysis.analyze import (
     stability_summary,
 )
 from parts.cli import main
+from parts.components import component_names
 from parts.data.prompts import PromptSet
-from parts.decomposition.decompose import Decomposition, component_names
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import Decomposition, DecompositionRun
 from parts.errors import PartsError
 
 GOLD = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]

@@ -5,20 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parts.data.prompts import PromptSet
-from parts.decomposition.runs import DecompositionRun
-from parts.errors import PartsError
-from parts.experiments.controls import (
+from parts.analysis.stats import (
     benjamini_hochberg,
     chance_best_accuracy,
     chance_test_size,
-    control_row,
-    corrected_component_table,
     expected_false_good,
     holm,
-    random_init_control,
     significant,
 )
+from parts.data.prompts import PromptSet
+from parts.decomposition.runs import DecompositionRun
+from parts.errors import PartsError
+from parts.experiments.controls import control_row, corrected_component_table, random_init_control
 
 
 def test_holm_and_bh_adjusted_pvalues_by_hand():

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-from parts.decomposition.decompose import Decomposer, component_names
+from parts.components import component_names
+from parts.decomposition.decompose import Decomposer
 from parts.model.engines import HFEngine, suffix_position_ids
 
 PROMPTS = [

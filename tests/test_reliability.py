@@ -22,8 +22,7 @@ from parts.cli import main
 from parts.cli.common import int_list
 from parts.data.prompts import PromptSet, build_prompts
 from parts.data.tasks import get_task
-from parts.decomposition.decompose import Decomposition
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import Decomposition, DecompositionRun
 from parts.errors import PartsError
 from parts.experiments.evaluate import read_results
 from parts.experiments.runner import check_finite, decompose_task, ensure_run, run_decomposition
@@ -250,7 +249,7 @@ def test_number_lists_parse():
 
 def small_run(model: str = "m", n_layers: int = 2, n_heads: int = 1, seed: int = 0) -> DecompositionRun:
     """3 examples (split indices 10, 11, 12), 2 labels, `n_layers` x (`n_heads` + 1) components of known values."""
-    from parts.decomposition.decompose import component_names
+    from parts.components import component_names
 
     names = component_names(n_layers, n_heads)
     prompts = PromptSet("tiny", 1, seed, 2, "test", ("neg", "pos"), (" neg", " pos"), (5, 6), (10, 11, 12),

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from parts.data.prompts import PromptSet
-from parts.decomposition.decompose import Decomposition
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import Decomposition, DecompositionRun
 from parts.errors import PartsError
 
 

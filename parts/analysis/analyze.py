@@ -6,7 +6,7 @@ examples it predicts as each label, and a category after the paper's Section 4:
 - label-biased: predicts one label on at least `label_bias_threshold` of the examples (the
   paper's rule is "the same label on the entire test set", i.e. a threshold of 1.0);
 - bad: accuracy significantly below chance (one-sided binomial test, p < `alpha` after a Holm
-  correction over all components: see `parts.experiments.controls`), not label-biased;
+  correction over all components: see `parts.analysis.stats`), not label-biased;
 - good: accuracy significantly above chance and at least the full model's, not label-biased;
 - neutral: the rest.
 
@@ -37,10 +37,11 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
+from parts.analysis.stats import adjust_pvalues, binomial_p_values, chance_accuracy, is_significant
+from parts.components import parse_component
 from parts.data.tasks import get_task
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.controls import adjust_pvalues
 
 CATEGORIES = ("good", "bad", "label-biased", "neutral")
 CORRECTION_NAMES = {"holm": "Holm-corrected over components", "bh": "Benjamini-Hochberg-corrected over components",
@@ -68,42 +69,19 @@ def macro_accuracy(
     return einops.reduce(recall, "component label -> component", "mean")
 
 
-def chance_accuracy(shares: Float[Tensor, "component label"], labels: Int[Tensor, example]) -> Float[Tensor, component]:
-    """Expected accuracy of predictions independent of the gold labels (1/n_labels when balanced)."""
-    gold_frequency = torch.bincount(labels, minlength=shares.shape[-1]).double() / len(labels)
-    return einops.einsum(shares, gold_frequency, "component label, label -> component")
-
-
-def binomial_p_values(
-    n_correct: Sequence[int], n_examples: int, chance: Sequence[float]
-) -> tuple[list[float], list[float]]:
-    """One-sided binomial p-values of P(X >= correct) and P(X <= correct) for X ~ Bin(n, chance)."""
-    above = [float(stats.binom.sf(k - 1, n_examples, p)) for k, p in zip(n_correct, chance, strict=True)]
-    below = [float(stats.binom.cdf(k, n_examples, p)) for k, p in zip(n_correct, chance, strict=True)]
-    return above, below
-
-
 def categorize(
     table: pd.DataFrame, full_accuracy: float, label_bias_threshold: float = 0.9, alpha: float = 0.05
 ) -> pd.Series:
     """The category of every row of a component table (label-biased first, then bad, good, neutral)."""
     biased = table["label_bias"] >= label_bias_threshold
-    bad = ~biased & (table["p_below"] < alpha)
+    bad = ~biased & is_significant(table["p_below"], alpha)
     # A tolerance so a component with exactly the full model's accuracy is not lost to rounding.
-    good = ~biased & (table["p_above"] < alpha) & (table["accuracy"] >= full_accuracy - 1e-9)
+    good = ~biased & is_significant(table["p_above"], alpha) & (table["accuracy"] >= full_accuracy - 1e-9)
     category = pd.Series("neutral", index=table.index, dtype=object)
     category[good] = "good"
     category[bad] = "bad"
     category[biased] = "label-biased"
     return category
-
-
-def _parse_component(name: str) -> tuple[str, int, int]:
-    """'L3H5' -> ('head', 3, 5); 'MLP7' -> ('mlp', 7, -1)."""
-    if name.startswith("MLP"):
-        return "mlp", int(name[3:]), -1
-    layer, head = name[1:].split("H")
-    return "head", int(layer), int(head)
 
 
 def component_table(
@@ -122,7 +100,7 @@ def component_table(
     chance = chance_accuracy(shares, labels)
     n_correct = (predictions == einops.rearrange(labels, "example -> example 1")).sum(0)
     p_above, p_below = binomial_p_values(n_correct.tolist(), run.n_examples, chance.tolist())
-    kinds, layers, heads = zip(*(_parse_component(n) for n in run.component_names), strict=True)
+    kinds, layers, heads = zip(*(parse_component(n) for n in run.component_names), strict=True)
     table = pd.DataFrame({
         "component": run.component_names,
         "kind": kinds,
@@ -139,7 +117,7 @@ def component_table(
     table["p_above"] = p_above
     table["p_below"] = p_below
     # Uncorrected, ~4% of chance-level components would pass at alpha = 0.05 (about 12 of 300 per run):
-    # categories use p-values corrected over components ("holm", "bh" or "none"; `parts.experiments.controls`).
+    # categories use p-values corrected over components ("holm", "bh" or "none"; `parts.analysis.stats`).
     for side in ("above", "below"):
         raw = torch.tensor(table[f"p_{side}"].to_numpy(), dtype=torch.float64)
         table[f"p_{side}_adjusted"] = adjust_pvalues(raw, correction).numpy()

@@ -19,10 +19,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts.analysis.analyze import component_table
+from parts.components import MLP, parse_component
 from parts.data.tasks import get_task
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.figures.plotting import parse_component
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,10 @@ def inspect_head(
     `table` is the run's `parts.analysis.analyze.component_table` (computed here when not given), the
     source of the head's label-bias score and category.
     """
-    layer, head = parse_component(component)
-    if head < 0:
+    kind, layer, head = parse_component(component)
+    if kind == MLP:
         raise PartsError(f"{component} is an MLP and has no attention pattern: choose a head like L3H5")
     if table is None:
-        from parts.analysis.analyze import component_table
-
         table = component_table(run)
     row = table.loc[table["component"] == component]
     if row.empty:

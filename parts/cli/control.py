@@ -36,8 +36,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts.analysis.stats import chance_table
     from parts.errors import PartsError
-    from parts.experiments.controls import chance_table, random_init_control
+    from parts.experiments.controls import random_init_control
 
     if not 0 < args.alpha < 1:
         raise PartsError(f"--alpha must be between 0 and 1, got {args.alpha}")

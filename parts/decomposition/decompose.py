@@ -35,6 +35,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts.components import component_names
+from parts.decomposition.runs import Decomposition
 from parts.errors import PartsError
 from parts.model.engines import Activations, BridgeEngine, make_engine
 
@@ -43,12 +45,6 @@ MAX_AUTO_BATCH_SIZE = 64  # beyond this a batch saves no time on any device meas
 # CPU the memory is shared with other processes.
 MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}
 ESTIMATE_MARGIN = 2  # allocator slack and temporaries the per-prompt estimate leaves out
-
-
-def component_names(n_layers: int, n_heads: int) -> list[str]:
-    """Every head as `L{layer}H{head}` layer-major, then every MLP as `MLP{layer}`."""
-    heads = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
-    return heads + [f"MLP{layer}" for layer in range(n_layers)]
 
 
 @dataclass(frozen=True)
@@ -93,20 +89,6 @@ def _optional(model: TransformerBridge, name: str, ids: Tensor | None) -> Tensor
     except AttributeError:
         return torch.zeros(len(ids) if ids is not None else 1, device=model.W_U.device)
     return value[ids] if ids is not None else value
-
-
-@dataclass
-class Decomposition:
-    """Label-word logits of a batch of prompts, split into per-component contributions."""
-
-    component_logits: Float[Tensor, "batch component label"]
-    remainder: Float[Tensor, "batch label"]  # embeddings and biases
-    model_logits: Float[Tensor, "batch label"]  # the model's own logits at the label words
-
-    @property
-    def reconstruction_error(self) -> Float[Tensor, batch]:
-        total = einops.reduce(self.component_logits, "batch component label -> batch label", "sum")
-        return (total + self.remainder - self.model_logits).abs().amax(-1)
 
 
 def _last(activations: Activations, name: str) -> Tensor:

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from parts import __version__
 from parts.data.prompts import PromptSet
-from parts.decomposition.decompose import Decomposition
 from parts.errors import PartsError
 
 FORMAT_VERSION = 1
@@ -32,6 +31,30 @@ SUMMARY = "summary.json"
 PROMPTS = "prompts.jsonl"
 TENSORS = "tensors.safetensors"
 _TENSOR_NAMES = ("component_logits", "remainder", "model_logits")
+
+
+def reconstruction_error(
+    component_logits: Float[Tensor, "example component label"],
+    remainder: Float[Tensor, "example label"],
+    model_logits: Float[Tensor, "example label"],
+) -> Float[Tensor, example]:
+    """Per example, the largest |sum of components + remainder - model logit| over the label words."""
+    total = einops.reduce(component_logits, "example component label -> example label", "sum")
+    return (total + remainder - model_logits).abs().amax(-1)
+
+
+@dataclass
+class Decomposition:
+    """Label-word logits of a batch of prompts, split into per-component contributions (what
+    `parts.decomposition.decompose.Decomposer` returns; plain data, no model code)."""
+
+    component_logits: Float[Tensor, "example component label"]
+    remainder: Float[Tensor, "example label"]  # embeddings and biases
+    model_logits: Float[Tensor, "example label"]  # the model's own logits at the label words
+
+    @property
+    def reconstruction_error(self) -> Float[Tensor, example]:
+        return reconstruction_error(self.component_logits, self.remainder, self.model_logits)
 
 
 @dataclass(eq=False)
@@ -105,8 +128,7 @@ class DecompositionRun:
     @property
     def reconstruction_error(self) -> Float[Tensor, example]:
         """Largest |sum of components + remainder - model logit| over the label words."""
-        total = einops.reduce(self.component_logits, "example component label -> example label", "sum")
-        return (total + self.remainder - self.model_logits).abs().amax(-1)
+        return reconstruction_error(self.component_logits, self.remainder, self.model_logits)
 
     @property
     def max_reconstruction_error(self) -> float:

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.runner import ensure_run, run_dir
+from parts.model.loading import load_model, random_init_name, resolve_model_name
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -45,9 +47,7 @@ class Checkpoint:
     @property
     def label(self) -> str:
         """The model label its runs are saved under (and the figure's hover text)."""
-        from parts.model.loading import EMBEDDED_ALIASES, EMBEDDED_MODEL, random_init_name
-
-        name = EMBEDDED_MODEL if self.model in EMBEDDED_ALIASES else str(self.model)
+        name = resolve_model_name(self.model)
         if self.random_init:
             return random_init_name(name, 0)
         return f"{name}@{self.revision}" if self.revision else name
@@ -103,9 +103,6 @@ def checkpoint_runs(
     load: Callable[..., TransformerBridge] | None = None,
 ) -> list[tuple[Checkpoint, DecompositionRun]]:
     """Every (checkpoint, task, template, seed) run, loading each checkpoint only if a run of it is missing."""
-    from parts.experiments.runner import ensure_run, run_dir
-    from parts.model.loading import load_model
-
     if not checkpoints:
         raise PartsError("give at least one checkpoint")
     loader = load or load_model

@@ -10,12 +10,13 @@ import einops
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts.components import head_name, mlp_name
 from parts.data.prompts import PromptSet, build_prompts, label_token_ids
 from parts.data.tasks import Task, get_task
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.model.loading import model_name
+from parts.model.loading import model_name, resolve_model_name
 
 
 def check_fits_context(tokenizer: Any, prompts: PromptSet, n_ctx: int) -> None:
@@ -82,9 +83,9 @@ def overflow_origin(model: TransformerBridge, prompt: str) -> str | None:
             )
             bad_heads = (~torch.isfinite(head_out)).any(-1).any(1).any(0)  # head
             if bad_heads.any():
-                return f"component L{layer}H{int(bad_heads.nonzero()[0, 0])} (the first non-finite output)"
+                return f"component {head_name(layer, int(bad_heads.nonzero()[0, 0]))} (the first non-finite output)"
             if not torch.isfinite(cache[f"blocks.{layer}.hook_mlp_out"]).all():
-                return f"component MLP{layer} (the first non-finite output)"
+                return f"component {mlp_name(layer)} (the first non-finite output)"
     return None
 
 
@@ -144,10 +145,7 @@ def model_label(name: str | None, revision: str | None = None) -> str | None:
 
 def model_slug(name: str | None) -> str:
     """A folder name for a model: the embedded default, or the hub name with '/' replaced."""
-    from parts.model.loading import EMBEDDED_ALIASES, EMBEDDED_MODEL
-
-    label = EMBEDDED_MODEL if name in EMBEDDED_ALIASES else str(name)
-    return label.replace("/", "--").replace(" ", "_")
+    return resolve_model_name(name).replace("/", "--").replace(" ", "_")
 
 
 def run_dir(

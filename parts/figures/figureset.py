@@ -18,9 +18,13 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from parts.analysis.analyze import accuracy_correlation, component_table, correlation_matrix, find_runs, run_label
+from parts.analysis.inspect_head import inspect_head, pick_heads
+from parts.data.tasks import get_task
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 from parts.figures import plotting
+from parts.reweighting.reweight import load_weights, weights_file
 
 RESULTS_CSV = "results.csv"
 
@@ -34,8 +38,6 @@ class SavedRun:
 
 
 def load_saved_runs(root: str | Path) -> list[SavedRun]:
-    from parts.analysis.analyze import find_runs
-
     paths = find_runs(root)
     if not paths:
         raise PartsError(f"no finished runs under {root}: run `parts sweep --out {root}` or `parts decompose` first")
@@ -64,8 +66,6 @@ def test_groups(saved: Sequence[SavedRun]) -> dict[str, list[SavedRun]]:
 def stability_pairs(runs: Sequence[DecompositionRun]) -> dict[str, tuple[DecompositionRun, DecompositionRun]]:
     """The reference run against another demonstration set (same template), and against another
     template (its minimally contrastive one where the task names it; same seed)."""
-    from parts.data.tasks import get_task
-
     reference = runs[0]
     t, s = reference.prompts.template, reference.prompts.seed
     pairs = {}
@@ -97,9 +97,6 @@ def _pair_name(run: DecompositionRun, other: DecompositionRun, relation: str) ->
 
 def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None = None) -> dict[str, go.Figure]:
     """The figures of one group of comparable runs (see the module's docstring)."""
-    from parts.analysis.analyze import accuracy_correlation, component_table, correlation_matrix, run_label
-    from parts.reweighting.reweight import load_weights, weights_file
-
     reference = group[0].run
     table = component_table(reference)
     where = _describe(reference)
@@ -130,8 +127,6 @@ def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None =
         figures[f"{prefix}-weights"] = plotting.weights_heatmap(
             names, weights, titled("Learned component weights (24 labelled examples)"))
     if model is not None:
-        from parts.analysis.inspect_head import inspect_head, pick_heads
-
         head = pick_heads(table)["good"]
         inspection = inspect_head(reference, head, model, examples=(0,), table=table)  # type: ignore[arg-type]
         figures[f"{prefix}-head-{head}"] = plotting.head_closeup(inspection)

@@ -9,7 +9,6 @@ same colour means the same accuracy in every figure of a task.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from parts.components import component_kind, parse_component
 from parts.errors import PartsError
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ BELOW, NEUTRAL, ABOVE = "#b2182b", "#f7f7f7", "#2166ac"
 HEAD_COLOR, MLP_COLOR = "#1f77b4", "#ff7f0e"
 CATEGORY_COLORS = {"good": "#1a9850", "bad": "#d73027", "label-biased": "#7b3294", "neutral": "#969696"}
 FONT = dict(family="Liberation Sans, Arial, sans-serif", size=13)
-_COMPONENT = re.compile(r"^L(\d+)H(\d+)$|^MLP(\d+)$")
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -75,16 +74,6 @@ def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> No
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise PartsError(f"{what} needs columns {missing}: pass a table from parts.analysis.analyze.component_table")
-
-
-def parse_component(name: str) -> tuple[int, int]:
-    """'L3H5' -> (3, 5); 'MLP3' -> (3, -1)."""
-    match = _COMPONENT.match(name)
-    if not match:
-        raise PartsError(f"component name {name!r} is not like L0H0 or MLP0")
-    if match.group(3) is not None:
-        return int(match.group(3)), -1
-    return int(match.group(1)), int(match.group(2))
 
 
 def _grid(table: pd.DataFrame, column: str, kind: str) -> np.ndarray:
@@ -199,7 +188,7 @@ def stability_scatter(
     b = np.asarray(accuracy_b, dtype=float)
     if a.shape != b.shape or len(a) != len(component_names):
         raise PartsError(f"runs differ in components ({len(a)} vs {len(b)}): compare runs of the same model")
-    kinds = np.array(["mlp" if n.startswith("MLP") else "head" for n in component_names])
+    kinds = np.array([component_kind(n) for n in component_names])
     figure = go.Figure()
     for kind, color, label in (("head", HEAD_COLOR, "attention heads"), ("mlp", MLP_COLOR, "MLPs")):
         keep = kinds == kind
@@ -336,12 +325,12 @@ def weights_table(component_names: Sequence[str], weights: Float[Tensor, compone
     """Weights clipped to [0, 1] (as predictions use them), one row per component with its layer and head."""
     if weights.ndim != 1 or len(weights) != len(component_names):
         raise PartsError(f"{tuple(weights.shape)} weights for {len(component_names)} components: pass load_weights(...)")
-    positions = [parse_component(n) for n in component_names]
+    parsed = [parse_component(n) for n in component_names]
     return pd.DataFrame({
         "component": list(component_names),
-        "kind": ["mlp" if head < 0 else "head" for _, head in positions],
-        "layer": [layer for layer, _ in positions],
-        "head": [head for _, head in positions],
+        "kind": [c.kind for c in parsed],
+        "layer": [c.layer for c in parsed],
+        "head": [c.head for c in parsed],
         "weight": weights.detach().float().clamp(0.0, 1.0).tolist(),
     })
 

@@ -128,6 +128,12 @@ def _randomize(hf_model: Any, seed: int) -> Any:
     return fresh.to(next(hf_model.parameters()).device).eval()
 
 
+def resolve_model_name(name: str | None) -> str:
+    """The name a model is known by: the embedded model's for any of its aliases (None, "embedded", ...),
+    else the hub name or folder as given."""
+    return EMBEDDED_MODEL if name in EMBEDDED_ALIASES else str(name)
+
+
 def random_init_name(name: str, seed: int) -> str:
     """The name a randomly re-initialised model records (usable as a folder name)."""
     return f"{name}+random-init-s{seed}"
@@ -216,7 +222,7 @@ def load_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     embedded = name in EMBEDDED_ALIASES
-    label = EMBEDDED_MODEL if embedded else str(name)
+    label = resolve_model_name(name)
     folder = None if embedded else _check_local_folder(label)
     if revision is not None and (embedded or Path(str(folder)).is_dir()):
         raise PartsError(
