@@ -106,7 +106,7 @@ def test_random_init_control_runs_both_models_on_the_same_prompts(tiny_task_file
 
     loads: list[bool] = []
 
-    def load(name, device=None, random_init=False, seed=0):
+    def load(name, device=None, random_init=False, seed=0, **options):
         loads.append(random_init)
         return from_hf(make_hf_model("llama"), tokenizer, "tiny", random_init=random_init, seed=seed)
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import add_data_options, int_list, name_list, positive_int
+from parts.cli.common import add_model_options, int_list, name_list, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -22,7 +22,6 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--checkpoints", type=name_list, required=True,
                         help="comma-separated, e.g. EleutherAI/pythia-160m@step1000,EleutherAI/pythia-160m@step143000")
-    parser.add_argument("--model", default=None, help="the model 'random' re-initialises (default: the embedded model)")
     parser.add_argument("--tasks", type=name_list, default=["sst2"], help="comma-separated tasks (default sst2)")
     parser.add_argument("--templates", type=int_list, default=[1], help="templates (default 1)")
     parser.add_argument("--seeds", type=int_list, default=[0], help="demonstration seeds (default 0)")
@@ -30,10 +29,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--top-k", type=positive_int, default=3, help="components to follow (default 3)")
     parser.add_argument("--out", default="runs/checkpoints", help="root of the run folders (default runs/checkpoints)")
     parser.add_argument("--figure", default=None, help="figure file (.html; default OUT/checkpoints.html)")
-    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 weights")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default 8)")
-    add_data_options(parser)
+    add_model_options(parser, model_help="the model 'random' re-initialises (default: the embedded model)",
+                      revision=False, batch_size_default=8)
     parser.set_defaults(func=run)
 
 
@@ -47,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     checkpoints = [parse_checkpoint(spec, args.model, position) for position, spec in enumerate(args.checkpoints)]
-    runs = checkpoint_runs(checkpoints, args.tasks, args.templates, args.seeds, args.limit, args.out, args.data_dir,
-                           args.device, args.dtype, args.batch_size)
+    runs = checkpoint_runs(checkpoints, args.tasks, args.templates, args.seeds, args.limit, args.out, run_options(args))
     table = checkpoint_table(runs, args.top_k)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     table.to_csv(Path(args.out) / "checkpoints.csv", index=False)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from parts.experiments.options import RunOptions
 
 
 def positive_int(text: str) -> int:
@@ -57,21 +61,60 @@ def name_list(text: str) -> list[str]:
     return names
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help="Hugging Face name or folder (default: the embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    *,
+    model_help: str | None = "Hugging Face name or folder (default: the embedded SmolLM2-135M-Instruct)",
+    revision: bool = True,
+    batch_size_default: int | str = "auto",
+    decomposes: bool = True,
+) -> None:
+    """The options of every command that runs the model, read back whole by `run_options`.
+
+    `model_help` None: the command declares its own model arguments. `decomposes` False: only what
+    loading needs (device, dtype), for a command that loads a model without decomposing (figures).
+    """
+    group = parser.add_argument_group("running the model")
+    if model_help is not None:
+        group.add_argument("--model", default=None, help=model_help)
+    group.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:1 ..., or auto: spread over every visible GPU (default: cuda if available)")
     group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 weights")
-    group.add_argument("--revision", default=None, help="hub revision, e.g. a Pythia checkpoint step1000")
-    group.add_argument("--batch-size", type=batch_size, default="auto",
-                       help="prompts per forward pass, or auto (default): as many as a share of free memory holds")
+    if revision:
+        group.add_argument("--revision", default=None, help="hub revision, e.g. a Pythia checkpoint step1000")
+    if not decomposes:
+        return
+    group.add_argument("--batch-size", type=batch_size, default=batch_size_default,
+                       help="prompts per forward pass, or auto: as many as a share of free memory holds "
+                            f"(default {batch_size_default})")
     group.add_argument(
         "--no-prefix-reuse", dest="prefix_reuse", action="store_false",
         help="run every prompt in full instead of reusing the shared demonstrations' keys and values",
     )
+    group.add_argument(
+        "--engine", choices=("hf", "bridge"), default="hf",
+        help="hf (default): the model's own modules with torch hooks and fast attention; bridge: TransformerLens's "
+        "run_with_cache, the slower reference (equal to 1e-4)",
+    )
+    add_data_options(group)
 
 
-def add_data_options(parser: argparse.ArgumentParser) -> None:
+def run_options(args: argparse.Namespace, progress: bool = True) -> RunOptions:
+    """The `RunOptions` of a command's parsed arguments (those `add_model_options` declared)."""
+    from parts.experiments.options import RunOptions  # here, not at the top: `parts --help` stays fast
+
+    return RunOptions(
+        engine=getattr(args, "engine", "hf"),
+        prefix_reuse=getattr(args, "prefix_reuse", True),
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=getattr(args, "batch_size", 8),
+        data_dir=getattr(args, "data_dir", None),
+        progress=progress,
+    )
+
+
+def add_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--data-dir", default=None,
         help="folder with <task>/{train,test}.jsonl (default: $PARTS_DATA_DIR, else the Hugging Face hub)",

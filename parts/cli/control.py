@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import add_data_options, int_list, name_list, non_negative_int, positive_int
+from parts.cli.common import add_model_options, int_list, name_list, non_negative_int, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -28,10 +28,7 @@ def add_parser(subparsers: Any) -> None:
                         help="correction over components: holm (default), bh (Benjamini-Hochberg) or none")
     parser.add_argument("--out", default="runs/controls", help="root of the run folders (default runs/controls)")
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
-    parser.add_argument("--model", default=None, help="Hugging Face name or folder (default: the embedded model)")
-    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default 8)")
-    add_data_options(parser)
+    add_model_options(parser, revision=False, batch_size_default=8)
     parser.set_defaults(func=run)
 
 
@@ -42,10 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.alpha < 1:
         raise PartsError(f"--alpha must be between 0 and 1, got {args.alpha}")
-    table = random_init_control(
-        args.tasks, args.templates, args.seeds, args.limit, args.out, args.model, args.init_seed,
-        args.data_dir, args.alpha, args.correction, args.device, args.batch_size,
-    )
+    table = random_init_control(args.tasks, args.templates, args.seeds, args.limit, args.out, args.model, args.init_seed,
+                                args.alpha, args.correction, run_options(args))
     if args.csv:
         table.to_csv(args.csv, index=False)
     shown = table.drop(columns=["model"])

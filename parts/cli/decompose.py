@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from parts.cli.common import add_data_options, add_model_options, add_run_options, non_negative_int, positive_int
+from parts.cli.common import add_model_options, add_run_options, non_negative_int, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -20,13 +20,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="demonstration seed")
     add_run_options(parser)
     parser.add_argument("--out", required=True, help="run folder to write")
-    parser.add_argument(
-        "--engine", choices=("hf", "bridge"), default="hf",
-        help="hf (default): the model's own modules with torch hooks and fast attention; bridge: TransformerLens's "
-        "run_with_cache, the slower reference (equal to 1e-4)",
-    )
     add_model_options(parser)
-    add_data_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -36,12 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from parts.experiments.runner import run_decomposition
     from parts.model.loading import load_model
 
+    options = run_options(args)
     task = get_task(args.task)
     # Build (and validate) the prompts before paying for the model load.
-    prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, args.data_dir)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, options.data_dir)
+    model = load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision)
     start = time.perf_counter()
-    result = run_decomposition(model, prompts, args.batch_size, args.prefix_reuse, engine=args.engine)
+    result = run_decomposition(model, prompts, options)
     path = result.save(args.out)
     print(result.describe())
     print(f"saved to {path} ({time.perf_counter() - start:.1f} s)")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import add_data_options, add_model_options, int_list, name_list, non_negative_int, positive_int
+from parts.cli.common import add_model_options, int_list, name_list, non_negative_int, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,7 +30,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--table-only", action="store_true",
                         help="compute nothing: print and write the table of the settings already in results.csv")
     add_model_options(parser)
-    add_data_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from parts.experiments.runner import model_slug
     from parts.model.loading import load_model
 
+    options = run_options(args)
     settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
-    model = LazyModel(lambda: load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision))
-    name = model_slug(args.model)
+    model = LazyModel(lambda: load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision))
+    name = model_slug(args.model, options)
     csv_path = f"{args.out}/{RESULTS_CSV}"
     todo = [s for s in settings if not finished(read_results(csv_path), name, s)]
     print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; "
@@ -65,13 +65,13 @@ def run(args: argparse.Namespace) -> int:
         if not Path(csv_path).is_file():
             raise PartsError(f"{csv_path} does not exist: run `parts evaluate` without --table-only first, or fix --out")
         todo = []
-    table = table_path(args.out, args.model, args.limit)
+    table = table_path(args.out, args.model, args.limit, options)
     header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
               f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}")
     for setting in tqdm(todo, desc="settings", unit="setting"):
         if finished(read_results(csv_path), name, setting):  # another sweep sharing this root did it meanwhile
             continue
-        rows = evaluate_setting(model, args.model, setting, args.out, args.data_dir, args.batch_size)
+        rows = evaluate_setting(model, args.model, setting, args.out, options)
         write_results(csv_path, rows)
         write_table(table, results_table(select(read_results(csv_path), name, settings)), header)
     text = results_table(select(read_results(csv_path), name, settings))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import name_list, positive_int
+from parts.cli.common import add_model_options, name_list, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--results", default=None, help="results.csv for the method bars (default ROOT/results.csv)")
     parser.add_argument("--no-model", dest="use_model", action="store_false",
                         help="skip the head close-ups (they load the runs' model for attention patterns)")
-    parser.add_argument("--device", default=None, help="device for the head close-ups' model (default: cuda if available)")
+    add_model_options(parser, model_help=None, revision=False, decomposes=False)  # the head close-ups' model
     parser.set_defaults(func=run)
 
 
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         raise PartsError(f"unknown format(s) {', '.join(unknown)}: choose from {', '.join(FORMATS)}")
-    loader = (lambda name: load_model(name, device=args.device)) if args.use_model else None
+    options = run_options(args)
+    loader = (lambda name: load_model(name, device=options.device, dtype=options.dtype)) if args.use_model else None
     figures = figure_set(args.root, loader, args.tasks, args.results, args.examples, args.only)
     if not figures:
         raise PartsError(f"no figure to draw from the runs under {args.root} with these filters: "

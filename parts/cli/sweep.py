@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from parts.cli.common import add_data_options, add_model_options, add_run_options, int_list, name_list
+from parts.cli.common import add_model_options, add_run_options, int_list, name_list, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -26,7 +26,6 @@ def add_parser(subparsers: Any) -> None:
     add_run_options(parser)
     parser.add_argument("--out", required=True, help="root folder of the run folders")
     add_model_options(parser)
-    add_data_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -34,15 +33,14 @@ def run(args: argparse.Namespace) -> int:
     from parts.experiments.runner import model_label
     from parts.experiments.sweep import plan_sweep, sweep
 
+    options = run_options(args)
     label = model_label(args.model, args.revision)
-    planned = plan_sweep(label, args.tasks, args.templates, args.seeds, args.split, args.limit, args.shots, args.out)
+    planned = plan_sweep(label, args.tasks, args.templates, args.seeds, args.split, args.limit, args.shots, args.out,
+                         options)
     already = sum(run.finished for run in planned)
     start = time.perf_counter()
-    paths = sweep(
-        args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit, shots=args.shots,
-        out=args.out, data_dir=args.data_dir, batch_size=args.batch_size, prefix_reuse=args.prefix_reuse,
-        device=args.device, dtype=args.dtype, revision=args.revision,
-    )
+    paths = sweep(args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit,
+                  shots=args.shots, out=args.out, revision=args.revision, options=options)
     print(f"{len(paths)} runs under {args.out} ({len(paths) - already} new, {already} already finished; "
           f"{time.perf_counter() - start:.0f} s)")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import add_data_options, add_model_options, int_list, non_negative_int, positive_int
+from parts.cli.common import add_model_options, int_list, non_negative_int, positive_int, run_options
 
 TRANSFER_CSV = "transfer.csv"
 
@@ -33,7 +33,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--target-limit", type=positive_int, default=100, help="target test examples (default 100)")
     parser.add_argument("--out", required=True, help="output root (share it with `parts evaluate` to reuse source runs)")
     add_model_options(parser)
-    add_data_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -45,18 +44,19 @@ def run(args: argparse.Namespace) -> int:
     from parts.experiments.transfer import evaluate_transfer, parse_pairs, transfer_gap, transfer_settings
     from parts.model.loading import load_model
 
+    options = run_options(args)
     settings = transfer_settings(parse_pairs(args.pairs), args.templates, args.seeds, args.limit, args.target_limit,
                                  args.shots)
-    model = LazyModel(lambda: load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision))
+    model = LazyModel(lambda: load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     csv_path = Path(args.out) / TRANSFER_CSV
-    table_path = Path(args.out) / f"transfer-{model_slug(args.model)}.md"
-    header = (f"{model_slug(args.model)}: transfer, accuracy (%) mean ± std over templates "
+    table_path = Path(args.out) / f"transfer-{model_slug(args.model, options)}.md"
+    header = (f"{model_slug(args.model, options)}: transfer, accuracy (%) mean ± std over templates "
               f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}; source n={args.limit}, "
               f"target n={args.target_limit}")
     rows: list[dict[str, Any]] = []
     for setting in tqdm(settings, desc="transfer settings", unit="setting"):
-        rows.extend(evaluate_transfer(model, args.model, setting, args.out, args.data_dir, args.batch_size))
+        rows.extend(evaluate_transfer(model, args.model, setting, args.out, options))
         write_results(csv_path, rows)  # merged by key: a resumed sweep rewrites the same rows
         write_table(table_path, results_table(rows), header)
     text = results_table(rows)

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import ensure_run, run_dir
 from parts.model.loading import load_model, random_init_name, resolve_model_name
 
@@ -96,13 +97,16 @@ def checkpoint_runs(
     seeds: Sequence[int] = (0,),
     limit: int | None = 100,
     root: str | Path = "runs/checkpoints",
-    data_dir: str | Path | None = None,
-    device: str | None = None,
-    dtype: str = "float32",
-    batch_size: int = 8,
+    options: RunOptions | None = None,
     load: Callable[..., TransformerBridge] | None = None,
+    **overrides: Any,
 ) -> list[tuple[Checkpoint, DecompositionRun]]:
-    """Every (checkpoint, task, template, seed) run, loading each checkpoint only if a run of it is missing."""
+    """Every (checkpoint, task, template, seed) run, loading each checkpoint only if a run of it is missing.
+
+    `overrides` are `RunOptions` fields (`device="cpu"`...), a shorthand for `options`.
+    """
+    options = resolve(options, **overrides)
+
     if not checkpoints:
         raise PartsError("give at least one checkpoint")
     loader = load or load_model
@@ -112,12 +116,12 @@ def checkpoint_runs(
         for task in tasks:
             for template in templates:
                 for seed in seeds:
-                    path = run_dir(root, checkpoint.label, task, template, seed, "test", None, limit)
+                    path = run_dir(root, checkpoint.label, task, template, seed, "test", None, limit, options)
                     if model is None and not (path / SUMMARY).is_file():
-                        model = loader(checkpoint.model, device=device, dtype=dtype, revision=checkpoint.revision,
-                                       random_init=checkpoint.random_init, seed=0)
-                    run = ensure_run(path, model, task=task, template=template, seed=seed, split="test",
-                                     limit=limit, data_dir=data_dir, batch_size=batch_size)
+                        model = loader(checkpoint.model, device=options.device, dtype=options.dtype,
+                                       revision=checkpoint.revision, random_init=checkpoint.random_init, seed=0)
+                    run = ensure_run(path, model, options=options, task=task, template=template, seed=seed,
+                                     split="test", limit=limit)
                     assert run is not None
                     results.append((checkpoint, run))
         del model  # one checkpoint in memory at a time

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from parts.analysis.analyze import CATEGORIES, categorize, component_table
 from parts.analysis.stats import chance_best_accuracy, check_correction, is_significant
 from parts.decomposition.runs import DecompositionRun
+from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import ensure_run, run_dir
 from parts.model.loading import load_model, random_init_name, resolve_model_name
 
@@ -69,19 +70,20 @@ def random_init_control(
     root: str | Path = "runs/controls",
     model: str | None = None,
     init_seed: int = 0,
-    data_dir: str | Path | None = None,
     alpha: float = 0.05,
     correction: str = "holm",
-    device: str | None = None,
-    batch_size: int = 8,
+    options: RunOptions | None = None,
     load: Callable[..., TransformerBridge] | None = None,
+    **overrides: Any,
 ) -> pd.DataFrame:
     """Decompose the same prompts with the pretrained and the randomly initialised model; one row per run.
 
     Runs are kept under `root` (`parts.experiments.runner.run_dir`), so an interrupted control resumes.
-    `load` replaces `parts.model.loading.load_model` (tests pass tiny models).
+    `load` replaces `parts.model.loading.load_model` (tests pass tiny models); `overrides` are
+    `RunOptions` fields (`device="cpu"`...), a shorthand for `options`.
     """
     check_correction(correction)
+    options = resolve(options, **overrides)
     loader = load or load_model
     base = resolve_model_name(model)
     rows = []
@@ -90,11 +92,12 @@ def random_init_control(
         for task in tasks:
             for template in templates:
                 for seed in seeds:
-                    path = run_dir(root, name, task, template, seed, "test", None, limit)
+                    path = run_dir(root, name, task, template, seed, "test", None, limit, options)
                     if not (path / "summary.json").is_file() and loaded is None:
-                        loaded = loader(model, device=device, random_init=random_init, seed=init_seed)
-                    run = ensure_run(path, loaded, task=task, template=template, seed=seed, split="test",
-                                     limit=limit, data_dir=data_dir, batch_size=batch_size)
+                        loaded = loader(model, device=options.device, dtype=options.dtype, random_init=random_init,
+                                        seed=init_seed)
+                    run = ensure_run(path, loaded, options=options, task=task, template=template, seed=seed,
+                                     split="test", limit=limit)
                     assert run is not None
                     rows.append({"init": "random" if random_init else "pretrained", **control_row(run, alpha, correction)})
     return pd.DataFrame(rows)

@@ -43,6 +43,7 @@ from parts.data.tasks import Example, Task, Template, get_task, load_split
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import ensure_run, model_slug, run_dir
 from parts.reweighting import calibration
 from parts.reweighting.reweight import predict, save_weights, train_weights, weights_file
@@ -88,15 +89,19 @@ def many_shot_prompts(tokenizer: Any, template: Template, demonstrations: Sequen
 
 
 def label_logits(model: TransformerBridge, prompts: Sequence[str], label_token_ids: Sequence[int],
-                 batch_size: int | str | None = 8, progress: bool = True, description: str = ""
+                 options: RunOptions | None = None, description: str = "", **overrides: Any
                  ) -> Float[Tensor, "example label"]:
-    """The full model's logits at the label words (no decomposition kept), shared prefix reused.
+    """The full model's logits at the label words (no decomposition kept), run as `options` say
+    (`overrides`: `RunOptions` fields, a shorthand).
 
     Non-finite logits stop here (as `parts.experiments.runner.check_finite` does for decompositions): averaged into
     an accuracy they would pass for wrong answers.
     """
-    logits = Decomposer(model, label_token_ids)(prompts, batch_size=batch_size, progress=progress,
-                                                description=description).model_logits
+    options = resolve(options, **overrides)
+    logits = Decomposer(model, label_token_ids, options.engine)(
+        prompts, batch_size=options.batch_size, prefix_reuse=options.prefix_reuse, progress=options.progress,
+        description=description,
+    ).model_logits
     bad = ~torch.isfinite(logits).all(-1)
     if bad.any():
         raise PartsError(
@@ -170,14 +175,21 @@ def _accuracy(predictions: Tensor, run: DecompositionRun) -> float:
 
 
 def evaluate_setting(
-    model: LazyModel, model_arg: str | None, setting: Setting, root: str | Path, data_dir: str | Path | None = None,
-    batch_size: int | str | None = 8, progress: bool = True, **recipe: Any,
+    model: Callable[[], TransformerBridge], model_arg: str | None, setting: Setting, root: str | Path,
+    options: RunOptions | None = None, **recipe: Any,
 ) -> list[dict[str, Any]]:
-    """Every method's test accuracy for one setting (one row each); runs only what is not on disk."""
+    """Every method's test accuracy for one setting (one row each); runs only what is not on disk.
+
+    `model()` returns the loaded model (called only when something is missing). `recipe` goes to
+    `train_weights`, except `RunOptions` fields (`progress=False`...), a shorthand for `options`.
+    """
+    overrides, recipe = RunOptions.split(recipe)
+    options = resolve(options, **overrides)
+    data_dir = options.data_dir
     task, k = setting.task, setting.k
-    where = {"model": model_arg, "task": task, "template": setting.template, "seed": setting.seed, "shots": k}
-    run_settings: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "data_dir": data_dir,
-                    "batch_size": batch_size, "progress": progress}
+    where = {"model": model_arg, "task": task, "template": setting.template, "seed": setting.seed, "shots": k,
+             "options": options}
+    run_settings: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "options": options}
 
     def decomposition(split: str, limit: int | None) -> DecompositionRun:
         path = run_dir(root, split=split, limit=limit, **where)  # type: ignore[arg-type]
@@ -188,7 +200,7 @@ def evaluate_setting(
 
     test = decomposition("test", setting.limit)
     test_dir = run_dir(root, split="test", limit=setting.limit, **where)  # type: ignore[arg-type]
-    name, n_test = model_slug(model_arg), test.n_examples
+    name, n_test = model_slug(model_arg, options), test.n_examples
     label = f"{task.name} t{setting.template} s{setting.seed}"
     rows = [_row(name, setting, "icl", k, test.full_accuracy, n_test)]
 
@@ -199,7 +211,8 @@ def evaluate_setting(
 
     def compute_content_free() -> tuple[Tensor, dict[str, str]]:
         prompts = calibration.content_free_prompts(template, demonstrations)
-        return label_logits(model(), prompts, test.label_token_ids, batch_size, False, f"{label} content-free"), {}
+        quiet = options.replace(progress=False)
+        return label_logits(model(), prompts, test.label_token_ids, quiet, f"{label} content-free"), {}
 
     content_free, _ = _cached_logits(test_dir / "content-free.safetensors", compute_content_free)
     prior = calibration.contextual_prior(content_free)
@@ -234,7 +247,7 @@ def evaluate_setting(
             loaded = model()
             prompts, dropped = many_shot_prompts(loaded.tokenizer, template, labelled, queries, int(loaded.cfg.n_ctx),
                                                  f"{label} {budget}-shot")
-            logits = label_logits(loaded, prompts, test.label_token_ids, batch_size, progress, f"{label} {budget}-shot")
+            logits = label_logits(loaded, prompts, test.label_token_ids, options, f"{label} {budget}-shot")
             return logits, {"dropped": str(dropped), "shown": str(len(labelled) - dropped)}
 
         many_logits, info = _cached_logits(test_dir / f"icl-labels{budget}.safetensors", compute_many_shot)
@@ -382,7 +395,8 @@ def sweep_settings(tasks: Sequence[str], templates: Sequence[int], seeds: Sequen
             for seed in seeds for template in templates for task in resolved]
 
 
-def table_path(root: str | Path, model_arg: str | None, limit: int | None) -> Path:
-    """`results-<model>-n<limit>.md`: one table per model and test size, so sweeps sharing a root do not clash."""
-    return Path(root) / f"results-{model_slug(model_arg)}-n{'all' if limit is None else limit}.md"
+def table_path(root: str | Path, model_arg: str | None, limit: int | None, options: RunOptions | None = None) -> Path:
+    """`results-<model>-n<limit>.md`: one table per model (and variant) and test size, so sweeps sharing a root
+    do not clash."""
+    return Path(root) / f"results-{model_slug(model_arg, options)}-n{'all' if limit is None else limit}.md"
 

@@ -16,6 +16,7 @@ from parts.data.tasks import Task, get_task
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.options import RunOptions, resolve
 from parts.model.loading import model_name, resolve_model_name
 
 
@@ -92,23 +93,25 @@ def overflow_origin(model: TransformerBridge, prompt: str) -> str | None:
 def run_decomposition(
     model: TransformerBridge,
     prompts: PromptSet,
-    batch_size: int | str | None = 8,
-    prefix_reuse: bool = True,
-    progress: bool = True,
-    engine: str = "hf",
+    options: RunOptions | None = None,
+    **overrides: Any,
 ) -> DecompositionRun:
-    """Decompose every prompt of a prompt set with a loaded model (`engine`: see parts.model.engines)."""
+    """Decompose every prompt of a prompt set with a loaded model, run as `options` say.
+
+    `overrides` are `RunOptions` fields (`engine="bridge"`, `progress=False`...): a shorthand.
+    """
+    options = resolve(options, **overrides)
     ids = label_token_ids(model.tokenizer, prompts.label_words)
     check_fits_context(model.tokenizer, prompts, int(model.cfg.n_ctx))
-    decomposer = Decomposer(model, ids, engine)
+    decomposer = Decomposer(model, ids, options.engine)
     decomposition = decomposer(
         prompts.prompts,
-        batch_size=batch_size,
-        prefix_reuse=prefix_reuse,
-        progress=progress,
+        batch_size=options.batch_size,
+        prefix_reuse=options.prefix_reuse,
+        progress=options.progress,
         description=f"{prompts.task} t{prompts.template} s{prompts.seed} {prompts.split}",
     )
-    info = {"dtype": str(model.W_U.dtype).replace("torch.", ""), "prefix_reuse": prefix_reuse,
+    info = {"dtype": str(model.W_U.dtype).replace("torch.", ""), "prefix_reuse": options.prefix_reuse,
             "engine": decomposer.engine_name}
     run = DecompositionRun.from_decomposition(
         model_name(model), prompts, ids, decomposer.component_names, decomposer.n_layers,
@@ -126,16 +129,14 @@ def decompose_task(
     shots: int | None = None,
     split: str = "test",
     limit: int | None = None,
-    data_dir: str | Path | None = None,
-    batch_size: int | str | None = 8,
-    prefix_reuse: bool = True,
-    progress: bool = True,
-    engine: str = "hf",
+    options: RunOptions | None = None,
+    **overrides: Any,
 ) -> DecompositionRun:
-    """Build the prompts of (task, template, seed, split) and decompose them."""
+    """Build the prompts of (task, template, seed, split) and decompose them (`overrides`: `RunOptions` fields)."""
+    options = resolve(options, **overrides)
     task = get_task(task) if not isinstance(task, Task) else task
-    prompts = build_prompts(task, template, seed, shots, split, limit, data_dir)
-    return run_decomposition(model, prompts, batch_size, prefix_reuse, progress, engine)
+    prompts = build_prompts(task, template, seed, shots, split, limit, options.data_dir)
+    return run_decomposition(model, prompts, options)
 
 
 def model_label(name: str | None, revision: str | None = None) -> str | None:
@@ -143,9 +144,11 @@ def model_label(name: str | None, revision: str | None = None) -> str | None:
     return name if revision is None else f"{name}@{revision}"
 
 
-def model_slug(name: str | None) -> str:
-    """A folder name for a model: the embedded default, or the hub name with '/' replaced."""
-    return resolve_model_name(name).replace("/", "--").replace(" ", "_")
+def model_slug(name: str | None, options: RunOptions | None = None) -> str:
+    """A folder name for a model run with `options`: the embedded default, or the hub name with '/'
+    replaced, plus the options that change the numbers (`RunOptions.variant`, nothing for the defaults)."""
+    slug = resolve_model_name(name).replace("/", "--").replace(" ", "_")
+    return slug + (options.variant if options is not None else "")
 
 
 def run_dir(
@@ -157,28 +160,35 @@ def run_dir(
     split: str = "test",
     shots: int | None = None,
     limit: int | None = None,
+    options: RunOptions | None = None,
 ) -> Path:
-    """Where a sweep keeps one run: `root/<model>/<task>/t{template}-s{seed}-k{shots}-{split}-n{limit}`.
+    """Where a sweep keeps one run: `root/<model><variant>/<task>/t{template}-s{seed}-k{shots}-{split}-n{limit}`.
 
-    Every setting that changes the numbers is in the path, so a finished folder can be reused.
+    Every setting that changes the numbers is in the path (the run options' through `model_slug`),
+    so a finished folder can be reused.
     """
     task = get_task(task) if not isinstance(task, Task) else task
     shots = task.default_shots if shots is None else shots
     size = "all" if limit is None else str(limit)
-    return Path(root) / model_slug(model) / task.name / f"t{template}-s{seed}-k{shots}-{split}-n{size}"
+    return Path(root) / model_slug(model, options) / task.name / f"t{template}-s{seed}-k{shots}-{split}-n{size}"
 
 
 def ensure_run(
     path: str | Path,
     model: TransformerBridge | None,
     load: bool = True,
-    **settings: object,
+    options: RunOptions | None = None,
+    **settings: Any,
 ) -> DecompositionRun | None:
-    """The finished run at `path`, or run it now (`settings` as for `decompose_task`) and save it.
+    """The finished run at `path`, or run it now with `options` and save it.
 
-    A folder counts as finished only if it loads (runs are saved atomically), so an interrupted
-    sweep reruns exactly what it had not finished. With `load=False` a finished run is not read.
+    `settings` are `decompose_task`'s (task, template, seed, shots, split, limit), and may include
+    `RunOptions` fields as a shorthand. A folder counts as finished only if it loads (runs are saved
+    atomically), so an interrupted sweep reruns exactly what it had not finished. With `load=False` a
+    finished run is not read.
     """
+    overrides, settings = RunOptions.split(settings)
+    options = resolve(options, **overrides)
     path = Path(path)
     if (path / "summary.json").is_file():
         if not load:
@@ -188,11 +198,11 @@ def ensure_run(
         except PartsError:
             finished = None  # damaged or from another version: run it again
         if finished is not None:
-            check_same_settings(path, finished, model, settings)
+            check_same_settings(path, finished, model, settings, options)
             return finished
     if model is None:
         raise ValueError("a model is needed to run a missing decomposition")
-    result = decompose_task(model, **settings)  # type: ignore[arg-type]
+    result = decompose_task(model, options=options, **settings)
     remove_stale_staging(path)
     result.save(path)
     return result
@@ -204,8 +214,12 @@ def remove_stale_staging(path: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBridge | None, settings: dict[str, Any]) -> None:
-    """A finished folder reused for other settings (another model, task...) is an error, never silently reused."""
+def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBridge | None, settings: dict[str, Any],
+                        options: RunOptions | None = None) -> None:
+    """A finished folder reused for other settings (another model, task, dtype...) is an error, never silently reused.
+
+    Runs record their dtype, engine and prefix reuse (older runs may lack some: those are not compared).
+    """
     task = settings.get("task")
     task = get_task(task) if task is not None and not isinstance(task, Task) else task
     wanted: dict[str, Any] = {
@@ -217,6 +231,12 @@ def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBri
         "shots": settings.get("shots") if settings.get("shots") is not None or task is None else task.default_shots,
     }
     found = {"model": run.model, **{k: getattr(run.prompts, k) for k in wanted if k != "model"}}
+    if options is not None:
+        recorded = {"dtype": options.dtype, "engine": options.engine, "prefix_reuse": options.prefix_reuse}
+        for key, value in recorded.items():
+            if key in run.info and not (key == "engine" and value == "hf" and run.info[key] == "bridge"):
+                # (the hf engine falls back to the bridge for architectures it cannot map, and says so)
+                wanted[key], found[key] = value, run.info[key]
     wrong = [f"{k} {found[k]!r} (wanted {wanted[k]!r})" for k in wanted if wanted[k] is not None and wanted[k] != found[k]]
     if wrong:
         raise PartsError(f"{path} holds a different run: {', '.join(wrong)}; choose another folder or delete it")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -19,6 +20,7 @@ from parts.data.prompts import build_prompts
 from parts.data.tasks import Task, get_task
 from parts.decomposition.runs import SUMMARY
 from parts.errors import PartsError
+from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import ensure_run, model_label, run_dir
 from parts.model.loading import load_model
 
@@ -50,8 +52,9 @@ def plan_sweep(
     limit: int | None = None,
     shots: int | None = None,
     out: str | Path = "runs",
+    options: RunOptions | None = None,
 ) -> list[PlannedRun]:
-    """Every (task, template, seed) of the sweep in order (task-major), with its run folder."""
+    """Every (task, template, seed) of the sweep in order (task-major), with its run folder (keyed by `options`)."""
     for what, values in (("task", tasks), ("template", templates), ("seed", seeds)):
         if not values:
             raise PartsError(f"a sweep needs at least one {what}: give --{what}s")
@@ -60,7 +63,7 @@ def plan_sweep(
         for template in templates:
             task.template(template)  # names the task and template that do not exist
     return [
-        PlannedRun(task, template, seed, run_dir(out, model_name, task, template, seed, split, shots, limit))
+        PlannedRun(task, template, seed, run_dir(out, model_name, task, template, seed, split, shots, limit, options))
         for task in resolved
         for template in templates
         for seed in seeds
@@ -76,33 +79,29 @@ def sweep(
     limit: int | None = None,
     shots: int | None = None,
     out: str | Path = "runs",
-    data_dir: str | Path | None = None,
-    batch_size: int = 8,
-    prefix_reuse: bool = True,
-    device: str | None = None,
-    dtype: str = "float32",
     revision: str | None = None,
-    progress: bool = True,
+    options: RunOptions | None = None,
+    **overrides: Any,
 ) -> list[Path]:
     """Run every (task, template, seed) into `out` and return the run folders, in plan order.
 
-    The model is loaded once, and not at all when every run is already finished.
+    The model is loaded once, and not at all when every run is already finished. `overrides` are
+    `RunOptions` fields (`device="cpu"`...), a shorthand for `options`.
     """
-    planned = plan_sweep(model_label(model_name, revision), tasks, templates, seeds, split, limit, shots, out)
+    options = resolve(options, **overrides)
+    progress, data_dir = options.progress, options.data_dir
+    planned = plan_sweep(model_label(model_name, revision), tasks, templates, seeds, split, limit, shots, out, options)
     pending = [run for run in planned if not run.finished]
     if pending:
         # Build every missing run's prompts first: a data problem surfaces before the model load.
         for run in pending:
             build_prompts(run.task, run.template, run.seed, shots, split, limit, data_dir)
-        model = load_model(model_name, device=device, dtype=dtype, revision=revision)
+        model = load_model(model_name, device=options.device, dtype=options.dtype, revision=revision)
         with tqdm(total=len(planned), initial=len(planned) - len(pending), desc="sweep", unit="run",
                   disable=not progress) as bar:
             for run in pending:
                 bar.set_postfix_str(run.label)
-                ensure_run(
-                    run.path, model, load=False, task=run.task, template=run.template, seed=run.seed, shots=shots,
-                    split=split, limit=limit, data_dir=data_dir, batch_size=batch_size, prefix_reuse=prefix_reuse,
-                    progress=progress,
-                )
+                ensure_run(run.path, model, load=False, options=options, task=run.task, template=run.template,
+                           seed=run.seed, shots=shots, split=split, limit=limit)
                 bar.update(1)
     return [run.path for run in planned]

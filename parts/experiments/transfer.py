@@ -28,6 +28,7 @@ from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_pr
 from parts.data.tasks import Task, get_task, load_split
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import ensure_run, model_slug, run_decomposition, run_dir
 from parts.reweighting import calibration
 from parts.reweighting.reweight import predict, train_weights
@@ -84,9 +85,9 @@ def transfer_prompts(
 
 
 def transfer_run_dir(root: str | Path, model: str | None, source: Task, target: Task, template: int, seed: int,
-                     shots: int, limit: int | None) -> Path:
+                     shots: int, limit: int | None, options: RunOptions | None = None) -> Path:
     size = "all" if limit is None else str(limit)
-    return (Path(root) / model_slug(model) / "transfer" / f"{source.name}-to-{target.name}"
+    return (Path(root) / model_slug(model, options) / "transfer" / f"{source.name}-to-{target.name}"
             / f"t{template}-s{seed}-k{shots}-test-n{size}")
 
 
@@ -127,18 +128,20 @@ def _labels_of(method: str, k: int) -> int:
 
 def evaluate_transfer(
     model: Callable[[], Any], model_arg: str | None, setting: TransferSetting, root: str | Path,
-    data_dir: str | Path | None = None, batch_size: int = 8, progress: bool = True, **recipe: Any,
+    options: RunOptions | None = None, **recipe: Any,
 ) -> list[dict[str, Any]]:
     """Source and target accuracy of every method for one setting; runs only what is not on disk.
 
-    `model()` returns the loaded model (called only when a run is missing).
+    `model()` returns the loaded model (called only when a run is missing). `recipe` goes to
+    `train_weights`, except `RunOptions` fields (`progress=False`...), a shorthand for `options`.
     """
+    overrides, recipe = RunOptions.split(recipe)
+    options = resolve(options, **overrides)
     source, target, k = setting.source, setting.target, setting.k
-    common: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "data_dir": data_dir,
-              "batch_size": batch_size, "progress": progress}
+    common: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "options": options}
 
     def source_run(split: str, limit: int | None) -> DecompositionRun:
-        path = run_dir(root, model_arg, source, setting.template, setting.seed, split, k, limit)
+        path = run_dir(root, model_arg, source, setting.template, setting.seed, split, k, limit, options)
         run = ensure_run(path, None if (path / SUMMARY).is_file() else model(), task=source, split=split,
                          limit=limit, **common)
         assert run is not None
@@ -147,16 +150,17 @@ def evaluate_transfer(
     source_test = source_run("test", setting.source_limit)
     source_train = source_run("train", LABEL_BUDGET - k)
     target_path = transfer_run_dir(root, model_arg, source, target, setting.template, setting.seed, k,
-                                   setting.target_limit)
+                                   setting.target_limit, options)
     if (target_path / SUMMARY).is_file():
         target_test = DecompositionRun.load(target_path)
     else:
-        prompts = transfer_prompts(source, target, setting.template, setting.seed, k, setting.target_limit, data_dir)
-        target_test = run_decomposition(model(), prompts, batch_size, True, progress)
+        prompts = transfer_prompts(source, target, setting.template, setting.seed, k, setting.target_limit,
+                                   options.data_dir)
+        target_test = run_decomposition(model(), prompts, options)
         target_test.info["demonstrations_from"] = source.name
         target_test.save(target_path)
 
-    name = model_slug(model_arg)
+    name = model_slug(model_arg, options)
     rows = []
     for method, (predictions_of, note) in method_predictions(source_train, **recipe).items():
         for task_name, run, limit in ((source.name, source_test, setting.source_limit),
