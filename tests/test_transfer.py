@@ -72,7 +72,8 @@ def test_evaluate_transfer_scores_source_weights_on_both_test_sets(tiny_task_fil
     rows = evaluate_transfer(lambda: tiny_llama, "tiny", setting, tmp_path, progress=False)
     assert [(r["task"], r["method"], r["labels"]) for r in rows[:4]] == [
         ("tiny", "icl", 4), ("tiny -> shifted", "icl", 4), ("tiny", "batch", 4), ("tiny -> shifted", "batch", 4)]
-    assert {r["method"] for r in rows} == {"icl", "batch", "calib+", "comprw"} and len(rows) == 8
+    assert {r["method"] for r in rows} == {"icl", "batch", "calib+", "comprw", "transfer-1", "oracle-1"}
+    assert len(rows) == 10
     from parts.decomposition.runs import DecompositionRun
 
     source_test = DecompositionRun.load(tmp_path / "tiny" / "tiny" / "t2-s1-k4-test-n10")
@@ -87,6 +88,20 @@ def test_evaluate_transfer_scores_source_weights_on_both_test_sets(tiny_task_fil
     weights = train_weights(source_train.component_logits, source_train.labels).weights
     on_target = float((predict(weights, target_test.component_logits) == target_test.labels).float().mean())
     assert by_key[("tiny -> shifted", "comprw")]["accuracy"] == pytest.approx(on_target, abs=1e-6)
+    # The paper's Table 3: the best source component, scored on the target; the best target component
+    best_source = int(torch.argsort(source_test.component_accuracy, descending=True, stable=True)[0])
+    transfer_one = by_key[("tiny -> shifted", "transfer-1")]
+    assert transfer_one["accuracy"] == pytest.approx(float(target_test.component_accuracy[best_source]), abs=1e-6)
+    assert transfer_one["note"].startswith(source_test.component_names[best_source] + ", chosen on the source")
+    assert by_key[("tiny -> shifted", "oracle-1")]["accuracy"] == pytest.approx(
+        float(target_test.component_accuracy.max()), abs=1e-6)
+    assert by_key[("tiny -> shifted", "oracle-1")]["accuracy"] >= transfer_one["accuracy"]
+    from parts.experiments.transfer import transfer_setting_predictions
+
+    recomputed = transfer_setting_predictions(tmp_path, "tiny", setting)
+    for (task_name, method, _), (gold, predicted) in recomputed.items():
+        assert float((predicted == gold).float().mean()) == pytest.approx(by_key[(task_name, method)]["accuracy"], abs=1e-6)
+    assert len(recomputed) == 10
     # Resuming: every run is on disk, so no model is needed and the rows are the same.
     again = evaluate_transfer(lambda: pytest.fail("a finished run was recomputed"), "tiny", setting, tmp_path)
     assert again == rows
@@ -112,7 +127,7 @@ def test_transfer_command_writes_rows_and_table(tiny_task_file, target_task_file
     assert "| tiny -> shifted | 1 |" in printed and "target - source accuracy: icl" in printed
     with (tmp_path / "transfer.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 8 and {r["n_test"] for r in rows} == {"10", "8"}
+    assert len(rows) == 10 and {r["n_test"] for r in rows} == {"10", "8"}
     assert torch.tensor([float(r["accuracy"]) for r in rows]).le(1).all()
     assert main(["transfer", "--pairs", "sst2", "--out", str(tmp_path)]) == 2
     assert "is not SOURCE:TARGET" in capsys.readouterr().err

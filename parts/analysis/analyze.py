@@ -211,15 +211,21 @@ def pair_relation(run_a: DecompositionRun, run_b: DecompositionRun) -> str:
     """How two runs of a task differ: 'seeds' (same template), 'perturbed template' (the minimally
     contrastive pair, `Task.perturbed`), 'templates' (other template pairs, same seed) or 'both'."""
     a, b = run_a.prompts, run_b.prompts
-    if a.template == b.template:
+    return relation_between(a.task, (a.template, a.seed), (b.template, b.seed))
+
+
+def relation_between(task: str, run_a: tuple[int, int], run_b: tuple[int, int]) -> str:
+    """`pair_relation` for two (template, seed) runs of `task`."""
+    (template_a, seed_a), (template_b, seed_b) = run_a, run_b
+    if template_a == template_b:
         return "seeds"
-    if a.seed != b.seed:
+    if seed_a != seed_b:
         return "both"
     try:
-        perturbed = get_task(a.task).perturbed
+        perturbed = get_task(task).perturbed
     except PartsError:  # a user task known only by name: no perturbed templates
         perturbed = {}
-    if perturbed.get(a.template) == b.template or perturbed.get(b.template) == a.template:
+    if perturbed.get(template_a) == template_b or perturbed.get(template_b) == template_a:
         return "perturbed template"
     return "templates"
 

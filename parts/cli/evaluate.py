@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     from parts.experiments.evaluate import (
         RESULTS_CSV,
         LazyModel,
-        check_outputs,
         evaluate_setting,
         finished,
         read_results,
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
     model = LazyModel(lambda: load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision))
     name = model_slug(args.model, options)
-    csv_path = Path(args.out) / RESULTS_CSV
+    csv_path = f"{args.out}/{RESULTS_CSV}"
     todo = [s for s in settings if not finished(read_results(csv_path), name, s)]
     print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; "
           + ("the table shows those" if args.table_only else f"{len(todo)} to go"))
@@ -67,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
             raise PartsError(f"{csv_path} does not exist: run `parts evaluate` without --table-only first, or fix --out")
         todo = []
     table = table_path(args.out, args.model, args.limit, options)
-    check_outputs(csv_path, table)  # refuse now, not after the first setting, if a user's file is in the way
     header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
               f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}")
     for setting in tqdm(todo, desc="settings", unit="setting"):
@@ -76,8 +74,21 @@ def run(args: argparse.Namespace) -> int:
         rows = evaluate_setting(model, args.model, setting, args.out, options)
         write_results(csv_path, rows)
         write_table(table, results_table(select(read_results(csv_path), name, settings)), header)
-    text = results_table(select(read_results(csv_path), name, settings))
+    chosen = select(read_results(csv_path), name, settings)
+    text = results_table(chosen)
     write_table(table, text, header)
     print(text)
     print(f"rows in {csv_path}, table in {table}")
+    if chosen:
+        from parts.data.tasks import get_task
+        from parts.experiments.export import interval_tables
+        from parts.figures.tables import markdown
+
+        tasks = {s.task.name: s.task.name for s in settings}
+        tasks |= {get_task(t).name: t for t in args.tasks}  # user task files, by the name their rows carry
+        accuracy, differences = interval_tables(args.out, chosen, tasks)
+        print("\naccuracy (%), mean over runs [95% bootstrap interval: test examples and runs resampled per task]")
+        print(markdown(accuracy))
+        print("\nCompRW minus each baseline (percentage points) [95% bootstrap interval]")
+        print(markdown(differences))
     return 0

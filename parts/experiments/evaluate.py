@@ -21,7 +21,10 @@ where it stopped and several sweeps can share one output root.
 from __future__ import annotations
 
 import csv
+import fcntl
+import os
 import statistics
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,22 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts import io
 from parts.data.prompts import LABEL_BUDGET, many_shot_order, render_prompt
 from parts.data.tasks import Example, Task, Template, get_task, load_split
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import DecompositionRun, is_legacy_run
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import ensure_run, model_slug, run_dir
 from parts.reweighting import calibration
-from parts.reweighting.reweight import predict, save_weights, train_weights, weights_file
+from parts.reweighting.reweight import load_weights, predict, save_weights, train_weights, weights_file
 
 COLUMNS = ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy", "n_test", "note")
 RESULTS_CSV = "results.csv"
@@ -115,8 +117,14 @@ def _cached_logits(path: Path, compute: Callable[[], tuple[Tensor, dict[str, str
         with safe_open(str(path), framework="pt") as handle:
             return handle.get_tensor("logits"), dict(handle.metadata() or {})
     logits, metadata = compute()
-    tensors = {"logits": logits.contiguous().cpu()}
-    io.write_file(path, lambda staging: save_file(tensors, str(staging), metadata=metadata), legacy=is_legacy_run)
+    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle_fd)
+    try:
+        save_file({"logits": logits.contiguous().cpu()}, staging, metadata=metadata)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
     return logits, metadata
 
 
@@ -249,6 +257,41 @@ def evaluate_setting(
     return rows
 
 
+def setting_predictions(root: str | Path, model_arg: str | None, setting: Setting
+                        ) -> tuple[Int[Tensor, example], dict[tuple[str, int], Int[Tensor, example]]]:
+    """Every method's prediction on every test example of a finished setting, from its files alone
+    (no model): the test run's logits, the saved weights, the cached L-shot and content-free logits.
+    Calib+ is retrained on the saved training run (deterministic). Returns the gold labels and
+    `{(method, labels): predictions}`, the same keys as the setting's `results.csv` rows."""
+    task, k = setting.task, setting.k
+    where = {"model": model_arg, "task": task, "template": setting.template, "seed": setting.seed, "shots": k}
+    test_dir = run_dir(root, split="test", limit=setting.limit, **where)  # type: ignore[arg-type]
+    needed = [test_dir / "summary.json", test_dir / "content-free.safetensors", weights_file(test_dir, "oracle")]
+    for budget in setting.labels:
+        needed += [weights_file(test_dir, budget), test_dir / f"icl-labels{budget}.safetensors",
+                   run_dir(root, split="train", limit=budget - k, **where) / "summary.json"]  # type: ignore[arg-type]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise PartsError(f"setting {task.name} t{setting.template} s{setting.seed} is not finished ({missing[0]} is "
+                         "missing): run `parts evaluate` for it first")
+    test = DecompositionRun.load(test_dir)
+    content_free, _ = _cached_logits(test_dir / "content-free.safetensors", lambda: (torch.empty(0), {}))
+    predictions = {
+        ("icl", k): test.full_predictions,
+        ("contextual", k): calibration.contextual_predict(test.model_logits, calibration.contextual_prior(content_free)),
+        ("batch", k): calibration.batch_predict(test.model_logits),
+        ("oracle", k): predict(load_weights(test_dir, "oracle")[1], test.component_logits),
+    }
+    for budget in setting.labels:
+        train = DecompositionRun.load(run_dir(root, split="train", limit=budget - k, **where))  # type: ignore[arg-type]
+        predictions[("comprw", budget)] = predict(load_weights(test_dir, budget)[1], test.component_logits)
+        class_weights = calibration.train_calib_plus(train.model_logits, train.labels)
+        predictions[("calib+", budget)] = calibration.calib_plus_predict(class_weights.weights, test.model_logits)
+        many, _ = _cached_logits(test_dir / f"icl-labels{budget}.safetensors", lambda: (torch.empty(0), {}))
+        predictions[("icl", budget)] = many.argmax(-1)
+    return test.labels, predictions
+
+
 # -- results.csv -------------------------------------------------------------------------------------
 def _key(row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(row[c]) for c in ("model", "task", "template", "seed", "shots", "limit", "method", "labels"))
@@ -268,26 +311,22 @@ def write_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     A lock file serialises read-merge-write, so sweeps sharing one output root keep each other's rows.
     """
     path = Path(path)
-    is_results = io.starts_with(",".join(COLUMNS))
-    io.check_file(path, is_results)  # before reading: a user's file of that name is neither merged nor replaced
-    with io.lock(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / f".{path.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         merged = {_key(r): r for r in read_results(path)}
         merged.update({_key(r): r for r in rows})
-
-        def write(staging: Path) -> None:
-            with staging.open("w", newline="") as handle:
+        handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(handle_fd, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(merged.values())
-
-        io.write_file(path, write, legacy=is_results)
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
     return path
-
-
-def check_outputs(csv_path: str | Path, table: str | Path) -> None:
-    """Raise now if a results CSV or table cannot be written (a file parts did not write stands there)."""
-    io.check_file(csv_path, io.starts_with(",".join(COLUMNS)))
-    io.check_file(table, io.contains(TABLE_HEAD))
 
 
 def finished(rows: Sequence[dict[str, Any]], model: str, setting: Setting) -> bool:
@@ -325,9 +364,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-TABLE_HEAD = "| task | runs | "
-
-
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table: accuracy (%) per task and method as mean ± std over templates x seeds,
     then the average over tasks (of the per-task means)."""
@@ -340,7 +376,7 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     columns = sorted({c for _, c in cells}, key=_column_order)
     runs = {t: len({(r["template"], r["seed"]) for r in rows if r["task"] == t}) for t in tasks}
-    lines = [TABLE_HEAD + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    lines = ["| task | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for t in tasks:
         shown = []
         for c in columns:
@@ -370,8 +406,12 @@ def select(rows: Sequence[dict[str, Any]], model: str, settings: Sequence[Settin
 
 
 def write_table(path: str | Path, table: str, header: str = "") -> Path:
-    """A markdown results table (from `results_table`) with a header line, written atomically."""
-    return io.write_text(path, (header + "\n\n" if header else "") + table + "\n", legacy=io.contains(TABLE_HEAD))
+    path = Path(path)
+    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(handle_fd, "w") as handle:
+        handle.write((header + "\n\n" if header else "") + table + "\n")
+    os.replace(staging, path)
+    return path
 
 
 def sweep_settings(tasks: Sequence[str], templates: Sequence[int], seeds: Sequence[int], limit: int | None,

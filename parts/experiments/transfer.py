@@ -1,4 +1,10 @@
-"""Out-of-distribution transfer: weights learned on a source task, applied to a shifted test set.
+"""Out-of-distribution transfer: the paper's Table 3, and reweighting under shift (an extension).
+
+The paper's Table 3 (`single_component_transfer`): TRANSFER-1 is the single component most
+accurate on the source (in-distribution) test set, scored on the shifted test set; ORACLE-1 is the
+component most accurate on the shifted set itself (an upper bound); FULL is the full model on the
+shifted set. The paper does not run reweighting under shift: the `comprw` / `calib+` rows here are
+parts' own extension.
 
 As in the paper (SST-2 -> Yelp, BoolQ -> BoolQ contrast set): for one source setting (task,
 template, seed) the target's test examples are rendered with the source template after the
@@ -122,6 +128,28 @@ def method_predictions(
     }
 
 
+def best_component(accuracy: Tensor) -> int:
+    """The most accurate component (ties: the earlier one, as `DecompositionRun.top_components`)."""
+    return int(torch.argsort(accuracy, descending=True, stable=True)[0])
+
+
+def single_component_transfer(source_test: DecompositionRun, target_test: DecompositionRun
+                              ) -> dict[str, tuple[str, Int[Tensor, example]]]:
+    """The paper's Table 3 on the target test set: `{method: (component, predictions)}` for FULL
+    (the full model, component ""), TRANSFER-1 (the best component on the source test set) and
+    ORACLE-1 (the best component on the target test set itself: an upper bound)."""
+    if source_test.component_names != target_test.component_names:
+        raise PartsError("source and target runs have different components: transfer within one model")
+    chosen = best_component(source_test.component_accuracy)
+    oracle = best_component(target_test.component_accuracy)
+    names = target_test.component_names
+    return {
+        "full": ("", target_test.full_predictions),
+        "transfer-1": (names[chosen], target_test.component_predictions[:, chosen]),
+        "oracle-1": (names[oracle], target_test.component_predictions[:, oracle]),
+    }
+
+
 def _labels_of(method: str, k: int) -> int:
     return LABEL_BUDGET if method in ("calib+", "comprw") else k
 
@@ -170,7 +198,45 @@ def evaluate_transfer(
                          "shots": k, "limit": "all" if limit is None else limit, "method": method,
                          "labels": _labels_of(method, k), "accuracy": round(accuracy, 6), "n_test": run.n_examples,
                          "note": note})
+    target_name = transfer_name(source, target)
+    for method, (component, predictions) in single_component_transfer(source_test, target_test).items():
+        if method == "full":
+            continue  # the target's `icl` row below
+        accuracy = float((predictions == target_test.labels).float().mean())
+        note = f"{component}, chosen on the {'source' if method == 'transfer-1' else 'target (upper bound)'} test set"
+        rows.append({"model": name, "task": target_name, "template": setting.template, "seed": setting.seed,
+                     "shots": k, "limit": "all" if setting.target_limit is None else setting.target_limit,
+                     "method": method, "labels": k, "accuracy": round(accuracy, 6), "n_test": target_test.n_examples,
+                     "note": note})
     return rows
+
+
+def transfer_setting_predictions(root: str | Path, model_arg: str | None, setting: TransferSetting, **recipe: Any
+                                 ) -> dict[tuple[str, str, int], tuple[Int[Tensor, example], Int[Tensor, example]]]:
+    """Every method's predictions for a finished transfer setting, from its run folders alone:
+    `{(task name, method, labels): (gold labels, predictions)}` for the source test set and the target
+    ("source -> target"), the paper's FULL / TRANSFER-1 / ORACLE-1 included (FULL is the `icl` row)."""
+    source, target, k = setting.source, setting.target, setting.k
+    paths = {
+        "source test": run_dir(root, model_arg, source, setting.template, setting.seed, "test", k, setting.source_limit),
+        "source train": run_dir(root, model_arg, source, setting.template, setting.seed, "train", k, LABEL_BUDGET - k),
+        "target test": transfer_run_dir(root, model_arg, source, target, setting.template, setting.seed, k,
+                                        setting.target_limit),
+    }
+    missing = [f"{what} ({path})" for what, path in paths.items() if not (path / SUMMARY).is_file()]
+    if missing:
+        raise PartsError(f"transfer setting {source.name}->{target.name} t{setting.template} s{setting.seed} is not "
+                         f"finished: no {missing[0]}; run `parts transfer` for it first")
+    source_test, source_train, target_test = (DecompositionRun.load(p) for p in paths.values())
+    out: dict[tuple[str, str, int], tuple[Tensor, Tensor]] = {}
+    target_name = transfer_name(source, target)
+    for method, (predictions_of, _) in method_predictions(source_train, **recipe).items():
+        for task_name, run in ((source.name, source_test), (target_name, target_test)):
+            out[(task_name, method, _labels_of(method, k))] = (run.labels, predictions_of(run))
+    for method, (_, predictions) in single_component_transfer(source_test, target_test).items():
+        if method != "full":
+            out[(target_name, method, k)] = (target_test.labels, predictions)
+    return out
 
 
 def transfer_settings(

@@ -12,6 +12,8 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,6 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
-from parts import io
 from parts.errors import PartsError
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -103,11 +104,15 @@ def _embedded_checkpoint() -> Path:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # Renamed into place (parts.io) so an interrupted conversion never looks complete.
-    with io.write_folder(target, legacy=lambda folder: (folder / "parts-stamp.json").is_file()) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "parts-stamp.json").write_text(json.dumps(stamp))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "parts-stamp.json").write_text(json.dumps(stamp))
+    # Rename into place so an interrupted conversion never looks complete.
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
     return target
 
 

@@ -1,0 +1,260 @@
+"""The paper's own measures and tables, computed from the exported result files (plain pandas).
+
+Inputs are the frames of `parts.experiments.export` (`main.csv`, `transfer.csv`, `predictions.csv`,
+`runs.csv`), so every function here runs without the model or the run folders. Outputs are
+DataFrames (percentages where the paper prints percentages) for `parts tables` and the report:
+
+- `main_table`: the paper's Table 4 layout, every method's accuracy per task (mean over the runs)
+  with a 95% hierarchical bootstrap interval (`parts.analysis.stats`), the 8-task average, and
+  CompRW minus each baseline with its interval.
+- `component_table_1`: the paper's Table 1 measures per task: FULL, ORACLE-T1 (best single component,
+  chosen on the test set) and ORACLE-B1 (worst), mean ± std over runs, each beside its chance
+  yardstick: the expected best / worst of as many chance-level classifiers on as many examples.
+- `label_biased_table`: components that predict one label on the entire test set (the paper's rule),
+  share of all components with n beside it (the share grows as the test set shrinks).
+- `agreement_table`: the paper's Table 2: Pearson r and top-5 IoU of component accuracies between
+  runs that differ in demonstrations, in a minimally contrastive template, or in other templates.
+- `transfer_table`: the paper's Table 3: FULL / TRANSFER-1 / ORACLE-1 on the shifted test set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from parts.analysis.analyze import relation_between, top_k
+from parts.analysis.stats import bootstrap_intervals, chance_extremes, correctness_arrays
+
+PAPER_TASK_ORDER = ("sst2", "boolq", "qqp", "wic", "rte", "mnli", "agnews", "arc")
+
+# Llama-2-7B, K = 24 (paper Table 4 / Appendix): per-task accuracy (%)
+PAPER_MAIN = {
+    "24-shot ICL": dict(zip(PAPER_TASK_ORDER, (77.8, 71.6, 66.4, 53.2, 71.9, 39.9, 71.1, 58.3), strict=True)),
+    "CompRW 24": dict(zip(PAPER_TASK_ORDER, (90.6, 71.7, 71.9, 57.1, 70.0, 49.8, 88.1, 58.8), strict=True)),
+}
+PAPER_MAIN_AVERAGE = {"k-shot ICL": 61.2, "24-shot ICL": 63.8, "Calib+ 24": 67.7, "CompRW 24": 69.8}
+PAPER_COMPONENT_AVERAGE = {"FULL": 61.2, "ORACLE-T1": 66.6, "ORACLE-B1": 24.5}  # Llama-2-7B, 8-task average
+# share of all components that predict one label on the entire test set (%), Llama-2-7B, n = 2,000
+PAPER_LABEL_BIASED = dict(zip(PAPER_TASK_ORDER, (37.8, 18.9, 43.4, 44.2, 35.4, 28.2, 13.4, 11.5), strict=True))
+# Table 2, Llama-2-7B: (Pearson r, top-5 IoU) per relation
+_T2_TASKS = ("sst2", "boolq", "qqp", "agnews", "arc")
+PAPER_AGREEMENT = {
+    "seeds": dict(zip(_T2_TASKS, zip((0.81, 0.84, 0.60, 0.89, 0.88), (0.36, 0.74, 0.27, 0.63, 0.70), strict=True),
+                      strict=True)),
+    "templates": dict(zip(_T2_TASKS, zip((0.40, 0.16, 0.03, 0.68, 0.44), (0.12, 0.01, 0.01, 0.20, 0.20), strict=True),
+                          strict=True)),
+    "perturbed template": dict(zip(_T2_TASKS, zip((0.72, 0.63, 0.23, 0.82, 0.46), (0.40, 0.23, 0.02, 0.36, 0.45),
+                                                  strict=True), strict=True)),
+}
+PAPER_TRANSFER = {"sst2 -> yelp": (84.7, 94.9, 96.9), "boolq -> boolq_contrast": (64.9, 64.3, 66.2)}
+
+METHOD_COLUMNS = {("icl", "k"): "k-shot ICL", ("icl", "L"): "24-shot ICL", ("calib+", "L"): "Calib+ 24",
+                  ("comprw", "L"): "CompRW 24", ("contextual", "k"): "ContextualCal", ("batch", "k"): "BatchCal",
+                  ("oracle", "k"): "Oracle RW (upper bound)"}
+REFERENCE = "CompRW 24"
+
+
+def _ordered_tasks(tasks: pd.Series | list[str]) -> list[str]:
+    present = list(dict.fromkeys(tasks))
+    return [t for t in PAPER_TASK_ORDER if t in present] + [t for t in present if t not in PAPER_TASK_ORDER]
+
+
+def method_column(method: str, labels: int, shots: int) -> str:
+    """The paper's column heading of a (method, label budget) row."""
+    if method == "icl":
+        return "k-shot ICL" if labels == shots else f"{labels}-shot ICL"
+    if method in ("calib+", "comprw"):
+        return f"{'Calib+' if method == 'calib+' else 'CompRW'} {labels}"
+    return METHOD_COLUMNS.get((method, "k"), method)
+
+
+def _with_columns(predictions: pd.DataFrame, main: pd.DataFrame) -> pd.DataFrame:
+    shots = main.groupby("task")["shots"].first().astype(int).to_dict()
+    frame = predictions[predictions["kind"] == "main"].copy()
+    frame["method"] = [method_column(m, int(n), shots[t]) for m, n, t in zip(frame["method"], frame["labels"],
+                                                                               frame["task"], strict=True)]
+    return frame
+
+
+def main_intervals(predictions: pd.DataFrame, main: pd.DataFrame, n_resamples: int = 2000, seed: int = 0
+                   ) -> pd.DataFrame:
+    """Every method's accuracy and CompRW 24 minus every other method, per task and for the average,
+    with 95% hierarchical bootstrap intervals (percent). Only tasks with at least one finished run."""
+    arrays = correctness_arrays(_with_columns(predictions, main))
+    ordered = {t: arrays[t] for t in _ordered_tasks(list(arrays))}
+    comprw = sorted({m for per_task in ordered.values() for m in per_task if m.startswith("CompRW ")},
+                    key=lambda m: int(m.split()[1]))
+    reference = REFERENCE if REFERENCE in comprw else (comprw[-1] if comprw else None)
+    table = bootstrap_intervals(ordered, reference=reference, n_resamples=n_resamples, seed=seed)
+    table[["estimate", "low", "high"]] *= 100
+    return table
+
+
+def _cell(row: pd.Series) -> str:
+    return f"{row['estimate']:.1f} [{row['low']:.1f}, {row['high']:.1f}]"
+
+
+def main_table(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Task x method: 'mean [low, high]' accuracy (%), tasks then the average; runs and n per task."""
+    accuracy = intervals[intervals["quantity"] == "accuracy"]
+    present = list(dict.fromkeys(accuracy["method"]))
+    columns = [c for c in METHOD_COLUMNS.values() if c in present] + [c for c in present if c not in METHOD_COLUMNS.values()]
+    rows = []
+    for task, group in accuracy.groupby("task", sort=False):
+        by_method = group.set_index("method")
+        first = by_method.iloc[0]
+        rows.append({"task": task, "runs": int(first["runs"]), "n": int(first["examples"]),
+                     **{c: _cell(by_method.loc[c]) if c in by_method.index else "" for c in columns}})
+    return pd.DataFrame(rows, columns=["task", "runs", "n", *columns])
+
+
+def difference_table(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Task x baseline: CompRW 24 minus the baseline, 'diff [low, high]' percentage points."""
+    differences = intervals[intervals["quantity"] == "difference"]
+    rows = []
+    for task, group in differences.groupby("task", sort=False):
+        by_method = group.set_index("method")
+        rows.append({"task": task, **{m.split(" - ", 1)[1]: _cell(r) for m, r in by_method.iterrows()}})
+    return pd.DataFrame(rows)
+
+
+def paper_comparison(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Per task: 24-shot ICL and CompRW 24 here (with intervals) beside the paper's Llama-2-7B values."""
+    accuracy = intervals[intervals["quantity"] == "accuracy"].set_index(["task", "method"])
+    rows = []
+    for task in dict.fromkeys(intervals["task"]):
+        row: dict[str, object] = {"task": task}
+        for column in ("24-shot ICL", "CompRW 24"):
+            row[f"{column} (here)"] = _cell(accuracy.loc[(task, column)]) if (task, column) in accuracy.index else ""
+            paper = PAPER_MAIN_AVERAGE.get(column) if task == "average" else PAPER_MAIN[column].get(task)
+            row[f"{column} (paper)"] = "" if paper is None else f"{paper:.1f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# -- Table 1 and label bias -------------------------------------------------------------------------
+def component_accuracies(runs: pd.DataFrame) -> np.ndarray:
+    """[run component] accuracies from `runs.csv`'s space-separated `accuracies` column."""
+    return np.array([[float(a) for a in text.split()] for text in runs["accuracies"]])
+
+
+def run_measures(runs: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Per test run: FULL, ORACLE-T1 / ORACLE-B1 (and which components), the chance yardsticks, label bias."""
+    accuracies = component_accuracies(runs)
+    n_components = accuracies.shape[1]
+    yardsticks = [chance_extremes(int(n), int(c), n_components) for n, c in zip(runs["n_examples"], runs["n_labels"],
+                                                                              strict=True)]
+    return pd.DataFrame({
+        "task": runs["task"].to_numpy(), "template": runs["template"].to_numpy(), "seed": runs["seed"].to_numpy(),
+        "n": runs["n_examples"].to_numpy(), "labels": runs["n_labels"].to_numpy(),
+        "full": 100 * runs["full"].to_numpy(),
+        "best": 100 * accuracies.max(1), "best_component": [names[i] for i in accuracies.argmax(1)],
+        "worst": 100 * accuracies.min(1), "worst_component": [names[i] for i in accuracies.argmin(1)],
+        "chance_best": [100 * y[0] for y in yardsticks], "chance_worst": [100 * y[1] for y in yardsticks],
+        "chance": 100 / runs["n_labels"].to_numpy(),
+        "label_biased": runs["label_biased"].to_numpy(), "label_biased_share": 100 * runs["label_biased"] / n_components,
+    })
+
+
+def _mean_std(values: pd.Series) -> str:
+    return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+
+
+def component_table_1(measures: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 1 per task (mean ± std over runs, %), each beside its chance yardstick, and the average."""
+    main = measures[~measures["task"].str.contains(" -> ")]
+    rows = []
+    for task in _ordered_tasks(list(main["task"])):
+        group = main[main["task"] == task]
+        rows.append({"task": task, "runs": len(group), "n": int(group["n"].iloc[0]), "chance": f"{group['chance'].iloc[0]:.1f}",
+                     "FULL": _mean_std(group["full"]), "ORACLE-T1": _mean_std(group["best"]),
+                     "best of N at chance": f"{group['chance_best'].mean():.1f}",
+                     "ORACLE-B1": _mean_std(group["worst"]), "worst of N at chance": f"{group['chance_worst'].mean():.1f}"})
+    means = main.groupby("task")[["full", "best", "worst", "chance_best", "chance_worst", "chance"]].mean()
+    if len(means):
+        rows.append({"task": "average", "runs": len(main), "n": "", "chance": f"{means['chance'].mean():.1f}",
+                     "FULL": f"{means['full'].mean():.1f}", "ORACLE-T1": f"{means['best'].mean():.1f}",
+                     "best of N at chance": f"{means['chance_best'].mean():.1f}",
+                     "ORACLE-B1": f"{means['worst'].mean():.1f}", "worst of N at chance": f"{means['chance_worst'].mean():.1f}"})
+    return pd.DataFrame(rows)
+
+
+def label_biased_table(measures: pd.DataFrame) -> pd.DataFrame:
+    """Share (%) of components that predict one label on the entire test set, per task, beside the paper's."""
+    main = measures[~measures["task"].str.contains(" -> ")]
+    rows = []
+    for task in _ordered_tasks(list(main["task"])):
+        group = main[main["task"] == task]
+        paper = PAPER_LABEL_BIASED.get(task)
+        rows.append({"task": task, "runs": len(group), "n (here)": int(group["n"].iloc[0]),
+                     "label-biased % (here)": _mean_std(group["label_biased_share"]),
+                     "label-biased % (paper, n = 2,000)": "" if paper is None else f"{paper:.1f}"})
+    return pd.DataFrame(rows)
+
+
+# -- Table 2 --------------------------------------------------------------------------------------
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def agreement_pairs(runs: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """Every pair of test runs of a task: how they differ (`parts.analysis.analyze.relation_between`),
+    the Pearson r of their component accuracies and the IoU of their top-k components."""
+    main = runs[~runs["task"].str.contains(" -> ")].reset_index(drop=True)
+    accuracies = component_accuracies(main) if len(main) else np.zeros((0, 0))
+    rows = []
+    for task, group in main.groupby("task", sort=False):
+        for i, j in itertools.combinations(group.index, 2):
+            a, b = main.loc[i], main.loc[j]
+            top_a = top_k(torch.from_numpy(accuracies[i]), k)
+            top_b = top_k(torch.from_numpy(accuracies[j]), k)
+            rows.append({"task": task, "run_a": f"t{a['template']} s{a['seed']}", "run_b": f"t{b['template']} s{b['seed']}",
+                         "relation": relation_between(str(task), (int(a["template"]), int(a["seed"])),
+                                                      (int(b["template"]), int(b["seed"]))),
+                         "pearson": _pearson(accuracies[i], accuracies[j]),
+                         "top_k_iou": len(top_a & top_b) / len(top_a | top_b)})
+    return pd.DataFrame(rows, columns=["task", "run_a", "run_b", "relation", "pearson", "top_k_iou"])
+
+
+def agreement_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per task and relation: mean Pearson r and top-5 IoU over the pairs (how many), beside the paper's."""
+    rows = []
+    for task in _ordered_tasks(list(pairs["task"])):
+        for relation in ("seeds", "perturbed template", "templates"):
+            group = pairs[(pairs["task"] == task) & (pairs["relation"] == relation)]
+            paper = PAPER_AGREEMENT[relation].get(task)
+            rows.append({"task": task, "runs differ in": {"seeds": "demonstrations"}.get(relation, relation),
+                         "pairs": len(group),
+                         "pearson r (here)": f"{group['pearson'].mean():.2f}" if len(group) else "",
+                         "pearson r (paper)": "" if paper is None else f"{paper[0]:.2f}",
+                         "top-5 IoU (here)": f"{group['top_k_iou'].mean():.2f}" if len(group) else "",
+                         "top-5 IoU (paper)": "" if paper is None else f"{paper[1]:.2f}"})
+    return pd.DataFrame(rows)
+
+
+# -- Table 3 --------------------------------------------------------------------------------------
+TRANSFER_METHODS = {"icl": "FULL", "transfer-1": "TRANSFER-1", "oracle-1": "ORACLE-1 (upper bound)",
+                    "comprw": "CompRW 24 (extension)", "calib+": "Calib+ 24 (extension)", "batch": "BatchCal (extension)"}
+
+
+def transfer_table(transfer: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 3 on each shifted test set (mean ± std over runs, %), the paper's values beside,
+    then parts' reweighting-under-shift extension."""
+    rows = []
+    shifted = transfer[transfer["task"].str.contains(" -> ")]
+    for task, group in shifted.groupby("task", sort=False):
+        row: dict[str, object] = {"shift": task, "runs": group[["template", "seed"]].drop_duplicates().shape[0],
+                                  "n": int(group["n_test"].iloc[0])}
+        for method, column in TRANSFER_METHODS.items():
+            values = 100 * group.loc[group["method"] == method, "accuracy"].astype(float)
+            row[column] = _mean_std(values) if len(values) else ""
+        paper = PAPER_TRANSFER.get(str(task))
+        row["paper FULL / TRANSFER-1 / ORACLE-1"] = "" if paper is None else " / ".join(f"{p:.1f}" for p in paper)
+        rows.append(row)
+    return pd.DataFrame(rows)

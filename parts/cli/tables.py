@@ -1,0 +1,48 @@
+"""`parts tables`: rebuild every table in docs/ and the result figures from the committed result files."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from parts.cli.common import positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "tables",
+        help="rebuild the docs' tables and the result figures from results/ (no model needed)",
+        description=(
+            "Rewrite every '<!-- parts-tables:NAME -->' block in the docs pages and the result figures from the "
+            "committed result files (main.csv, transfer.csv, predictions.csv, runs.csv, components.txt). "
+            "With --from-runs, first export those files from an output root of `parts evaluate` / "
+            "`parts transfer` / `parts sweep`."
+        ),
+    )
+    parser.add_argument("--results", default="results", help="folder of the result files (default results/)")
+    parser.add_argument("--docs", default="docs", help="folder of the docs pages to rewrite (default docs/)")
+    parser.add_argument("--figures", default="figures", help="folder for the result figures (default figures/)")
+    parser.add_argument("--no-figures", action="store_true", help="tables only (figures need a Chromium browser)")
+    parser.add_argument("--from-runs", default=None, metavar="ROOT",
+                        help="export the result files from this output root first (needs its run folders)")
+    parser.add_argument("--limit", type=positive_int, default=200, help="test examples of the runs to export (default 200)")
+    parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--check", action="store_true", help="write nothing; fail if a docs table is out of date")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.figures.tables import rebuild
+
+    if args.from_runs is not None:
+        from parts.experiments.export import export_results
+
+        for path in export_results(args.from_runs, args.results, args.limit).values():
+            print(f"wrote {path}")
+    stale = rebuild(args.results, args.docs, None if args.no_figures else args.figures, args.check, args.resamples)
+    if args.check:
+        for page in stale:
+            print(f"out of date: {page} (run `parts tables`)")
+        return 1 if stale else 0
+    print(f"rewrote {len(stale)} docs page(s): {', '.join(stale) or 'none changed'}")
+    return 0

@@ -1,0 +1,174 @@
+"""The small text files every table is made from, exported from an output root of run folders.
+
+`export_results(root, out)` reads what `parts evaluate` / `parts transfer` / `parts sweep` left under
+`root` and writes, under `out` (committed with the repository, so a reader can check a number
+without rerunning the model):
+
+| file | one row per | holds |
+|---|---|---|
+| `main.csv` | setting x method | `parts evaluate`'s `results.csv` rows (accuracy, n_test, note) |
+| `transfer.csv` | setting x method x side | `parts transfer`'s rows, the paper's TRANSFER-1 / ORACLE-1 included |
+| `predictions.csv` | setting x method | `correct`: one 0/1 per test example, in the task's test-sample order (bootstrap input) |
+| `runs.csv` | test run | full-model accuracy, label-biased count, every component's accuracy (in `components.txt` order) |
+| `components.txt` | component | the component names |
+
+Every accuracy recomputed from the run folders is checked against the row `parts evaluate` wrote.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from parts.analysis import paper
+from parts.data.prompts import LABEL_BUDGET
+from parts.data.tasks import Task, get_task
+from parts.decomposition.runs import SUMMARY, DecompositionRun
+from parts.errors import PartsError
+from parts.experiments.evaluate import RESULTS_CSV, Setting, read_results, setting_predictions
+from parts.experiments.transfer import TransferSetting, transfer_setting_predictions
+
+TRANSFER_CSV = "transfer.csv"
+RUN_NAME = re.compile(r"t(?P<template>\d+)-s(?P<seed>\d+)-k(?P<shots>\d+)-test-n(?P<limit>\w+)$")
+
+
+def _task(name: str, tasks: Mapping[str, str | Path]) -> Task:
+    """A task by the name in a results file; `tasks` maps the names of user tasks to their JSON files."""
+    return get_task(tasks.get(name, name))
+
+
+def _limit(value: str) -> int | None:
+    return None if value == "all" else int(value)
+
+
+def _correct(labels: torch.Tensor, predictions: torch.Tensor) -> str:
+    return "".join("1" if c else "0" for c in (predictions == labels).tolist())
+
+
+def _check(row: dict[str, Any], correct: str) -> None:
+    recomputed = correct.count("1") / len(correct)
+    if abs(recomputed - float(row["accuracy"])) > 1e-5:
+        raise PartsError(f"{row['task']} t{row['template']} s{row['seed']} {row['method']} {row['labels']}: accuracy "
+                         f"{recomputed:.6f} from the run folders but {float(row['accuracy']):.6f} in the results file: "
+                         "the folders changed after evaluation; rerun `parts evaluate` for this setting")
+
+
+def main_predictions(root: Path, rows: list[dict[str, Any]], tasks: Mapping[str, str | Path]) -> list[dict[str, Any]]:
+    """One `predictions.csv` row per `results.csv` row, recomputed from the run folders."""
+    out = []
+    keys = dict.fromkeys((r["model"], r["task"], r["template"], r["seed"], r["shots"], r["limit"]) for r in rows)
+    for model, task, template, seed, shots, limit in keys:
+        mine = [r for r in rows if (r["model"], r["task"], r["template"], r["seed"], r["shots"], r["limit"])
+                == (model, task, template, seed, shots, limit)]
+        budgets = tuple(sorted({int(r["labels"]) for r in mine} - {int(shots)})) or (LABEL_BUDGET,)
+        setting = Setting(_task(task, tasks), int(template), int(seed), _limit(limit), budgets, int(shots))
+        labels, predictions = setting_predictions(root, model, setting)  # a slug names its own folder
+        for r in mine:
+            key = (r["method"], int(r["labels"]))
+            if key not in predictions:
+                continue
+            correct = _correct(labels, predictions[key])
+            _check(r, correct)
+            out.append({"kind": "main", "model": model, "task": task, "template": int(template), "seed": int(seed),
+                        "method": r["method"], "labels": int(r["labels"]), "n_test": len(correct), "correct": correct})
+    return out
+
+
+def transfer_rows_and_predictions(root: Path, rows: list[dict[str, Any]], tasks: Mapping[str, str | Path]
+                                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`transfer.csv` rows (with TRANSFER-1 / ORACLE-1 added where the run predates them) and their predictions."""
+    table: dict[tuple[str, ...], dict[str, Any]] = {}
+    predictions = []
+    sources = dict.fromkeys((r["model"], r["task"], r["template"], r["seed"], r["shots"]) for r in rows
+                            if " -> " not in r["task"])
+    for r in rows:
+        table[(r["model"], r["task"], str(r["template"]), str(r["seed"]), r["method"])] = r
+    for model, source_name, template, seed, shots in sources:
+        targets = {r["task"]: r for r in rows if r["task"].startswith(f"{source_name} -> ")
+                   and (r["model"], str(r["template"]), str(r["seed"])) == (model, str(template), str(seed))}
+        source_rows = [r for r in rows if (r["model"], r["task"], str(r["template"]), str(r["seed"]))
+                       == (model, source_name, str(template), str(seed))]
+        for target_task, target_row in targets.items():
+            setting = TransferSetting(_task(source_name, tasks), _task(target_task.split(" -> ")[1], tasks), int(template),
+                                      int(seed), _limit(source_rows[0]["limit"]), _limit(target_row["limit"]), int(shots))
+            for (task_name, method, labels), (gold, predicted) in transfer_setting_predictions(
+                    root, model, setting).items():
+                correct = _correct(gold, predicted)
+                key = (model, task_name, str(template), str(seed), method)
+                if key in table:
+                    _check(table[key], correct)
+                else:
+                    table[key] = {"model": model, "task": task_name, "template": template, "seed": seed, "shots": shots,
+                                  "limit": target_row["limit"], "method": method, "labels": labels,
+                                  "accuracy": round(correct.count("1") / len(correct), 6), "n_test": len(correct),
+                                  "note": "recomputed from the run folders"}
+                predictions.append({"kind": "transfer", "model": model, "task": task_name, "template": int(template),
+                                    "seed": int(seed), "method": method, "labels": labels, "n_test": len(correct),
+                                    "correct": correct})
+    return list(table.values()), predictions
+
+
+def run_rows(root: Path, limit: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per finished test run of `limit` examples (main tasks and transfer targets) and the component names."""
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+    for summary in sorted(root.rglob(SUMMARY)):
+        folder = summary.parent
+        match = RUN_NAME.match(folder.name)
+        if match is None or match["limit"] != limit or any(p.startswith(".") for p in folder.relative_to(root).parts):
+            continue
+        run = DecompositionRun.load(folder)
+        names = names or list(run.component_names)
+        if list(run.component_names) != names:
+            raise PartsError(f"{folder} has other components than the runs before it: export one model at a time")
+        predictions = run.component_predictions
+        one_label = (predictions == predictions[:1]).all(0)  # the paper's label-biased: one label on every example
+        is_transfer = "transfer" in folder.relative_to(root).parts
+        task = f"{folder.parent.name.split('-to-')[0]} -> {run.prompts.task}" if is_transfer else run.prompts.task
+        rows.append({"model": run.model, "task": task, "template": run.prompts.template, "seed": run.prompts.seed,
+                     "shots": run.prompts.shots, "n_examples": run.n_examples, "n_labels": len(run.prompts.label_names),
+                     "full": round(run.full_accuracy, 6), "label_biased": int(one_label.sum()),
+                     "accuracies": " ".join(f"{a:.4f}" for a in run.component_accuracy.tolist())})
+    return rows, names
+
+
+def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
+                   tasks: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
+    """Write the table inputs (see the module docstring) for the runs of `limit` test examples under `root`.
+    `tasks` maps user task names to their JSON files (the paper's tasks resolve by name)."""
+    tasks = tasks or {}
+    root, out = Path(root), Path(out)
+    size = "all" if limit is None else str(limit)
+    main_rows = [r for r in read_results(root / RESULTS_CSV) if r["limit"] == size]
+    transfer_rows = [r for r in read_results(root / TRANSFER_CSV) if r["limit"] == size or " -> " in r["task"]]
+    if not main_rows and not transfer_rows:
+        raise PartsError(f"no results at n={size} under {root}: run `parts evaluate --limit {size} --out {root}` first")
+    predictions = main_predictions(root, main_rows, tasks)
+    transfer_table, transfer_predictions = transfer_rows_and_predictions(root, transfer_rows, tasks)
+    runs, names = run_rows(root, size)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, frame in (("main.csv", pd.DataFrame(main_rows)), ("transfer.csv", pd.DataFrame(transfer_table)),
+                        ("predictions.csv", pd.DataFrame(predictions + transfer_predictions)),
+                        ("runs.csv", pd.DataFrame(runs))):
+        frame.to_csv(out / name, index=False)
+        written[name] = out / name
+    (out / "components.txt").write_text("\n".join(names) + "\n")
+    written["components.txt"] = out / "components.txt"
+    return written
+
+
+def interval_tables(root: str | Path, rows: list[dict[str, Any]], tasks: Mapping[str, str | Path] | None = None,
+                    n_resamples: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The main table with 95% hierarchical bootstrap intervals, and CompRW minus each baseline with its
+    interval, for `results.csv` rows whose settings are finished under `root` (`parts evaluate` prints them)."""
+    predictions = pd.DataFrame(main_predictions(Path(root), rows, tasks or {}))
+    if predictions.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    intervals = paper.main_intervals(predictions, pd.DataFrame(rows), n_resamples)
+    return paper.main_table(intervals), paper.difference_table(intervals)

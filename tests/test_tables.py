@@ -1,0 +1,135 @@
+"""Result files exported from run folders, and the docs tables rebuilt from them (`parts tables`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from parts.analysis import paper
+from parts.cli import main
+from parts.decomposition.runs import DecompositionRun
+from parts.experiments.export import export_results
+from parts.experiments.runner import run_dir
+from parts.figures.tables import load_results, rewrite_blocks
+
+PAGE = """# Results
+
+Some prose that stays.
+
+<!-- parts-tables:main -->
+old table
+<!-- /parts-tables:main -->
+
+<!-- parts-tables:table1 -->
+<!-- /parts-tables:table1 -->
+
+<!-- parts-tables:unknown -->
+kept as is
+<!-- /parts-tables:unknown -->
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model_dir, tiny_task_file):
+    root = tmp_path_factory.mktemp("evaluated")
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1,2",
+            "--seeds", "0,1", "--labels", "24", "--limit", "8", "--out", str(root), "--device", "cpu"]
+    assert main(argv) == 0
+    results = root / "results-files"
+    export_results(root, results, limit=8, tasks={"tiny": tiny_task_file})
+    return root, results, argv
+
+
+def test_evaluate_prints_the_intervals(evaluated, capsys):
+    _, _, argv = evaluated
+    assert main(argv) == 0  # finished: resumes from disk, prints the tables
+    printed = capsys.readouterr().out
+    assert "95% bootstrap interval" in printed and "| tiny | 4 | 8 |" in printed
+    assert "24-shot ICL" in printed.split("CompRW minus each baseline")[1]
+
+
+def test_export_recomputes_every_accuracy_per_example(evaluated, tiny_model_dir, tiny_task_file):
+    root, results, _ = evaluated
+    loaded = load_results(results)
+    assert len(loaded.main) == 4 * 7 and len(loaded.predictions) == 4 * 7
+    merged = loaded.predictions.merge(loaded.main, on=["task", "template", "seed", "method", "labels"])
+    hits = merged["correct"].map(lambda text: text.count("1") / len(text))
+    np.testing.assert_allclose(hits, merged["accuracy"], atol=1e-6)
+    assert set(merged["correct"].str.len()) == {8}
+    # one row per test run, the paper's label-biased rule counted by hand
+    assert len(loaded.runs) == 4
+    run = DecompositionRun.load(run_dir(root, str(tiny_model_dir), tiny_task_file, 2, 1, "test", limit=8))
+    row = loaded.runs[(loaded.runs.template == 2) & (loaded.runs.seed == 1)].iloc[0]
+    predictions = run.component_predictions
+    by_hand = sum(len(set(predictions[:, c].tolist())) == 1 for c in range(predictions.shape[1]))
+    assert row["label_biased"] == by_hand
+    assert [float(a) for a in row["accuracies"].split()] == pytest.approx(run.component_accuracy.tolist(), abs=1e-4)
+    assert loaded.components == list(run.component_names)
+
+
+def test_main_table_means_and_intervals(evaluated):
+    _, results, _ = evaluated
+    loaded = load_results(results)
+    intervals = paper.main_intervals(loaded.predictions, loaded.main, n_resamples=300)
+    accuracy = intervals[intervals.quantity == "accuracy"].set_index(["task", "method"])
+    for column, method in (("CompRW 24", "comprw"), ("24-shot ICL", "icl")):
+        labels = 24
+        expected = 100 * loaded.main[(loaded.main.method == method) & (loaded.main.labels == labels)]["accuracy"].mean()
+        cell = accuracy.loc[("tiny", column)]
+        assert cell.estimate == pytest.approx(expected, abs=1e-6)
+        assert cell.low <= cell.estimate <= cell.high and cell.runs == 4 and cell.examples == 8
+    # one task: its average is the task itself
+    assert accuracy.loc[("average", "CompRW 24")].estimate == pytest.approx(accuracy.loc[("tiny", "CompRW 24")].estimate)
+    difference = intervals[(intervals.quantity == "difference") & (intervals.method == "CompRW 24 - 24-shot ICL")]
+    assert len(difference) == 2
+    table = paper.main_table(intervals)
+    assert list(table["task"]) == ["tiny", "average"] and "CompRW 24" in table.columns
+
+
+def test_tables_command_rewrites_marked_blocks_only(evaluated, tmp_path, capsys):
+    _, results, _ = evaluated
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(PAGE)
+    argv = ["tables", "--results", str(results), "--docs", str(docs), "--no-figures", "--resamples", "200"]
+    assert main([*argv, "--check"]) == 1
+    assert "out of date" in capsys.readouterr().out
+    assert main(argv) == 0
+    text = (docs / "results.md").read_text()
+    assert "old table" not in text and "| tiny | 4 | 8 |" in text and "Some prose that stays." in text
+    assert "kept as is" in text and "| task | runs | n | chance | FULL | ORACLE-T1 |" in text
+    assert main([*argv, "--check"]) == 0  # rebuilt: up to date, the same numbers (seeded bootstrap)
+    assert (results / "analysis.json").is_file()
+    assert main(["tables", "--results", str(tmp_path / "none"), "--docs", str(docs), "--no-figures"]) == 2
+    assert "lacks main.csv" in capsys.readouterr().err
+
+
+def test_rewrite_blocks_and_yardsticks_in_table1():
+    assert rewrite_blocks(PAGE, {"main": "new"}).count("new\n<!-- /parts-tables:main -->") == 1
+    runs = pd.DataFrame([{"task": "sst2", "template": 1, "seed": 0, "n_examples": 2, "n_labels": 2, "full": 0.5,
+                          "label_biased": 1, "accuracies": "0.5 1.0 0.0"}])
+    measures = paper.run_measures(runs, ["L0H0", "L0H1", "MLP0"])
+    assert measures.loc[0, "best_component"] == "L0H1" and measures.loc[0, "worst_component"] == "MLP0"
+    # best / worst of 3 chance classifiers on 2 examples: P(acc <= k/2) = 1/4, 3/4, 1
+    assert measures.loc[0, "chance_best"] == pytest.approx(100 * ((1 - 0.25**3) + (1 - 0.75**3)) / 2)
+    assert measures.loc[0, "label_biased_share"] == pytest.approx(100 / 3)
+    table = paper.component_table_1(measures)
+    assert table.loc[0, "ORACLE-T1"] == "100.0 ± 0.0" and table.loc[0, "ORACLE-B1"] == "0.0 ± 0.0"
+
+
+def test_agreement_pairs_name_the_relation():
+    runs = pd.DataFrame([
+        {"task": "sst2", "template": t, "seed": s, "accuracies": acc}
+        for t, s, acc in ((2, 0, "0.1 0.2 0.3 0.4 0.5 0.6"), (2, 1, "0.1 0.2 0.3 0.4 0.6 0.5"),
+                          (4, 0, "0.6 0.5 0.4 0.3 0.2 0.1"), (1, 0, "0.1 0.2 0.3 0.4 0.5 0.6"))])
+    pairs = paper.agreement_pairs(runs).set_index(["run_a", "run_b"])
+    assert pairs.loc[("t2 s0", "t2 s1"), "relation"] == "seeds"
+    assert pairs.loc[("t2 s0", "t4 s0"), "relation"] == "perturbed template"  # sst2's template 4 perturbs 2
+    assert pairs.loc[("t2 s0", "t4 s0"), "pearson"] == pytest.approx(-1.0)
+    assert pairs.loc[("t2 s0", "t1 s0"), "relation"] == "templates"
+    assert pairs.loc[("t2 s0", "t1 s0"), "top_k_iou"] == 1.0
+    assert pairs.loc[("t2 s0", "t2 s1"), "top_k_iou"] == pytest.approx(1.0)  # same top 5 of 6
+    table = paper.agreement_table(pairs.reset_index())
+    seeds = table[table["runs differ in"] == "demonstrations"].iloc[0]
+    assert seeds["pairs"] == 1 and seeds["pearson r (paper)"] == "0.81"
