@@ -11,7 +11,7 @@ from transformer_lens.model_bridge.generalized_components.base import Generalize
 
 from parts.components import component_names
 from parts.decomposition.decompose import Decomposer
-from parts.model.engines import HFEngine, suffix_position_ids
+from parts.model.engines import GQA_SDPA, HFEngine, suffix_position_ids
 
 PROMPTS = [
     "review : great film sentiment : positive review : awful plot sentiment : negative review : good fun sentiment :",
@@ -125,7 +125,7 @@ def test_engines_agree(tiny_model):
 def test_hf_engine_runs_the_plain_modules_and_leaves_the_bridge_alone(tiny_model):
     decomposer = Decomposer(tiny_model, label_ids(tiny_model), "hf")
     plain, bridged = decomposer.engine.model, tiny_model.original_model
-    assert plain.config._attn_implementation == "sdpa"
+    assert plain.config._attn_implementation == GQA_SDPA
     assert bridged.config._attn_implementation == "eager"  # the bridge keeps its own attention
     assert not any(isinstance(m, GeneralizedComponent) for m in plain.modules())
     # The model's own weights, not a copy (the bridge adds split q/k/v weights for fused-QKV models).
@@ -143,6 +143,26 @@ def test_suffix_position_ids_continue_the_prefix():
     mask = torch.tensor([[1, 1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1]])  # prefix 3, suffixes of 2 and 4 tokens
     assert suffix_position_ids(mask, 3).tolist() == [[3, 3, 3, 4], [3, 4, 5, 6]]
     assert suffix_position_ids(torch.tensor([[0, 1, 1], [1, 1, 1]]), 0).tolist() == [[0, 0, 1], [0, 1, 2]]
+
+
+def test_grouped_query_attention_is_not_copied_per_head_on_cpu(tiny_llama, monkeypatch):
+    """With a prefix cache (so an attention mask) the HF engine's attention never calls transformers' `repeat_kv`
+    (a copy of every key/value head group) and gives transformers' own SDPA numbers."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    assert tiny_llama.cfg.n_key_value_heads < tiny_llama.cfg.n_heads  # the fixture is grouped-query
+    reference_engine = Decomposer(tiny_llama, label_ids(tiny_llama), "hf")
+    reference_engine.engine = HFEngine(tiny_llama, attention="sdpa")
+    copies: list[tuple[int, ...]] = []
+    original = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda states, n: copies.append(tuple(states.shape)) or original(states, n))
+    reference = reference_engine(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    assert copies  # transformers' own path copies them
+    copies.clear()
+    fast = Decomposer(tiny_llama, label_ids(tiny_llama), "hf")(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    assert copies == []
+    for name in ("component_logits", "remainder", "model_logits"):
+        assert (getattr(fast, name) - getattr(reference, name)).abs().max() < 1e-5, name
 
 
 def test_hf_engine_prefix_cache_guard(tiny_llama, monkeypatch):

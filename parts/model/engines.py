@@ -26,6 +26,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
 
 from parts.errors import PartsError
 
@@ -50,6 +53,36 @@ def suffix_position_ids(attention_mask: Int[Tensor, "batch key"], prefix_length:
     suffix_mask = attention_mask[:, prefix_length:]
     positions = prefix_length + suffix_mask.cumsum(-1) - 1
     return positions.clamp(min=prefix_length).masked_fill(suffix_mask == 0, prefix_length)
+
+
+GQA_SDPA = "parts_gqa_sdpa"
+
+
+def gqa_sdpa_attention(
+    module: nn.Module, query: Float[Tensor, "batch head query d_head"], key: Float[Tensor, "batch kv_head key d_head"],
+    value: Float[Tensor, "batch kv_head key d_head"], attention_mask: Tensor | None, dropout: float = 0.0,
+    scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any,
+) -> tuple[Float[Tensor, "batch query head d_head"], None]:
+    """Transformers' SDPA attention, except that on the CPU grouped-query keys and values are not copied per head.
+
+    With an attention mask (always there after a prefix cache) transformers materialises every key/value
+    head group (`repeat_kv`), which on the CPU costs more than the attention itself over a long prefix;
+    torch's CPU kernel takes the groups as they are (`enable_gqa`), with the same result to float rounding
+    (benchmarks/results.md). On CUDA the masked kernels do not take `enable_gqa` (they would fall back
+    to the slow math kernel), so there, and whenever there is nothing to save, this is transformers' own.
+    """
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+    if groups == 1 or attention_mask is None or query.device.type != "cpu" or special:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    attn_output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return einops.rearrange(attn_output, "batch head query d_head -> batch query head d_head").contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 
 class BridgeEngine:
@@ -115,7 +148,7 @@ class HFEngine:
     hooks of the same names (tested on Llama, GPT-NeoX and GPT-2 models and the embedded model).
     """
 
-    def __init__(self, model: TransformerBridge, attention: str = "sdpa"):
+    def __init__(self, model: TransformerBridge, attention: str = GQA_SDPA):
         hf_model = model.original_model
         config: Any = copy.deepcopy(hf_model.config)
         config._attn_implementation = attention
