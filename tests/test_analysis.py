@@ -272,7 +272,11 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{tmp_path / 'runs'} | m | sst2 | test n=10 | 4-shot | 3 runs" in printed
     # Holm-corrected by default: MLP1 (p 0.0107 over 6 components) is neutral, not good.
-    assert "sst2 t2 s0      70.0%     1    1      2       2  L1H0 100.0%, MLP1 90.0%, L1H1 60.0%" in printed
+    # The paper's measures first: FULL, ORACLE-T1 beside the best of 6 chance classifiers on 10 examples
+    # (69.7%), ORACLE-B1 beside the worst (30.3%), one label on every example (L0H0); then the categories.
+    assert ("sst2 t2 s0      70.0% 100.0%      69.7%   0.0%      30.3%     1/6     |               1    1      2"
+            "       2  L1H0 100.0%, MLP1 90.0%, L1H1 60.0%") in printed
+    assert "parts' extension, significance categories" in printed
     # Best 100%, 60%, 60% against full 70%, 100%, 100%; worst 0%, 10%, 10%.
     assert "best component beats the full model in 1/3 runs (mean best 73.3% vs full 90.0%; mean worst 6.7%)" in printed
     report = json.loads(out.read_text())
@@ -281,6 +285,9 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     assert [c["component"] for c in first["top_components"]] == ["L1H0", "MLP1", "L1H1", "MLP0", "L0H0"]
     assert first["worst_component"] == {"component": "L0H1", "accuracy": 0.0}
     assert first["label_biased_on_all_examples"] == 1  # L0H0; MLP0 says label 1 on 90% only
+    assert first["paper"]["oracle_t1_component"] == "L1H0" and first["paper"]["oracle_b1"] == 0.0
+    assert first["paper"]["chance_best_of_n"] == pytest.approx(0.6971071471946135)
+    assert first["paper"]["label_biased_share"] == pytest.approx(1 / 6)
     assert first["components"][4]["p_above"] == pytest.approx(386 / 1024)
     group = report["groups"][0]
     pairs = {(p["run_a"], p["run_b"]): p for p in group["pairs"]}
@@ -309,7 +316,7 @@ def test_analyze_correction_option(tmp_path, capsys):
     assert main(["analyze", str(tmp_path), "--correction", "none"]) == 0
     printed = capsys.readouterr().out
     assert "above/below chance, uncorrected" in printed
-    assert "sst2 t2 s0      70.0%     2    1      2       1" in printed  # MLP1 (p 0.0107) is good uncorrected
+    assert "|               2    1      2       1" in printed  # MLP1 (p 0.0107) is good uncorrected
     assert json.loads((tmp_path / "analysis.json").read_text())["settings"]["correction"] == "none"
 
 

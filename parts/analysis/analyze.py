@@ -37,7 +37,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from parts.analysis.stats import adjust_pvalues, binomial_p_values, chance_accuracy, is_significant
+from parts.analysis.stats import adjust_pvalues, binomial_p_values, chance_accuracy, chance_extremes, is_significant
 from parts.components import parse_component
 from parts.data.tasks import get_task
 from parts.decomposition.runs import SUMMARY, DecompositionRun
@@ -301,12 +301,22 @@ def run_report(
     top = [{"component": row.component, "accuracy": float(row.accuracy), "category": row.category}
            for row in ranked.head(k).itertuples()]
     worst = ranked.iloc[-1]
+    n_labels = len(p.label_names)
+    chance_best, chance_worst = chance_extremes(run.n_examples, n_labels, len(table))
+    biased_on_all = int((table["label_bias"] >= 1.0).sum())
     return {
         "label": run_label(run), "path": None if path is None else str(path), "model": run.model, "task": p.task,
         "template": p.template, "seed": p.seed, "split": p.split, "shots": p.shots, "n_examples": run.n_examples,
         "full_accuracy": run.full_accuracy, "majority_rate": run.chance, "category_counts": category_counts(table),
         # The paper's own rule: one label on every example.
-        "label_biased_on_all_examples": int((table["label_bias"] >= 1.0).sum()),
+        "label_biased_on_all_examples": biased_on_all,
+        # The paper's measures (ORACLE-T1 / ORACLE-B1: best / worst single component chosen on the test set),
+        # each beside what as many chance-level classifiers would reach on as many examples.
+        "paper": {"full": run.full_accuracy, "oracle_t1": float(ranked.iloc[0]["accuracy"]),
+                  "oracle_t1_component": ranked.iloc[0]["component"], "oracle_b1": float(worst["accuracy"]),
+                  "oracle_b1_component": worst["component"], "chance": 1 / n_labels, "chance_best_of_n": chance_best,
+                  "chance_worst_of_n": chance_worst, "n_components": len(table), "n_examples": run.n_examples,
+                  "label_biased": biased_on_all, "label_biased_share": biased_on_all / len(table)},
         "top_components": top, "best_accuracy": top[0]["accuracy"],
         "worst_component": {"component": worst["component"], "accuracy": float(worst["accuracy"])},
         "components": _records(table),
@@ -370,21 +380,28 @@ def format_report(report: dict[str, Any], top: int = 3) -> str:
     """The readable text of an analysis report: per run, then per group of comparable runs."""
     settings = report["settings"]
     lines = [
-        f"categories: label-biased = one label on >= {settings['label_bias_threshold']:.0%} of examples; "
-        f"good/bad = binomial p < {settings['alpha']} above/below chance, {CORRECTION_NAMES[settings['correction']]} "
-        "(good also >= the full model)",
+        "the paper's measures: ORACLE-T1 / ORACLE-B1 = best / worst single component chosen on the test set, beside "
+        "the expected best / worst of as many chance-level classifiers on as many examples; label-biased = one "
+        "label on every test example (its share grows as n shrinks)",
+        f"parts' extension, significance categories: label-biased = one label on >= "
+        f"{settings['label_bias_threshold']:.0%} of examples; good/bad = binomial p < {settings['alpha']} above/below "
+        f"chance, {CORRECTION_NAMES[settings['correction']]} (good also >= the full model)",
     ]
     for group in report["groups"]:
         members = [report["runs"][i] for i in group["run_indices"]]
         where = f"{group['collection']} | " if group["collection"] else ""
         lines += ["", f"{where}{group['model']} | {group['task']} | {group['split']} n={group['n_examples']} | "
                       f"{group['shots']}-shot | {len(members)} runs",
-                  f"{'run':<14} {'full':>6} {'good':>5} {'bad':>4} {'biased':>6} {'neutral':>7}  top components"]
+                  f"{'run':<14} {'FULL':>6} {'T1':>6} {'(N@chance)':>10} {'B1':>6} {'(N@chance)':>10} "
+                  f"{'biased(all)':>11} | extension: {'good':>4} {'bad':>4} {'biased':>6} {'neutral':>7}  top components"]
         for r in members:
-            counts = r["category_counts"]
+            counts, measures = r["category_counts"], r["paper"]
             best = ", ".join(f"{c['component']} {c['accuracy']:.1%}" for c in r["top_components"][:top])
-            lines.append(f"{r['label']:<14} {r['full_accuracy']:6.1%} {counts['good']:5d} {counts['bad']:4d} "
-                         f"{counts['label-biased']:6d} {counts['neutral']:7d}  {best}")
+            lines.append(f"{r['label']:<14} {measures['full']:6.1%} {measures['oracle_t1']:6.1%} "
+                         f"{measures['chance_best_of_n']:10.1%} {measures['oracle_b1']:6.1%} "
+                         f"{measures['chance_worst_of_n']:10.1%} {measures['label_biased']:5d}/{measures['n_components']:<5d} "
+                         f"| {'':>10} {counts['good']:4d} {counts['bad']:4d} {counts['label-biased']:6d} "
+                         f"{counts['neutral']:7d}  {best}")
         if group["stability"]:
             lines.append(f"{'agreement of component accuracies':<36} {'pairs':>5} {'pearson':>8} {'spearman':>8} "
                          f"{'top-' + str(settings['k']) + ' IoU':>9}")
