@@ -41,6 +41,10 @@ from parts.errors import PartsError
 from parts.model.engines import Activations, BridgeEngine, make_engine
 
 MAX_AUTO_BATCH_SIZE = 64  # beyond this a batch saves no time on any device measured
+# On a CPU larger batches are slower, not faster: every batch copies the prefix's keys and values per prompt
+# and pads to its longest prompt, while the matmuls are as efficient at 8 prompts (benchmarks/results.md:
+# 24-shot sst2, batch 8 vs 64, 1.5x CPU time).
+MAX_AUTO_BATCH_SIZE_CPU = 8
 # Share of free memory an automatic batch may plan to use: the estimate below is rough, and on a
 # CPU the memory is shared with other processes.
 MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}
@@ -129,13 +133,14 @@ def prompt_memory_bytes(cfg: Any, new_tokens: int, prefix_tokens: int, element_b
 def auto_batch_size(
     model: TransformerBridge, token_lists: Sequence[Sequence[int]], prefix_length: int, free_bytes: int | None = None
 ) -> int:
-    """The largest batch whose longest prompts fit a share of free memory, from 1 to MAX_AUTO_BATCH_SIZE."""
+    """The largest batch whose longest prompts fit a share of free memory, from 1 to MAX_AUTO_BATCH_SIZE (8 on a CPU)."""
     device = model.W_U.device
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
     budget = free * MEMORY_FRACTION.get(device.type, 0.5)
     longest = max(len(t) for t in token_lists) - prefix_length
     per_prompt = ESTIMATE_MARGIN * prompt_memory_bytes(model.cfg, longest, prefix_length, model.W_U.element_size())
-    return max(1, min(MAX_AUTO_BATCH_SIZE, len(token_lists), int(budget // per_prompt)))
+    cap = MAX_AUTO_BATCH_SIZE_CPU if device.type == "cpu" else MAX_AUTO_BATCH_SIZE
+    return max(1, min(cap, len(token_lists), int(budget // per_prompt)))
 
 
 def resolve_batch_size(
