@@ -81,7 +81,8 @@ def test_write_results_merges_by_key_atomically(tmp_path):
     rows = read_results(path)
     assert [(r["task"], r["seed"], r["accuracy"]) for r in rows] == [("sst2", "0", "0.5"), ("sst2", "1", "0.9"),
                                                                      ("rte", "0", "0.6")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.csv.lock", "results.csv"]
+    # parts' marker and locks beside it, no staging file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".parts", ".parts-lock", ".results.csv.parts-lock", "results.csv"]
 
 
 EXPECTED_METHODS = {("icl", "4"), ("contextual", "4"), ("batch", "4"), ("oracle", "4"), ("icl", "12"),

@@ -305,7 +305,7 @@ def test_figures_command_writes_html_and_png(tiny_runs, tmp_path, capsys):
                  "--html-only", "tiny-accuracy-heatmap"]) == 0
     assert "wrote 9 files for 8 figures" in capsys.readouterr().out  # 8 PNG + 1 HTML
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["plotly.min.js", "tiny-accuracy-heatmap.html"]
+        [".parts", ".parts-lock", "plotly.min.js", "tiny-accuracy-heatmap.html"]
         + [f"tiny-{n}.png" for n in ("accuracy-heatmap", "categories", "distribution", "stability-demonstrations",
                                      "stability-templates", "correlation", "weights")] + ["reweighting-accuracy.png"])
     assert (out / "tiny-categories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -330,7 +330,7 @@ def test_static_export_writes_images(tmp_path):
     assert (width, height) == (760 * 2, 420 * 2)  # the layout's size at scale 2
     assert (tmp_path / "heatmap.svg").read_text().startswith("<svg") and "tiny run" in (tmp_path / "heatmap.svg").read_text()
     assert (tmp_path / "heatmap.pdf").read_bytes()[:5] == b"%PDF-"
-    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [".parts", ".parts-lock"]  # no temporary files left behind
 
 
 def test_missing_browser_names_the_install(monkeypatch):

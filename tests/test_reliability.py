@@ -451,7 +451,7 @@ def test_a_failed_save_leaves_no_run_and_keeps_the_old_one(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(parts.decomposition.runs, "save_file", torn_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PartsError, match="disk full"):
         new.save(target)
     assert not target.exists() and list(tmp_path.iterdir()) == []
     monkeypatch.undo()
@@ -465,7 +465,7 @@ def test_a_failed_save_leaves_no_run_and_keeps_the_old_one(tmp_path, monkeypatch
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_final_rename)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(PartsError, match="rename failed"):
         new.save(target)
     monkeypatch.undo()
     assert DecompositionRun.load(target) == old  # the old run is back in place
@@ -532,7 +532,9 @@ def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, ti
     model = ["--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "3"]
     decompose = ["decompose", *model, "--task", str(tiny_task_file), "--seed", "1", "--limit", "10"]
     sweep = ["sweep", *model, "--tasks", str(tiny_task_file), "--templates", "1-2", "--seeds", "0-1", "--limit", "4"]
-    jobs = [(m, [*decompose, "--out", str(outs[m])], str(outs[m])) for m in moments]
+    # The old run has other settings: replacing it takes --overwrite.
+    jobs = [(m, [*decompose, "--out", str(outs[m]), *(["--overwrite"] if m == "rename" else [])], str(outs[m]))
+            for m in moments]
     jobs.append(("sweep", [*sweep, "--out", str(tmp_path / "sweep-killed")], str(tmp_path / "sweep-killed")))
     evaluate = ["evaluate", *model, "--tasks", str(tiny_task_file), "--templates", "1", "--seeds", "0", "--labels", "12",
                 "--limit", "8"]
@@ -558,7 +560,7 @@ def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, ti
 
     # The sweep died saving its second run: one finished run and a staging folder; rerun, it matches a clean sweep.
     killed = tmp_path / "sweep-killed"
-    assert len(list(killed.rglob("summary.json"))) == 1 and list(killed.rglob(".t1-s1-*.tmp-*"))
+    assert len(list(killed.rglob("summary.json"))) == 1 and list(killed.rglob(".t1-s1-*.parts-tmp-*"))
     assert main([*sweep, "--out", str(killed)]) == 0
     assert main([*sweep, "--out", str(tmp_path / "sweep-whole")]) == 0
     assert len(list(killed.rglob("summary.json"))) == 4

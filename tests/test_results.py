@@ -51,7 +51,7 @@ def test_summary_keys_and_round_trip(tmp_path):
     loaded = DecompositionRun.load(path)
     assert loaded == run
     assert torch.equal(loaded.component_logits, run.component_logits)
-    assert not list(tmp_path.glob(".run.tmp-*"))  # no staging folder left behind
+    assert not list(tmp_path.glob(".run.parts-tmp-*"))  # no staging folder left behind
 
 
 def test_overwrite_and_half_written_folders(tmp_path):

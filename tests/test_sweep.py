@@ -61,7 +61,7 @@ def test_interrupted_sweep_resumes_to_identical_files(tiny_model_dir, tiny_task_
 
     def crashing(path, *args, **kwargs):
         if len(calls) == 2:
-            staging = Path(path).parent / f".{Path(path).name}.tmp-killed"
+            staging = Path(path).parent / f".{Path(path).name}.parts-tmp-killed"
             staging.mkdir(parents=True)
             (staging / "tensors.safetensors").write_bytes(b"half written")
             raise KeyboardInterrupt
@@ -78,7 +78,7 @@ def test_interrupted_sweep_resumes_to_identical_files(tiny_model_dir, tiny_task_
     resumed = tiny_sweep(tiny_model_dir, tiny_task_file, tmp_path / "resumed")
     assert [p.relative_to(tmp_path / "resumed") for p in resumed] == [p.relative_to(tmp_path / "whole") for p in whole]
     whole_files, resumed_files = file_hashes(tmp_path / "whole"), file_hashes(tmp_path / "resumed")
-    assert len(whole_files) == 4 * 3  # summary.json, prompts.jsonl, tensors.safetensors per run; no staging left
+    assert len(whole_files) == 4 * 4  # summary.json, prompts.jsonl, tensors.safetensors, .parts per run; no staging
     assert resumed_files == whole_files
     assert len(count_loads) == 3  # the whole sweep, the interrupted one, the resumed one
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +39,16 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def write_json_atomically(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=1, allow_nan=False)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
+    from parts import io
     from parts.analysis.analyze import analysis_report, find_runs, format_report, load_runs
 
+    out = Path(args.out) if args.out else Path(args.root) / "analysis.json"
+    io.check_file(out, legacy=io.contains('"label_bias_threshold"'))  # before the work: a user's file there is refused
     paths = find_runs(args.root)
     runs = load_runs(args.root)
     report = analysis_report(runs, paths, args.label_bias, args.alpha, args.top_k, args.correction)
-    out = Path(args.out) if args.out else Path(args.root) / "analysis.json"
-    write_json_atomically(report, out)
+    io.write_json(out, report, legacy=io.contains('"label_bias_threshold"'))
     print(format_report(report))
     print(f"\nwrote {out}")
     return 0

@@ -35,6 +35,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts import io
     from parts.experiments.checkpoints import (
         checkpoint_figure,
         checkpoint_runs,
@@ -43,14 +44,19 @@ def run(args: argparse.Namespace) -> int:
         parse_checkpoint,
     )
 
+    csv_path = Path(args.out) / "checkpoints.csv"
+    figure_path = Path(args.figure or Path(args.out) / "checkpoints.html")
+    # Files from before parts marked its folders are recognised by their first bytes.
+    legacy = {csv_path: io.starts_with("checkpoint,step,task,"), figure_path: io.contains("plotly")}
+    for path, older in legacy.items():  # refuse before the work if a user's file is in the way
+        io.check_file(path, older)
     checkpoints = [parse_checkpoint(spec, args.model, position) for position, spec in enumerate(args.checkpoints)]
     runs = checkpoint_runs(checkpoints, args.tasks, args.templates, args.seeds, args.limit, args.out, run_options(args))
     table = checkpoint_table(runs, args.top_k)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    table.to_csv(Path(args.out) / "checkpoints.csv", index=False)
-    figure_path = Path(args.figure or Path(args.out) / "checkpoints.html")
-    checkpoint_figure(table).write_html(figure_path, include_plotlyjs="cdn")
+    io.write_file(csv_path, lambda staging: table.to_csv(staging, index=False), legacy[csv_path])
+    figure = checkpoint_figure(table)
+    io.write_file(figure_path, lambda staging: figure.write_html(staging, include_plotlyjs="cdn"), legacy[figure_path])
     summary = checkpoint_summary(table).pivot_table(index=["task", "step", "checkpoint"], columns="line", values="accuracy")
     print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
-    print(f"rows in {Path(args.out) / 'checkpoints.csv'}, figure in {figure_path}")
+    print(f"rows in {csv_path}, figure in {figure_path}")
     return 0

@@ -33,16 +33,19 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts import io
     from parts.analysis.stats import chance_table
     from parts.errors import PartsError
     from parts.experiments.controls import random_init_control
 
     if not 0 < args.alpha < 1:
         raise PartsError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.csv:
+        io.check_file(args.csv)  # refuse before the work if a user's file is in the way
     table = random_init_control(args.tasks, args.templates, args.seeds, args.limit, args.out, args.model, args.init_seed,
                                 args.alpha, args.correction, run_options(args))
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        io.write_file(args.csv, lambda staging: table.to_csv(staging, index=False))
     shown = table.drop(columns=["model"])
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     n_components = int(table[[f"{c} (uncorrected)" for c in ("good", "bad", "label-biased", "neutral")]].iloc[0].sum())

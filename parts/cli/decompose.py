@@ -19,7 +19,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--template", type=positive_int, default=1, help="template number (1-3, 4 = perturbed)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="demonstration seed")
     add_run_options(parser)
-    parser.add_argument("--out", required=True, help="run folder to write")
+    parser.add_argument("--out", required=True, help="run folder to write (a run of the same settings there is replaced)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run of other settings at --out (never a folder holding files parts did not write)")
     add_model_options(parser)
     parser.set_defaults(func=run)
 
@@ -27,14 +29,17 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from parts.data.prompts import build_prompts
     from parts.data.tasks import get_task
+    from parts.decomposition.runs import check_replaceable
     from parts.experiments.runner import run_decomposition
-    from parts.model.loading import load_model
+    from parts.model.loading import load_model, model_name
 
     options = run_options(args)
     task = get_task(args.task)
     # Build (and validate) the prompts before paying for the model load.
     prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, options.data_dir)
+    check_replaceable(args.out, prompts, overwrite=args.overwrite)  # before the model load and the work
     model = load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision)
+    check_replaceable(args.out, prompts, model_name(model), args.overwrite)
     start = time.perf_counter()
     result = run_decomposition(model, prompts, options)
     path = result.save(args.out)

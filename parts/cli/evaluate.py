@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from parts.experiments.evaluate import (
         RESULTS_CSV,
         LazyModel,
+        check_outputs,
         evaluate_setting,
         finished,
         read_results,
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
     model = LazyModel(lambda: load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision))
     name = model_slug(args.model, options)
-    csv_path = f"{args.out}/{RESULTS_CSV}"
+    csv_path = Path(args.out) / RESULTS_CSV
     todo = [s for s in settings if not finished(read_results(csv_path), name, s)]
     print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; "
           + ("the table shows those" if args.table_only else f"{len(todo)} to go"))
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise PartsError(f"{csv_path} does not exist: run `parts evaluate` without --table-only first, or fix --out")
         todo = []
     table = table_path(args.out, args.model, args.limit, options)
+    check_outputs(csv_path, table)  # refuse now, not after the first setting, if a user's file is in the way
     header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
               f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}")
     for setting in tqdm(todo, desc="settings", unit="setting"):

@@ -39,7 +39,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from parts.experiments.evaluate import LazyModel, results_table, write_results, write_table
+    from parts.experiments.evaluate import LazyModel, check_outputs, results_table, write_results, write_table
     from parts.experiments.runner import model_slug
     from parts.experiments.transfer import evaluate_transfer, parse_pairs, transfer_gap, transfer_settings
     from parts.model.loading import load_model
@@ -48,12 +48,12 @@ def run(args: argparse.Namespace) -> int:
     settings = transfer_settings(parse_pairs(args.pairs), args.templates, args.seeds, args.limit, args.target_limit,
                                  args.shots)
     model = LazyModel(lambda: load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     csv_path = Path(args.out) / TRANSFER_CSV
     table_path = Path(args.out) / f"transfer-{model_slug(args.model, options)}.md"
     header = (f"{model_slug(args.model, options)}: transfer, accuracy (%) mean ± std over templates "
               f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}; source n={args.limit}, "
               f"target n={args.target_limit}")
+    check_outputs(csv_path, table_path)  # refuse now, not after the first setting, if a user's file is in the way
     rows: list[dict[str, Any]] = []
     for setting in tqdm(settings, desc="transfer settings", unit="setting"):
         rows.extend(evaluate_transfer(model, args.model, setting, args.out, options))

@@ -2,16 +2,14 @@
 
 A run saves to a folder holding `summary.json` (what was run and the headline numbers),
 `prompts.jsonl` (one line per example: the exact prompt and its gold label) and
-`tensors.safetensors` (component logits, remainder, model logits). The folder is written
-under a temporary name and renamed into place, so a folder that exists is complete.
+`tensors.safetensors` (component logits, remainder, model logits), and parts' marker `.parts`.
+The folder is written under a staging name and renamed into place (`parts.io`), so a folder that
+exists is complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from parts import __version__
+from parts import __version__, io
 from parts.data.prompts import PromptSet
 from parts.errors import PartsError
 
@@ -196,33 +194,19 @@ class DecompositionRun:
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the run to `path` atomically (a temporary folder renamed into place)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        retired = staging.with_name(staging.name + "-old")
-        try:
-            save_file(
-                {name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES},
-                str(staging / TENSORS),
-            )
-            with (staging / PROMPTS).open("w") as handle:
-                p = self.prompts
-                for index, prompt, label in zip(p.example_indices, p.prompts, p.labels, strict=True):
-                    handle.write(json.dumps({"index": index, "label": label, "prompt": prompt}) + "\n")
+        """Write the run to the folder `path` atomically (a staging folder renamed into place).
+
+        An old run at `path` is replaced (moved aside, removed once the new one stands); a folder holding
+        anything parts did not write is refused (`parts.io`). Which runs to redo is the caller's choice.
+        """
+        with io.write_folder(path, legacy=is_legacy_run) as staging:
+            save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}, str(staging / TENSORS))
+            p = self.prompts
+            rows = [json.dumps({"index": index, "label": label, "prompt": prompt}) + "\n"
+                    for index, prompt, label in zip(p.example_indices, p.prompts, p.labels, strict=True)]
+            (staging / PROMPTS).write_text("".join(rows))
             (staging / SUMMARY).write_text(json.dumps(self.summary(), indent=1))
-            # Move an old run aside in one rename (never delete it file by file in place), so
-            # an interruption leaves either the old run, nothing, or the new run at `target`.
-            if target.exists():
-                os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if retired.exists() and not target.exists():
-                os.replace(retired, target)  # the new run failed: put the old one back
-            raise
-        return target
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> DecompositionRun:
@@ -293,3 +277,38 @@ def _check_consistent(folder: Path, summary: dict[str, Any], tensors: dict[str, 
             f"{folder} is damaged ({PROMPTS} has {len(rows)} examples, the summary says {summary['n_examples']}): "
             "delete it and rerun"
         )
+
+
+def check_replaceable(path: str | Path, prompts: PromptSet, model: str | None = None, overwrite: bool = False) -> None:
+    """Before a run of `prompts` (and `model`, if known) is saved at `path`: raise unless that is safe.
+
+    Refused: a folder holding anything parts did not write, a file, a broken link (`parts.io`), and without
+    `overwrite` a finished run of other settings. A run of the same settings, or a damaged one, may be replaced.
+    """
+    io.check_folder(path, legacy=is_legacy_run)
+    try:
+        summary = json.loads((Path(path) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return  # nothing there, or a damaged run
+    if not isinstance(summary, dict) or overwrite:
+        return
+    wanted = {"model": model, "task": prompts.task, "template": prompts.template, "seed": prompts.seed,
+              "shots": prompts.shots, "split": prompts.split, "n_examples": len(prompts)}
+    differs = [f"{key} {summary.get(key)!r} (now {value!r})" for key, value in wanted.items()
+               if value is not None and summary.get(key) != value]
+    if differs:
+        raise PartsError(f"{path} holds a run of other settings ({', '.join(differs)}): "
+                         "choose another --out, or pass --overwrite to replace it")
+
+
+def is_legacy_run(path: Path) -> bool:
+    """A run folder (or a file in one) written before parts marked its folders: a `summary.json` with a run
+    format version and nothing but .json, .jsonl and .safetensors files beside it."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        summary = json.loads((folder / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and "format_version" in summary
+            and all(e.is_file() and e.suffix in (".json", ".jsonl", ".safetensors") or io.is_bookkeeping(e.name)
+                    for e in folder.iterdir()))

@@ -21,10 +21,7 @@ where it stopped and several sweeps can share one output root.
 from __future__ import annotations
 
 import csv
-import fcntl
-import os
 import statistics
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,10 +35,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts import io
 from parts.data.prompts import LABEL_BUDGET, many_shot_order, render_prompt
 from parts.data.tasks import Example, Task, Template, get_task, load_split
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import ensure_run, model_slug, run_dir
@@ -117,14 +115,8 @@ def _cached_logits(path: Path, compute: Callable[[], tuple[Tensor, dict[str, str
         with safe_open(str(path), framework="pt") as handle:
             return handle.get_tensor("logits"), dict(handle.metadata() or {})
     logits, metadata = compute()
-    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(handle_fd)
-    try:
-        save_file({"logits": logits.contiguous().cpu()}, staging, metadata=metadata)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    tensors = {"logits": logits.contiguous().cpu()}
+    io.write_file(path, lambda staging: save_file(tensors, str(staging), metadata=metadata), legacy=is_legacy_run)
     return logits, metadata
 
 
@@ -311,22 +303,26 @@ def write_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     A lock file serialises read-merge-write, so sweeps sharing one output root keep each other's rows.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with (path.parent / f".{path.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    is_results = io.starts_with(",".join(COLUMNS))
+    io.check_file(path, is_results)  # before reading: a user's file of that name is neither merged nor replaced
+    with io.lock(path):
         merged = {_key(r): r for r in read_results(path)}
         merged.update({_key(r): r for r in rows})
-        handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(handle_fd, "w", newline="") as handle:
+
+        def write(staging: Path) -> None:
+            with staging.open("w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(merged.values())
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+
+        io.write_file(path, write, legacy=is_results)
     return path
+
+
+def check_outputs(csv_path: str | Path, table: str | Path) -> None:
+    """Raise now if a results CSV or table cannot be written (a file parts did not write stands there)."""
+    io.check_file(csv_path, io.starts_with(",".join(COLUMNS)))
+    io.check_file(table, io.contains(TABLE_HEAD))
 
 
 def finished(rows: Sequence[dict[str, Any]], model: str, setting: Setting) -> bool:
@@ -364,6 +360,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+TABLE_HEAD = "| task | runs | "
+
+
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table: accuracy (%) per task and method as mean ± std over templates x seeds,
     then the average over tasks (of the per-task means)."""
@@ -376,7 +375,7 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     columns = sorted({c for _, c in cells}, key=_column_order)
     runs = {t: len({(r["template"], r["seed"]) for r in rows if r["task"] == t}) for t in tasks}
-    lines = ["| task | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    lines = [TABLE_HEAD + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for t in tasks:
         shown = []
         for c in columns:
@@ -406,12 +405,8 @@ def select(rows: Sequence[dict[str, Any]], model: str, settings: Sequence[Settin
 
 
 def write_table(path: str | Path, table: str, header: str = "") -> Path:
-    path = Path(path)
-    handle_fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(handle_fd, "w") as handle:
-        handle.write((header + "\n\n" if header else "") + table + "\n")
-    os.replace(staging, path)
-    return path
+    """A markdown results table (from `results_table`) with a header line, written atomically."""
+    return io.write_text(path, (header + "\n\n" if header else "") + table + "\n", legacy=io.contains(TABLE_HEAD))
 
 
 def sweep_settings(tasks: Sequence[str], templates: Sequence[int], seeds: Sequence[int], limit: int | None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +9,12 @@ import einops
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts import io
 from parts.components import head_name, mlp_name
 from parts.data.prompts import PromptSet, build_prompts, label_token_ids
 from parts.data.tasks import Task, get_task
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
 from parts.model.loading import model_name, resolve_model_name
@@ -202,16 +202,11 @@ def ensure_run(
             return finished
     if model is None:
         raise ValueError("a model is needed to run a missing decomposition")
+    io.check_folder(path, legacy=is_legacy_run)  # refuse before the work if a user's folder is in the way
     result = decompose_task(model, options=options, **settings)
-    remove_stale_staging(path)
+    io.remove_stale_staging(path)  # what a killed save of this run left behind: the run is being redone
     result.save(path)
     return result
-
-
-def remove_stale_staging(path: Path) -> None:
-    """Staging folders a killed save of this run left behind (`.NAME.tmp-*`): the run is being redone."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBridge | None, settings: dict[str, Any],

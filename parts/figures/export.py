@@ -9,7 +9,6 @@ name and renamed into place, so an interrupted export leaves no half-written fig
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from parts import io
 from parts.errors import PartsError
 
 CHROMIUM_INSTALL = "apt-get install -y chromium fonts-liberation"
@@ -55,25 +55,6 @@ def static_export() -> Iterator[None]:
         kaleido.stop_sync_server(silence_warnings=True)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes files private; figures are for sharing
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def figure_html(figure: go.Figure, plotlyjs: str = "directory") -> str:
     """A standalone page for the figure; `plotlyjs`: 'directory' (a shared plotly.min.js beside it),
     'cdn' (smallest, needs the network to view) or 'inline' (one self-contained file, ~4.6 MB)."""
@@ -89,7 +70,7 @@ def _shared_plotlyjs(folder: Path) -> None:
 
     target = folder / "plotly.min.js"
     if not target.is_file():
-        _write_atomic(target, get_plotlyjs().encode())
+        io.write_bytes(target, get_plotlyjs().encode())
 
 
 def write_figure(
@@ -109,12 +90,12 @@ def write_figure(
     for fmt in formats:
         path = folder / f"{name}.{fmt}"
         if fmt == "html":
-            _write_atomic(path, figure_html(figure, plotlyjs).encode())
+            io.write_bytes(path, figure_html(figure, plotlyjs).encode())
             if plotlyjs == "directory":
                 _shared_plotlyjs(folder)
         else:
             scale = PNG_SCALE if fmt == "png" else 1
-            _write_atomic(path, pio.to_image(figure, format=fmt, scale=scale))
+            io.write_bytes(path, pio.to_image(figure, format=fmt, scale=scale))
         written.append(path)
     return written
 
@@ -133,6 +114,9 @@ def write_figures(
 
     formats = list(formats)
     patterns = None if html_only is None else list(html_only)
+    for name in figures:  # refuse before drawing anything if a file parts did not write is in the way
+        for fmt in formats:
+            io.check_file(Path(folder) / f"{name}.{fmt}")
     written: list[Path] = []
     needs_browser = any(fmt in STATIC_FORMATS for fmt in formats)
     with static_export() if needs_browser else _nothing():

@@ -12,8 +12,6 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
+from parts import io
 from parts.errors import PartsError
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -104,15 +103,11 @@ def _embedded_checkpoint() -> Path:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "parts-stamp.json").write_text(json.dumps(stamp))
-    # Rename into place so an interrupted conversion never looks complete.
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    # Renamed into place (parts.io) so an interrupted conversion never looks complete.
+    with io.write_folder(target, legacy=lambda folder: (folder / "parts-stamp.json").is_file()) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "parts-stamp.json").write_text(json.dumps(stamp))
     return target
 
 

@@ -23,8 +23,6 @@ hundred epochs and "plateau" ends most runs. The weights after the last update a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from parts import io
+from parts.decomposition.runs import is_legacy_run
 from parts.errors import PartsError
 
 LEARNING_RATE = 0.05
@@ -159,7 +159,7 @@ METADATA_KEY = "parts"
 
 
 def save_weights(path: str | Path, component_names: list[str], result: ReweightResult, **info: object) -> Path:
-    """Write weights and how they were trained, atomically (temp file, then rename)."""
+    """Write weights and how they were trained, atomically (`parts.io`)."""
     path = Path(path)
     if len(component_names) != len(result.weights):
         raise ValueError(f"{len(component_names)} names for {len(result.weights)} weights")
@@ -173,16 +173,8 @@ def save_weights(path: str | Path, component_names: list[str], result: ReweightR
     }
     # One key: safetensors writes several metadata keys in a random order, so equal weights gave unequal bytes.
     metadata = {METADATA_KEY: json.dumps(record, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({"weights": result.weights.detach().contiguous().cpu()}, staging, metadata=metadata)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
+    weights = {"weights": result.weights.detach().contiguous().cpu()}
+    return io.write_file(path, lambda staging: save_file(weights, str(staging), metadata=metadata), legacy=is_legacy_run)
 
 
 def read_weights(path: str | Path) -> tuple[list[str], ReweightResult, dict[str, object]]:

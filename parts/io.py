@@ -1,0 +1,298 @@
+"""The one place `parts` writes files: atomically, with the user's umask, never over what parts did not write.
+
+How a write goes:
+
+- **A file** (`write_file`, `write_text`, `write_bytes`, `write_json`) is written under a staging name beside it
+  (`.NAME.parts-tmp-XXXXXXXX`), flushed to disk, and renamed over the target: the target is always either the old
+  file or the new one, never a torn mix. A failed write (disk full, permission denied, Ctrl-C) removes the staging
+  file, leaves the old file as it was, and raises a one-line `PartsError` saying so.
+- **A folder** (`write_folder`, for a run) is filled under a staging name and renamed into place; an old folder
+  is moved aside in one rename and removed only once the new one stands, and put back if the new one failed.
+- **Permissions**: staging files and folders are created like `open()` and `mkdir` create them (0666 / 0777
+  less the umask), not private as `mkstemp` / `mkdtemp` would make them.
+- **Ownership**: every folder parts writes into holds a marker file `.parts` listing the names parts wrote
+  there. An existing file is replaced only if its name is listed (or `legacy(path)` recognises it as the output
+  of a parts version older than the marker); an existing folder only if everything in it is parts' (or it is
+  empty). Anything else is refused with a one-line error naming the path: parts never deletes, moves or
+  overwrites a file it did not write.
+- **Symbolic links** are followed: the link stays, what it points to is written (a broken link is refused).
+- **Locks**: `lock(path)` is a `filelock.FileLock` beside `path`, for read-merge-write of a shared file.
+
+Usage::
+
+    from parts import io
+    io.write_json(out / "analysis.json", report)
+    io.write_file(path, lambda staging: save_file(tensors, str(staging)))   # any writer taking a path
+    with io.write_folder(run_path) as staging:                              # a folder, renamed into place
+        io.write_text(staging / "summary.json", text)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from parts.errors import PartsError
+
+MARKER = ".parts"  # in every folder parts writes into: JSON {"written_by": "parts", "files": [names]}
+STAGING = ".parts-tmp-"  # infix of staging names: `.NAME.parts-tmp-XXXXXXXX`
+LOCK_SUFFIX = ".parts-lock"  # `.NAME.parts-lock`: the lock file of NAME
+
+Legacy = Callable[[Path], bool]  # recognises an output of a parts version that predates the marker
+
+
+# -- What parts wrote -------------------------------------------------------------------------------
+def recorded(folder: str | Path) -> set[str]:
+    """The names parts has recorded writing in `folder` (empty if it has no readable marker)."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+        return {str(name) for name in marker["files"]} if isinstance(marker, dict) else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def is_bookkeeping(name: str) -> bool:
+    """parts' own marker, lock and staging names (left by a killed write), which are never a user's file."""
+    return name.startswith(".") and (name == MARKER or name.endswith(LOCK_SUFFIX) or STAGING in name)
+
+
+def is_parts_file(path: str | Path, legacy: Legacy | None = None) -> bool:
+    """Whether the existing file at `path` is one parts wrote (recorded in its folder's marker, or legacy)."""
+    path = Path(path)
+    return path.name in recorded(path.parent) or (legacy is not None and legacy(path))
+
+
+def is_parts_folder(folder: str | Path, legacy: Legacy | None = None) -> bool:
+    """Whether everything in `folder` is parts' (an empty folder counts): it may then be replaced whole."""
+    return not foreign_entries(folder, legacy)
+
+
+def foreign_entries(folder: str | Path, legacy: Legacy | None = None) -> list[str]:
+    """Names in `folder` that parts did not write (sorted); empty if the folder is parts' or legacy."""
+    folder = Path(folder)
+    names = sorted(entry.name for entry in folder.iterdir())
+    if not (folder / MARKER).exists() and legacy is not None and legacy(folder):
+        return []
+    mine = recorded(folder)
+    return [name for name in names if not is_bookkeeping(name) and (name not in mine or (folder / name).is_dir())]
+
+
+def starts_with(text: str) -> Legacy:
+    """A `legacy` test: the file begins with `text` (e.g. the header line parts writes in a CSV)."""
+    return contains(text, start_only=True)
+
+
+def contains(text: str, start_only: bool = False) -> Legacy:
+    """A `legacy` test: the file's first 64 KiB hold `text` (at the start, with `start_only`)."""
+    wanted = text.encode()
+
+    def test(path: Path) -> bool:
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(65536)
+        except OSError:
+            return False
+        return head.startswith(wanted) if start_only else wanted in head
+
+    return test
+
+
+# -- Checks before writing ----------------------------------------------------------------------------
+def _resolve(path: str | Path) -> Path:
+    """The real path to write (symlinks followed); a broken link is refused."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise PartsError(f"{path} is a broken symbolic link: point it at an existing folder or choose another path")
+    return Path(os.path.realpath(path))
+
+
+def check_file(path: str | Path, legacy: Legacy | None = None) -> Path:
+    """The real path `path` may be written to; raise if what stands there is not a file parts wrote."""
+    target = _resolve(path)
+    if target.is_dir():
+        raise PartsError(f"{path} is a folder, where parts would write a file: choose another path")
+    if target.exists() and not is_parts_file(target, legacy):
+        raise PartsError(
+            f"{path} exists and parts did not write it (it is not listed in {target.parent / MARKER}): "
+            "move it away or choose another path; parts never overwrites a file it did not write"
+        )
+    return target
+
+
+def check_folder(path: str | Path, legacy: Legacy | None = None) -> Path:
+    """The real path a folder may be written to; raise if what stands there holds anything parts did not write."""
+    target = _resolve(path)
+    if target.exists() and not target.is_dir():
+        raise PartsError(f"{path} is a file, where parts would write a folder: choose another path")
+    if target.is_dir():
+        foreign = foreign_entries(target, legacy)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise PartsError(
+                f"{path} holds {foreign[0]}{more}, which parts did not write: choose another path or move them away; "
+                "parts never replaces a folder holding files it did not write"
+            )
+    return target
+
+
+# -- Writing ----------------------------------------------------------------------------------------------
+def _staging_name(target: Path, suffix: str = "") -> Path:
+    return target.parent / f".{target.name}{STAGING}{secrets.token_hex(4)}{suffix}"
+
+
+def _explain(err: BaseException, path: str | Path) -> BaseException:
+    """An OS error as a one-line PartsError naming the path and saying nothing there changed."""
+    if not isinstance(err, OSError):
+        return err
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    fix = {
+        errno.ENOSPC: "free some space and rerun",
+        errno.EDQUOT: "free some space and rerun",
+        errno.EACCES: "choose a folder you can write to",
+        errno.EPERM: "choose a folder you can write to",
+        errno.EROFS: "choose a folder on a writable disk",
+    }.get(err.errno or 0, "fix that and rerun")
+    return PartsError(f"could not write {path} ({reason}); what was there before is unchanged: {fix}")
+
+
+def _make_folder(folder: Path, path: str | Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # 0777 less the umask, as `mkdir` does
+    except OSError as err:
+        raise _explain(err, path) from err
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _record(folder: Path, names: Iterable[str]) -> None:
+    """Add `names` to `folder`'s marker (under a lock: several sweeps may share a folder)."""
+    names = set(names)
+    with FileLock(str(folder / LOCK_SUFFIX)):  # `.parts-lock`
+        known = recorded(folder)
+        if names <= known:
+            return
+        _replace_with(folder / MARKER, lambda staging: staging.write_text(_marker_text(known | names)))
+
+
+def _marker_text(names: Iterable[str]) -> str:
+    return json.dumps({"written_by": "parts", "files": sorted(names)}, indent=1) + "\n"
+
+
+def _replace_with(target: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a staging file created with the umask's permissions, then rename it over `target`."""
+    staging = _staging_name(target)
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 less the umask
+    try:
+        write(staging)
+        _fsync(staging)
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def write_file(path: str | Path, write: Callable[[Path], Any], legacy: Legacy | None = None) -> Path:
+    """Write a file atomically: `write(staging_path)` writes it, then it is renamed to `path`.
+
+    `write` gets a path to an empty file it may overwrite (e.g. `lambda p: save_file(tensors, str(p))`).
+    Refuses (PartsError) if `path` holds a file parts did not write (see the module docstring); an OS
+    error while writing becomes a PartsError and leaves the previous file unchanged. Returns `path`.
+    """
+    target = check_file(path, legacy)
+    _make_folder(target.parent, path)
+    try:
+        _record(target.parent, [target.name])  # first: a name recorded but never written is harmless
+        _replace_with(target, write)
+    except BaseException as err:
+        raise _explain(err, path) from err
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes, legacy: Legacy | None = None) -> Path:
+    return write_file(path, lambda staging: staging.write_bytes(data), legacy)
+
+
+def write_text(path: str | Path, text: str, legacy: Legacy | None = None) -> Path:
+    return write_file(path, lambda staging: staging.write_text(text), legacy)
+
+
+def write_json(path: str | Path, data: Any, legacy: Legacy | None = None, indent: int = 1) -> Path:
+    """JSON (no NaN: it is not JSON) with a final newline, written atomically."""
+    return write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n", legacy)
+
+
+@contextmanager
+def write_folder(path: str | Path, legacy: Legacy | None = None) -> Iterator[Path]:
+    """Fill the yielded staging folder; on leaving the block it replaces `path` in one rename.
+
+    Every file in the staging folder is recorded in its marker, so the folder is parts' own. An old folder
+    at `path` may only hold what parts wrote (else PartsError before anything is written); it is moved aside,
+    removed once the new folder stands, and put back if the block or the rename failed.
+    """
+    target = check_folder(path, legacy)
+    _make_folder(target.parent, path)
+    staging = _staging_name(target)
+    retired = staging.with_name(staging.name + "-old")
+    try:
+        staging.mkdir()  # 0777 less the umask, as `mkdir` does
+        yield staging
+        (staging / MARKER).write_text(_marker_text(entry.name for entry in staging.iterdir()))
+        check_folder(path, legacy)  # again: something may have been put there meanwhile
+        if target.exists():
+            os.replace(target, retired)  # one rename: never removed file by file in place
+        os.replace(staging, target)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if retired.exists() and not target.exists():
+            os.replace(retired, target)  # the new folder failed: put the old one back
+        raise _explain(err, path) from err
+    if retired.exists():
+        remove_parts_folder(retired, legacy)
+
+
+def remove_parts_folder(folder: Path, legacy: Legacy | None = None) -> None:
+    """Delete a folder parts wrote, entry by entry; anything parts did not write is left (and the folder kept)."""
+    foreign = set(foreign_entries(folder, legacy))
+    for entry in folder.iterdir():
+        if entry.name in foreign:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)  # a staging folder of a killed write
+        else:
+            entry.unlink(missing_ok=True)
+    if not foreign:
+        folder.rmdir()
+
+
+def remove_stale_staging(path: str | Path) -> None:
+    """Remove what killed writes of `path` left behind (`.NAME.parts-tmp-*`): only parts' own staging names."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{path.name}{STAGING}*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def lock(path: str | Path) -> FileLock:
+    """A lock for read-merge-write of `path` (a file `.NAME.parts-lock` beside it): `with io.lock(p): ...`."""
+    path = Path(path)
+    _make_folder(path.parent, path)
+    return FileLock(str(path.parent / f".{path.name}{LOCK_SUFFIX}"))
