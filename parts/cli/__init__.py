@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from parts import __version__
-from parts.cli import analyze, checkpoints, control, decompose, evaluate, figures, sweep, tables, transfer
+from parts.cli import analyze, checkpoints, control, decompose, evaluate, figures, report, sweep, tables, transfer
 from parts.errors import PartsError
 
-COMMANDS = [decompose, sweep, evaluate, analyze, figures, control, transfer, checkpoints, tables]
+COMMANDS = [decompose, sweep, evaluate, analyze, figures, report, control, transfer, checkpoints, tables]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,57 @@
+"""`parts report`: a sweep as a static site to open from disk, every component one click away."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from parts.cli.common import positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write an interactive report of a sweep (static HTML: open OUT/index.html, no server or network needed)",
+        description=(
+            "Write a static site of the test runs under RUNS: an overview (tasks, runs, full model vs best and worst "
+            "component, the main table when RUNS/results.csv from `parts evaluate` is there), one page per task (the "
+            "accuracy heatmap per run or averaged, top and bottom components, stability) and a view of every component "
+            "(accuracy in every run, label shares, vote margins by gold label, learned weights, and with --attention "
+            "where the top heads look). Open OUT/index.html."
+        ),
+    )
+    parser.add_argument("runs", metavar="RUNS", help="a sweep's --out folder")
+    parser.add_argument("--out", required=True,
+                        help="folder to write the report to: new, empty, or an earlier report (which is replaced)")
+    parser.add_argument("--attention", action="store_true",
+                        help="also store the attention of the top heads (loads the runs' model)")
+    parser.add_argument("--heads", type=positive_int, default=5,
+                        help="with --attention: the heads most accurate on average per task (default 5)")
+    parser.add_argument("--examples", type=positive_int, default=3,
+                        help="with --attention: test examples per head (default 3, one per gold label in turn)")
+    parser.add_argument("--results", default=None, help="results.csv of `parts evaluate` (default RUNS/results.csv)")
+    parser.add_argument("--device", default=None, help="with --attention: the model's device (default: cuda if available)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.report.site import build_report
+
+    attention = None
+    if args.attention:
+        # The model is needed for attention only: its libraries are imported, and it is loaded, only here.
+        from parts.model.loading import load_model
+        from parts.report.attention import attention_data
+
+        models: dict[str, Any] = {}
+
+        def attention(task: Any, heads: Any) -> Any:
+            name = task.reference.model
+            if name not in models:
+                models[name] = load_model(name, device=args.device)
+            return attention_data(models[name], task, heads, args.examples)
+
+    report = build_report(args.runs, args.out, attention, args.heads, args.results)
+    print(f"{report.runs} runs of {report.tasks} task{'s' if report.tasks != 1 else ''}: {len(report.pages)} pages, "
+          f"{report.bytes / 1e6:.1f} MB in {report.seconds:.1f} s; open {report.out}/index.html")
+    return 0

@@ -1,0 +1,433 @@
+"""What a report shows, computed from saved runs as plain JSON-ready data.
+
+Test runs are grouped as `parts.analysis.analyze.group_runs` groups them (same sweep root, model,
+task, split, shots and number of examples: accuracies that compare); each group is one task page,
+its runs sorted by (template, seed). Per page (`task_data`):
+
+- per run and component: accuracy, the share of examples predicted as each label, the category
+  (`parts.analysis.analyze.component_table`), and the mean over runs;
+- the heatmap's figure (`parts.figures.plotting.accuracy_heatmap` of the mean) and colour-bar
+  ticks per run, so the page swaps a run's numbers into one figure;
+- stability: Pearson correlation of component accuracies between every two runs, averaged into a
+  seeds x seeds matrix (same template: other demonstrations) and a templates x templates matrix
+  (same seed), and `stability_summary` per relation;
+- per layer, loaded only when one of its components is opened (`layer_details`): histograms of every
+  component's vote margin split by gold label, and its learned reweighting weights.
+
+Histograms keep the size bounded: `HISTOGRAM_BINS` counts per (component, gold label, run), and
+for a task with more than `PER_RUN_HISTOGRAMS` runs one histogram per template (its seeds pooled).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import einops
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+from jaxtyping import Float, Int
+from scipy import stats
+from torch import Tensor
+
+from parts.analysis.analyze import (
+    CATEGORIES,
+    component_table,
+    correlation_matrix,
+    find_runs,
+    group_runs,
+    pair_table,
+    stability_summary,
+)
+from parts.decomposition.runs import DecompositionRun
+from parts.errors import PartsError
+from parts.experiments.controls import chance_best_accuracy
+from parts.figures import plotting
+from parts.reweighting.reweight import load_weights
+
+HISTOGRAM_BINS = 24
+PER_RUN_HISTOGRAMS = 25  # more runs than this in a task: one histogram per template instead of per run
+DIGITS = 4  # accuracies and shares are multiples of 1/n: 4 decimals keep n <= 10000 exact enough to read
+RESULTS_CSV = "results.csv"  # written by `parts evaluate` at the sweep's root
+
+
+@dataclass(frozen=True)
+class TaskRuns:
+    """The comparable test runs of one task page, sorted by (template, seed), and their folders."""
+
+    key: str  # the page's file-safe name: the task, with shots, size or model added only where needed
+    paths: tuple[Path, ...]
+    runs: tuple[DecompositionRun, ...]
+
+    @property
+    def reference(self) -> DecompositionRun:
+        return self.runs[0]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
+
+
+def collect_tasks(root: str | Path) -> tuple[list[TaskRuns], int]:
+    """Every group of comparable test runs under `root`, and how many train runs were left out."""
+    paths = find_runs(root)
+    if not paths:
+        raise PartsError(f"no finished runs under {root}: run `parts sweep --out {root}` first")
+    loaded = [(path, DecompositionRun.load(path)) for path in paths]
+    test = [(path, run) for path, run in loaded if run.prompts.split == "test"]
+    if not test:
+        raise PartsError(f"the runs under {root} are all --split train runs: the report shows test runs; "
+                         f"run `parts sweep --out {root}` for the test split")
+    groups = group_runs([run for _, run in test], [path for path, _ in test])
+    models = {key[1] for key in groups}
+    tasks, used = [], set()
+    for (_, model, task, _, shots, n), indices in groups.items():
+        same_task = sum(1 for key in groups if key[1] == model and key[2] == task)
+        key = task if same_task == 1 else f"{task}-k{shots}-n{n}"
+        key = _safe(f"{model}-{key}" if len(models) > 1 else key)
+        while key in used:  # the same settings in two sweep roots under `root`
+            key += "-2"
+        used.add(key)
+        members = sorted((test[i] for i in indices), key=lambda item: (item[1].prompts.template, item[1].prompts.seed))
+        tasks.append(TaskRuns(key, tuple(p for p, _ in members), tuple(r for _, r in members)))
+    return tasks, len(loaded) - len(test)
+
+
+def run_name(run: DecompositionRun) -> str:
+    """'t1 s0': a run within its task."""
+    return f"t{run.prompts.template} s{run.prompts.seed}"
+
+
+def _rounded(values: Tensor | np.ndarray | Sequence[float]) -> Any:
+    return np.round(np.asarray(values, dtype=np.float64), DIGITS).tolist()
+
+
+def figure_json(figure: go.Figure) -> dict[str, Any]:
+    """A figure as the plain {data, layout} that `Plotly.newPlot` takes."""
+    return json.loads(pio.to_json(figure, validate=False, remove_uids=True))
+
+
+def clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null (an undefined correlation), recursively."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v) for v in value]
+    return value
+
+
+# -- the vote margin and its histograms ---------------------------------------------------------
+def margin_axis(label_names: Sequence[str]) -> str:
+    """What `vote_margin` measures, as an axis title."""
+    if len(label_names) == 2:
+        return f"logit '{label_names[1]}' − logit '{label_names[0]}'"
+    return "gold label's logit − best other label's logit"
+
+
+def vote_margin(run: DecompositionRun) -> Float[Tensor, "example component"]:
+    """What decides each component's vote on each example: for two labels logit(label 1) - logit(label 0)
+    (the vote is label 1 above 0); for more, the gold label's logit minus the largest other label's
+    (the vote is right above 0)."""
+    logits = run.component_logits.float()
+    if logits.shape[-1] == 2:
+        return logits[..., 1] - logits[..., 0]
+    gold_index = einops.repeat(run.labels, "example -> example component 1", component=logits.shape[1])
+    gold = logits.gather(-1, gold_index)
+    others = logits.scatter(-1, gold_index, float("-inf")).amax(-1, keepdim=True)
+    return einops.rearrange(gold - others, "example component 1 -> example component")
+
+
+def histogram_groups(runs: Sequence[DecompositionRun]) -> list[dict[str, Any]]:
+    """Which runs each stored histogram pools: one per run, or one per template for a long sweep."""
+    if len(runs) <= PER_RUN_HISTOGRAMS:
+        return [{"label": run_name(run), "runs": [i]} for i, run in enumerate(runs)]
+    templates = sorted({run.prompts.template for run in runs})
+    return [{"label": f"template {t} ({sum(r.prompts.template == t for r in runs)} seeds pooled)",
+             "runs": [i for i, r in enumerate(runs) if r.prompts.template == t]} for t in templates]
+
+
+def margin_histograms(
+    margins: Float[Tensor, "run example component"], labels: Int[Tensor, "run example"], group_of_run: Sequence[int],
+    n_labels: int, bins: int = HISTOGRAM_BINS,
+) -> tuple[Float[Tensor, "component edge"], Int[Tensor, "group component gold bin"]]:
+    """Counts of each component's margin per (group of runs, gold label, bin), over bins shared by all runs
+    of the component (its [min, max] cut in `bins` equal bins), and those [min, max] per component."""
+    n_runs, _, n_components = margins.shape
+    low = einops.reduce(margins, "run example component -> component", "min")
+    high = einops.reduce(margins, "run example component -> component", "max")
+    high = torch.where(high > low, high, low + 1.0)  # a constant component: one bin holds everything
+    position = (margins - low) / (high - low) * bins
+    bin_index = position.floor().long().clamp(0, bins - 1)
+    group = torch.tensor(group_of_run, dtype=torch.long)
+    n_groups = int(group.max()) + 1
+    flat = ((einops.repeat(group, "run -> run example component", example=margins.shape[1], component=n_components)
+             * n_components + torch.arange(n_components)) * n_labels
+            + einops.repeat(labels, "run example -> run example component", component=n_components)) * bins + bin_index
+    counts = torch.bincount(flat.flatten(), minlength=n_groups * n_components * n_labels * bins)
+    counts = einops.rearrange(counts, "(group component gold bin) -> group component gold bin",
+                              group=n_groups, component=n_components, gold=n_labels)
+    return torch.stack([low, high], -1), counts
+
+
+# -- the chance yardsticks ----------------------------------------------------------------------
+def chance_worst_accuracy(n_components: int, n_examples: int, chance: float) -> float:
+    """Expected accuracy of the worst of `n_components` independent chance-level components:
+    E[min] = sum over k >= 1 of P(min >= k) = sum of (1 - F(k - 1))^m."""
+    k = np.arange(1, n_examples + 1)
+    return float((stats.binom.sf(k - 1, n_examples, chance) ** n_components).sum()) / n_examples
+
+
+def chance_yardsticks(n_components: int, n_examples: int, n_labels: int) -> dict[str, float]:
+    """The best and worst accuracy expected of `n_components` components that guess at 1 / n_labels."""
+    return {"best": chance_best_accuracy(n_components, n_examples, 1 / n_labels),
+            "worst": chance_worst_accuracy(n_components, n_examples, 1 / n_labels)}
+
+
+# -- the results of `parts evaluate` -------------------------------------------------------------
+def read_results(root: str | Path, results: str | Path | None = None) -> pd.DataFrame | None:
+    """The rows `parts evaluate` wrote (`root/results.csv` unless `results` is given), or None."""
+    path = Path(root) / RESULTS_CSV if results is None else Path(results)
+    if not path.is_file():
+        if results is not None:
+            raise PartsError(f"{path} does not exist: give the results.csv written by `parts evaluate`")
+        return None
+    table = pd.read_csv(path)
+    missing = [c for c in ("model", "task", "template", "seed", "limit", "method", "labels", "accuracy")
+               if c not in table.columns]
+    if missing:
+        raise PartsError(f"{path} lacks columns {missing}: give the results.csv written by `parts evaluate`")
+    return table
+
+
+def main_tables(results: pd.DataFrame) -> list[dict[str, Any]]:
+    """The main table per (model, test size): accuracy per task and method, mean ± sd over templates x seeds
+    (`parts.figures.plotting.method_summary`), then the mean over tasks where every task has the method."""
+    tables = []
+    for (model, limit), rows in results.groupby(["model", "limit"], sort=False):
+        summary = plotting.method_summary(rows, include_oracle=True)
+        columns = list(dict.fromkeys(summary["label"]))
+        tasks = list(dict.fromkeys(rows["task"]))
+        cells = {(r.task, r.label): r for r in summary.itertuples()}
+        body = []
+        for task in tasks:
+            runs = int(rows.loc[rows["task"] == task, ["template", "seed"]].drop_duplicates().shape[0])
+            body.append([task, runs] + [
+                f"{cells[(task, c)].mean:.1%} ± {cells[(task, c)].std:.1%}" if (task, c) in cells else "" for c in columns])
+        average = []
+        for c in columns:
+            means = [cells[(t, c)].mean for t in tasks if (t, c) in cells]
+            average.append(f"{np.mean(means):.1%}" if len(means) == len(tasks) else "")
+        tables.append({"model": str(model), "limit": str(limit), "columns": ["task", "runs", *columns],
+                       "rows": body, "average": ["average", "", *average]})
+    return tables
+
+
+def run_results(results: pd.DataFrame | None, run: DecompositionRun) -> dict[str, float]:
+    """The accuracy of every method `parts evaluate` scored on this run's setting, by column name."""
+    if results is None:
+        return {}
+    p = run.prompts
+    rows = results[(results["task"] == p.task) & (results["template"].astype(str) == str(p.template))
+                   & (results["seed"].astype(str) == str(p.seed)) & (results["limit"].astype(str) == str(run.n_examples))]
+    if "shots" in rows.columns:
+        rows = rows[rows["shots"].astype(str) == str(p.shots)]
+    return {plotting.method_label(str(r.method), int(r.labels), p.shots): float(r.accuracy) for r in rows.itertuples()}
+
+
+def learned_weights(path: Path, run: DecompositionRun) -> dict[str, Float[Tensor, component]]:
+    """Every reweighting learned for a test run by `parts evaluate`, clipped to [0, 1] as predictions use
+    them, by label budget ('24', ..., 'oracle': fitted on the test set itself)."""
+    found = {}
+    for file in sorted(path.glob("reweight-labels*.safetensors")):
+        budget = file.name[len("reweight-labels"):-len(".safetensors")]
+        names, weights = load_weights(path, labels=budget)
+        if names == run.component_names:
+            found[budget] = weights.float().clamp(0.0, 1.0)
+    return dict(sorted(found.items(), key=lambda item: (not item[0].isdigit(), int(item[0]) if item[0].isdigit() else 0)))
+
+
+# -- stability ------------------------------------------------------------------------------------
+def stability_matrices(runs: Sequence[DecompositionRun]) -> dict[str, pd.DataFrame]:
+    """Pearson correlation of component accuracies between runs: every pair ('runs'), and averaged into
+    seeds x seeds over templates ('demonstrations') and templates x templates over seeds ('templates')."""
+    matrix = correlation_matrix(runs)
+    names = [run_name(r) for r in runs]
+    matrix.index = matrix.columns = names
+    long = matrix.rename_axis(index="a", columns="b").stack().rename("r").reset_index()
+    setting = {run_name(r): (r.prompts.template, r.prompts.seed) for r in runs}
+    long["template_a"], long["seed_a"] = zip(*(setting[a] for a in long["a"]), strict=True)
+    long["template_b"], long["seed_b"] = zip(*(setting[b] for b in long["b"]), strict=True)
+    matrices = {"runs": matrix}
+    same_template = long[long["template_a"] == long["template_b"]]
+    if same_template["seed_a"].nunique() > 1:
+        demonstrations = same_template.pivot_table(index="seed_a", columns="seed_b", values="r", aggfunc="mean")
+        demonstrations.index = demonstrations.columns = [f"seed {s}" for s in demonstrations.columns]
+        matrices["demonstrations"] = demonstrations
+    same_seed = long[long["seed_a"] == long["seed_b"]]
+    if same_seed["template_a"].nunique() > 1:
+        templates = same_seed.pivot_table(index="template_a", columns="template_b", values="r", aggfunc="mean")
+        templates.index = templates.columns = [f"template {t}" for t in templates.columns]
+        matrices["templates"] = templates
+    return matrices
+
+
+STABILITY_TITLES = {
+    "demonstrations": "Across demonstrations: seed x seed, same template (mean over templates)",
+    "templates": "Across templates: template x template, same seed (mean over seeds)",
+    "runs": "Every pair of runs",
+}
+
+
+# -- a task page ------------------------------------------------------------------------------------
+def _category_codes(table: pd.DataFrame) -> list[int]:
+    return [CATEGORIES.index(c) for c in table["category"]]
+
+
+def _mode_category(codes: np.ndarray) -> list[str]:
+    """The most frequent category of each component over runs (ties: the earlier in CATEGORIES)."""
+    return [CATEGORIES[int(np.bincount(column, minlength=len(CATEGORIES)).argmax())] for column in codes.T]
+
+
+def task_data(
+    task: TaskRuns, root: str | Path, results: pd.DataFrame | None = None, attention_heads: Sequence[str] = (),
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """A task page's data, and its per-layer details (histograms, weights) keyed by layer."""
+    runs, reference = task.runs, task.reference
+    label_names = list(reference.prompts.label_names)
+    tables = [component_table(run) for run in runs]
+    first = tables[0]
+    accuracy = np.stack([t["accuracy"].to_numpy() for t in tables])  # [run component]
+    share_columns = [f"share_{name}" for name in label_names]
+    shares = np.stack([t[share_columns].to_numpy() for t in tables])  # [run component label]
+    codes = np.array([_category_codes(t) for t in tables])  # [run component]
+    chance = reference.chance
+    mean_full = float(np.mean([r.full_accuracy for r in runs]))
+    mean_table = first[["component", "kind", "layer", "head"]].assign(
+        accuracy=accuracy.mean(0), label_bias=shares.mean(0).max(-1), category=_mode_category(codes))
+    heatmap = plotting.accuracy_heatmap(mean_table, mean_full, chance, "Accuracy of every component")
+    root = Path(root)
+    matrices = stability_matrices(runs) if len(runs) > 1 else {}
+    summary = stability_summary(pair_table(runs)) if len(runs) > 1 else pd.DataFrame()
+    groups = histogram_groups(runs)
+    group_of_run = [0] * len(runs)
+    for g, group in enumerate(groups):
+        for i in group["runs"]:
+            group_of_run[i] = g
+    weights = [learned_weights(path, run) for path, run in zip(task.paths, runs, strict=True)]
+    budgets = list(dict.fromkeys(b for w in weights for b in w))
+    data = {
+        "key": task.key, "task": reference.prompts.task, "model": reference.model, "split": reference.prompts.split,
+        "shots": reference.prompts.shots, "n_examples": reference.n_examples, "label_names": label_names,
+        "label_words": list(reference.prompts.label_words), "n_layers": reference.n_layers, "n_heads": reference.n_heads,
+        "chance": chance, "categories": list(CATEGORIES), "category_colors": plotting.CATEGORY_COLORS,
+        "components": list(reference.component_names),
+        "kind": first["kind"].tolist(), "layer": first["layer"].tolist(), "head": first["head"].tolist(),
+        "runs": [{
+            "label": run_name(run), "template": run.prompts.template, "seed": run.prompts.seed,
+            "full_accuracy": run.full_accuracy, "majority_rate": run.chance,
+            "colorbar": plotting.accuracy_colorbar(chance, run.full_accuracy),
+            "path": path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name,
+            "results": run_results(results, run),
+        } for path, run in zip(task.paths, runs, strict=True)],
+        "accuracy": _rounded(accuracy), "shares": _rounded(shares), "category": codes.tolist(),
+        "mean": {"accuracy": _rounded(accuracy.mean(0)), "shares": _rounded(shares.mean(0)), "full_accuracy": mean_full,
+                 "colorbar": plotting.accuracy_colorbar(chance, mean_full)},
+        "heatmap": figure_json(heatmap),
+        "stability": {
+            "figures": {name: figure_json(plotting.correlation_heatmap(m, STABILITY_TITLES[name]))
+                        for name, m in matrices.items()},
+            "summary": [{"relation": relation, **row} for relation, row in summary.to_dict("index").items()],
+        },
+        "histogram": {"bins": HISTOGRAM_BINS, "groups": groups, "axis": margin_axis(label_names)},
+        "weights": budgets,
+        "attention": {"heads": list(attention_heads), "run": 0} if attention_heads else None,
+        "yardsticks": chance_yardsticks(len(reference.component_names), reference.n_examples, len(label_names)),
+    }
+    return clean(data), layer_details(runs, first["layer"].tolist(), weights, group_of_run)
+
+
+def layer_details(
+    runs: Sequence[DecompositionRun], layers: Sequence[int], weights: Sequence[Mapping[str, Tensor]],
+    group_of_run: Sequence[int],
+) -> dict[int, dict[str, Any]]:
+    """Per layer (`layers`: each component's), per component: margin histograms per group of runs and gold
+    label, and learned weights per run."""
+    reference = runs[0]
+    margins = torch.stack([vote_margin(run) for run in runs])
+    labels = torch.stack([run.labels for run in runs])
+    edges, counts = margin_histograms(margins, labels, group_of_run, len(reference.prompts.label_names))
+    budgets = list(dict.fromkeys(b for w in weights for b in w))
+    details: dict[int, dict[str, Any]] = {}
+    for index, (name, layer) in enumerate(zip(reference.component_names, layers, strict=True)):
+        details.setdefault(int(layer), {})[name] = {
+            "edges": _rounded(edges[index]),
+            "counts": counts[:, index].tolist(),
+            "weights": {b: [round(float(w[b][index]), DIGITS) if b in w else None for w in weights] for b in budgets},
+        }
+    return details
+
+
+def attention_heads(data: Mapping[str, Any], k: int) -> list[str]:
+    """The k heads most accurate on average over the task's runs (those whose attention a report shows)."""
+    mean = data["mean"]["accuracy"]
+    heads = [i for i, kind in enumerate(data["kind"]) if kind == "head"]
+    ranked = sorted(heads, key=lambda i: (-mean[i], i))[:k]
+    return [data["components"][i] for i in ranked]
+
+
+# -- the overview ---------------------------------------------------------------------------------
+def task_overview(task: TaskRuns, data: Mapping[str, Any]) -> dict[str, Any]:
+    """One task's line of the overview: FULL, the best and worst component (chosen on the test set, per run)
+    as mean ± sd over runs, beside what chance-level components would give."""
+    accuracy = np.asarray(data["accuracy"])
+    full = np.array([r.full_accuracy for r in task.runs])
+    best, worst = accuracy.max(1), accuracy.min(1)
+    best_names = Counter(data["components"][i] for i in accuracy.argmax(1))
+
+    def sd(values: np.ndarray) -> float:
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    return {
+        "key": task.key, "task": data["task"], "model": data["model"], "split": data["split"], "shots": data["shots"],
+        "n_examples": data["n_examples"], "runs": len(task.runs), "n_labels": len(data["label_names"]),
+        "templates": sorted({r.prompts.template for r in task.runs}), "seeds": sorted({r.prompts.seed for r in task.runs}),
+        "full": [float(full.mean()), sd(full)], "best": [float(best.mean()), sd(best)],
+        "worst": [float(worst.mean()), sd(worst)], "yardsticks": data["yardsticks"],
+        "best_beats_full": int((best > full).sum()), "most_often_best": best_names.most_common(1)[0],
+    }
+
+
+def overview_figure(lines: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Per task: FULL, the best and the worst component (mean ± sd over runs) as bars, and the best and
+    worst of as many chance-level components as markers."""
+    names = [line["key"] for line in lines]
+    figure = go.Figure()
+    for what, label, color in (("full", "full model", "#444"), ("best", "best component (ORACLE-T1)", plotting.ABOVE),
+                               ("worst", "worst component (ORACLE-B1)", plotting.BELOW)):
+        figure.add_trace(go.Bar(
+            x=names, y=[line[what][0] for line in lines], name=label, marker_color=color,
+            error_y=dict(type="data", array=[line[what][1] for line in lines], thickness=1.2, width=3),
+            customdata=[[line[what][1], line["runs"]] for line in lines],
+            hovertemplate=f"{label}<br>%{{x}}: %{{y:.1%}} ± %{{customdata[0]:.1%}} over %{{customdata[1]}} runs<extra></extra>",
+        ))
+    for what, symbol in (("best", "triangle-up"), ("worst", "triangle-down")):
+        figure.add_trace(go.Scatter(
+            x=names, y=[line["yardsticks"][what] for line in lines], mode="markers", name=f"{what} of chance-level components",
+            marker=dict(symbol=symbol, size=13, color="#f2b01e", line=dict(width=1, color="black")),
+            hovertemplate=f"expected {what} of as many components guessing at random: %{{y:.1%}}<extra></extra>",
+        ))
+    figure.update_layout(barmode="group", bargap=0.25, legend=dict(orientation="h", y=-0.18), template="plotly_white",
+                         font=plotting.FONT, height=430, margin=dict(l=60, r=20, t=50, b=40),
+                         title=dict(text="Full model vs its best and worst component, per task", x=0.01))
+    figure.update_yaxes(title_text="accuracy (mean ± sd over runs)", range=[0, 1.05], tickformat=".0%")
+    return figure

@@ -1,0 +1,334 @@
+"""Write a report: a static site that opens from disk, with no server and no network.
+
+```
+report/
+  index.html                 overview: model, tasks, runs found; FULL vs best/worst component; the main table
+  task-<key>.html            one page per task (client-side view of any component: #component=L3H5&run=2)
+  assets/plotly.min.js       plotly.js, copied once from the plotly package; every page loads this file
+  assets/report.js, .css     the pages' code and style
+  data/overview.js           the overview's figure
+  data/<key>.js              a task page's numbers: per run and component accuracy, shares, categories
+  data/<key>/layer-<l>.js    histograms and weights of layer l's components, loaded when one is opened
+  data/<key>/attention.js    with --attention: where the top heads look, loaded when one is opened
+  .parts-report              marks the folder as a report, so a rebuild may replace it
+```
+
+Data files are scripts (`window.PARTS_... = {...}`), since a page opened from disk may not fetch
+JSON. The folder is built under a temporary name beside `out` and renamed into place; a folder
+already at `out` is replaced only when it is an earlier report (it holds the marker), or empty.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from parts import __version__
+from parts.errors import PartsError
+from parts.report import data as report_data
+from parts.report.data import TaskRuns
+
+MARKER = ".parts-report"
+ASSETS = ("report.js", "report.css")
+
+# (task, heads) -> attention data for those heads (see parts.report.attention.attention_data)
+AttentionSource = Callable[[TaskRuns, Sequence[str]], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `build_report` wrote."""
+
+    out: Path
+    pages: list[str]
+    tasks: int
+    runs: int
+    bytes: int
+    seconds: float
+
+
+def _plotlyjs() -> bytes:
+    """The plotly.js bundle of the installed plotly package (the version its figures are written for)."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs().encode()
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("parts.report").joinpath("assets", name).read_bytes()
+
+
+def _script(variable: str, value: Any) -> str:
+    return f"window.{variable} = {json.dumps(value, separators=(',', ':'), allow_nan=False)};\n"
+
+
+def _call(function: str, *arguments: Any) -> str:
+    text = ",".join(json.dumps(a, separators=(",", ":"), allow_nan=False) for a in arguments)
+    return f"PartsReport.{function}({text});\n"
+
+
+# -- HTML -------------------------------------------------------------------------------------------
+e = html.escape
+
+
+def _page(title: str, nav: str, body: str, scripts: Sequence[str], start: str) -> str:
+    tags = "\n".join(f'<script src="{e(src)}"></script>' for src in scripts)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)}</title>
+<link rel="stylesheet" href="assets/report.css">
+</head>
+<body>
+<nav>{nav}</nav>
+<main>
+{body}
+</main>
+<footer>Written by parts {e(__version__)} (<code>parts report</code>). Opens from disk: no server, no network.</footer>
+{tags}
+<script>{start}</script>
+</body>
+</html>
+"""
+
+
+def _nav(tasks: Sequence[TaskRuns], current: str | None) -> str:
+    links = [f'<a href="index.html"{" class=current" if current is None else ""}>overview</a>']
+    links += [f'<a href="task-{e(t.key)}.html"{" class=current" if t.key == current else ""}>{e(t.key)}</a>' for t in tasks]
+    return '<span class="brand">parts report</span>' + "".join(links)
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], css: str = "", footer: Sequence[Any] | None = None) -> str:
+    head = "".join(f"<th>{e(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    foot = "<tfoot><tr>" + "".join(f"<td>{cell}</td>" for cell in footer) + "</tr></tfoot>" if footer else ""
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>{foot}</table>'
+
+
+def _pct(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _pm(pair: Sequence[float]) -> str:
+    return f"{pair[0]:.1%} <span class=sd>± {pair[1]:.1%}</span>"
+
+
+def overview_html(root_name: str, tasks: Sequence[TaskRuns], lines: Sequence[Mapping[str, Any]],
+                  tables: Sequence[Mapping[str, Any]], skipped: int) -> str:
+    models = sorted({line["model"] for line in lines})
+    runs = sum(line["runs"] for line in lines)
+    found = _table(
+        ["task", "model", "split", "examples", "shots", "runs", "templates", "seeds"],
+        [[f'<a href="task-{e(line["key"])}.html">{e(line["key"])}</a>', e(line["model"]), e(line["split"]),
+          line["n_examples"], line["shots"], line["runs"], e(", ".join(map(str, line["templates"]))),
+          e(", ".join(map(str, line["seeds"])))] for line in lines], "runs-found")
+    skipped_note = (f"<p class=note>{skipped} train run{'s' if skipped != 1 else ''} (the labelled examples "
+                    "reweighting trains on) not shown.</p>") if skipped else ""
+    versus = _table(
+        ["task", "runs", "full model", "best component", "best of chance-level", "worst component",
+         "worst of chance-level", "best beats full", "most often best"],
+        [[f'<a href="task-{e(line["key"])}.html">{e(line["key"])}</a>', line["runs"], _pm(line["full"]),
+          _pm(line["best"]), _pct(line["yardsticks"]["best"]), _pm(line["worst"]), _pct(line["yardsticks"]["worst"]),
+          f'{line["best_beats_full"]} of {line["runs"]}',
+          f'<a href="task-{e(line["key"])}.html#component={e(line["most_often_best"][0])}">'
+          f'{e(line["most_often_best"][0])}</a> ({line["most_often_best"][1]})'] for line in lines], "versus")
+    if tables:
+        main = "".join(
+            f"<h3>{e(t['model'])}, {e(t['limit'])} test examples per run</h3>"
+            + _table(t["columns"], [[e(str(c)) for c in row] for row in t["rows"]], "main-table",
+                     [e(str(c)) for c in t["average"]]) for t in tables)
+        main += ("<p class=note>Accuracy per task and method: mean ± sample standard deviation over templates × seeds, "
+                 "from <code>results.csv</code> (<code>parts evaluate</code>); the average is the mean of the task means "
+                 "where every task has the method. Oracle reweighting fits its weights on the test set itself.</p>")
+    else:
+        main = ("<p class=note>No <code>results.csv</code> here: run <code>parts evaluate</code> with this "
+                "<code>--out</code> to add the main table (reweighting against ICL and calibration).</p>")
+    cards = "".join(
+        f'<a class=card href="task-{e(line["key"])}.html"><b>{e(line["key"])}</b><br>{line["runs"]} runs · '
+        f'full {_pct(line["full"][0])} · best component {_pct(line["best"][0])}</a>' for line in lines)
+    return f"""
+<h1>Components as classifiers: {e(root_name)}</h1>
+<p class=lead>Model{'s' if len(models) > 1 else ''}: <b>{e(", ".join(models))}</b>. {len(lines)} task
+page{'s' if len(lines) != 1 else ''}, {runs} test runs. Every attention head and MLP scored as a classifier by its
+direct contribution to the label-word logits at the last prompt token.</p>
+<div class=cards>{cards}</div>
+<h2>Runs found</h2>
+{found}
+{skipped_note}
+<h2>Full model vs its components</h2>
+<div id="overview-figure" class="figure"></div>
+{versus}
+<p class=note>Best and worst component: chosen on each run's test examples (the paper's ORACLE-T1 and ORACLE-B1),
+mean ± sample standard deviation over runs. Beside them, the accuracy expected of the best and the worst of as many
+components guessing at random (1 / number of labels) on as many examples: a best component near its chance-level
+yardstick is no evidence of a good component.</p>
+<h2>Main table</h2>
+{main}
+"""
+
+
+def task_html(data: Mapping[str, Any], tasks: Sequence[TaskRuns]) -> str:
+    runs = data["runs"]
+    options = f'<option value="mean">mean over {len(runs)} runs</option>' + "".join(
+        f'<option value="{i}">template {r["template"]}, seed {r["seed"]} (full model {_pct(r["full_accuracy"])})</option>'
+        for i, r in enumerate(runs))
+    accuracy = data["accuracy"]
+    names = data["components"]
+    methods = list(dict.fromkeys(m for r in runs for m in r["results"]))
+    run_rows = []
+    for i, r in enumerate(runs):
+        best = max(range(len(names)), key=lambda c: (accuracy[i][c], -c))
+        worst = min(range(len(names)), key=lambda c: (accuracy[i][c], c))
+        run_rows.append(
+            [f'<a href="#run={i}">{e(r["label"])}</a>', r["template"], r["seed"], _pct(r["full_accuracy"]),
+             f'<a href="#run={i}&component={e(names[best])}">{e(names[best])}</a> {_pct(accuracy[i][best])}',
+             f'<a href="#run={i}&component={e(names[worst])}">{e(names[worst])}</a> {_pct(accuracy[i][worst])}',
+             *[_pct(r["results"][m]) if m in r["results"] else "" for m in methods], f"<code>{e(r['path'])}</code>"])
+    run_table = _table(["run", "template", "seed", "full model", "best component", "worst component", *methods, "folder"],
+                       run_rows, "runs")
+    summary = data["stability"]["summary"]
+    stability_table = _table(
+        ["runs differ in", "pairs", "Pearson", "Spearman", "top-5 IoU"],
+        [[e(row["relation"]), row["pairs"], *("n/a" if row[k] is None else f"{row[k]:.2f}"
+                                              for k in ("pearson", "spearman", "top_k_iou"))] for row in summary],
+        "stability") if summary else "<p class=note>One run: nothing to compare.</p>"
+    figures = "".join(f'<div id="stability-{name}" class="figure stability"></div>' for name in data["stability"]["figures"])
+    labels = ", ".join(f"{e(n)} ({e(repr(w))})" for n, w in zip(data["label_names"], data["label_words"], strict=True))
+    return f"""
+<h1>{e(data["task"])} <span class=sub>{e(data["model"])}</span></h1>
+<p class=lead>{len(runs)} runs ({e(data["split"])} split, {data["n_examples"]} examples each, {data["shots"]}-shot) ·
+labels {labels} · {len(names)} components ({data["n_layers"]} layers × {data["n_heads"]} heads + {data["n_layers"]} MLPs) ·
+majority rate {_pct(data["chance"])}</p>
+<div class=controls><label for="run-select">Run</label> <select id="run-select">{options}</select>
+<span class=hint>Hover a cell for its numbers; click it, or a row below, to open the component.</span></div>
+<div id="heatmap" class="figure"></div>
+<section id="component" hidden>
+  <h2><span id="component-name"></span> <span id="component-accuracy" class=accuracy></span>
+      <a id="component-close" href="#" class=close title="close">×</a></h2>
+  <p id="component-facts" class=lead></p>
+  <div class=grid>
+    <div id="component-runs" class="figure"></div>
+    <div id="component-shares" class="figure"></div>
+    <div id="component-margins" class="figure"></div>
+    <div id="component-weights" class="figure"></div>
+  </div>
+  <div id="component-attention"></div>
+</section>
+<h2>Most and least accurate components <span class=sub id="ranking-view"></span></h2>
+<div class=grid>
+  <table id="top-table" class="ranking"><caption>top 10</caption><thead><tr><th>#</th><th>component</th><th>accuracy</th>
+  <th>mean ± sd over runs</th><th>every run</th><th>category</th></tr></thead><tbody></tbody></table>
+  <table id="bottom-table" class="ranking"><caption>bottom 10</caption><thead><tr><th>#</th><th>component</th>
+  <th>accuracy</th><th>mean ± sd over runs</th><th>every run</th><th>category</th></tr></thead><tbody></tbody></table>
+</div>
+<p class=note>Every run: the component's accuracy in each run in the order of the run selector (template, then seed),
+the dashed line at the majority rate, the selected run dotted.</p>
+<h2>Stability across demonstrations and templates</h2>
+<p class=note>Pearson correlation of the component accuracies of two runs (the paper's Section 5).</p>
+{stability_table}
+<div class=grid>{figures}</div>
+<h2>Runs</h2>
+{run_table}
+"""
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def _check_out(out: Path) -> None:
+    """`out` may be new, empty, or an earlier report; anything else is the user's and is kept."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise PartsError(f"{out} exists and is not a folder: give --out a new folder (or an earlier report)")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise PartsError(f"{out} holds files that are not a parts report: give --out a new or empty folder, "
+                         "or an earlier report's folder to replace it")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write(folder: Path, relative: str, content: str | bytes) -> None:
+    path = folder / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def build_report(
+    root: str | Path,
+    out: str | Path,
+    attention: AttentionSource | None = None,
+    attention_heads: int = 5,
+    results: str | Path | None = None,
+) -> Report:
+    """Write the report of every test run under `root` to the folder `out` (see the module's docstring).
+
+    `attention(task, heads)` gives where those heads look (`parts.report.attention`: it needs the model);
+    without it the report holds everything a saved run knows. `results` is a `parts evaluate` results.csv
+    (default: `root/results.csv` when there is one).
+    """
+    started = time.perf_counter()
+    root, out = Path(root), Path(out)
+    _check_out(out)
+    tasks, skipped = report_data.collect_tasks(root)
+    table = report_data.read_results(root, results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        lines = []
+        pages = ["index.html"]
+        for task in tasks:
+            summary, details = report_data.task_data(task, root, table)
+            if attention is not None:
+                heads = report_data.attention_heads(summary, attention_heads)
+                summary["attention"] = {"heads": heads, "run": 0}
+                _write(staging, f"data/{task.key}/attention.js", _call("addAttention", task.key, attention(task, heads)))
+            _write(staging, f"data/{task.key}.js", _script("PARTS_TASK", summary))
+            for layer, detail in details.items():
+                _write(staging, f"data/{task.key}/layer-{layer}.js", _call("addDetail", task.key, layer, detail))
+            page = f"task-{task.key}.html"
+            _write(staging, page, _page(
+                f"{summary['task']}: parts report", _nav(tasks, task.key), task_html(summary, tasks),
+                ["assets/plotly.min.js", f"data/{task.key}.js", "assets/report.js"], "PartsReport.task();"))
+            pages.append(page)
+            lines.append(report_data.task_overview(task, summary))
+        tables = report_data.main_tables(table) if table is not None else []
+        _write(staging, "data/overview.js", _script("PARTS_OVERVIEW", report_data.clean(
+            {"figure": report_data.figure_json(report_data.overview_figure(lines))})))
+        _write(staging, "index.html", _page(
+            "parts report", _nav(tasks, None), overview_html(root.resolve().name, tasks, lines, tables, skipped),
+            ["assets/plotly.min.js", "data/overview.js", "assets/report.js"], "PartsReport.overview();"))
+        _write(staging, "assets/plotly.min.js", _plotlyjs())
+        for name in ASSETS:
+            _write(staging, f"assets/{name}", _asset(name))
+        _write(staging, MARKER, json.dumps({"parts_version": __version__, "root": str(root)}) + "\n")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return Report(out, pages, len(tasks), sum(len(t.runs) for t in tasks), size, time.perf_counter() - started)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the finished report into place, an earlier one moved aside first and then removed."""
+    mode = 0o777 & ~_umask()
+    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+        folder.chmod(mode)  # mkdtemp makes a private folder; a report is for sharing
+    _check_out(out)  # again: something may have appeared there while the report was built
+    retired = staging.with_name(staging.name + "-old")
+    if out.exists():
+        os.replace(out, retired)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
