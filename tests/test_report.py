@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from parts.analysis.analyze import component_table
+from parts.analysis.stats import chance_extremes
 from parts.cli import main
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.evaluate import write_results
+from parts.experiments.evaluate import read_results, write_results
+from parts.experiments.export import interval_tables
 from parts.experiments.sweep import sweep
 from parts.report import data as report_data
 from parts.report.site import MARKER, build_report
@@ -110,7 +112,7 @@ def test_task_data_holds_every_runs_numbers(report, tiny_sweep):
         assert data["runs"][i]["full_accuracy"] == pytest.approx(run.full_accuracy)
     assert data["mean"]["accuracy"] == pytest.approx(np.mean(data["accuracy"], 0).tolist(), abs=1e-4)
     # results.csv rows of this run's setting, by the main table's column names
-    assert data["runs"][1]["results"] == {"4-shot ICL": 0.75, "reweighting (CompRW) 12": 0.5}
+    assert data["runs"][1]["results"] == {"k-shot ICL": 0.75, "CompRW 12": 0.5}
     assert data["weights"] == ["12"]
     assert task_json(report, "tiny2")["runs"][0]["results"] == {} and task_json(report, "tiny2")["weights"] == []
 
@@ -174,22 +176,53 @@ def test_histogram_groups_pool_templates_for_a_long_sweep():
     assert groups[0]["label"] == "template 1 (25 seeds pooled)"
 
 
-def test_chance_yardsticks_by_hand():
-    # The worst of two fair coins on one example is right only if both are: 1/4; one classifier: its rate.
-    assert report_data.chance_worst_accuracy(2, 1, 0.5) == pytest.approx(0.25)
-    assert report_data.chance_worst_accuracy(1, 10, 0.3) == pytest.approx(0.3)
-    sticks = report_data.chance_yardsticks(300, 200, 2)
-    assert 0.55 < sticks["best"] < 0.62 and sticks["worst"] == pytest.approx(1 - sticks["best"], abs=1e-9)
-
-
-def test_main_table_is_mean_and_sd_over_runs(tiny_sweep):
+def test_overview_measures_are_the_papers_by_hand(tiny_sweep):
     root, _, _ = tiny_sweep
-    (table,) = report_data.main_tables(report_data.read_results(root))
-    assert table["columns"] == ["task", "runs", "4-shot ICL", "reweighting (CompRW) 12"]
-    k_shot, comprw = (0.5, 0.75, 0.25, 0.5), (1.0, 0.5, 0.75, 0.75)
-    assert table["rows"] == [["tiny", 4, f"{np.mean(k_shot):.1%} ± {np.std(k_shot, ddof=1):.1%}",
-                              f"{np.mean(comprw):.1%} ± {np.std(comprw, ddof=1):.1%}"]]
-    assert table["average"] == ["average", "", "50.0%", "75.0%"]
+    task = report_data.collect_tasks(root)[0][0]
+    data, _ = report_data.task_data(task, root)
+    measures = report_data.run_measures(data)
+    accuracy = np.stack([r.component_accuracy.double().numpy() for r in task.runs])
+    assert measures["best"].tolist() == pytest.approx((100 * accuracy.max(1)).tolist(), abs=1e-2)
+    assert measures["worst"].tolist() == pytest.approx((100 * accuracy.min(1)).tolist(), abs=1e-2)
+    assert measures["full"].tolist() == pytest.approx([100 * r.full_accuracy for r in task.runs])
+    one_label = [int((r.component_predictions == r.component_predictions[:1]).all(0).sum()) for r in task.runs]
+    assert measures["label_biased"].tolist() == one_label
+    best, worst = chance_extremes(12, 2, len(task.reference.component_names))
+    assert data["yardsticks"] == pytest.approx({"best": best, "worst": worst})
+
+
+def test_main_table_without_intervals_is_mean_and_sd_over_runs(tiny_sweep):
+    root, _, _ = tiny_sweep
+    (table,) = report_data.main_tables(root, root / "results.csv")
+    # the rows are made up: their runs lack the weights and logits to recompute predictions from
+    assert not table["intervals"] and "tiny" in table["note"]
+    k_shot, comprw = np.array([0.5, 0.75, 0.25, 0.5]), np.array([1.0, 0.5, 0.75, 0.75])
+    assert table["accuracy"].to_dict("records") == [
+        {"task": "tiny", "runs": 4, "k-shot ICL": f"{100 * k_shot.mean():.1f} ± {100 * k_shot.std(ddof=1):.1f}",
+         "CompRW 12": f"{100 * comprw.mean():.1f} ± {100 * comprw.std(ddof=1):.1f}"},
+        {"task": "average", "runs": 4, "k-shot ICL": "50.0", "CompRW 12": "75.0"}]
+
+
+def test_main_table_with_intervals_after_parts_evaluate(tmp_path, tiny_model_dir, tiny_task_file, capsys):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1",
+            "--seeds", "0,1", "--labels", "12", "--limit", "8", "--out", str(tmp_path / "runs"), "--device", "cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = build_report(tmp_path / "runs", tmp_path / "site", tasks_files={"tiny": tiny_task_file})
+    assert report.tasks == 1 and report.runs == 2
+    (table,) = report_data.main_tables(tmp_path / "runs", tmp_path / "runs" / "results.csv", {"tiny": tiny_task_file})
+    assert table["intervals"] and table["note"] == ""
+    rows = read_results(tmp_path / "runs" / "results.csv")
+    accuracy, differences = interval_tables(tmp_path / "runs", rows, {"tiny": tiny_task_file})
+    assert table["accuracy"].equals(accuracy) and table["differences"].equals(differences)
+    cell = accuracy.set_index("task").loc["tiny", "CompRW 12"]
+    overview = (tmp_path / "site" / "index.html").read_text()
+    assert cell in overview and "95% hierarchical bootstrap" in overview
+    assert "train runs (the labelled examples reweighting trains on) not shown" in overview
+    data = task_json(tmp_path / "site", "tiny")
+    k_shot = [r for r in rows if (r["method"], r["labels"], r["seed"]) == ("icl", "4", "1")][0]
+    assert data["runs"][1]["results"]["k-shot ICL"] == pytest.approx(float(k_shot["accuracy"]))
+    assert data["weights"] == ["12", "oracle"]
 
 
 # -- the folder ---------------------------------------------------------------------------------------
@@ -202,8 +235,8 @@ def test_the_folder_holds_plotlyjs_once_and_every_page(report):
         text = (report / page).read_text()
         assert text.count('src="assets/plotly.min.js"') == 1 and "http" not in text.replace("http-equiv", "")
     overview = (report / "index.html").read_text()
-    k_shot = (0.5, 0.75, 0.25, 0.5)
-    assert "<th>4-shot ICL</th>" in overview and f"{np.mean(k_shot):.1%} ± {np.std(k_shot, ddof=1):.1%}" in overview
+    k_shot = np.array([0.5, 0.75, 0.25, 0.5])
+    assert "<th>k-shot ICL</th>" in overview and f"{100 * k_shot.mean():.1f} ± {100 * k_shot.std(ddof=1):.1f}" in overview
 
 
 def test_out_is_new_empty_or_an_earlier_report(tiny_sweep, report, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import positive_int
+from parts.cli.common import name_list, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,12 +30,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--examples", type=positive_int, default=3,
                         help="with --attention: test examples per head (default 3, one per gold label in turn)")
     parser.add_argument("--results", default=None, help="results.csv of `parts evaluate` (default RUNS/results.csv)")
+    parser.add_argument("--task-files", type=name_list, default=None, metavar="FILES",
+                        help="JSON files of your own tasks in the sweep (comma-separated), for the main table's intervals")
     parser.add_argument("--device", default=None, help="with --attention: the model's device (default: cuda if available)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts.data.tasks import get_task
     from parts.report.site import build_report
+
+    tasks_files = {get_task(path).name: path for path in args.task_files or []}
 
     attention = None
     if args.attention:
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                 models[name] = load_model(name, device=args.device)
             return attention_data(models[name], task, heads, args.examples)
 
-    report = build_report(args.runs, args.out, attention, args.heads, args.results)
+    report = build_report(args.runs, args.out, attention, args.heads, args.results, tasks_files)
     print(f"{report.runs} runs of {report.tasks} task{'s' if report.tasks != 1 else ''}: {len(report.pages)} pages, "
           f"{report.bytes / 1e6:.1f} MB in {report.seconds:.1f} s; open {report.out}/index.html")
     return 0

@@ -13,8 +13,8 @@ from typing import Any
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts.analysis.inspect_head import attention_view
+from parts.components import parse_component
 from parts.decomposition.runs import DecompositionRun
-from parts.figures.plotting import parse_component
 from parts.report.data import DIGITS, TaskRuns
 
 
@@ -39,8 +39,8 @@ def attention_data(model: TransformerBridge, task: TaskRuns, heads: Sequence[str
     patterns: dict[str, list[list[float]]] = {head: [] for head in heads}
     for example in chosen:
         for head in heads:
-            layer, index = parse_component(head)
-            view = attention_view(model, run, example, layer, index)
+            component = parse_component(head)
+            view = attention_view(model, run, example, component.layer, component.head)
             patterns[head].append([round(float(a), DIGITS) for a in view.pattern])
         shown.append({"example": example, "gold": run.prompts.label_names[view.gold], "tokens": view.tokens,
                       "label_positions": view.label_positions})

@@ -35,9 +35,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 from jaxtyping import Float, Int
-from scipy import stats
 from torch import Tensor
 
+from parts.analysis import paper
 from parts.analysis.analyze import (
     CATEGORIES,
     component_table,
@@ -47,9 +47,11 @@ from parts.analysis.analyze import (
     pair_table,
     stability_summary,
 )
+from parts.analysis.stats import chance_extremes
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.controls import chance_best_accuracy
+from parts.experiments.evaluate import read_results
+from parts.experiments.export import interval_tables
 from parts.figures import plotting
 from parts.reweighting.reweight import load_weights
 
@@ -179,69 +181,81 @@ def margin_histograms(
     return torch.stack([low, high], -1), counts
 
 
-# -- the chance yardsticks ----------------------------------------------------------------------
-def chance_worst_accuracy(n_components: int, n_examples: int, chance: float) -> float:
-    """Expected accuracy of the worst of `n_components` independent chance-level components:
-    E[min] = sum over k >= 1 of P(min >= k) = sum of (1 - F(k - 1))^m."""
-    k = np.arange(1, n_examples + 1)
-    return float((stats.binom.sf(k - 1, n_examples, chance) ** n_components).sum()) / n_examples
-
-
-def chance_yardsticks(n_components: int, n_examples: int, n_labels: int) -> dict[str, float]:
-    """The best and worst accuracy expected of `n_components` components that guess at 1 / n_labels."""
-    return {"best": chance_best_accuracy(n_components, n_examples, 1 / n_labels),
-            "worst": chance_worst_accuracy(n_components, n_examples, 1 / n_labels)}
-
-
 # -- the results of `parts evaluate` -------------------------------------------------------------
-def read_results(root: str | Path, results: str | Path | None = None) -> pd.DataFrame | None:
-    """The rows `parts evaluate` wrote (`root/results.csv` unless `results` is given), or None."""
+def results_path(root: str | Path, results: str | Path | None = None) -> Path | None:
+    """The `results.csv` of `parts evaluate` to show: `results` (which must exist), else `root/results.csv` if any."""
     path = Path(root) / RESULTS_CSV if results is None else Path(results)
     if not path.is_file():
         if results is not None:
             raise PartsError(f"{path} does not exist: give the results.csv written by `parts evaluate`")
         return None
+    return path
+
+
+def read_results_frame(path: Path) -> pd.DataFrame:
+    """`results.csv` as a typed table, checked for the columns the report reads."""
     table = pd.read_csv(path)
-    missing = [c for c in ("model", "task", "template", "seed", "limit", "method", "labels", "accuracy")
+    missing = [c for c in ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy")
                if c not in table.columns]
     if missing:
         raise PartsError(f"{path} lacks columns {missing}: give the results.csv written by `parts evaluate`")
     return table
 
 
-def main_tables(results: pd.DataFrame) -> list[dict[str, Any]]:
-    """The main table per (model, test size): accuracy per task and method, mean ± sd over templates x seeds
-    (`parts.figures.plotting.method_summary`), then the mean over tasks where every task has the method."""
+def main_tables(root: str | Path, path: Path, tasks: Mapping[str, str | Path] | None = None) -> list[dict[str, Any]]:
+    """The main table per (model, test size) in `path`: every method's accuracy per task with a 95% hierarchical
+    bootstrap interval and CompRW minus each baseline (`parts.experiments.export.interval_tables`, recomputed from
+    the run folders under `root`); where that cannot be done (a setting's files are missing, a user task whose
+    JSON is not in `tasks`), mean ± sd over templates x seeds (`parts.figures.plotting.method_summary`) and why."""
+    rows = read_results(path)
+    frame = read_results_frame(path)
     tables = []
-    for (model, limit), rows in results.groupby(["model", "limit"], sort=False):
-        summary = plotting.method_summary(rows, include_oracle=True)
-        columns = list(dict.fromkeys(summary["label"]))
-        tasks = list(dict.fromkeys(rows["task"]))
-        cells = {(r.task, r.label): r for r in summary.itertuples()}
-        body = []
-        for task in tasks:
-            runs = int(rows.loc[rows["task"] == task, ["template", "seed"]].drop_duplicates().shape[0])
-            body.append([task, runs] + [
-                f"{cells[(task, c)].mean:.1%} ± {cells[(task, c)].std:.1%}" if (task, c) in cells else "" for c in columns])
-        average = []
-        for c in columns:
-            means = [cells[(t, c)].mean for t in tasks if (t, c) in cells]
-            average.append(f"{np.mean(means):.1%}" if len(means) == len(tasks) else "")
-        tables.append({"model": str(model), "limit": str(limit), "columns": ["task", "runs", *columns],
-                       "rows": body, "average": ["average", "", *average]})
+    for (model, limit), group in frame.groupby(["model", "limit"], sort=False):
+        mine = [r for r in rows if (r["model"], r["limit"]) == (str(model), str(limit))]
+        entry: dict[str, Any] = {"model": str(model), "limit": str(limit)}
+        try:
+            accuracy, differences = interval_tables(root, mine, tasks)
+            if accuracy.empty:
+                raise PartsError("no setting's predictions could be recomputed")
+            entry |= {"intervals": True, "accuracy": accuracy, "differences": differences, "note": ""}
+        except PartsError as err:
+            entry |= {"intervals": False, "accuracy": mean_sd_table(group), "differences": None, "note": str(err)}
+        tables.append(entry)
     return tables
 
 
+def mean_sd_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Task x method (the paper's column headings): 'mean ± sd' accuracy (%) over templates x seeds, then the
+    mean of the task means where every task has the method."""
+    results = results.assign(column=[paper.method_column(str(m), int(n), int(k)) for m, n, k in
+                                     zip(results["method"], results["labels"], results["shots"], strict=True)])
+    present = list(dict.fromkeys(results["column"]))
+    columns = [c for c in paper.METHOD_COLUMNS.values() if c in present] + [c for c in present
+                                                                          if c not in paper.METHOD_COLUMNS.values()]
+    cells = results.groupby(["task", "column"], sort=False)["accuracy"].agg(["mean", "std"]).fillna(0.0)
+    tasks = list(dict.fromkeys(results["task"]))
+    body = []
+    for task in tasks:
+        runs = int(results.loc[results["task"] == task, ["template", "seed"]].drop_duplicates().shape[0])
+        body.append({"task": task, "runs": runs, **{
+            c: f"{100 * cells.loc[(task, c), 'mean']:.1f} ± {100 * cells.loc[(task, c), 'std']:.1f}"
+            if (task, c) in cells.index else "" for c in columns}})
+    average: dict[str, Any] = {"task": "average", "runs": sum(row["runs"] for row in body)}
+    for c in columns:
+        means = [cells.loc[(t, c), "mean"] for t in tasks if (t, c) in cells.index]
+        average[c] = f"{100 * np.mean(means):.1f}" if len(means) == len(tasks) else ""
+    return pd.DataFrame([*body, average], columns=["task", "runs", *columns])
+
+
 def run_results(results: pd.DataFrame | None, run: DecompositionRun) -> dict[str, float]:
-    """The accuracy of every method `parts evaluate` scored on this run's setting, by column name."""
+    """The accuracy of every method `parts evaluate` scored on this run's setting, by the main table's headings."""
     if results is None:
         return {}
     p = run.prompts
     rows = results[(results["task"] == p.task) & (results["template"].astype(str) == str(p.template))
-                   & (results["seed"].astype(str) == str(p.seed)) & (results["limit"].astype(str) == str(run.n_examples))]
-    if "shots" in rows.columns:
-        rows = rows[rows["shots"].astype(str) == str(p.shots)]
-    return {plotting.method_label(str(r.method), int(r.labels), p.shots): float(r.accuracy) for r in rows.itertuples()}
+                   & (results["seed"].astype(str) == str(p.seed)) & (results["limit"].astype(str) == str(run.n_examples))
+                   & (results["shots"].astype(str) == str(p.shots))]
+    return {paper.method_column(str(r.method), int(r.labels), p.shots): float(r.accuracy) for r in rows.itertuples()}
 
 
 def learned_weights(path: Path, run: DecompositionRun) -> dict[str, Float[Tensor, component]]:
@@ -338,7 +352,8 @@ def task_data(
             "colorbar": plotting.accuracy_colorbar(chance, run.full_accuracy),
             "path": path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name,
             "results": run_results(results, run),
-        } for path, run in zip(task.paths, runs, strict=True)],
+            "label_biased": int((table["label_bias"] >= 1.0).sum()),  # the paper's rule: one label on every example
+        } for path, run, table in zip(task.paths, runs, tables, strict=True)],
         "accuracy": _rounded(accuracy), "shares": _rounded(shares), "category": codes.tolist(),
         "mean": {"accuracy": _rounded(accuracy.mean(0)), "shares": _rounded(shares.mean(0)), "full_accuracy": mean_full,
                  "colorbar": plotting.accuracy_colorbar(chance, mean_full)},
@@ -351,7 +366,8 @@ def task_data(
         "histogram": {"bins": HISTOGRAM_BINS, "groups": groups, "axis": margin_axis(label_names)},
         "weights": budgets,
         "attention": {"heads": list(attention_heads), "run": 0} if attention_heads else None,
-        "yardsticks": chance_yardsticks(len(reference.component_names), reference.n_examples, len(label_names)),
+        "yardsticks": dict(zip(("best", "worst"), chance_extremes(reference.n_examples, len(label_names),
+                                                                   len(reference.component_names)), strict=True)),
     }
     return clean(data), layer_details(runs, first["layer"].tolist(), weights, group_of_run)
 
@@ -386,48 +402,55 @@ def attention_heads(data: Mapping[str, Any], k: int) -> list[str]:
 
 
 # -- the overview ---------------------------------------------------------------------------------
-def task_overview(task: TaskRuns, data: Mapping[str, Any]) -> dict[str, Any]:
-    """One task's line of the overview: FULL, the best and worst component (chosen on the test set, per run)
-    as mean ± sd over runs, beside what chance-level components would give."""
-    accuracy = np.asarray(data["accuracy"])
-    full = np.array([r.full_accuracy for r in task.runs])
-    best, worst = accuracy.max(1), accuracy.min(1)
-    best_names = Counter(data["components"][i] for i in accuracy.argmax(1))
+def run_measures(data: Mapping[str, Any]) -> pd.DataFrame:
+    """A task page's runs measured as the paper does (`parts.analysis.paper.run_measures`: FULL, ORACLE-T1,
+    ORACLE-B1 and their chance yardsticks, label-biased components), in percent, the task named by its page."""
+    runs = pd.DataFrame({
+        "task": data["key"], "template": [r["template"] for r in data["runs"]], "seed": [r["seed"] for r in data["runs"]],
+        "n_examples": data["n_examples"], "n_labels": len(data["label_names"]),
+        "full": [r["full_accuracy"] for r in data["runs"]], "label_biased": [r["label_biased"] for r in data["runs"]],
+        "accuracies": [" ".join(f"{a:.4f}" for a in row) for row in data["accuracy"]],
+    })
+    return paper.run_measures(runs, list(data["components"]))
 
-    def sd(values: np.ndarray) -> float:
-        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
+def task_overview(task: TaskRuns, data: Mapping[str, Any], measures: pd.DataFrame) -> dict[str, Any]:
+    """One task's line of the overview's list of runs found, and how often its best component beats FULL."""
+    best_names = Counter(measures["best_component"])
     return {
         "key": task.key, "task": data["task"], "model": data["model"], "split": data["split"], "shots": data["shots"],
         "n_examples": data["n_examples"], "runs": len(task.runs), "n_labels": len(data["label_names"]),
         "templates": sorted({r.prompts.template for r in task.runs}), "seeds": sorted({r.prompts.seed for r in task.runs}),
-        "full": [float(full.mean()), sd(full)], "best": [float(best.mean()), sd(best)],
-        "worst": [float(worst.mean()), sd(worst)], "yardsticks": data["yardsticks"],
-        "best_beats_full": int((best > full).sum()), "most_often_best": best_names.most_common(1)[0],
+        "full": float(measures["full"].mean()), "best": float(measures["best"].mean()),
+        "best_beats_full": int((measures["best"] > measures["full"]).sum()),
+        "most_often_best": best_names.most_common(1)[0],
     }
 
 
-def overview_figure(lines: Sequence[Mapping[str, Any]]) -> go.Figure:
+def overview_figure(measures: pd.DataFrame) -> go.Figure:
     """Per task: FULL, the best and the worst component (mean ± sd over runs) as bars, and the best and
-    worst of as many chance-level components as markers."""
-    names = [line["key"] for line in lines]
+    worst of as many chance-level components as markers (`run_measures`, percent)."""
+    grouped = measures.groupby("task", sort=False)
+    names = list(grouped.groups)
+    mean, sd = grouped.mean(numeric_only=True), grouped.std(ddof=1, numeric_only=True).fillna(0.0)
+    counts = grouped.size()
     figure = go.Figure()
     for what, label, color in (("full", "full model", "#444"), ("best", "best component (ORACLE-T1)", plotting.ABOVE),
                                ("worst", "worst component (ORACLE-B1)", plotting.BELOW)):
         figure.add_trace(go.Bar(
-            x=names, y=[line[what][0] for line in lines], name=label, marker_color=color,
-            error_y=dict(type="data", array=[line[what][1] for line in lines], thickness=1.2, width=3),
-            customdata=[[line[what][1], line["runs"]] for line in lines],
-            hovertemplate=f"{label}<br>%{{x}}: %{{y:.1%}} ± %{{customdata[0]:.1%}} over %{{customdata[1]}} runs<extra></extra>",
+            x=names, y=mean.loc[names, what].tolist(), name=label, marker_color=color,
+            error_y=dict(type="data", array=sd.loc[names, what].tolist(), thickness=1.2, width=3),
+            customdata=np.stack([sd.loc[names, what], counts.loc[names]], -1),
+            hovertemplate=f"{label}<br>%{{x}}: %{{y:.1f}}% ± %{{customdata[0]:.1f}} over %{{customdata[1]}} runs<extra></extra>",
         ))
     for what, symbol in (("best", "triangle-up"), ("worst", "triangle-down")):
         figure.add_trace(go.Scatter(
-            x=names, y=[line["yardsticks"][what] for line in lines], mode="markers", name=f"{what} of chance-level components",
+            x=names, y=mean.loc[names, f"chance_{what}"].tolist(), mode="markers", name=f"{what} of N at chance",
             marker=dict(symbol=symbol, size=13, color="#f2b01e", line=dict(width=1, color="black")),
-            hovertemplate=f"expected {what} of as many components guessing at random: %{{y:.1%}}<extra></extra>",
+            hovertemplate=f"expected {what} of as many components guessing at random: %{{y:.1f}}%<extra></extra>",
         ))
     figure.update_layout(barmode="group", bargap=0.25, legend=dict(orientation="h", y=-0.18), template="plotly_white",
                          font=plotting.FONT, height=430, margin=dict(l=60, r=20, t=50, b=40),
                          title=dict(text="Full model vs its best and worst component, per task", x=0.01))
-    figure.update_yaxes(title_text="accuracy (mean ± sd over runs)", range=[0, 1.05], tickformat=".0%")
+    figure.update_yaxes(title_text="accuracy, % (mean ± sd over runs)", range=[0, 105], ticksuffix="%")
     return figure

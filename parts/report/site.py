@@ -32,7 +32,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from parts import __version__
+from parts.analysis import paper
 from parts.errors import PartsError
 from parts.report import data as report_data
 from parts.report.data import TaskRuns
@@ -124,39 +127,52 @@ def _pm(pair: Sequence[float]) -> str:
     return f"{pair[0]:.1%} <span class=sd>± {pair[1]:.1%}</span>"
 
 
-def overview_html(root_name: str, tasks: Sequence[TaskRuns], lines: Sequence[Mapping[str, Any]],
+def _frame(frame: pd.DataFrame, css: str, links: Mapping[str, str] | None = None) -> str:
+    """A DataFrame as an HTML table; `links` turns a task column's values into links to their pages."""
+    rows = []
+    for record in frame.to_dict("records"):
+        cells = [e(str(v)) for v in record.values()]
+        task = str(record.get("task", ""))
+        if links and task in links:
+            cells[0] = f'<a href="{e(links[task])}">{e(task)}</a>'
+        rows.append(cells)
+    return _table(list(frame.columns), rows, css)
+
+
+def overview_html(root_name: str, lines: Sequence[Mapping[str, Any]], measures: pd.DataFrame,
                   tables: Sequence[Mapping[str, Any]], skipped: int) -> str:
     models = sorted({line["model"] for line in lines})
     runs = sum(line["runs"] for line in lines)
+    pages = {line["key"]: f"task-{line['key']}.html" for line in lines}
     found = _table(
-        ["task", "model", "split", "examples", "shots", "runs", "templates", "seeds"],
-        [[f'<a href="task-{e(line["key"])}.html">{e(line["key"])}</a>', e(line["model"]), e(line["split"]),
+        ["task", "model", "split", "examples", "shots", "runs", "templates", "seeds", "best beats full in",
+         "most often best"],
+        [[f'<a href="{e(pages[line["key"]])}">{e(line["key"])}</a>', e(line["model"]), e(line["split"]),
           line["n_examples"], line["shots"], line["runs"], e(", ".join(map(str, line["templates"]))),
-          e(", ".join(map(str, line["seeds"])))] for line in lines], "runs-found")
+          e(", ".join(map(str, line["seeds"]))), f'{line["best_beats_full"]} of {line["runs"]} runs',
+          f'<a href="{e(pages[line["key"]])}#component={e(line["most_often_best"][0])}">{e(line["most_often_best"][0])}</a>'
+          f' ({line["most_often_best"][1]} of {line["runs"]})'] for line in lines], "runs-found")
     skipped_note = (f"<p class=note>{skipped} train run{'s' if skipped != 1 else ''} (the labelled examples "
                     "reweighting trains on) not shown.</p>") if skipped else ""
-    versus = _table(
-        ["task", "runs", "full model", "best component", "best of chance-level", "worst component",
-         "worst of chance-level", "best beats full", "most often best"],
-        [[f'<a href="task-{e(line["key"])}.html">{e(line["key"])}</a>', line["runs"], _pm(line["full"]),
-          _pm(line["best"]), _pct(line["yardsticks"]["best"]), _pm(line["worst"]), _pct(line["yardsticks"]["worst"]),
-          f'{line["best_beats_full"]} of {line["runs"]}',
-          f'<a href="task-{e(line["key"])}.html#component={e(line["most_often_best"][0])}">'
-          f'{e(line["most_often_best"][0])}</a> ({line["most_often_best"][1]})'] for line in lines], "versus")
-    if tables:
-        main = "".join(
-            f"<h3>{e(t['model'])}, {e(t['limit'])} test examples per run</h3>"
-            + _table(t["columns"], [[e(str(c)) for c in row] for row in t["rows"]], "main-table",
-                     [e(str(c)) for c in t["average"]]) for t in tables)
-        main += ("<p class=note>Accuracy per task and method: mean ± sample standard deviation over templates × seeds, "
-                 "from <code>results.csv</code> (<code>parts evaluate</code>); the average is the mean of the task means "
-                 "where every task has the method. Oracle reweighting fits its weights on the test set itself.</p>")
-    else:
+    main = ""
+    for t in tables:
+        main += f"<h3>{e(t['model'])}, {e(t['limit'])} test examples per run</h3>" + _frame(t["accuracy"], "main-table", pages)
+        if t["intervals"]:
+            main += ("<p class=note>Accuracy (%) per task and method: the mean over runs with a 95% hierarchical bootstrap "
+                     "interval (test examples and runs resampled within each task); the average is over tasks. "
+                     "Oracle reweighting fits its weights on the test set itself.</p>")
+            if t["differences"] is not None and not t["differences"].empty:
+                main += "<h3>CompRW minus each baseline (percentage points, 95% interval)</h3>" + _frame(
+                    t["differences"], "differences", pages)
+        else:
+            main += (f"<p class=note>Accuracy (%) per task and method: mean ± sample standard deviation over templates × "
+                     f"seeds. No intervals: {e(t['note'])}.</p>")
+    if not tables:
         main = ("<p class=note>No <code>results.csv</code> here: run <code>parts evaluate</code> with this "
                 "<code>--out</code> to add the main table (reweighting against ICL and calibration).</p>")
     cards = "".join(
-        f'<a class=card href="task-{e(line["key"])}.html"><b>{e(line["key"])}</b><br>{line["runs"]} runs · '
-        f'full {_pct(line["full"][0])} · best component {_pct(line["best"][0])}</a>' for line in lines)
+        f'<a class=card href="{e(pages[line["key"]])}"><b>{e(line["key"])}</b><br>{line["runs"]} runs · '
+        f'full {line["full"]:.1f}% · best component {line["best"]:.1f}%</a>' for line in lines)
     return f"""
 <h1>Components as classifiers: {e(root_name)}</h1>
 <p class=lead>Model{'s' if len(models) > 1 else ''}: <b>{e(", ".join(models))}</b>. {len(lines)} task
@@ -166,19 +182,23 @@ direct contribution to the label-word logits at the last prompt token.</p>
 <h2>Runs found</h2>
 {found}
 {skipped_note}
-<h2>Full model vs its components</h2>
+<h2>Full model vs its best and worst component</h2>
 <div id="overview-figure" class="figure"></div>
-{versus}
-<p class=note>Best and worst component: chosen on each run's test examples (the paper's ORACLE-T1 and ORACLE-B1),
-mean ± sample standard deviation over runs. Beside them, the accuracy expected of the best and the worst of as many
-components guessing at random (1 / number of labels) on as many examples: a best component near its chance-level
-yardstick is no evidence of a good component.</p>
+{_frame(paper.component_table_1(measures), "versus", pages)}
+<p class=note>Accuracy (%), mean ± sample standard deviation over runs. ORACLE-T1 and ORACLE-B1: the best and the worst
+single component, chosen on each run's test examples (the paper's measures). Beside them, the accuracy expected of the
+best and the worst of as many components guessing at random (1 / number of labels) on as many examples: a best
+component near its chance yardstick is no evidence of a good component.</p>
+<h3>Label-biased components</h3>
+{_frame(paper.label_biased_table(measures), "label-biased", pages)}
+<p class=note>Components that predict one label on every test example (the paper's rule), as a share of all components,
+mean ± sd over runs; the share grows as the test set shrinks, so n is beside it.</p>
 <h2>Main table</h2>
 {main}
 """
 
 
-def task_html(data: Mapping[str, Any], tasks: Sequence[TaskRuns]) -> str:
+def task_html(data: Mapping[str, Any]) -> str:
     runs = data["runs"]
     options = f'<option value="mean">mean over {len(runs)} runs</option>' + "".join(
         f'<option value="{i}">template {r["template"]}, seed {r["seed"]} (full model {_pct(r["full_accuracy"])})</option>'
@@ -271,25 +291,28 @@ def build_report(
     attention: AttentionSource | None = None,
     attention_heads: int = 5,
     results: str | Path | None = None,
+    tasks_files: Mapping[str, str | Path] | None = None,
 ) -> Report:
     """Write the report of every test run under `root` to the folder `out` (see the module's docstring).
 
     `attention(task, heads)` gives where those heads look (`parts.report.attention`: it needs the model);
     without it the report holds everything a saved run knows. `results` is a `parts evaluate` results.csv
-    (default: `root/results.csv` when there is one).
+    (default: `root/results.csv` when there is one); `tasks_files` maps user tasks' names to their JSON files,
+    which the main table's intervals need to recompute predictions (the paper's tasks resolve by name).
     """
     started = time.perf_counter()
     root, out = Path(root), Path(out)
     _check_out(out)
     tasks, skipped = report_data.collect_tasks(root)
-    table = report_data.read_results(root, results)
+    results_file = report_data.results_path(root, results)
+    frame = report_data.read_results_frame(results_file) if results_file is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        lines = []
+        lines, measures = [], []
         pages = ["index.html"]
         for task in tasks:
-            summary, details = report_data.task_data(task, root, table)
+            summary, details = report_data.task_data(task, root, frame)
             if attention is not None:
                 heads = report_data.attention_heads(summary, attention_heads)
                 summary["attention"] = {"heads": heads, "run": 0}
@@ -299,15 +322,17 @@ def build_report(
                 _write(staging, f"data/{task.key}/layer-{layer}.js", _call("addDetail", task.key, layer, detail))
             page = f"task-{task.key}.html"
             _write(staging, page, _page(
-                f"{summary['task']}: parts report", _nav(tasks, task.key), task_html(summary, tasks),
+                f"{summary['task']}: parts report", _nav(tasks, task.key), task_html(summary),
                 ["assets/plotly.min.js", f"data/{task.key}.js", "assets/report.js"], "PartsReport.task();"))
             pages.append(page)
-            lines.append(report_data.task_overview(task, summary))
-        tables = report_data.main_tables(table) if table is not None else []
+            measures.append(report_data.run_measures(summary))
+            lines.append(report_data.task_overview(task, summary, measures[-1]))
+        measured = pd.concat(measures, ignore_index=True)
+        tables = report_data.main_tables(root, results_file, tasks_files) if results_file is not None else []
         _write(staging, "data/overview.js", _script("PARTS_OVERVIEW", report_data.clean(
-            {"figure": report_data.figure_json(report_data.overview_figure(lines))})))
+            {"figure": report_data.figure_json(report_data.overview_figure(measured))})))
         _write(staging, "index.html", _page(
-            "parts report", _nav(tasks, None), overview_html(root.resolve().name, tasks, lines, tables, skipped),
+            "parts report", _nav(tasks, None), overview_html(root.resolve().name, lines, measured, tables, skipped),
             ["assets/plotly.min.js", "data/overview.js", "assets/report.js"], "PartsReport.overview();"))
         _write(staging, "assets/plotly.min.js", _plotlyjs())
         for name in ASSETS:
