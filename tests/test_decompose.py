@@ -152,7 +152,7 @@ def test_grouped_query_attention_is_not_copied_per_head_on_cpu(tiny_llama, monke
 
     assert tiny_llama.cfg.n_key_value_heads < tiny_llama.cfg.n_heads  # the fixture is grouped-query
     reference_engine = Decomposer(tiny_llama, label_ids(tiny_llama), "hf")
-    reference_engine.engine = HFEngine(tiny_llama, attention="sdpa")
+    reference_engine.engine = HFEngine(tiny_llama, reference_engine.layout, attention="sdpa")
     copies: list[tuple[int, ...]] = []
     original = sdpa.repeat_kv
     monkeypatch.setattr(sdpa, "repeat_kv", lambda states, n: copies.append(tuple(states.shape)) or original(states, n))
@@ -183,7 +183,7 @@ def test_unknown_engine_is_an_error(tiny_llama):
 
 
 def test_an_unmappable_model_falls_back_to_the_bridge_engine(tiny_llama, monkeypatch):
-    def cannot_map(self, model):
+    def cannot_map(self, *args, **kwargs):
         raise AttributeError("'AttentionBridge' object has no attribute 'o'")
 
     monkeypatch.setattr(HFEngine, "__init__", cannot_map)

@@ -96,6 +96,14 @@ def add_model_options(
         help="hf (default): the model's own modules with torch hooks and fast attention; bridge: TransformerLens's "
         "run_with_cache, the slower reference (equal to 1e-4)",
     )
+    group.add_argument(
+        "--split-experts", action="store_true",
+        help="mixture-of-experts models: one component per expert (MLP{layer}E{expert}) instead of one per MLP",
+    )
+    group.add_argument(
+        "--allow-inexact", action="store_true",
+        help="warn instead of failing when the components do not sum to the model's logits (experts only)",
+    )
     add_data_options(group)
 
 
@@ -111,6 +119,8 @@ def run_options(args: argparse.Namespace, progress: bool = True) -> RunOptions:
         batch_size=getattr(args, "batch_size", 8),
         data_dir=getattr(args, "data_dir", None),
         progress=progress,
+        split_experts=getattr(args, "split_experts", False),
+        allow_inexact=getattr(args, "allow_inexact", False),
     )
 
 

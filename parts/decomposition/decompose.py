@@ -1,19 +1,11 @@
 """Direct logit attribution of label-word logits to every attention head and MLP.
 
-At the last prompt token the final residual stream is a sum:
-
-    resid = embed (+ pos_embed) + sum_layer (sum_head z[layer, head] @ W_O[layer, head] + b_O[layer])
-            + sum_layer mlp_out[layer]
-
-The final norm is linear once its scale is frozen from the full residual stream, so each term
-reaches the label-word logits on its own:
-
-    logit[label] = sum_component component @ U[:, label] / scale + constant[label]
-
-with U the unembedding's label-word columns times the norm's weight (centred over d_model for
-LayerNorm, whose mean subtraction is then absorbed), and `constant` the norm's bias and the
-unembedding's bias. Each head's readout is folded into its W_O once, so a batch costs one
-small contraction on top of a forward pass that caches only the last position.
+At the last prompt token the final residual stream is a sum of what the embeddings, every head and
+every MLP wrote into it. The final norm (and any post-norm) is linear once its scale is frozen
+from the full residual stream, so each term reaches the label-word logits on its own; every piece
+of that mathematics (frozen scales, centring, biases, multipliers, pre-soft-cap logits) is the
+readout's (parts.model.readout), and the sum is checked against the model's own logits
+(parts.decomposition.exactness).
 
 All test prompts of a run share their demonstrations: their longest common token prefix is
 run once and its keys and values reused for every batch (exact, as attention is causal).
@@ -36,9 +28,12 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts.components import component_names
+from parts.decomposition.exactness import check_reconstruction
 from parts.decomposition.runs import Decomposition
 from parts.errors import PartsError
-from parts.model.engines import Activations, BridgeEngine, make_engine
+from parts.model.engines import BridgeEngine, make_engine
+from parts.model.loading import plain_model
+from parts.model.readout import Activations, Layout, Readout
 
 MAX_AUTO_BATCH_SIZE = 64  # beyond this a batch saves no time on any device measured
 # On a CPU larger batches are slower, not faster: every batch copies the prefix's keys and values per prompt
@@ -51,53 +46,18 @@ MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}
 ESTIMATE_MARGIN = 2  # allocator slack and temporaries the per-prompt estimate leaves out
 
 
-@dataclass(frozen=True)
-class Readout:
-    """The final norm (weight and bias; the scale comes per example) and unembedding,
-    restricted to the label words."""
-
-    unembed: Float[Tensor, "d_model label"]
-    head_unembed: Float[Tensor, "layer head d_head label"]
-    attn_bias_logits: Float[Tensor, label]  # sum over layers of b_O @ unembed (before / scale)
-    constant: Float[Tensor, label]  # norm bias and unembedding bias: not divided by the scale
-
-    @classmethod
-    def from_model(cls, model: TransformerBridge, label_token_ids: Sequence[int]) -> Readout:
-        norm = model.ln_final._original_component
-        weight = norm.weight.detach().float()
-        if getattr(model.cfg, "rmsnorm_uses_offset", False):
-            weight = weight + 1.0  # Gemma-style RMSNorm multiplies by (1 + weight)
-        ids = torch.tensor(list(label_token_ids), device=weight.device)
-        W_U = model.W_U.detach().float()[:, ids]
-        unembed = einops.einsum(weight, W_U, "d_model, d_model label -> d_model label")
-        if not model.cfg.uses_rms_norm:
-            # LayerNorm subtracts the mean: (x - mean x) . u == x . (u - mean u).
-            unembed = unembed - einops.reduce(unembed, "d_model label -> 1 label", "mean")
-        bias = getattr(norm, "bias", None)
-        constant = _optional(model, "b_U", ids)
-        if bias is not None:
-            constant = constant + einops.einsum(bias.detach().float(), W_U, "d_model, d_model label -> label")
-        head_unembed = einops.einsum(
-            model.W_O.detach().float(), unembed, "layer head d_head d_model, d_model label -> layer head d_head label"
-        )
-        b_O = _optional(model, "b_O", None)
-        attn_bias = b_O.sum(0) if b_O.ndim == 2 else torch.zeros_like(unembed[:, 0])
-        attn_bias_logits = einops.einsum(attn_bias, unembed, "d_model, d_model label -> label")
-        return cls(unembed, head_unembed, attn_bias_logits, constant)
-
-
-def _optional(model: TransformerBridge, name: str, ids: Tensor | None) -> Tensor:
-    """A bias the model may not have (bias-free models raise): zeros then."""
-    try:
-        value = getattr(model, name).detach().float()
-    except AttributeError:
-        return torch.zeros(len(ids) if ids is not None else 1, device=model.W_U.device)
-    return value[ids] if ids is not None else value
-
-
-def _last(activations: Activations, name: str) -> Tensor:
-    """The activation at the last position (the only one kept), in float32."""
-    return activations[name][:, -1].float()
+def split_component_names(layout: Layout) -> list[str]:
+    """Component names with each mixture-of-experts MLP split into its experts `MLP{layer}E{expert}`
+    (and `MLP{layer}S`, the shared expert, where the block has one); dense MLPs stay `MLP{layer}`."""
+    names = [f"L{layer}H{head}" for layer in range(layout.n_layers) for head in range(layout.n_heads)]
+    for layer in range(layout.n_layers):
+        if not layout.n_experts[layer]:
+            names.append(f"MLP{layer}")
+            continue
+        names += [f"MLP{layer}E{expert}" for expert in range(layout.n_experts[layer])]
+        if layout.shared_expert[layer]:
+            names.append(f"MLP{layer}S")
+    return names
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -157,23 +117,41 @@ def resolve_batch_size(
 class Decomposer:
     """Runs prompts through the model and returns their `Decomposition`.
 
-    Built once per (model, label words); `__call__` handles batching, padding and prefix reuse.
-    `engine` runs the batches: "hf" (default) the model's own modules with torch hooks and SDPA
-    attention, "bridge" TransformerLens's `run_with_cache` (the reference; see parts.model.engines).
+    Built once per (model, label words); `__call__` handles batching, padding and prefix reuse, and
+    fails when the components do not sum to the model's logits (`allow_inexact`: warn instead).
+    `engine` runs the batches: "hf" (default) the model's own modules with torch hooks, "bridge"
+    TransformerLens's `run_with_cache` (the reference; see parts.model.engines). `split_experts`
+    gives each expert of a mixture-of-experts MLP its own component (`MLP{layer}E{expert}`).
     """
 
-    def __init__(self, model: TransformerBridge, label_token_ids: Sequence[int], engine: str = "hf"):
+    def __init__(self, model: TransformerBridge, label_token_ids: Sequence[int], engine: str = "hf",
+                 split_experts: bool = False, allow_inexact: bool = False):
         self.model = model
-        self.engine = make_engine(model, engine)
+        hf_model = plain_model(model)
+        self.layout = Layout.from_bridge(model, hf_model)
+        # The readout first: a model it cannot split is refused before anything runs.
+        self.readout = Readout.from_modules(hf_model, self.layout, label_token_ids)
+        self.engine = make_engine(model, self.layout, engine, split_experts)
         self.engine_name = "bridge" if isinstance(self.engine, BridgeEngine) else engine  # after any fallback
         self.label_token_ids = list(label_token_ids)
-        self.readout = Readout.from_model(model, label_token_ids)
+        self.split_experts = split_experts
+        self.allow_inexact = allow_inexact
         self.n_layers = int(model.cfg.n_layers)
         self.n_heads = int(model.cfg.n_heads)
-        self.component_names = component_names(self.n_layers, self.n_heads)
+        self.component_names = (split_component_names(self.layout) if split_experts
+                                else component_names(self.n_layers, self.n_heads))
         tokenizer = model.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = model.W_U.device
+        self.dtype = next(hf_model.parameters()).dtype
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What a run records about how it was decomposed (beyond the engine and dtype)."""
+        info = dict(self.readout.info)
+        if self.split_experts:
+            info["split_experts"] = True
+        return info
 
     # -- tokenisation ------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -225,7 +203,7 @@ class Decomposer:
             cache.batch_repeat_interleave(batch)
         logits, activations = self.engine.run(input_ids.to(self.device), mask.to(self.device), prefix_length, cache)
         if cache is not None and cache.get_seq_length() != prefix_length + width:
-            # The prefix cache was dropped (see parts.model.loading._install_kv_cache_fix for the bridge's case):
+            # The prefix cache was dropped (see parts.model.engines.fix_cache_keyword for the bridge's case):
             # the suffix attended only to itself, so these numbers would be wrong.
             raise RuntimeError(
                 f"the prefix KV cache was ignored (length {cache.get_seq_length()}, expected "
@@ -234,25 +212,8 @@ class Decomposer:
         return logits.float(), activations
 
     def _split(self, logits: Tensor, activations: Activations) -> Decomposition:
-        """Component logits from the last position's activations."""
-        readout = self.readout
-        z = torch.stack([_last(activations, f"blocks.{l}.attn.hook_z") for l in range(self.n_layers)], dim=1)
-        mlp_out = torch.stack([_last(activations, f"blocks.{l}.hook_mlp_out") for l in range(self.n_layers)], dim=1)
-        scale = einops.rearrange(_last(activations, "ln_final.hook_scale"), "batch 1 -> batch 1 1")
-        head_logits = einops.einsum(
-            z, readout.head_unembed, "batch layer head d_head, layer head d_head label -> batch layer head label"
-        )
-        mlp_logits = einops.einsum(mlp_out, readout.unembed, "batch layer d_model, d_model label -> batch layer label")
-        component_logits = torch.cat(
-            [einops.rearrange(head_logits, "batch layer head label -> batch (layer head) label"), mlp_logits], dim=1
-        ) / scale
-        embed = _last(activations, "hook_embed")
-        if "hook_pos_embed" in activations:  # learned absolute positions (GPT-2); rotary models have none
-            embed = embed + _last(activations, "hook_pos_embed")
-        embed_logits = einops.einsum(embed, readout.unembed, "batch d_model, d_model label -> batch label")
-        remainder = (embed_logits + readout.attn_bias_logits) / scale[:, :, 0] + readout.constant
-        ids = torch.tensor(self.label_token_ids, device=logits.device)
-        return Decomposition(component_logits, remainder, logits[:, ids])
+        """Component logits from the last position's raw activations (all mathematics is the readout's)."""
+        return Decomposition(*self.readout.split(activations, logits))
 
     def __call__(
         self,
@@ -261,8 +222,13 @@ class Decomposer:
         prefix_reuse: bool = True,
         progress: bool = True,
         description: str = "decomposing",
+        example_names: Sequence[str] | None = None,
     ) -> Decomposition:
-        """Decompose `prompts`, `batch_size` at a time (None or "auto": chosen from free memory)."""
+        """Decompose `prompts`, `batch_size` at a time (None or "auto": chosen from free memory).
+
+        Fails with one line naming the worst example (`example_names[i]`, else "prompt i") when the
+        components do not sum to the model's logits within the dtype's tolerance.
+        """
         if not prompts:
             raise PartsError("no prompts to decompose")
         token_lists = self.tokenize(prompts)
@@ -285,4 +251,7 @@ class Decomposer:
         def gather(name: str) -> Tensor:
             return torch.cat([getattr(p, name) for p in parts]).cpu()[inverse]
 
-        return Decomposition(gather("component_logits"), gather("remainder"), gather("model_logits"))
+        result = Decomposition(gather("component_logits"), gather("remainder"), gather("model_logits"))
+        check_reconstruction(result.component_logits, result.remainder, result.model_logits, self.dtype,
+                             self.allow_inexact, example_names)
+        return result

@@ -96,7 +96,7 @@ def label_logits(model: TransformerBridge, prompts: Sequence[str], label_token_i
     an accuracy they would pass for wrong answers.
     """
     options = resolve(options, **overrides)
-    logits = Decomposer(model, label_token_ids, options.engine)(
+    logits = Decomposer(model, label_token_ids, options.engine, allow_inexact=options.allow_inexact)(
         prompts, batch_size=options.batch_size, prefix_reuse=options.prefix_reuse, progress=options.progress,
         description=description,
     ).model_logits

@@ -46,6 +46,8 @@ class RunOptions:
     batch_size: prompts per forward pass, or "auto" / None (chosen from free memory).
     data_dir: the folder with `<task>/{train,test}.jsonl` (None: $PARTS_DATA_DIR, else the hub).
     progress: show progress bars.
+    split_experts: mixture-of-experts models: one component per expert (`MLP{layer}E{expert}`).
+    allow_inexact: warn instead of failing when the components do not sum to the model's logits.
     """
 
     engine: str = "hf"
@@ -55,6 +57,8 @@ class RunOptions:
     batch_size: int | str | None = 8
     data_dir: str | Path | None = None
     progress: bool = True
+    split_experts: bool = False
+    allow_inexact: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -73,6 +77,8 @@ class RunOptions:
             changed.append(f"{self.engine}-engine")
         if not self.prefix_reuse:
             changed.append("no-prefix-reuse")
+        if self.split_experts:  # other components, so another run
+            changed.append("split-experts")
         return "".join(f"+{c}" for c in changed)
 
     def replace(self, **changes: Any) -> RunOptions:

@@ -103,16 +103,18 @@ def run_decomposition(
     options = resolve(options, **overrides)
     ids = label_token_ids(model.tokenizer, prompts.label_words)
     check_fits_context(model.tokenizer, prompts, int(model.cfg.n_ctx))
-    decomposer = Decomposer(model, ids, options.engine)
+    decomposer = Decomposer(model, ids, options.engine, split_experts=options.split_experts,
+                            allow_inexact=options.allow_inexact)
     decomposition = decomposer(
         prompts.prompts,
         batch_size=options.batch_size,
         prefix_reuse=options.prefix_reuse,
         progress=options.progress,
         description=f"{prompts.task} t{prompts.template} s{prompts.seed} {prompts.split}",
+        example_names=[f"example {i} of the {prompts.split} split" for i in prompts.example_indices],
     )
     info = {"dtype": str(model.W_U.dtype).replace("torch.", ""), "prefix_reuse": options.prefix_reuse,
-            "engine": decomposer.engine_name}
+            "engine": decomposer.engine_name, **decomposer.info}
     run = DecompositionRun.from_decomposition(
         model_name(model), prompts, ids, decomposer.component_names, decomposer.n_layers,
         decomposer.n_heads, decomposition, **info,

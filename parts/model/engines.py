@@ -1,22 +1,23 @@
-"""How a batch of prompts is run to catch the activations the decomposition reads.
+"""How a batch of prompts is run to capture the raw activations the readout needs.
 
 Both engines take the same left-padded batch and return the same thing: the logits at the last
-position and, under TransformerLens's hook names, the last position's activations
-(`hook_embed`, `hook_pos_embed`, `blocks.{l}.attn.hook_z`, `blocks.{l}.hook_mlp_out`,
-`ln_final.hook_scale`), shaped as `run_with_cache(..., pos_slice=-1)` returns them.
+position and the raw activations a `parts.model.readout.Layout` names (the bridge's own hook names:
+the first block's input, every attention output projection's input, every MLP's output, any
+post-norm's input, the final norm's input and the unembedding's output), at the last position,
+shaped [batch ...]. All mathematics on them is the readout's.
 
-- `HFEngine` (the default) runs a plain copy of the bridge's Hugging Face modules, sharing their
-  weights, with SDPA attention and five small torch hooks. It costs what the model's own forward
-  costs: the bridge computes attention eagerly (explicit float32 [batch head query key] scores, so
-  its pattern hooks can fire), which takes up to twice the time and three times the memory on long
-  prompts (benchmarks/results.md).
+- `HFEngine` (the default) runs the model's own Hugging Face modules (a twin of the tree taken
+  before the bridge wrapped it, sharing its weights) with small torch hooks and the model's fastest
+  exact attention (SDPA, or eager where SDPA would drop an attention soft-cap). It costs what the
+  model's own forward costs: the bridge computes attention eagerly, which takes up to twice the time
+  and three times the memory on long prompts (benchmarks/results.md).
 - `BridgeEngine` is TransformerLens's filtered `run_with_cache`: the reference the HF engine is
-  tested against, and the path for architectures the HF engine cannot map.
+  tested against.
 """
 
 from __future__ import annotations
 
-import copy
+import types
 import warnings
 from typing import Any, Protocol
 
@@ -25,14 +26,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from parts.errors import PartsError
+from parts.model.loading import plain_model
+from parts.model.readout import Activations, Layout, expert_count, experts_name
 
-Activations = dict[str, Tensor]
 ENGINES = ("hf", "bridge")
 
 
@@ -86,16 +87,23 @@ AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 
 class BridgeEngine:
-    """TransformerLens's `run_with_cache`, filtered to the decomposition's hooks at the last position."""
+    """TransformerLens's `run_with_cache`, filtered to the layout's hooks at the last position."""
 
-    def __init__(self, model: TransformerBridge):
+    def __init__(self, model: TransformerBridge, layout: Layout, split_experts: bool = False):
+        if split_experts:
+            raise PartsError("--split-experts needs the hf engine: drop --engine bridge")
         self.model = model
-        n_layers = int(model.cfg.n_layers)
-        self.hooks = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
-        for layer in range(n_layers):
-            self.hooks |= {f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"}
+        self.hooks = set(layout.taps)
 
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
+        cache = self._prefix_cache(prefix)
+        if cache is not None and cache.get_seq_length() != prefix.shape[1]:
+            # This TransformerLens drops a cache passed under transformers' `cache=` keyword: rename it.
+            fix_cache_keyword(self.model)
+            cache = self._prefix_cache(prefix)
+        return cache
+
+    def _prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
         with torch.inference_mode():
             _, cache = self.model(prefix, return_type="logits_and_cache", logits_to_keep=1)
         return cache
@@ -108,93 +116,101 @@ class BridgeEngine:
                 input_ids, attention_mask=attention_mask, names_filter=lambda name: name in self.hooks,
                 pos_slice=-1, logits_to_keep=1, **kwargs,
             )
-        return logits[:, -1], {name: activations[name] for name in self.hooks if name in activations}
+        return logits[:, -1], {name: activations[name][:, -1] for name in self.hooks if name in activations}
 
 
-def plain_modules(model: nn.Module, config: Any) -> nn.Module:
-    """A copy of a bridged Hugging Face model with every bridge wrapper removed.
+def fix_cache_keyword(model: TransformerBridge) -> None:
+    """Let this bridge's attention see a KV cache passed under transformers' new `cache=` name.
 
-    The bridge replaces the model's submodules by wrappers in place; this rebuilds the module tree
-    from the wrapped originals. Weights, buffers and attributes are shared (nothing is copied but
-    the tree itself); hooks are not, and `config` replaces the shared config (to choose attention).
+    transformers 5.x hands the cache to attention modules as `cache=`; TransformerLens 4.3's
+    attention bridge only reads `past_key_values` / `layer_past`, so a prefix cache is silently
+    ignored (the suffix attends only to itself). Renaming the keyword restores Hugging Face's
+    behaviour bit for bit. Applied to this model's attention modules only, when its prefix cache
+    came back empty; `Decomposer` checks the cache length after every cached forward, so a
+    regression fails loudly instead of giving wrong numbers.
     """
-    copies: dict[int, nn.Module] = {}
+    fixed = 0
+    for module in model.modules():
+        if not hasattr(module, "_update_kv_cache") or "_update_kv_cache" in vars(module):
+            continue  # not an attention bridge, or fixed already
 
-    def unwrap(module: nn.Module) -> nn.Module:
-        while isinstance(module, GeneralizedComponent):
-            module = module.original_component  # type: ignore[assignment]
-        if id(module) in copies:
-            return copies[id(module)]
-        clone = copy.copy(module)
-        copies[id(module)] = clone
-        for attr, value in list(vars(clone).items()):
-            if "hooks" in attr and isinstance(value, dict):
-                setattr(clone, attr, type(value)())  # hooks on the copy must not fire in the bridge
-        clone._modules = {name: None if child is None else unwrap(child) for name, child in module._modules.items()}
-        if "config" in vars(clone) and clone.config is not None:
-            clone.config = config
-        return clone
+        def update_kv_cache(self: Any, k: Tensor, v: Tensor, **kwargs: Any) -> Any:
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return type(self)._update_kv_cache(self, k, v, **kwargs)
 
-    plain = unwrap(model)
-    plain._parts_copies = copies  # type: ignore[assignment]  # original module id -> its plain copy
-    return plain
+        vars(module)["_update_kv_cache"] = types.MethodType(update_kv_cache, module)
+        fixed += 1
+    if not fixed:
+        raise PartsError(
+            "this TransformerLens version ignores a prefix KV cache through the bridge: use --engine hf or --no-prefix-reuse"
+        )
+
+
+def choose_attention(model: nn.Module, attention: str | None = None) -> str:
+    """Set the attention the twin runs (public transformers API) and return it: `attention` if given, else
+    SDPA (`GQA_SDPA`), unless it would change the model's forward (an attention soft-cap, which
+    SDPA drops) or the model does not support SDPA: then eager, as the model's own code computes it."""
+    config: Any = model.config
+    if attention is None:
+        softcapped = getattr(config, "attn_logit_softcapping", None)
+        attention = GQA_SDPA if getattr(model, "_supports_sdpa", False) and not softcapped else "eager"
+    model.set_attn_implementation(attention)  # type: ignore[operator]
+    return str(config._attn_implementation)
 
 
 class HFEngine:
-    """The bridge's Hugging Face modules run plainly (SDPA attention) with torch hooks at the last position.
+    """The model's own Hugging Face modules with torch hooks at the last position.
 
-    The modules hooked are the ones the bridge maps to `attn.o` (the output projection, whose input is
-    every head's z), `mlp`, `embed`, `pos_embed` and `ln_final`; so the activations equal the bridge's
-    hooks of the same names (tested on Llama, GPT-NeoX and GPT-2 models and the embedded model).
+    The modules hooked are the ones the adapter maps to the layout's activations, so they equal the
+    bridge's hooks of the same names (tested on every family in tests/test_families.py).
     """
 
-    def __init__(self, model: TransformerBridge, attention: str = GQA_SDPA):
-        hf_model = model.original_model
-        config: Any = copy.deepcopy(hf_model.config)
-        config._attn_implementation = attention
-        self.model = plain_modules(hf_model, config)
-        copies: dict[int, nn.Module] = self.model._parts_copies  # type: ignore[assignment]
-
-        def plain(component: Any) -> nn.Module:
-            return copies[id(component.original_component)]
-
-        self.n_heads = int(model.cfg.n_heads)
-        self.uses_rms_norm = bool(model.cfg.uses_rms_norm)
-        final_norm = plain(model.ln_final)
-        self.eps = float(getattr(final_norm, "variance_epsilon", getattr(final_norm, "eps", model.cfg.eps)))
-        self._taps: list[tuple[nn.Module, str, str]] = [(plain(model.embed), "hook_embed", "output")]
-        if hasattr(model, "pos_embed"):
-            self._taps.append((plain(model.pos_embed), "hook_pos_embed", "output"))
-        for layer, block in enumerate(model.blocks):
-            self._taps.append((plain(block.attn.o), f"blocks.{layer}.attn.hook_z", "input"))
-            self._taps.append((plain(block.mlp), f"blocks.{layer}.hook_mlp_out", "output"))
-        self._taps.append((final_norm, "ln_final.hook_scale", "input"))
-
-    def _store(self, activations: Activations, name: str, value: Tensor) -> None:
-        last = value[:, -1:]  # [batch 1 ...]: left padding puts every prompt's last token here
-        if name.endswith("hook_z"):
-            last = einops.rearrange(last, "batch 1 (head d_head) -> batch 1 head d_head", head=self.n_heads)
-        elif name == "ln_final.hook_scale":
-            last = last.float()
-            if not self.uses_rms_norm:
-                last = last - einops.reduce(last, "batch 1 d_model -> batch 1 1", "mean")
-            mean_square = einops.reduce(last.pow(2), "batch 1 d_model -> batch 1 1", "mean")
-            last = (mean_square + self.eps).sqrt()
-        activations[name] = last.clone()  # a view would keep the whole [batch pos ...] tensor alive
+    def __init__(self, model: TransformerBridge, layout: Layout, split_experts: bool = False,
+                 attention: str | None = None):
+        self.model = plain_model(model)
+        self.attention = choose_attention(self.model, attention)
+        self._taps: list[tuple[nn.Module, str, str]] = [
+            (self.model.get_submodule(path), name, where) for name, (path, where) in layout.taps.items()
+        ]
+        self._experts: list[tuple[nn.Module, int]] = []
+        if split_experts:
+            if not layout.is_moe:
+                raise PartsError("--split-experts applies to mixture-of-experts models only: this model has dense MLPs")
+            self._experts = [(self.model.get_submodule(path), layer)
+                             for layer, path in enumerate(layout.experts_paths) if path is not None]
+        self._shape = (0, 0)  # batch, positions of the running forward
 
     def _attach(self, activations: Activations) -> list[Any]:
         handles = []
         for module, name, where in self._taps:
             if where == "input":
                 def pre_hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
-                    value = args[0] if args else next(iter(kwargs.values()))
-                    self._store(activations, name, value)
+                    value = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+                    activations[name] = value[:, -1].clone()  # left padding puts every last token here
                 handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             else:
                 def hook(_m: nn.Module, _args: tuple, output: Any, name: str = name) -> None:
-                    self._store(activations, name, output[0] if isinstance(output, tuple) else output)
+                    value = output[0] if isinstance(output, tuple) else output
+                    activations[name] = value[:, -1].clone()  # a view would keep [batch pos ...] alive
                 handles.append(module.register_forward_hook(hook))
+        for module, layer in self._experts:
+            def experts_hook(m: nn.Module, args: tuple, layer: int = layer) -> None:
+                activations[experts_name(layer)] = self._split_experts(m, *args[:3])
+            handles.append(module.register_forward_pre_hook(experts_hook))
         return handles
+
+    def _split_experts(self, experts: nn.Module, hidden: Float[Tensor, "token d_model"], index: Int[Tensor, "token k"],
+                       weights: Float[Tensor, "token k"]) -> Float[Tensor, "batch expert d_model"]:
+        """Each expert's router-weighted output at the last positions (zero where not chosen), by the
+        experts module's own forward with every other expert's routing weight set to zero."""
+        batch, positions = self._shape
+        rows = torch.arange(batch, device=hidden.device) * positions + positions - 1
+        hidden, index, weights = hidden[rows], index[rows], weights[rows]
+        n_experts = expert_count(experts)
+        outputs = [experts.forward(hidden, index, torch.where(index == e, weights, torch.zeros_like(weights)))
+                   for e in range(n_experts)]
+        return torch.stack(outputs, dim=1).clone()
 
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
         with torch.inference_mode():
@@ -202,6 +218,7 @@ class HFEngine:
 
     def run(self, input_ids: Tensor, attention_mask: Tensor, prefix_length: int, cache: Any) -> tuple[Tensor, Activations]:
         activations: Activations = {}
+        self._shape = (input_ids.shape[0], input_ids.shape[1])
         handles = self._attach(activations)
         kwargs: dict[str, Any] = {"use_cache": False} if cache is None else {"past_key_values": cache, "use_cache": True}
         try:
@@ -216,15 +233,17 @@ class HFEngine:
         return output.logits[:, -1], activations
 
 
-def make_engine(model: TransformerBridge, engine: str = "hf") -> Engine:
-    """The engine named `engine` ("hf": plain modules with SDPA, the default; "bridge": TransformerLens)."""
+def make_engine(model: TransformerBridge, layout: Layout, engine: str = "hf", split_experts: bool = False) -> Engine:
+    """The engine named `engine` ("hf": the model's own modules, the default; "bridge": TransformerLens)."""
     if engine == "bridge":
-        return BridgeEngine(model)
+        return BridgeEngine(model, layout, split_experts)
     if engine == "hf":
         try:
-            return HFEngine(model)
-        except (AttributeError, KeyError, TypeError) as err:  # a bridge whose modules do not map one to one
+            return HFEngine(model, layout, split_experts)
+        except AttributeError as err:  # a module the adapter names is not in this model's tree
+            if split_experts:
+                raise
             warnings.warn(f"the hf engine cannot map this model's modules ({err}); using the slower bridge engine",
                           stacklevel=2)
-            return BridgeEngine(model)
+            return BridgeEngine(model, layout)
     raise PartsError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")

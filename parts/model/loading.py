@@ -13,12 +13,13 @@ import importlib.util
 import json
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from parts import io
 from parts.errors import PartsError
@@ -39,31 +40,52 @@ DTYPES = {
 }
 
 
-def _install_kv_cache_fix() -> None:
-    """Let the bridge's attention see a KV cache passed under transformers' new `cache=` name.
-
-    transformers 5.x hands the cache to attention modules as `cache=`; TransformerLens 4.3's
-    `AttentionBridge._update_kv_cache` only reads `past_key_values` / `layer_past`, so a
-    prefix cache is silently ignored (the suffix attends only to itself). Renaming the keyword
-    restores Hugging Face's behaviour bit for bit. `parts.decomposition.decompose` checks the cache length
-    after every cached forward, so a regression fails loudly instead of giving wrong numbers.
-    """
-    original = AttentionBridge._update_kv_cache
-    if getattr(original, "_parts_fix", False):
-        return
-
-    def update_kv_cache(self: Any, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-            kwargs["past_key_values"] = kwargs["cache"]
-        return original(self, k, v, **kwargs)
-
-    update_kv_cache._parts_fix = True  # type: ignore[attr-defined]
-    AttentionBridge._update_kv_cache = update_kv_cache  # type: ignore[method-assign]
-
-
-_install_kv_cache_fix()
 # transformers warns that `past_key_values=` is deprecated; the bridge's own forward uses it.
 warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated.*")
+
+# bridge -> its Hugging Face module tree as it was before the bridge wrapped it (see `plain_model`).
+_PLAIN_MODELS: weakref.WeakKeyDictionary[Any, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _plain_twin(hf_model: nn.Module) -> nn.Module:
+    """A copy of a Hugging Face model's module tree that shares every weight and buffer.
+
+    Booting the bridge replaces the model's submodules by wrappers in place; a twin taken before
+    keeps the plain modules, so the hf engine runs the model's own forward and hooks its own modules
+    without reaching into TransformerLens. Only the tree (and the config, so attention can be chosen
+    for the twin alone) is copied; forward hooks are not.
+    """
+    config_memo: dict[int, Any] = {}
+    config = copy.deepcopy(hf_model.config, config_memo)  # type: ignore[union-attr]
+    config_memo[id(hf_model.config)] = config
+    copies: dict[int, nn.Module] = {}
+
+    def twin(module: nn.Module) -> nn.Module:
+        if id(module) in copies:
+            return copies[id(module)]
+        clone = copy.copy(module)
+        copies[id(module)] = clone
+        for attr, value in list(vars(clone).items()):
+            if "hooks" in attr and isinstance(value, dict):
+                setattr(clone, attr, type(value)())  # hooks on the twin must not fire in the original
+        clone._modules = {name: None if child is None else twin(child) for name, child in module._modules.items()}
+        own_config = vars(clone).get("config")
+        if own_config is not None and id(own_config) in config_memo:
+            clone.config = config_memo[id(own_config)]
+        return clone
+
+    return twin(hf_model)
+
+
+def plain_model(bridge: TransformerBridge) -> nn.Module:
+    """The bridged model's own Hugging Face modules, unwrapped (sharing the bridge's weights)."""
+    try:
+        return _PLAIN_MODELS[bridge]
+    except KeyError:
+        raise PartsError(
+            "this bridge was not built by parts (no copy of its Hugging Face modules): load it with "
+            "parts.model.loading.load_model or from_hf"
+        ) from None
 
 
 def cache_dir() -> Path:
@@ -151,6 +173,10 @@ def from_hf(
         hf_model = _randomize(hf_model, seed)
         name = random_init_name(name, seed)
     hf_model.eval()
+    if not getattr(hf_model.config, "architectures", None):
+        # A model made from a config has no architectures entry; the bridge picks its adapter by it.
+        hf_model.config.architectures = [type(hf_model).__name__]
+    twin = _plain_twin(hf_model)
     if tokenizer.pad_token_id is None:
         # Batches are padded; any token works since padded positions are masked out.
         tokenizer.pad_token = tokenizer.eos_token
@@ -168,6 +194,7 @@ def from_hf(
         ) from err
     bridge.eval()
     bridge.cfg.model_name = name
+    _PLAIN_MODELS[bridge] = twin
     return bridge
 
 
