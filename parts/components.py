@@ -3,8 +3,9 @@
 A run's components are every attention head, named `L{layer}H{head}`, layer-major, then every
 MLP, named `MLP{layer}` (`component_names`). `parse_component` turns a name back into its kind,
 layer and head (-1 for an MLP); `component_order` sorts names into that same canonical order.
-Kinds are `HEAD` and `MLP`; a further kind (e.g. a mixture-of-experts expert `MLP{layer}E{expert}`)
-is one more pattern in `_PATTERN`, one more branch in `parse_component` and one more maker here.
+Kinds are `HEAD`, `MLP` and `EXPERT`: with `--split-experts` a mixture-of-experts MLP is replaced,
+in its place, by its experts `MLP{layer}E{expert}` and, where the block has one, its shared expert
+`MLP{layer}S` (head field: the expert's index, `SHARED_EXPERT` for the shared one).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from typing import NamedTuple
 
 from parts.errors import PartsError
 
-HEAD, MLP = "head", "mlp"
-KINDS = (HEAD, MLP)
-_PATTERN = re.compile(r"^L(?P<layer>\d+)H(?P<head>\d+)$|^MLP(?P<mlp_layer>\d+)$")
+HEAD, MLP, EXPERT = "head", "mlp", "expert"
+KINDS = (HEAD, MLP, EXPERT)
+SHARED_EXPERT = 1_000_000  # the head field of a shared expert: after every routed expert of its layer
+_PATTERN = re.compile(
+    r"^L(?P<layer>\d+)H(?P<head>\d+)$|^MLP(?P<mlp_layer>\d+)$"
+    r"|^MLP(?P<expert_layer>\d+)(?:E(?P<expert>\d+)|(?P<shared>S))$"
+)
 
 
 class Component(NamedTuple):
@@ -38,6 +43,16 @@ def mlp_name(layer: int) -> str:
     return f"MLP{layer}"
 
 
+def expert_name(layer: int, expert: int) -> str:
+    """'MLP3E5': expert 5 of layer 3's mixture-of-experts MLP (its router-weighted output)."""
+    return f"MLP{layer}E{expert}"
+
+
+def shared_expert_name(layer: int) -> str:
+    """'MLP3S': the shared expert of layer 3's mixture-of-experts MLP (Qwen-MoE)."""
+    return f"MLP{layer}S"
+
+
 def component_names(n_layers: int, n_heads: int) -> list[str]:
     """Every head as `L{layer}H{head}` layer-major, then every MLP as `MLP{layer}`."""
     heads = [head_name(layer, head) for layer in range(n_layers) for head in range(n_heads)]
@@ -48,9 +63,12 @@ def parse_component(name: str) -> Component:
     """'L3H5' -> Component('head', 3, 5); 'MLP7' -> Component('mlp', 7, -1)."""
     match = _PATTERN.match(name)
     if match is None:
-        raise PartsError(f"component name {name!r} is not like L0H0 or MLP0: use a name from the run's component_names")
+        raise PartsError(f"component name {name!r} is not like L0H0 or MLP0 (or MLP0E1, an expert): use a name "
+                         "from the run's component_names")
     if match["mlp_layer"] is not None:
         return Component(MLP, int(match["mlp_layer"]), -1)
+    if match["expert_layer"] is not None:
+        return Component(EXPERT, int(match["expert_layer"]), SHARED_EXPERT if match["shared"] else int(match["expert"]))
     return Component(HEAD, int(match["layer"]), int(match["head"]))
 
 
@@ -60,9 +78,10 @@ def component_kind(name: str) -> str:
 
 
 def component_order(name: str) -> tuple[int, int, int]:
-    """Sort key of the canonical order: every head (layer, then head), then every MLP by layer."""
+    """Sort key of the canonical order: every head (layer, then head), then every MLP by layer (a split
+    MLP's experts in its place, in expert order, its shared expert last)."""
     component = parse_component(name)
-    return KINDS.index(component.kind), component.layer, component.head
+    return (0 if component.kind == HEAD else 1), component.layer, component.head
 
 
 def sort_components(names: Iterable[str]) -> list[str]:

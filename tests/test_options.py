@@ -18,7 +18,8 @@ from parts.errors import PartsError
 from parts.experiments.options import RunOptions
 from parts.experiments.runner import ensure_run, run_dir
 
-OPTIONS = ["--device", "cpu", "--dtype", "bf16", "--engine", "bridge", "--no-prefix-reuse", "--batch-size", "3"]
+OPTIONS = ["--device", "cpu", "--dtype", "bf16", "--engine", "bridge", "--no-prefix-reuse", "--batch-size", "3",
+           "--allow-inexact"]
 VARIANT = "+bfloat16+bridge-engine+no-prefix-reuse"
 
 
@@ -38,20 +39,21 @@ def shifted_task_file(tmp_path_factory):
 @pytest.fixture
 def spy(monkeypatch):
     """Records every model load's and every decomposer's options (and still runs them)."""
-    seen: dict[str, list] = {"loads": [], "engines": [], "calls": []}
+    seen: dict[str, list] = {"loads": [], "engines": [], "calls": [], "inexact": []}
     real_load, real_init, real_call = parts.model.loading.load_model, Decomposer.__init__, Decomposer.__call__
 
     def load(name=None, **kwargs):
         seen["loads"].append(kwargs)
         return real_load(name, **kwargs)
 
-    def init(self, model, label_token_ids, engine="hf"):
+    def init(self, model, label_token_ids, engine="hf", **kwargs):
         seen["engines"].append(engine)
-        real_init(self, model, label_token_ids, engine)
+        seen["inexact"].append(kwargs.get("allow_inexact", False))
+        real_init(self, model, label_token_ids, engine, **kwargs)
 
-    def call(self, prompts, batch_size=8, prefix_reuse=True, progress=True, description=""):
+    def call(self, prompts, batch_size=8, prefix_reuse=True, progress=True, description="", **kwargs):
         seen["calls"].append((batch_size, prefix_reuse))
-        return real_call(self, prompts, batch_size, prefix_reuse, progress, description)
+        return real_call(self, prompts, batch_size, prefix_reuse, progress, description, **kwargs)
 
     for module in (parts.model.loading, parts.experiments.sweep, parts.experiments.controls,
                    parts.experiments.checkpoints):
@@ -83,6 +85,7 @@ def test_every_option_reaches_the_model(command, spy, tiny_model_dir, tiny_task_
     assert main([*argv, *OPTIONS]) == 0, capsys.readouterr().err
     assert spy["loads"] and all(kw["device"] == "cpu" and kw["dtype"] == "bfloat16" for kw in spy["loads"])
     assert spy["engines"] and set(spy["engines"]) == {"bridge"}
+    assert set(spy["inexact"]) == {True}
     assert spy["calls"] and set(spy["calls"]) == {(3, False)}
     summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
     assert summaries and all(s["info"]["dtype"] == "bfloat16" and s["info"]["engine"] == "bridge"

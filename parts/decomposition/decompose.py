@@ -17,17 +17,15 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts.components import component_names
+from parts.components import component_names, expert_name, head_name, mlp_name, shared_expert_name
 from parts.decomposition.exactness import check_reconstruction
 from parts.decomposition.runs import Decomposition
 from parts.errors import PartsError
@@ -47,16 +45,16 @@ ESTIMATE_MARGIN = 2  # allocator slack and temporaries the per-prompt estimate l
 
 
 def split_component_names(layout: Layout) -> list[str]:
-    """Component names with each mixture-of-experts MLP split into its experts `MLP{layer}E{expert}`
-    (and `MLP{layer}S`, the shared expert, where the block has one); dense MLPs stay `MLP{layer}`."""
-    names = [f"L{layer}H{head}" for layer in range(layout.n_layers) for head in range(layout.n_heads)]
+    """Component names with each mixture-of-experts MLP split, in its place, into its experts
+    `MLP{layer}E{expert}` (and `MLP{layer}S`, the shared expert, where the block has one)."""
+    names = [head_name(layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)]
     for layer in range(layout.n_layers):
         if not layout.n_experts[layer]:
-            names.append(f"MLP{layer}")
+            names.append(mlp_name(layer))
             continue
-        names += [f"MLP{layer}E{expert}" for expert in range(layout.n_experts[layer])]
+        names += [expert_name(layer, expert) for expert in range(layout.n_experts[layer])]
         if layout.shared_expert[layer]:
-            names.append(f"MLP{layer}S")
+            names.append(shared_expert_name(layer))
     return names
 
 
