@@ -184,22 +184,21 @@ class Decomposer:
         return cache
 
     def _forward(
-        self, suffixes: Sequence[Sequence[int]], prefix_cache: Any, prefix_length: int
+        self, input_ids: Int[Tensor, "batch pos"], suffix_lengths: Int[Tensor, " batch"], prefix_cache: Any,
+        prefix_length: int,
     ) -> tuple[Float[Tensor, "batch vocab_kept"], Activations]:
-        """One left-padded batch: logits at the last position and the cached activations there."""
-        width = max(len(s) for s in suffixes)
-        batch = len(suffixes)
-        input_ids: Int[Tensor, "batch pos"] = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch, prefix_length + width), dtype=torch.long)
-        mask[:, :prefix_length] = 1
-        for row, tokens in enumerate(suffixes):
-            input_ids[row, width - len(tokens):] = torch.tensor(tokens)
-            mask[row, prefix_length + width - len(tokens):] = 1
+        """One left-padded batch, already on the model's device: logits at the last position and the cached
+        activations there. The mask is built on the device: nothing is copied from the host per batch."""
+        batch, width = input_ids.shape
+        positions = torch.arange(width, device=input_ids.device)
+        suffix_mask = (positions >= width - suffix_lengths[:, None]).long()  # left padding
+        prefix_mask = torch.ones((batch, prefix_length), dtype=torch.long, device=input_ids.device)
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1)
         cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)  # every forward extends the cache it is given
             cache.batch_repeat_interleave(batch)
-        logits, activations = self.engine.run(input_ids.to(self.device), mask.to(self.device), prefix_length, cache)
+        logits, activations = self.engine.run(input_ids, mask, prefix_length, cache)
         if cache is not None and cache.get_seq_length() != prefix_length + width:
             # The prefix cache was dropped (see parts.model.engines.fix_cache_keyword for the bridge's case):
             # the suffix attended only to itself, so these numbers would be wrong.
@@ -208,6 +207,12 @@ class Decomposer:
                 f"{prefix_length + width}); rerun with prefix reuse off (--no-prefix-reuse)"
             )
         return logits.float(), activations
+
+    def _to_device(self, tokens: Tensor) -> Tensor:
+        """One host-to-device copy, asynchronous on CUDA (from pinned memory), so it never waits for the GPU."""
+        if self.device.type == "cuda":
+            return tokens.pin_memory().to(self.device, non_blocking=True)
+        return tokens.to(self.device)
 
     def _split(self, logits: Tensor, activations: Activations) -> Decomposition:
         """Component logits from the last position's raw activations (all mathematics is the readout's)."""
@@ -235,17 +240,28 @@ class Decomposer:
         prefix_cache = self.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
         # Longest first so padding within a batch is small (and memory peaks at the start).
         order = sorted(range(len(prompts)), key=lambda i: -len(token_lists[i]))
+        suffixes = [token_lists[i][prefix_length:] for i in order]
+        # Every suffix, left-padded to the longest, in one host tensor copied to the device once: a batch is
+        # then a slice of rows and of its last `width` columns (its own left padding).
+        longest = len(suffixes[0])
+        host_ids = torch.full((len(order), longest), self.pad_token_id, dtype=torch.long, device="cpu")
+        for row, tokens in enumerate(suffixes):
+            host_ids[row, longest - len(tokens):] = torch.tensor(tokens, dtype=torch.long, device="cpu")
+        all_ids = self._to_device(host_ids)
+        all_lengths = self._to_device(torch.tensor([len(t) for t in suffixes], dtype=torch.long, device="cpu"))
         parts: list[Decomposition] = []
         with tqdm(total=len(prompts), desc=description, disable=not progress, unit="prompt") as bar:
             for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
+                stop = min(start + batch_size, len(order))
+                width = len(suffixes[start])
                 logits, activations = self._forward(
-                    [token_lists[i][prefix_length:] for i in batch], prefix_cache, prefix_length
+                    all_ids[start:stop, longest - width:], all_lengths[start:stop], prefix_cache, prefix_length
                 )
                 parts.append(self._split(logits, activations))
-                bar.update(len(batch))
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
+                bar.update(stop - start)
+        inverse = torch.empty(len(order), dtype=torch.long, device="cpu")
+        inverse[torch.tensor(order, device="cpu")] = torch.arange(len(order), device="cpu")
+
         def gather(name: str) -> Tensor:
             return torch.cat([getattr(p, name) for p in parts]).cpu()[inverse]
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import einops
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from parts.errors import PartsError
@@ -180,7 +180,7 @@ class FrozenNorm:
         bias = bias.detach().float() if isinstance(bias, Tensor) else None
         generator = torch.Generator().manual_seed(0)
         d_model = weight.shape[0]
-        x = torch.randn(4, d_model, generator=generator) + 0.5
+        x = torch.randn(4, d_model, generator=generator, device="cpu") + 0.5
         x = torch.cat([x * 3.0, x * eps**0.5])  # the small rows check epsilon too
         x = x.to(weight.device)
         with torch.no_grad():
@@ -264,7 +264,7 @@ class Readout:
         problem = unsupported_feature(config)
         if problem:
             raise PartsError(f"parts cannot split {config.model_type} models exactly: {problem}")
-        ids = torch.tensor(list(label_token_ids))
+        ids = torch.tensor(list(label_token_ids), device="cpu")
         final_norm = FrozenNorm.of(hf_model.get_submodule(layout.final_norm_path), "ln_final")
         W_U, b_U = affine_parts(hf_model.get_submodule(layout.unembed_path), "unembed")
         ids = ids.to(W_U.device)
@@ -309,6 +309,14 @@ class Readout:
             torch.stack(attn_bias_logits), post_bias_logits, constant, post_attn, post_mlp, logit_multiplier,
             residual_multiplier, float(softcap) if softcap else None, info,
         )
+
+    def _label_index(self, device: torch.device) -> Int[Tensor, " label"]:
+        """The label words' token ids on `device`, copied there once (not once per batch: a host copy per
+        batch would make the GPU wait)."""
+        cached = self.__dict__.setdefault("_label_indices", {})
+        if device not in cached:
+            cached[device] = torch.tensor(self.label_token_ids, dtype=torch.long, device=device)
+        return cached[device]
 
     def post_scales(self, activations: Activations, names: list[str | None], norms: list[FrozenNorm | None],
                     batch: int, device: torch.device) -> Float[Tensor, "batch layer"]:
@@ -361,7 +369,7 @@ class Readout:
             + self.constant
             + rest_logits
         )
-        ids = torch.tensor(self.label_token_ids, device=logits.device)
+        ids = self._label_index(logits.device)
         if self.final_logit_softcap is not None:  # decompose what the cap is applied to
             model_logits = _last(activations, UNEMBED_OUT)[:, ids] * self.logit_multiplier
         else:
