@@ -83,7 +83,15 @@ def foreign_entries(folder: str | Path, legacy: Legacy | None = None) -> list[st
     if not (folder / MARKER).exists() and legacy is not None and legacy(folder):
         return []
     mine = recorded(folder)
-    return [name for name in names if not is_bookkeeping(name) and (name not in mine or (folder / name).is_dir())]
+
+    def foreign(name: str) -> bool:
+        entry = folder / name
+        if name not in mine:
+            return True
+        # A folder parts wrote (a report's data/) is parts' only if all in it is, by its own marker, all the way down.
+        return entry.is_dir() and (entry.is_symlink() or bool(foreign_entries(entry)))
+
+    return [name for name in names if not is_bookkeeping(name) and foreign(name)]
 
 
 def starts_with(text: str) -> Legacy:
@@ -240,7 +248,8 @@ def write_json(path: str | Path, data: Any, legacy: Legacy | None = None, indent
 def write_folder(path: str | Path, legacy: Legacy | None = None) -> Iterator[Path]:
     """Fill the yielded staging folder; on leaving the block it replaces `path` in one rename.
 
-    Every file in the staging folder is recorded in its marker, so the folder is parts' own. An old folder
+    Every file and subfolder in the staging folder is recorded in its folder's marker, so the folder is parts' own
+    all the way down (`foreign_entries` looks into recorded subfolders). An old folder
     at `path` may only hold what parts wrote (else PartsError before anything is written); it is moved aside,
     removed once the new folder stands, and put back if the block or the rename failed.
     """
@@ -251,7 +260,9 @@ def write_folder(path: str | Path, legacy: Legacy | None = None) -> Iterator[Pat
     try:
         staging.mkdir()  # 0777 less the umask, as `mkdir` does
         yield staging
-        (staging / MARKER).write_text(_marker_text(entry.name for entry in staging.iterdir()))
+        # Everything in the staging folder is parts': each folder's marker lists it, subfolders included.
+        for folder in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            (folder / MARKER).write_text(_marker_text(entry.name for entry in folder.iterdir()))
         check_folder(path, legacy)  # again: something may have been put there meanwhile
         if target.exists():
             os.replace(target, retired)  # one rename: never removed file by file in place

@@ -25,7 +25,7 @@ from parts.experiments.evaluate import read_results, write_results
 from parts.experiments.export import interval_tables
 from parts.experiments.sweep import sweep
 from parts.report import data as report_data
-from parts.report.site import MARKER, build_report
+from parts.report.site import build_report
 from parts.reweighting.reweight import ReweightResult, save_weights, weights_file
 
 CHROMIUM = "/usr/bin/chromium"
@@ -229,7 +229,9 @@ def test_main_table_with_intervals_after_parts_evaluate(tmp_path, tiny_model_dir
 def test_the_folder_holds_plotlyjs_once_and_every_page(report):
     files = sorted(str(p.relative_to(report)) for p in report.rglob("*") if p.is_file())
     assert [f for f in files if f.endswith(".js") and "plotly" in f] == ["assets/plotly.min.js"]
-    assert {"index.html", "task-tiny.html", "task-tiny2.html", MARKER, "data/overview.js"} <= set(files)
+    assert {"index.html", "task-tiny.html", "task-tiny2.html", "data/overview.js"} <= set(files)
+    # every folder records what parts wrote in it, so a rebuild may replace the report
+    assert {".parts", "assets/.parts", "data/.parts", "data/tiny/.parts"} <= set(files)
     assert len([f for f in files if f.startswith("data/tiny/layer-")]) == 3
     for page in ("index.html", "task-tiny.html"):
         text = (report / page).read_text()
@@ -239,25 +241,29 @@ def test_the_folder_holds_plotlyjs_once_and_every_page(report):
     assert "<th>k-shot ICL</th>" in overview and f"{100 * k_shot.mean():.1f} ± {100 * k_shot.std(ddof=1):.1f}" in overview
 
 
-def test_out_is_new_empty_or_an_earlier_report(tiny_sweep, report, tmp_path):
+def test_out_is_new_empty_or_an_earlier_report(tiny_sweep, tmp_path):
     root, _, _ = tiny_sweep
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(PartsError, match="holds files that are not a parts report"):
+    with pytest.raises(PartsError, match="holds notes.txt, which parts did not write"):
         build_report(root, mine)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
     a_file = tmp_path / "file.html"
     a_file.write_text("mine")
-    with pytest.raises(PartsError, match="exists and is not a folder"):
+    with pytest.raises(PartsError, match="is a file, where parts would write a folder"):
         build_report(root, a_file)
     assert a_file.read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
     first = build_report(root, empty)
-    (empty / "stale.txt").write_text("from the old report")
     second = build_report(root, empty)  # an earlier report is replaced whole
-    assert not (empty / "stale.txt").exists() and first.pages == second.pages
+    assert first.pages == second.pages and (empty / "index.html").is_file()
+    # a file of the user's put inside the report, even in a subfolder, is never deleted
+    (empty / "data" / "tiny" / "my-notes.txt").write_text("mine too")
+    with pytest.raises(PartsError, match="holds data, which parts did not write"):
+        build_report(root, empty)
+    assert (empty / "data" / "tiny" / "my-notes.txt").read_text() == "mine too"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 

@@ -10,21 +10,18 @@ report/
   data/<key>.js              a task page's numbers: per run and component accuracy, shares, categories
   data/<key>/layer-<l>.js    histograms and weights of layer l's components, loaded when one is opened
   data/<key>/attention.js    with --attention: where the top heads look, loaded when one is opened
-  .parts-report              marks the folder as a report, so a rebuild may replace it
+  .parts (in every folder)   what parts wrote there (`parts.io`), so a rebuild may replace the report
 ```
 
 Data files are scripts (`window.PARTS_... = {...}`), since a page opened from disk may not fetch
-JSON. The folder is built under a temporary name beside `out` and renamed into place; a folder
-already at `out` is replaced only when it is an earlier report (it holds the marker), or empty.
+JSON. The folder is built under a staging name beside `out` and renamed into place (`parts.io.write_folder`);
+a folder already at `out` is replaced only when it is empty or everything in it is parts' (an earlier report).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,13 +31,11 @@ from typing import Any
 
 import pandas as pd
 
-from parts import __version__
+from parts import __version__, io
 from parts.analysis import paper
-from parts.errors import PartsError
 from parts.report import data as report_data
 from parts.report.data import TaskRuns
 
-MARKER = ".parts-report"
 ASSETS = ("report.js", "report.css")
 
 # (task, heads) -> attention data for those heads (see parts.report.attention.attention_data)
@@ -264,23 +259,9 @@ the dashed line at the majority rate, the selected run dotted.</p>
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def _check_out(out: Path) -> None:
-    """`out` may be new, empty, or an earlier report; anything else is the user's and is kept."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise PartsError(f"{out} exists and is not a folder: give --out a new folder (or an earlier report)")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise PartsError(f"{out} holds files that are not a parts report: give --out a new or empty folder, "
-                         "or an earlier report's folder to replace it")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write(folder: Path, relative: str, content: str | bytes) -> None:
-    path = folder / relative
+def _write(staging: Path, relative: str, content: str | bytes) -> None:
+    """A file of the report in its staging folder (`parts.io.write_folder` renames the whole folder into place)."""
+    path = staging / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content.encode() if isinstance(content, str) else content)
 
@@ -302,13 +283,11 @@ def build_report(
     """
     started = time.perf_counter()
     root, out = Path(root), Path(out)
-    _check_out(out)
+    io.check_folder(out)  # before the work: a folder of the user's is refused at once
     tasks, skipped = report_data.collect_tasks(root)
     results_file = report_data.results_path(root, results)
     frame = report_data.read_results_frame(results_file) if results_file is not None else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with io.write_folder(out) as staging:
         lines, measures = [], []
         pages = ["index.html"]
         for task in tasks:
@@ -337,23 +316,5 @@ def build_report(
         _write(staging, "assets/plotly.min.js", _plotlyjs())
         for name in ASSETS:
             _write(staging, f"assets/{name}", _asset(name))
-        _write(staging, MARKER, json.dumps({"parts_version": __version__, "root": str(root)}) + "\n")
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return Report(out, pages, len(tasks), sum(len(t.runs) for t in tasks), size, time.perf_counter() - started)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished report into place, an earlier one moved aside first and then removed."""
-    mode = 0o777 & ~_umask()
-    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-        folder.chmod(mode)  # mkdtemp makes a private folder; a report is for sharing
-    _check_out(out)  # again: something may have appeared there while the report was built
-    retired = staging.with_name(staging.name + "-old")
-    if out.exists():
-        os.replace(out, retired)
-    os.replace(staging, out)
-    shutil.rmtree(retired, ignore_errors=True)

@@ -95,6 +95,7 @@
       var z = [grid(T.n_layers, T.n_heads), grid(T.n_layers, 1)];
       var custom = [grid(T.n_layers, T.n_heads), grid(T.n_layers, 1)];
       T.components.forEach(function (name, i) {
+        if (T.kind[i] !== "head" && T.kind[i] !== "mlp") { return; }  // split experts: in the tables, not the grid
         var trace = T.kind[i] === "head" ? 0 : 1, col = trace === 0 ? T.head[i] : 0;
         z[trace][T.layer[i]][col] = acc[i];
         custom[trace][T.layer[i]][col] = [name, labelText(state.view, i), categoryText(state.view, i)];
@@ -152,7 +153,8 @@
     function layerScript(layer) { return "data/" + T.key + "/layer-" + layer + ".js"; }
     function describe(c) {
       var rank = ranking(state.view).indexOf(c) + 1;
-      var where = T.kind[c] === "head" ? "attention head " + T.head[c] + " of layer " + T.layer[c] : "MLP of layer " + T.layer[c];
+      var where = T.kind[c] === "head" ? "attention head " + T.head[c] + " of layer " + T.layer[c]
+                : T.kind[c] === "mlp" ? "MLP of layer " + T.layer[c] : "an expert of layer " + T.layer[c] + "'s MLP";
       return where + " · " + esc(viewName(state.view)) + ": rank " + rank + " of " + T.components.length +
              " · predicts " + labelText(state.view, c) + " · " + esc(categoryText(state.view, c));
     }
