@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from parts import io
 from parts.analysis import paper
 from parts.data.prompts import LABEL_BUDGET
 from parts.data.tasks import Task, get_task
@@ -151,14 +152,12 @@ def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
     predictions = main_predictions(root, main_rows, tasks)
     transfer_table, transfer_predictions = transfer_rows_and_predictions(root, transfer_rows, tasks)
     runs, names = run_rows(root, size)
-    out.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, frame in (("main.csv", pd.DataFrame(main_rows)), ("transfer.csv", pd.DataFrame(transfer_table)),
                         ("predictions.csv", pd.DataFrame(predictions + transfer_predictions)),
                         ("runs.csv", pd.DataFrame(runs))):
-        frame.to_csv(out / name, index=False)
-        written[name] = out / name
-    (out / "components.txt").write_text("\n".join(names) + "\n")
+        written[name] = io.write_text(out / name, frame.to_csv(index=False))
+    io.write_text(out / "components.txt", "\n".join(names) + "\n")
     written["components.txt"] = out / "components.txt"
     return written
 

@@ -13,7 +13,7 @@ around them is left alone):
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from parts import io
 from parts.analysis import paper
 from parts.errors import PartsError
 from parts.figures.export import write_figures
@@ -67,6 +68,12 @@ def load_results(folder: str | Path) -> Results:
                    (folder / "components.txt").read_text().split())
 
 
+def _records(frame: pd.DataFrame) -> list[dict[str, object]]:
+    """JSON-ready rows: NaN (an undefined correlation) as null, numpy scalars as Python numbers."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v.item() if hasattr(v, "item") else v)
+             for k, v in row.items()} for row in frame.to_dict("records")]
+
+
 def build_tables(results: Results, n_resamples: int = 2000) -> tuple[dict[str, str], dict[str, object]]:
     """Every generated docs block (name -> markdown) and the analysis JSON (plain data)."""
     blocks: dict[str, str] = {}
@@ -76,15 +83,15 @@ def build_tables(results: Results, n_resamples: int = 2000) -> tuple[dict[str, s
         blocks["main"] = markdown(paper.main_table(intervals))
         blocks["differences"] = markdown(paper.difference_table(intervals))
         blocks["paper-comparison"] = markdown(paper.paper_comparison(intervals))
-        analysis["intervals"] = intervals.to_dict("records")
+        analysis["intervals"] = _records(intervals)
     if not results.runs.empty:
         measures = paper.run_measures(results.runs, results.components)
         blocks["table1"] = markdown(paper.component_table_1(measures))
         blocks["label-biased"] = markdown(paper.label_biased_table(measures))
         pairs = paper.agreement_pairs(results.runs)
         blocks["table2"] = markdown(paper.agreement_table(pairs))
-        analysis["runs"] = measures.to_dict("records")
-        analysis["pairs"] = pairs.to_dict("records")
+        analysis["runs"] = _records(measures)
+        analysis["pairs"] = _records(pairs)
     if not results.transfer.empty:
         blocks["table3"] = markdown(paper.transfer_table(results.transfer))
     return blocks, analysis
@@ -143,11 +150,11 @@ def rebuild(results_dir: str | Path, docs_dir: str | Path, figures_dir: str | Pa
         new = rewrite_blocks(text, blocks)
         if new != text:
             stale.append(str(page))
-            if not check:
-                page.write_text(new)
+            if not check:  # a page holding markers is one parts may rewrite (its prose kept)
+                io.write_text(page, new, legacy=io.contains("<!-- parts-tables:"))
     if check:
         return stale
-    (Path(results_dir) / "analysis.json").write_text(json.dumps(analysis, indent=1, default=float) + "\n")
+    io.write_json(Path(results_dir) / "analysis.json", analysis)
     if figures_dir is not None:
         figures = result_figures(results, analysis)
         if figures:
