@@ -17,9 +17,7 @@ from parts.analysis.analyze import (
     category_counts,
     component_table,
     correlation_matrix,
-    find_runs,
     format_report,
-    load_runs,
     pair_relation,
     pair_table,
     stability_summary,
@@ -27,7 +25,7 @@ from parts.analysis.analyze import (
 from parts.cli import main
 from parts.components import component_names
 from parts.data.prompts import PromptSet
-from parts.decomposition.runs import Decomposition, DecompositionRun
+from parts.decomposition.runs import Decomposition, DecompositionRun, find_runs, load_runs
 from parts.errors import PartsError
 
 GOLD = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]

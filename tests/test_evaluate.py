@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 
 from parts.cli import main
 from parts.data.tasks import Template
 from parts.decomposition.runs import DecompositionRun
-from parts.experiments.evaluate import many_shot_prompts, read_results, results_table, write_results
+from parts.experiments.evaluate import many_shot_prompts
+from parts.experiments.results import read_results, results_table, write_results
 from parts.experiments.runner import run_dir
 from parts.reweighting.reweight import load_weights
 
@@ -79,14 +78,18 @@ def test_write_results_merges_by_key_atomically(tmp_path):
     write_results(path, [_row("sst2", 0, "icl", 4, 4, 0.5), _row("sst2", 1, "icl", 4, 4, 0.7)])
     write_results(path, [_row("sst2", 1, "icl", 4, 4, 0.9), _row("rte", 0, "icl", 4, 4, 0.6)])
     rows = read_results(path)
-    assert [(r["task"], r["seed"], r["accuracy"]) for r in rows] == [("sst2", "0", "0.5"), ("sst2", "1", "0.9"),
-                                                                     ("rte", "0", "0.6")]
+    assert list(zip(rows["task"], rows["seed"], rows["accuracy"], strict=True)) == [("sst2", 0, 0.5), ("sst2", 1, 0.9),
+                                                                                      ("rte", 0, 0.6)]
     # parts' marker and locks beside it, no staging file left
     assert sorted(p.name for p in tmp_path.iterdir()) == [".parts", ".parts-lock", ".results.csv.parts-lock", "results.csv"]
+    # The bytes the csv module wrote before the table was a DataFrame: CRLF lines, minimal quoting.
+    assert path.read_bytes() == (b"model,task,template,seed,shots,limit,method,labels,accuracy,n_test,note\r\n"
+                                 b"m,sst2,1,0,4,10,icl,4,0.5,10,\r\nm,sst2,1,1,4,10,icl,4,0.9,10,\r\n"
+                                 b"m,rte,1,0,4,10,icl,4,0.6,10,\r\n")
 
 
-EXPECTED_METHODS = {("icl", "4"), ("contextual", "4"), ("batch", "4"), ("oracle", "4"), ("icl", "12"),
-                    ("calib+", "12"), ("comprw", "12")}
+EXPECTED_METHODS = {("icl", 4), ("contextual", 4), ("batch", 4), ("oracle", 4), ("icl", 12), ("calib+", 12),
+                    ("comprw", 12)}
 
 
 def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model_dir, tiny_task_file, capsys,
@@ -99,20 +102,20 @@ def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model
     assert "| tiny | 2 |" in printed and "CompRW 12" in printed
     rows = read_results(tmp_path / "results.csv")
     assert len(rows) == 2 * 7
-    for template in ("1", "2"):
-        mine = [r for r in rows if r["template"] == template]
-        assert {(r["method"], r["labels"]) for r in mine} == EXPECTED_METHODS
-        assert {r["n_test"] for r in mine} == {"8"}
-        assert all(float(r["accuracy"]) * 8 == pytest.approx(round(float(r["accuracy"]) * 8), abs=1e-4) for r in mine)
-        folder = run_dir(tmp_path, str(tiny_model_dir), tiny_task_file, int(template), 0, "test", limit=8)
+    for template in (1, 2):
+        mine = rows[rows["template"] == template]
+        assert set(zip(mine["method"], mine["labels"], strict=True)) == EXPECTED_METHODS
+        assert set(mine["n_test"]) == {8}
+        assert all(accuracy * 8 == pytest.approx(round(accuracy * 8), abs=1e-4) for accuracy in mine["accuracy"])
+        folder = run_dir(tmp_path, str(tiny_model_dir), tiny_task_file, template, 0, "test", limit=8)
         run = DecompositionRun.load(folder)
-        k_shot = next(r for r in mine if (r["method"], r["labels"]) == ("icl", "4"))
-        assert float(k_shot["accuracy"]) == pytest.approx(run.full_accuracy, abs=1e-6)
+        k_shot = mine[(mine["method"] == "icl") & (mine["labels"] == 4)]["accuracy"].item()
+        assert k_shot == pytest.approx(run.full_accuracy, abs=1e-6)
         names, weights = load_weights(folder, labels=12)
         assert names == run.component_names and weights.shape == (3 * 4 + 3,)
         assert load_weights(folder, labels="oracle")[1].shape == (15,)
         assert (folder / "icl-labels12.safetensors").is_file() and (folder / "content-free.safetensors").is_file()
-        train = run_dir(tmp_path, str(tiny_model_dir), tiny_task_file, int(template), 0, "train", limit=8)
+        train = run_dir(tmp_path, str(tiny_model_dir), tiny_task_file, template, 0, "train", limit=8)
         assert DecompositionRun.load(train).n_examples == 12 - 4
     assert len(list(tmp_path.glob("results-*-n8.md"))) == 1
 
@@ -130,15 +133,11 @@ def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model
 
     # An interrupted sweep: template 2's rows never made it to results.csv. Its runs, L-shot logits
     # and content-free logits are on disk, so it is finished without the model, to the same numbers.
-    with (tmp_path / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(r for r in rows if r["template"] == "1")
+    whole = (tmp_path / "results.csv").read_bytes()
+    rows[rows["template"] == 1].to_csv(tmp_path / "results.csv", index=False, lineterminator="\r\n")
     assert main(argv) == 0
     assert "1 of 2 settings already evaluated; 1 to go" in capsys.readouterr().out
-    again = read_results(tmp_path / "results.csv")
-    key = lambda r: (r["template"], r["method"], r["labels"])  # noqa: E731
-    assert sorted((key(r), r["accuracy"]) for r in again) == sorted((key(r), r["accuracy"]) for r in rows)
+    assert (tmp_path / "results.csv").read_bytes() == whole
 
 
 def test_a_budget_no_larger_than_the_shots_is_a_one_line_error(tmp_path, tiny_model_dir, tiny_task_file, capsys):

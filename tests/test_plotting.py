@@ -15,6 +15,7 @@ import torch
 from parts.analysis.inspect_head import demonstration_label_spans, inspect_head, spans_to_positions
 from parts.cli import main
 from parts.errors import PartsError
+from parts.experiments.results import method_summary
 from parts.figures import plotting
 from parts.figures.export import CHROMIUM_INSTALL, chromium_screenshot, find_chromium, write_figure, write_figures
 from parts.figures.figureset import figure_set, stability_pairs
@@ -146,19 +147,20 @@ RESULTS = pd.DataFrame({
 
 
 def test_method_summary_by_hand():
-    summary = plotting.method_summary(RESULTS)
-    assert list(summary["label"]) == ["4-shot ICL", "4-shot ICL", "reweighting (CompRW) 24"]  # oracle left out
+    summary = method_summary(RESULTS)
+    assert list(summary["label"]) == ["k-shot ICL", "k-shot ICL", "CompRW 24"]  # oracle left out
     assert list(summary["task"]) == ["sst2", "agnews", "sst2"]
     assert summary["mean"].tolist() == pytest.approx([0.6, 0.4, 0.85])
     assert summary["std"].tolist() == pytest.approx([0.1414214, 0.1414214, 0.0707107])  # sample sd of 2 values
     assert summary["count"].tolist() == [2, 2, 2]
-    assert "oracle reweighting (upper bound)" in list(plotting.method_summary(RESULTS, include_oracle=True)["label"])
+    assert list(method_summary(RESULTS, include_oracle=True)["label"]) == ["k-shot ICL", "k-shot ICL", "CompRW 24",
+                                                                           "Oracle RW (upper bound)"]
 
 
 def test_method_bars():
     figure = plotting.method_bars(RESULTS)
     icl, comprw = traces(figure, "bar")
-    assert (icl.name, comprw.name) == ("4-shot ICL", "reweighting (CompRW) 24")
+    assert (icl.name, comprw.name) == ("k-shot ICL (k = 4)", "CompRW 24")
     assert list(icl.x) == ["sst2", "agnews"] and list(icl.y) == pytest.approx([0.6, 0.4])
     assert list(comprw.error_y.array) == pytest.approx([0.0707107]) and figure.layout.barmode == "group"
     with pytest.raises(PartsError, match=r"lacks columns \['labels', 'shots'\]"):
@@ -237,7 +239,7 @@ def tiny_runs(tmp_path_factory, tiny_llama, tiny_task_file):
     names = run.component_names
     weights = torch.linspace(-0.2, 1.2, len(names))
     save_weights(weights_file(paths[0]), names, ReweightResult(weights, 100, "plateau", 1.0))
-    RESULTS.assign(task="tiny", limit=12).to_csv(root / "results.csv", index=False)
+    RESULTS.assign(model="tiny", task="tiny", limit=12, n_test=12, note="").to_csv(root / "results.csv", index=False)
     return root, paths
 
 

@@ -24,7 +24,7 @@ from parts.data.prompts import PromptSet, build_prompts
 from parts.data.tasks import get_task
 from parts.decomposition.runs import Decomposition, DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.evaluate import read_results
+from parts.experiments.results import read_results
 from parts.experiments.runner import check_finite, decompose_task, ensure_run, run_decomposition
 
 REPO = Path(__file__).resolve().parents[1]
@@ -568,7 +568,7 @@ def test_killed_runs_leave_nothing_that_loads_and_rerun_identically(tmp_path, ti
 
     # The evaluation died the same way: the test run finished, the train run not, no results yet.
     killed = tmp_path / "evaluate-killed"
-    assert len(list(killed.rglob("summary.json"))) == 1 and read_results(killed / "results.csv") == []
+    assert len(list(killed.rglob("summary.json"))) == 1 and read_results(killed / "results.csv").empty
     assert main([*evaluate, "--out", str(killed)]) == 0
     assert main([*evaluate, "--out", str(tmp_path / "evaluate-whole")]) == 0
     assert len(read_results(killed / "results.csv")) == 7

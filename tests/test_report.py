@@ -21,8 +21,8 @@ from parts.analysis.stats import chance_extremes
 from parts.cli import main
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.evaluate import read_results, write_results
 from parts.experiments.export import interval_tables
+from parts.experiments.results import read_results, write_results
 from parts.experiments.sweep import sweep
 from parts.report import data as report_data
 from parts.report.site import build_report
@@ -220,8 +220,8 @@ def test_main_table_with_intervals_after_parts_evaluate(tmp_path, tiny_model_dir
     assert cell in overview and "95% hierarchical bootstrap" in overview
     assert "train runs (the labelled examples reweighting trains on) not shown" in overview
     data = task_json(tmp_path / "site", "tiny")
-    k_shot = [r for r in rows if (r["method"], r["labels"], r["seed"]) == ("icl", "4", "1")][0]
-    assert data["runs"][1]["results"]["k-shot ICL"] == pytest.approx(float(k_shot["accuracy"]))
+    k_shot = rows[(rows["method"] == "icl") & (rows["labels"] == 4) & (rows["seed"] == 1)]["accuracy"].item()
+    assert data["runs"][1]["results"]["k-shot ICL"] == pytest.approx(k_shot)
     assert data["weights"] == ["12", "oracle"]
 
 

@@ -40,7 +40,7 @@ from torch import Tensor
 from parts.analysis.stats import adjust_pvalues, binomial_p_values, chance_accuracy, chance_extremes, is_significant
 from parts.components import parse_component
 from parts.data.tasks import get_task
-from parts.decomposition.runs import SUMMARY, DecompositionRun
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 
 CATEGORIES = ("good", "bad", "label-biased", "neutral")
@@ -249,23 +249,6 @@ def stability_summary(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- finding runs ----------------------------------------------------------------------------
-def find_runs(root: str | Path) -> list[Path]:
-    """Every finished run folder under `root` (itself included), sorted; staging folders skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        raise PartsError(f"{root} is not a folder: give the --out folder of a sweep or a run folder")
-    found = [p.parent for p in root.rglob(SUMMARY)]
-    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
-def load_runs(root: str | Path) -> list[DecompositionRun]:
-    """Every finished run under `root`, in `find_runs` order."""
-    paths = find_runs(root)
-    if not paths:
-        raise PartsError(f"no finished runs under {root}: run `parts sweep --out {root}` first")
-    return [DecompositionRun.load(path) for path in paths]
-
-
 def collection(path: str | Path) -> str:
     """The sweep root a run folder sits in (`root/<model>/<task>/<run>`): runs of one root are compared together."""
     parents = Path(path).parents

@@ -41,7 +41,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parts import io
-    from parts.analysis.analyze import analysis_report, find_runs, format_report, load_runs
+    from parts.analysis.analyze import analysis_report, format_report
+    from parts.decomposition.runs import find_runs, load_runs
 
     out = Path(args.out) if args.out else Path(args.root) / "analysis.json"
     io.check_file(out, legacy=io.contains('"label_bias_threshold"'))  # before the work: a user's file there is refused

@@ -37,20 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from parts.errors import PartsError
-    from parts.experiments.evaluate import (
-        RESULTS_CSV,
-        LazyModel,
-        check_outputs,
-        evaluate_setting,
-        finished,
-        read_results,
-        results_table,
-        select,
-        sweep_settings,
-        table_path,
-        write_results,
-        write_table,
-    )
+    from parts.experiments.evaluate import LazyModel, evaluate_setting, finished, select, sweep_settings, table_path
+    from parts.experiments.results import RESULTS_CSV, check_outputs, read_results, results_table, write_results, write_table
     from parts.experiments.runner import model_slug
     from parts.model.loading import load_model
 
@@ -81,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     write_table(table, text, header)
     print(text)
     print(f"rows in {csv_path}, table in {table}")
-    if chosen:
+    if not chosen.empty:
         from parts.data.tasks import get_task
         from parts.experiments.export import interval_tables
         from parts.figures.tables import markdown

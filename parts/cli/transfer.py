@@ -8,8 +8,6 @@ from typing import Any
 
 from parts.cli.common import add_model_options, int_list, non_negative_int, positive_int, run_options
 
-TRANSFER_CSV = "transfer.csv"
-
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -39,7 +37,8 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from parts.experiments.evaluate import LazyModel, check_outputs, results_table, write_results, write_table
+    from parts.experiments.evaluate import LazyModel
+    from parts.experiments.results import TRANSFER_CSV, check_outputs, results_table, write_results, write_table
     from parts.experiments.runner import model_slug
     from parts.experiments.transfer import evaluate_transfer, parse_pairs, transfer_gap, transfer_settings
     from parts.model.loading import load_model

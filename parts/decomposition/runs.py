@@ -312,3 +312,34 @@ def is_legacy_run(path: Path) -> bool:
     return (isinstance(summary, dict) and "format_version" in summary
             and all(e.is_file() and e.suffix in (".json", ".jsonl", ".safetensors") or io.is_bookkeeping(e.name)
                     for e in folder.iterdir()))
+
+
+# -- finding saved runs --------------------------------------------------------------------------
+def find_runs(root: str | Path) -> list[Path]:
+    """Every finished run folder under `root` (itself included), sorted; staging folders skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PartsError(f"{root} is not a folder: give the --out folder of a sweep or a run folder")
+    found = [p.parent for p in root.rglob(SUMMARY)]
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run and the folder it was loaded from (weights and cached logits are saved beside it)."""
+
+    path: Path
+    run: DecompositionRun
+
+
+def load_saved_runs(root: str | Path) -> list[SavedRun]:
+    """Every finished run under `root` with its folder, in `find_runs` order."""
+    paths = find_runs(root)
+    if not paths:
+        raise PartsError(f"no finished runs under {root}: run `parts sweep --out {root}` or `parts decompose` first")
+    return [SavedRun(path, DecompositionRun.load(path)) for path in paths]
+
+
+def load_runs(root: str | Path) -> list[DecompositionRun]:
+    """Every finished run under `root`, in `find_runs` order."""
+    return [saved.run for saved in load_saved_runs(root)]

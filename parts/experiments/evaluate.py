@@ -20,14 +20,13 @@ where it stopped and several sweeps can share one output root.
 
 from __future__ import annotations
 
-import csv
-import statistics
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
@@ -42,12 +41,11 @@ from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
+from parts.experiments.results import result_row, setting_key, setting_keys
 from parts.experiments.runner import ensure_run, model_slug, run_dir
 from parts.reweighting import calibration
+from parts.reweighting.methods import MAIN_METHODS
 from parts.reweighting.reweight import load_weights, predict, save_weights, train_weights, weights_file
-
-COLUMNS = ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy", "n_test", "note")
-RESULTS_CSV = "results.csv"
 
 
 # -- L-shot prompts ------------------------------------------------------------------------------
@@ -137,9 +135,8 @@ class Setting:
         return self.task.default_shots if self.shots is None else self.shots
 
     def expected_methods(self) -> set[tuple[str, int]]:
-        k = self.k
-        fixed = {("icl", k), ("contextual", k), ("batch", k), ("oracle", k)}
-        return fixed | {(m, n) for n in self.labels for m in ("icl", "calib+", "comprw")}
+        at_k = {(m.key, self.k) for m in MAIN_METHODS if m.at_k}
+        return at_k | {(m.key, n) for n in self.labels for m in MAIN_METHODS if m.at_budget}
 
 
 class LazyModel:
@@ -157,9 +154,8 @@ class LazyModel:
 
 def _row(model: str, setting: Setting, method: str, labels: int, accuracy: float, n_test: int, note: str = ""
          ) -> dict[str, Any]:
-    return {"model": model, "task": setting.task.name, "template": setting.template, "seed": setting.seed,
-            "shots": setting.k, "limit": "all" if setting.limit is None else setting.limit, "method": method,
-            "labels": labels, "accuracy": round(accuracy, 6), "n_test": n_test, "note": note}
+    return result_row(model, setting.task.name, setting.template, setting.seed, setting.k, setting.limit, method, labels,
+                      accuracy, n_test, note)
 
 
 def _accuracy(predictions: Tensor, run: DecompositionRun) -> float:
@@ -285,128 +281,24 @@ def setting_predictions(root: str | Path, model_arg: str | None, setting: Settin
 
 
 # -- results.csv -------------------------------------------------------------------------------------
-def _key(row: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(row[c]) for c in ("model", "task", "template", "seed", "shots", "limit", "method", "labels"))
+def finished(results: pd.DataFrame, model: str, setting: Setting) -> bool:
+    """Whether `results` already hold every method of `setting` for `model`."""
+    key = _setting_key(model, setting)
+    mine = results[setting_keys(results).map(lambda k: k == key).astype(bool)]
+    return setting.expected_methods() <= set(zip(mine["method"], mine["labels"], strict=True))
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+def _setting_key(model: str, setting: Setting) -> tuple:
+    return setting_key(model, setting.task.name, setting.template, setting.seed, setting.k, setting.limit)
 
 
-def write_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Merge `rows` into the CSV at `path` (a new row replaces one with the same key), atomically.
-
-    A lock file serialises read-merge-write, so sweeps sharing one output root keep each other's rows.
-    """
-    path = Path(path)
-    is_results = io.starts_with(",".join(COLUMNS))
-    io.check_file(path, is_results)  # before reading: a user's file of that name is neither merged nor replaced
-    with io.lock(path):
-        merged = {_key(r): r for r in read_results(path)}
-        merged.update({_key(r): r for r in rows})
-
-        def write(staging: Path) -> None:
-            with staging.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(merged.values())
-
-        io.write_file(path, write, legacy=is_results)
-    return path
-
-
-def check_outputs(csv_path: str | Path, table: str | Path) -> None:
-    """Raise now if a results CSV or table cannot be written (a file parts did not write stands there)."""
-    io.check_file(csv_path, io.starts_with(",".join(COLUMNS)))
-    io.check_file(table, io.contains(TABLE_HEAD))
-
-
-def finished(rows: Sequence[dict[str, Any]], model: str, setting: Setting) -> bool:
-    """Whether `rows` already hold every method of `setting` for `model`."""
-    limit = "all" if setting.limit is None else str(setting.limit)
-    have = {(r["method"], int(r["labels"])) for r in rows
-            if (r["model"], r["task"], str(r["template"]), str(r["seed"]), str(r["shots"]), str(r["limit"]))
-            == (model, setting.task.name, str(setting.template), str(setting.seed), str(setting.k), limit)}
-    return setting.expected_methods() <= have
-
-
-# -- The main table ------------------------------------------------------------------------------------
-def column_name(method: str, labels: int, shots: int) -> str:
-    """The paper's column headings: k-shot ICL, 24-shot ICL, Calib+ 24, CompRW 24, ..."""
-    if method == "icl":
-        return "k-shot ICL" if labels == shots else f"{labels}-shot ICL"
-    names = {"calib+": "Calib+", "comprw": "CompRW", "contextual": "ContextualCal", "batch": "BatchCal",
-             "oracle": "Oracle RW (upper bound)"}
-    return f"{names[method]} {labels}" if method in ("calib+", "comprw") else names.get(method, method)
-
-
-def _column_order(name: str) -> tuple[int, int]:
-    for rank, prefix in enumerate(("k-shot ICL", "ContextualCal", "BatchCal")):
-        if name == prefix:
-            return (0, rank)
-    budget = int("".join(ch for ch in name if ch.isdigit()) or 0)
-    for rank, word in enumerate(("-shot ICL", "Calib+", "CompRW")):
-        if word in name and name != "k-shot ICL":
-            return (1 + 1000 - budget, rank)  # larger budgets first, as the paper
-    return (10_000, 0)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-TABLE_HEAD = "| task | runs | "
-
-
-def results_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A markdown table: accuracy (%) per task and method as mean ± std over templates x seeds,
-    then the average over tasks (of the per-task means)."""
-    if not rows:
-        return "(no results)"
-    cells: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        column = column_name(r["method"], int(r["labels"]), int(r["shots"]))
-        cells.setdefault((r["task"], column), []).append(100 * float(r["accuracy"]))
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    columns = sorted({c for _, c in cells}, key=_column_order)
-    runs = {t: len({(r["template"], r["seed"]) for r in rows if r["task"] == t}) for t in tasks}
-    lines = [TABLE_HEAD + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for t in tasks:
-        shown = []
-        for c in columns:
-            values = cells.get((t, c))
-            shown.append("" if not values else "{:.1f} ± {:.1f}".format(*mean_std(values)))
-        lines.append(f"| {t} | {runs[t]} | " + " | ".join(shown) + " |")
-    averages = []
-    for c in columns:
-        means = [statistics.fmean(cells[(t, c)]) for t in tasks if (t, c) in cells]
-        averages.append(f"**{statistics.fmean(means):.1f}**" if len(means) == len(tasks) else "")
-    lines.append(f"| **average** | {sum(runs.values())} | " + " | ".join(averages) + " |")
-    return "\n".join(lines)
-
-
-def select(rows: Sequence[dict[str, Any]], model: str, settings: Sequence[Setting]) -> list[dict[str, Any]]:
-    """The rows of `rows` that belong to `settings` (for `model`), in the order of `settings`."""
-    wanted: dict[tuple[str, ...], int] = {}
-    for order, s in enumerate(settings):
-        limit = "all" if s.limit is None else str(s.limit)
-        wanted[(model, s.task.name, str(s.template), str(s.seed), str(s.k), limit)] = order
-    chosen = [r for r in rows if (r["model"], r["task"], str(r["template"]), str(r["seed"]), str(r["shots"]),
-                                  str(r["limit"])) in wanted]
+def select(results: pd.DataFrame, model: str, settings: Sequence[Setting]) -> pd.DataFrame:
+    """The rows of `results` that belong to `settings` (for `model`), in the order of `settings`."""
+    wanted = {_setting_key(model, s): order for order, s in enumerate(settings)}
     budgets = {n for s in settings for n in s.labels} | {s.k for s in settings}
-    chosen = [r for r in chosen if int(r["labels"]) in budgets]
-    return sorted(chosen, key=lambda r: wanted[(r["model"], r["task"], str(r["template"]), str(r["seed"]),
-                                                str(r["shots"]), str(r["limit"]))])
-
-
-def write_table(path: str | Path, table: str, header: str = "") -> Path:
-    """A markdown results table (from `results_table`) with a header line, written atomically."""
-    return io.write_text(path, (header + "\n\n" if header else "") + table + "\n", legacy=io.contains(TABLE_HEAD))
+    order = setting_keys(results).map(lambda key: wanted.get(key, -1))
+    chosen = (order >= 0) & results["labels"].isin(budgets)
+    return results[chosen].assign(_order=order[chosen]).sort_values("_order", kind="stable").drop(columns="_order")
 
 
 def sweep_settings(tasks: Sequence[str], templates: Sequence[int], seeds: Sequence[int], limit: int | None,

@@ -31,10 +31,10 @@ from parts.data.prompts import LABEL_BUDGET
 from parts.data.tasks import Task, get_task
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.evaluate import RESULTS_CSV, Setting, read_results, setting_predictions
+from parts.experiments.evaluate import Setting, setting_predictions
+from parts.experiments.results import RESULTS_CSV, TRANSFER_CSV, read_results, text_records
 from parts.experiments.transfer import TransferSetting, transfer_setting_predictions
 
-TRANSFER_CSV = "transfer.csv"
 RUN_NAME = re.compile(r"t(?P<template>\d+)-s(?P<seed>\d+)-k(?P<shots>\d+)-test-n(?P<limit>\w+)$")
 
 
@@ -145,8 +145,8 @@ def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
     tasks = tasks or {}
     root, out = Path(root), Path(out)
     size = "all" if limit is None else str(limit)
-    main_rows = [r for r in read_results(root / RESULTS_CSV) if r["limit"] == size]
-    transfer_rows = [r for r in read_results(root / TRANSFER_CSV) if r["limit"] == size or " -> " in r["task"]]
+    main_rows = [r for r in text_records(read_results(root / RESULTS_CSV)) if r["limit"] == size]
+    transfer_rows = [r for r in text_records(read_results(root / TRANSFER_CSV)) if r["limit"] == size or " -> " in r["task"]]
     if not main_rows and not transfer_rows:
         raise PartsError(f"no results at n={size} under {root}: run `parts evaluate --limit {size} --out {root}` first")
     predictions = main_predictions(root, main_rows, tasks)
@@ -162,10 +162,11 @@ def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
     return written
 
 
-def interval_tables(root: str | Path, rows: list[dict[str, Any]], tasks: Mapping[str, str | Path] | None = None,
+def interval_tables(root: str | Path, results: pd.DataFrame, tasks: Mapping[str, str | Path] | None = None,
                     n_resamples: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The main table with 95% hierarchical bootstrap intervals, and CompRW minus each baseline with its
     interval, for `results.csv` rows whose settings are finished under `root` (`parts evaluate` prints them)."""
+    rows = text_records(results)
     predictions = pd.DataFrame(main_predictions(Path(root), rows, tasks or {}))
     if predictions.empty:
         return pd.DataFrame(), pd.DataFrame()

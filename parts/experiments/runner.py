@@ -171,8 +171,19 @@ def run_dir(
     """
     task = get_task(task) if not isinstance(task, Task) else task
     shots = task.default_shots if shots is None else shots
-    size = "all" if limit is None else str(limit)
-    return Path(root) / model_slug(model, options) / task.name / f"t{template}-s{seed}-k{shots}-{split}-n{size}"
+    return Path(root) / model_slug(model, options) / task.name / run_folder_name(template, seed, shots, split, limit)
+
+
+def transfer_run_dir(root: str | Path, model: str | None, source: Task, target: Task, template: int, seed: int,
+                     shots: int, limit: int | None, options: RunOptions | None = None) -> Path:
+    """Where a transfer keeps its target run: `root/<model>/transfer/<source>-to-<target>/<run_folder_name>`."""
+    return (Path(root) / model_slug(model, options) / "transfer" / f"{source.name}-to-{target.name}"
+            / run_folder_name(template, seed, shots, "test", limit))
+
+
+def run_folder_name(template: int, seed: int, shots: int, split: str, limit: int | None) -> str:
+    """`t{template}-s{seed}-k{shots}-{split}-n{limit}` (`nall` for every example)."""
+    return f"t{template}-s{seed}-k{shots}-{split}-n{'all' if limit is None else limit}"
 
 
 def ensure_run(

@@ -12,8 +12,8 @@ source's own demonstrations, so the prompt prefix is exactly the one the weights
 under. Component weights (`comprw`) and Calib+ class weights (`calib+`) are trained on the
 source's 24 - k labelled training examples (`parts.reweighting.reweight`, `parts.reweighting.calibration`, the same
 recipes as `parts evaluate`) and scored on both the source and the target test set, next to
-the full model (`icl`, k-shot) and batch calibration. Rows have `parts.experiments.evaluate`'s columns, so
-`parts.experiments.evaluate.results_table` prints the source task and "source -> target" as two lines.
+the full model (`icl`, k-shot) and batch calibration. Rows are `parts.experiments.results` rows, so
+`parts.experiments.results.results_table` prints the source task and "source -> target" as two lines.
 
 Runs: the source's are ordinary `run_dir` folders (shared with `parts evaluate` under the same
 root); the target's are `root/<model>/transfer/<source>-to-<target>/t{template}-s{seed}-k{k}-test-n{limit}`.
@@ -35,12 +35,13 @@ from parts.data.tasks import Task, get_task, load_split
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.runner import ensure_run, model_slug, run_decomposition, run_dir
+from parts.experiments.results import result_row
+from parts.experiments.runner import ensure_run, model_slug, run_decomposition, run_dir, transfer_run_dir
 from parts.reweighting import calibration
+from parts.reweighting.methods import method_labels
 from parts.reweighting.reweight import predict, train_weights
 
 PAPER_PAIRS = (("sst2", "yelp"), ("boolq", "boolq_contrast"))
-METHODS = ("icl", "batch", "calib+", "comprw")
 
 
 def transfer_name(source: Task, target: Task) -> str:
@@ -88,13 +89,6 @@ def transfer_prompts(
         label_names=source.label_names, label_words=shown.label_words, demonstrations=shown.demonstrations,
         example_indices=tuple(indices), prompts=prompts, labels=tuple(rows[i]["label"] for i in indices),
     )
-
-
-def transfer_run_dir(root: str | Path, model: str | None, source: Task, target: Task, template: int, seed: int,
-                     shots: int, limit: int | None, options: RunOptions | None = None) -> Path:
-    size = "all" if limit is None else str(limit)
-    return (Path(root) / model_slug(model, options) / "transfer" / f"{source.name}-to-{target.name}"
-            / f"t{template}-s{seed}-k{shots}-test-n{size}")
 
 
 @dataclass(frozen=True)
@@ -150,10 +144,6 @@ def single_component_transfer(source_test: DecompositionRun, target_test: Decomp
     }
 
 
-def _labels_of(method: str, k: int) -> int:
-    return LABEL_BUDGET if method in ("calib+", "comprw") else k
-
-
 def evaluate_transfer(
     model: Callable[[], Any], model_arg: str | None, setting: TransferSetting, root: str | Path,
     options: RunOptions | None = None, **recipe: Any,
@@ -194,20 +184,16 @@ def evaluate_transfer(
         for task_name, run, limit in ((source.name, source_test, setting.source_limit),
                                       (transfer_name(source, target), target_test, setting.target_limit)):
             accuracy = float((predictions_of(run) == run.labels).float().mean())
-            rows.append({"model": name, "task": task_name, "template": setting.template, "seed": setting.seed,
-                         "shots": k, "limit": "all" if limit is None else limit, "method": method,
-                         "labels": _labels_of(method, k), "accuracy": round(accuracy, 6), "n_test": run.n_examples,
-                         "note": note})
+            rows.append(result_row(name, task_name, setting.template, setting.seed, k, limit, method,
+                                   method_labels(method, k, LABEL_BUDGET), accuracy, run.n_examples, note))
     target_name = transfer_name(source, target)
     for method, (component, predictions) in single_component_transfer(source_test, target_test).items():
         if method == "full":
             continue  # the target's `icl` row below
         accuracy = float((predictions == target_test.labels).float().mean())
         note = f"{component}, chosen on the {'source' if method == 'transfer-1' else 'target (upper bound)'} test set"
-        rows.append({"model": name, "task": target_name, "template": setting.template, "seed": setting.seed,
-                     "shots": k, "limit": "all" if setting.target_limit is None else setting.target_limit,
-                     "method": method, "labels": k, "accuracy": round(accuracy, 6), "n_test": target_test.n_examples,
-                     "note": note})
+        rows.append(result_row(name, target_name, setting.template, setting.seed, k, setting.target_limit, method,
+                               method_labels(method, k, LABEL_BUDGET), accuracy, target_test.n_examples, note))
     return rows
 
 
@@ -232,7 +218,7 @@ def transfer_setting_predictions(root: str | Path, model_arg: str | None, settin
     target_name = transfer_name(source, target)
     for method, (predictions_of, _) in method_predictions(source_train, **recipe).items():
         for task_name, run in ((source.name, source_test), (target_name, target_test)):
-            out[(task_name, method, _labels_of(method, k))] = (run.labels, predictions_of(run))
+            out[(task_name, method, method_labels(method, k, LABEL_BUDGET))] = (run.labels, predictions_of(run))
     for method, (_, predictions) in single_component_transfer(source_test, target_test).items():
         if method != "full":
             out[(target_name, method, k)] = (target_test.labels, predictions)

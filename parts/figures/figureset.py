@@ -11,50 +11,30 @@ run by `parts evaluate` the weights heatmap. A figure whose inputs are absent is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-import pandas as pd
 import plotly.graph_objects as go
 
-from parts.analysis.analyze import accuracy_correlation, component_table, correlation_matrix, find_runs, run_label
+from parts.analysis.analyze import accuracy_correlation, component_table, correlation_matrix, group_runs, run_label
 from parts.analysis.inspect_head import inspect_head, pick_heads
 from parts.data.tasks import get_task
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import DecompositionRun, SavedRun, load_saved_runs
 from parts.errors import PartsError
+from parts.experiments.results import RESULTS_CSV, read_results
 from parts.figures import plotting
 from parts.reweighting.reweight import load_weights, weights_file
-
-RESULTS_CSV = "results.csv"
-
-
-@dataclass(frozen=True)
-class SavedRun:
-    """A run and the folder it was loaded from (weights are saved beside it)."""
-
-    path: Path
-    run: DecompositionRun
-
-
-def load_saved_runs(root: str | Path) -> list[SavedRun]:
-    paths = find_runs(root)
-    if not paths:
-        raise PartsError(f"no finished runs under {root}: run `parts sweep --out {root}` or `parts decompose` first")
-    return [SavedRun(path, DecompositionRun.load(path)) for path in paths]
 
 
 def test_groups(saved: Sequence[SavedRun]) -> dict[str, list[SavedRun]]:
     """Comparable test runs by figure-name prefix: the task, with the model and size added only
     where needed to tell groups apart; each group sorted by (template, seed)."""
-    groups: dict[tuple, list[SavedRun]] = {}
-    for item in saved:
-        p = item.run.prompts
-        if p.split == "test":
-            groups.setdefault((item.run.model, p.task, p.shots, item.run.n_examples), []).append(item)
+    tests = [item for item in saved if item.run.prompts.split == "test"]
+    # group_runs's key: (collection, model, task, split, shots, n_examples); no paths, so no collection.
+    groups = {key[1:]: [tests[i] for i in indices] for key, indices in group_runs([s.run for s in tests]).items()}
     models = {key[0] for key in groups}
     named: dict[str, list[SavedRun]] = {}
-    for (model, task, shots, n), items in groups.items():
+    for (model, task, _, shots, n), items in groups.items():
         tasks_like_this = sum(1 for key in groups if key[0] == model and key[1] == task)
         prefix = task if tasks_like_this == 1 else f"{task}-k{shots}-n{n}"
         if len(models) > 1:
@@ -141,7 +121,7 @@ def results_figures(
     path = Path(path)
     if not path.is_file():
         return {}
-    results = pd.read_csv(path)
+    results = read_results(path)
     if tasks:
         results = results[results["task"].isin(list(tasks))]
     if examples is not None and "limit" in results.columns:

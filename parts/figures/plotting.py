@@ -22,6 +22,7 @@ from torch import Tensor
 
 from parts.components import component_kind, parse_component
 from parts.errors import PartsError
+from parts.experiments.results import method_summary
 
 if TYPE_CHECKING:
     from parts.analysis.inspect_head import AttentionView, HeadInspection
@@ -256,56 +257,23 @@ def accuracy_distribution(table: pd.DataFrame, full_accuracy: float, chance: flo
 
 
 # -- figure 5: reweighting --------------------------------------------------------------------------------
-# The main table's methods (rows of runs/results.csv from `parts evaluate`), in the order drawn.
-METHOD_ORDER = ("icl-k", "contextual", "batch", "icl", "calib+", "comprw", "oracle")
-METHOD_NAMES = {"contextual": "contextual calibration", "batch": "batch calibration", "calib+": "Calib+",
-                "comprw": "reweighting (CompRW)", "oracle": "oracle reweighting (upper bound)"}
-
-
-def method_label(method: str, labels: int, shots: int) -> str:
-    """How a legend names a (method, labelled examples) pair: '4-shot ICL', 'Calib+ 24', ..."""
-    if method == "icl":
-        return f"{labels}-shot ICL"
-    name = METHOD_NAMES.get(method, method)
-    return f"{name} {labels}" if method in ("calib+", "comprw") else name
-
-
-def _method_rank(method: str, labels: int, shots: int) -> tuple[int, int]:
-    key = "icl-k" if method == "icl" and labels == shots else method
-    rank = METHOD_ORDER.index(key) if key in METHOD_ORDER else len(METHOD_ORDER)
-    return rank, 0 if key == "icl-k" else -labels  # k-shot ICL: one series in task order, whatever each k
-
-
-def method_summary(results: pd.DataFrame, include_oracle: bool = False) -> pd.DataFrame:
-    """Mean and sample standard deviation of accuracy over templates x seeds, per task and method
-    (columns task, method, labels, shots, label, mean, std, count), methods in the paper's order."""
-    missing = [c for c in ("task", "method", "labels", "shots", "accuracy") if c not in results.columns]
-    if missing:
-        raise PartsError(f"the results table lacks columns {missing}: pass runs/results.csv from `parts evaluate`")
-    if not include_oracle:
-        results = results[results["method"] != "oracle"]
-    keys = ["task", "method", "labels", "shots"]
-    summary = results.groupby(keys, sort=False)["accuracy"].agg(["mean", "std", "count"]).reset_index()
-    summary["std"] = summary["std"].fillna(0.0)  # one run: no spread to show
-    summary["label"] = [method_label(m, int(n), int(k)) for m, n, k in zip(summary["method"], summary["labels"],
-                                                                           summary["shots"], strict=True)]
-    summary["rank"] = [_method_rank(m, int(n), int(k)) for m, n, k in zip(summary["method"], summary["labels"],
-                                                                           summary["shots"], strict=True)]
+def _k_shot_label(summary: pd.DataFrame) -> pd.Series:
+    """The legend of k-shot ICL, one series whatever each task's k: 'k-shot ICL (k = 4; 3 for mnli)'."""
+    labels = summary["label"].copy()
     k_shot = (summary["method"] == "icl") & (summary["labels"] == summary["shots"])
     shots = summary.loc[k_shot].groupby("task", sort=False)["shots"].first()
-    if shots.nunique() > 1:  # one bar series for k-shot ICL, whatever each task's k (mnli: 3)
+    if len(shots):
         usual = int(shots.mode().iloc[0])
-        others = "; ".join(f"{k} for {', '.join(shots.index[shots == k])}" for k in dict.fromkeys(shots) if k != usual)
-        summary.loc[k_shot, "label"] = f"k-shot ICL (k = {usual}; {others})"
-    task_order = {t: i for i, t in enumerate(dict.fromkeys(results["task"]))}
-    summary["task_rank"] = summary["task"].map(task_order)
-    return summary.sort_values(["rank", "task_rank"], kind="stable").drop(columns=["rank", "task_rank"]).reset_index(drop=True)
+        others = "".join(f"; {k} for {', '.join(shots.index[shots == k])}" for k in dict.fromkeys(shots) if k != usual)
+        labels[k_shot] = f"{labels[k_shot].iloc[0]} (k = {usual}{others})"
+    return labels
 
 
 def method_bars(results: pd.DataFrame, title: str = "", include_oracle: bool = False) -> go.Figure:
     """Figure 5a: accuracy per task and method, bars at the mean over templates x seeds, error bars
     one standard deviation."""
     summary = method_summary(results, include_oracle)
+    summary["label"] = _k_shot_label(summary)
     figure = go.Figure()
     for label, rows in summary.groupby("label", sort=False):
         figure.add_trace(go.Bar(

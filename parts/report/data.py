@@ -42,23 +42,21 @@ from parts.analysis.analyze import (
     CATEGORIES,
     component_table,
     correlation_matrix,
-    find_runs,
     group_runs,
     pair_table,
     stability_summary,
 )
 from parts.analysis.stats import chance_extremes
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import DecompositionRun, find_runs
 from parts.errors import PartsError
-from parts.experiments.evaluate import read_results
 from parts.experiments.export import interval_tables
+from parts.experiments.results import RESULTS_CSV, read_results
 from parts.figures import plotting
 from parts.reweighting.reweight import load_weights
 
 HISTOGRAM_BINS = 24
 PER_RUN_HISTOGRAMS = 25  # more runs than this in a task: one histogram per template instead of per run
 DIGITS = 4  # accuracies and shares are multiples of 1/n: 4 decimals keep n <= 10000 exact enough to read
-RESULTS_CSV = "results.csv"  # written by `parts evaluate` at the sweep's root
 
 
 @dataclass(frozen=True)
@@ -193,13 +191,11 @@ def results_path(root: str | Path, results: str | Path | None = None) -> Path | 
 
 
 def read_results_frame(path: Path) -> pd.DataFrame:
-    """`results.csv` as a typed table, checked for the columns the report reads."""
-    table = pd.read_csv(path)
-    missing = [c for c in ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy")
-               if c not in table.columns]
-    if missing:
-        raise PartsError(f"{path} lacks columns {missing}: give the results.csv written by `parts evaluate`")
-    return table
+    """`results.csv` as a typed table (`parts.experiments.results.read_results`), its path named if it is not one."""
+    try:
+        return read_results(path)
+    except PartsError as err:
+        raise PartsError(f"{path}: {err}") from None
 
 
 def main_tables(root: str | Path, path: Path, tasks: Mapping[str, str | Path] | None = None) -> list[dict[str, Any]]:
@@ -207,14 +203,12 @@ def main_tables(root: str | Path, path: Path, tasks: Mapping[str, str | Path] | 
     bootstrap interval and CompRW minus each baseline (`parts.experiments.export.interval_tables`, recomputed from
     the run folders under `root`); where that cannot be done (a setting's files are missing, a user task whose
     JSON is not in `tasks`), mean ± sd over templates x seeds (`parts.figures.plotting.method_summary`) and why."""
-    rows = read_results(path)
     frame = read_results_frame(path)
     tables = []
     for (model, limit), group in frame.groupby(["model", "limit"], sort=False):
-        mine = [r for r in rows if (r["model"], r["limit"]) == (str(model), str(limit))]
         entry: dict[str, Any] = {"model": str(model), "limit": str(limit)}
         try:
-            accuracy, differences = interval_tables(root, mine, tasks)
+            accuracy, differences = interval_tables(root, group, tasks)
             if accuracy.empty:
                 raise PartsError("no setting's predictions could be recomputed")
             entry |= {"intervals": True, "accuracy": accuracy, "differences": differences, "note": ""}

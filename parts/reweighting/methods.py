@@ -1,0 +1,76 @@
+"""The methods compared in the paper's main table: one registry of their keys, names and label use.
+
+A result row names its method by `key` (`results.csv`'s `method` column) and says how many labelled
+examples it used (`labels`): k, the demonstrations alone, or a label budget L (k demonstrations plus
+L - k training examples). `method_label` is the one name a method has in tables and figures;
+`method_order` the one order they are shown in (the paper's: the k-shot methods, then per budget,
+largest first, L-shot ICL, Calib+ and CompRW, then the upper bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison."""
+
+    key: str  # `method` in results.csv
+    name: str  # its column heading (before the label budget, for budgeted methods)
+    at_k: bool  # has a row with labels = k: it sees only the k demonstrations' labels
+    at_budget: bool  # has a row per label budget L: it sees all L labelled examples
+    upper_bound: bool = False  # not a method: trained on the test labels, a ceiling
+    main: bool = True  # in the paper's main table (`parts evaluate`); else in the transfer table only
+    description: str = ""
+
+
+METHODS = (
+    Method("icl", "ICL", at_k=True, at_budget=True,
+           description="the full model with the k demonstrations, or all L labelled examples as demonstrations"),
+    Method("contextual", "ContextualCal", at_k=True, at_budget=False,
+           description="k-shot probabilities divided by the content-free prior (Zhao et al. 2021)"),
+    Method("batch", "BatchCal", at_k=True, at_budget=False,
+           description="k-shot probabilities minus the test batch's mean (Zhou et al. 2024)"),
+    Method("calib+", "Calib+", at_k=False, at_budget=True,
+           description="per-class weights on the k-shot probabilities, trained on the L - k others"),
+    Method("comprw", "CompRW", at_k=False, at_budget=True,
+           description="per-component weights, trained on the L - k others (parts.reweighting.reweight)"),
+    Method("oracle", "Oracle RW (upper bound)", at_k=True, at_budget=False, upper_bound=True,
+           description="per-component weights trained on the test set itself"),
+    # The paper's Table 3 (transfer): one component's own predictions on the target test set.
+    Method("transfer-1", "transfer-1", at_k=True, at_budget=False, main=False,
+           description="the component most accurate on the source test set"),
+    Method("oracle-1", "oracle-1", at_k=True, at_budget=False, upper_bound=True, main=False,
+           description="the component most accurate on the target test set itself"),
+)
+BY_KEY = {method.key: method for method in METHODS}
+MAIN_METHODS = tuple(method for method in METHODS if method.main)
+
+
+def method_labels(key: str, shots: int, budget: int) -> int:
+    """The `labels` a method's row records: the budget for a method that trains on it, else k."""
+    return budget if not BY_KEY[key].at_k else shots
+
+
+def method_label(key: str, labels: int, shots: int) -> str:
+    """The method's name in tables and figures: 'k-shot ICL', '24-shot ICL', 'Calib+ 24', 'BatchCal', ..."""
+    method = BY_KEY.get(key)
+    if method is None:
+        return key
+    if key == "icl":
+        return "k-shot ICL" if labels == shots else f"{labels}-shot ICL"
+    return f"{method.name} {labels}" if method.at_budget else method.name
+
+
+def method_order(key: str, labels: int, shots: int) -> tuple[int, int, int]:
+    """Sort key of the paper's order: k-shot methods, then each budget (largest first), then the upper bound."""
+    method = BY_KEY.get(key)
+    if method is None:
+        return 3, 0, 0
+    rank = METHODS.index(method)
+    if method.upper_bound:
+        return 2, 0, rank
+    if method.at_k and (labels == shots or not method.at_budget):
+        return 0, 0, rank
+    return 1, -labels, rank
