@@ -133,3 +133,20 @@ def test_agreement_pairs_name_the_relation():
     table = paper.agreement_table(pairs.reset_index())
     seeds = table[table["runs differ in"] == "demonstrations"].iloc[0]
     assert seeds["pairs"] == 1 and seeds["pearson r (paper)"] == "0.81"
+
+
+def test_transfer_intervals_table3():
+    rows = []
+    for seed, (full, one, oracle) in enumerate((("0101", "1101", "1111"), ("0011", "0111", "0111"))):
+        for method, correct in (("icl", full), ("transfer-1", one), ("oracle-1", oracle)):
+            rows.append({"kind": "transfer", "task": "sst2 -> yelp", "template": 1, "seed": seed, "method": method,
+                         "labels": 4, "correct": correct})
+    rows.append({"kind": "transfer", "task": "sst2", "template": 1, "seed": 0, "method": "icl", "labels": 4,
+                 "correct": "0000"})  # the source side: not a shift
+    table = paper.transfer_intervals(pd.DataFrame(rows), n_resamples=500)
+    row = table.iloc[0]
+    assert row["shift"] == "sst2 -> yelp" and row["runs"] == 2 and row["n"] == 4
+    assert row["FULL"].startswith("50.0 [") and row["TRANSFER-1"].startswith("75.0 [")
+    assert row["ORACLE-1 (upper bound)"].startswith("87.5 [")
+    assert row["TRANSFER-1 minus FULL"].startswith("25.0 [")
+    assert list(table["shift"]) == ["sst2 -> yelp", "average of the shifts"]

@@ -258,3 +258,29 @@ def transfer_table(transfer: pd.DataFrame) -> pd.DataFrame:
         row["paper FULL / TRANSFER-1 / ORACLE-1"] = "" if paper is None else " / ".join(f"{p:.1f}" for p in paper)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def transfer_intervals(predictions: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Table 3 on each shifted test set with 95% bootstrap intervals (examples and runs resampled), and
+    TRANSFER-1 minus FULL and minus each other method: one row per shift, 'mean [low, high]' cells (%)."""
+    shifted = predictions[(predictions["kind"] == "transfer") & predictions["task"].str.contains(" -> ")].copy()
+    if shifted.empty:
+        return pd.DataFrame()
+    shifted["method"] = shifted["method"].map(lambda m: TRANSFER_METHODS.get(m, m))
+    table = bootstrap_intervals(correctness_arrays(shifted), reference="TRANSFER-1", n_resamples=n_resamples,
+                                seed=seed, average="average of the shifts")
+    table[["estimate", "low", "high"]] *= 100
+    rows = []
+    for task, group in table.groupby("task", sort=False):
+        by_method = group.set_index("method")
+        first = by_method.iloc[0]
+        row: dict[str, object] = {"shift": task, "runs": int(first["runs"]), "n": int(first["examples"])}
+        for column in TRANSFER_METHODS.values():
+            if column in by_method.index:
+                row[column] = _cell(by_method.loc[column])
+        for name in ("FULL", "ORACLE-1 (upper bound)"):
+            key = f"TRANSFER-1 - {name}"
+            if key in by_method.index:
+                row[f"TRANSFER-1 minus {name.split(' ')[0]}"] = _cell(by_method.loc[key])
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -94,6 +94,8 @@ def build_tables(results: Results, n_resamples: int = 2000) -> tuple[dict[str, s
         analysis["pairs"] = _records(pairs)
     if not results.transfer.empty:
         blocks["table3"] = markdown(paper.transfer_table(results.transfer))
+    if not results.predictions.empty and (results.predictions["kind"] == "transfer").any():
+        blocks["table3-intervals"] = markdown(paper.transfer_intervals(results.predictions, n_resamples))
     return blocks, analysis
 
 
