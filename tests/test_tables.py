@@ -115,7 +115,7 @@ def test_rewrite_blocks_and_yardsticks_in_table1():
     assert measures.loc[0, "chance_best"] == pytest.approx(100 * ((1 - 0.25**3) + (1 - 0.75**3)) / 2)
     assert measures.loc[0, "label_biased_share"] == pytest.approx(100 / 3)
     table = paper.component_table_1(measures)
-    assert table.loc[0, "ORACLE-T1"] == "100.0 ± 0.0" and table.loc[0, "ORACLE-B1"] == "0.0 ± 0.0"
+    assert table.loc[0, "ORACLE-T1"] == "100.0" and table.loc[0, "ORACLE-B1"] == "0.0"  # one run: no spread shown
 
 
 def test_agreement_pairs_name_the_relation():
@@ -150,3 +150,14 @@ def test_transfer_intervals_table3():
     assert row["ORACLE-1 (upper bound)"].startswith("87.5 [")
     assert row["TRANSFER-1 minus FULL"].startswith("25.0 [")
     assert list(table["shift"]) == ["sst2 -> yelp", "average of the shifts"]
+
+
+def test_coverage_lists_what_finished():
+    main_rows = pd.DataFrame([{"task": "sst2", "template": t, "seed": s, "method": "icl"} for t, s in ((1, 0), (2, 0))])
+    runs = pd.DataFrame([{"task": "sst2", "template": 4, "seed": 0}, {"task": "sst2 -> yelp", "template": 1, "seed": 0}])
+    transfer = pd.DataFrame([{"task": "sst2 -> yelp", "template": 1, "seed": 0, "method": "transfer-1"}])
+    table = paper.coverage_table(main_rows, runs, transfer).set_index("task")
+    assert table.loc["sst2", "main-table settings (of 15)"] == "2: t1 s0, t2 s0"
+    assert table.loc["sst2", "test runs (Tables 1, 2)"] == "1: t4 s0"
+    assert table.loc["boolq", "main-table settings (of 15)"] == "0"
+    assert table.loc["sst2 -> yelp", "transfer runs (Table 3)"] == "1: t1 s0"

@@ -161,7 +161,8 @@ def run_measures(runs: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
 
 def _mean_std(values: pd.Series) -> str:
-    return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+    """'mean ± sample std' over runs; the mean alone for a single run (no spread to show)."""
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
 
 
 def component_table_1(measures: pd.DataFrame) -> pd.DataFrame:
@@ -284,3 +285,26 @@ def transfer_intervals(predictions: pd.DataFrame, n_resamples: int = 2000, seed:
                 row[f"TRANSFER-1 minus {name.split(' ')[0]}"] = _cell(by_method.loc[key])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def coverage_table(main: pd.DataFrame, runs: pd.DataFrame, transfer: pd.DataFrame, templates: tuple[int, ...] = (1, 2, 3),
+                   seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> pd.DataFrame:
+    """What has finished, per task: main-table settings (of templates x seeds), test runs (Tables 1 and 2,
+    template 4 included) and transfer runs, each as 'count: t1 s0, ...', so the docs say exactly what is there."""
+    def listed(frame: pd.DataFrame) -> str:
+        pairs = sorted({(int(t), int(s)) for t, s in zip(frame["template"], frame["seed"], strict=True)})
+        return f"{len(pairs)}: " + ", ".join(f"t{t} s{s}" for t, s in pairs) if pairs else "0"
+
+    tasks = _ordered_tasks(list(PAPER_TASK_ORDER) + list(main.get("task", pd.Series(dtype=str)))
+                           + [t for t in runs.get("task", pd.Series(dtype=str)) if " -> " not in t])
+    rows = []
+    for task in tasks:
+        settings = main[main["task"] == task] if len(main) else main
+        tested = runs[runs["task"] == task] if len(runs) else runs
+        rows.append({"task": task, f"main-table settings (of {len(templates) * len(seeds)})": listed(settings),
+                     "test runs (Tables 1, 2)": listed(tested) if len(tested) else "0"})
+    for shift in [t for t in dict.fromkeys(transfer.get("task", pd.Series(dtype=str))) if " -> " in t]:
+        done = transfer[(transfer["task"] == shift) & (transfer["method"] == "transfer-1")]
+        rows.append({"task": shift, f"main-table settings (of {len(templates) * len(seeds)})": "",
+                     "test runs (Tables 1, 2)": "", "transfer runs (Table 3)": listed(done) if len(done) else "0"})
+    return pd.DataFrame(rows).fillna("")

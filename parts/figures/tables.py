@@ -76,7 +76,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, object]]:
 
 def build_tables(results: Results, n_resamples: int = 2000) -> tuple[dict[str, str], dict[str, object]]:
     """Every generated docs block (name -> markdown) and the analysis JSON (plain data)."""
-    blocks: dict[str, str] = {}
+    blocks: dict[str, str] = {"coverage": markdown(paper.coverage_table(results.main, results.runs, results.transfer))}
     analysis: dict[str, object] = {}
     if not results.predictions.empty and (results.predictions["kind"] == "main").any():
         intervals = paper.main_intervals(results.predictions, results.main, n_resamples)
