@@ -236,6 +236,11 @@ class Decomposer:
             raise PartsError("no prompts to decompose")
         token_lists = self.tokenize(prompts)
         prefix_length = self.shared_prefix_length(token_lists) if prefix_reuse and len(prompts) > 1 else 0
+        window = getattr(plain_model(self.model).config, "sliding_window", None)
+        if prefix_length and isinstance(window, int) and max(len(t) for t in token_lists) > window:
+            # Pads between the prefix and a suffix would take key slots of a sliding window: not the model's
+            # own attention any more. Run every prompt in full.
+            prefix_length = 0
         batch_size = resolve_batch_size(batch_size, self.model, token_lists, prefix_length)
         prefix_cache = self.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
         # Longest first so padding within a batch is small (and memory peaks at the start).

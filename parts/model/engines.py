@@ -94,6 +94,14 @@ class BridgeEngine:
             raise PartsError("--split-experts needs the hf engine: drop --engine bridge")
         self.model = model
         self.hooks = set(layout.taps)
+        try:  # one token: TransformerLens's own forward fails on some adapters (CodeGen's attention)
+            with torch.inference_mode():
+                model(torch.zeros((1, 1), dtype=torch.long, device=model.W_U.device), logits_to_keep=1)
+        except Exception as err:  # whatever TransformerLens raises, the user's fix is the other engine
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise PartsError(
+                f"TransformerLens's bridge cannot run this model ({type(err).__name__}: {reason}): use --engine hf"
+            ) from err
 
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
         cache = self._prefix_cache(prefix)
@@ -187,18 +195,25 @@ class HFEngine:
             if where == "input":
                 def pre_hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
                     value = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
-                    activations[name] = value[:, -1].clone()  # left padding puts every last token here
+                    activations[name] = self._last(value)
                 handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             else:
                 def hook(_m: nn.Module, _args: tuple, output: Any, name: str = name) -> None:
-                    value = output[0] if isinstance(output, tuple) else output
-                    activations[name] = value[:, -1].clone()  # a view would keep [batch pos ...] alive
+                    activations[name] = self._last(output[0] if isinstance(output, tuple) else output)
                 handles.append(module.register_forward_hook(hook))
         for module, layer in self._experts:
             def experts_hook(m: nn.Module, args: tuple, layer: int = layer) -> None:
                 activations[experts_name(layer)] = self._split_experts(m, *args[:3])
             handles.append(module.register_forward_pre_hook(experts_hook))
         return handles
+
+    def _last(self, value: Tensor) -> Tensor:
+        """The last position of a [batch pos ...] activation (left padding puts every prompt's last token
+        there), also when a module sees the tokens flattened to [(batch pos) ...] (OPT's MLP)."""
+        batch, positions = self._shape
+        if value.shape[0] != batch and value.shape[0] == batch * positions:
+            value = value.view(batch, positions, *value.shape[1:])
+        return value[:, -1].clone()  # a view would keep the whole [batch pos ...] tensor alive
 
     def _split_experts(self, experts: nn.Module, hidden: Float[Tensor, "token d_model"], index: Int[Tensor, "token k"],
                        weights: Float[Tensor, "token k"]) -> Float[Tensor, "batch expert d_model"]:

@@ -184,7 +184,7 @@ def from_hf(
         bridge = TransformerBridge.boot_transformers(
             str(tokenizer.name_or_path), hf_model=hf_model, tokenizer=tokenizer
         )
-    except (ValueError, AssertionError, NotImplementedError) as err:
+    except (ValueError, AssertionError, NotImplementedError, RuntimeError) as err:
         # An architecture (or variant, e.g. GPT-NeoX without attention biases) TransformerLens cannot wrap.
         lines = str(err).strip().splitlines() or ["its architecture adapter rejected this variant"]
         reason = lines[0].split(". Available architectures")[0]  # the list that follows is hundreds of names

@@ -78,6 +78,10 @@ class Layout:
     @classmethod
     def from_bridge(cls, model: Any, hf_model: nn.Module) -> Layout:
         """The layout of a bridged model; `hf_model` is its Hugging Face model (or a copy of its module tree)."""
+        config: Any = hf_model.config
+        problem = unsupported_feature(config)
+        if problem:  # before reading the mapping, which may lack what such a model lacks
+            raise PartsError(f"parts cannot split {config.model_type} models exactly: {problem}")
         mapping = model.adapter.component_mapping
         blocks = mapping["blocks"]
         subs = blocks.submodules
@@ -164,36 +168,31 @@ class FrozenNorm:
         return folded - folded.mean(0, keepdim=True) if self.centres else folded
 
     @classmethod
-    def of(cls, module: nn.Module, where: str) -> FrozenNorm:
-        """Identify a norm module by probing it: which of the four LayerNorm / RMSNorm forms (with or
-        without a (1 + weight) offset) it computes. Anything else is refused: its scale cannot be frozen."""
+    def of(cls, module: nn.Module, where: str, d_model: int) -> FrozenNorm:
+        """Identify a norm module by probing it: which LayerNorm / RMSNorm form (centring or not, with or
+        without a (1 + weight) offset, with its epsilon) it computes. A norm without a weight (OLMo's) has
+        weight 1; one without an epsilon attribute is tried at the usual values. Anything else is
+        refused: its scale cannot be frozen."""
         probe = copy.deepcopy(module).float().eval()
-        weight = getattr(module, "weight", None)
-        bias = getattr(module, "bias", None)
-        eps = next((float(getattr(module, a)) for a in ("variance_epsilon", "eps", "epsilon") if hasattr(module, a)), None)
-        if weight is None or eps is None:
-            raise PartsError(
-                f"the norm {where} ({type(module).__name__}) has no weight or epsilon parts can read: parts cannot "
-                "freeze its scale, so it cannot split this model exactly; use a LayerNorm / RMSNorm model"
-            )
-        weight = weight.detach().float()
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        device = next(iter(module.parameters()), torch.empty(0)).device
+        weight = weight.detach().float() if isinstance(weight, Tensor) else torch.ones(d_model, device=device)
         bias = bias.detach().float() if isinstance(bias, Tensor) else None
+        named = [float(getattr(module, a)) for a in ("variance_epsilon", "eps", "epsilon") if hasattr(module, a)]
         generator = torch.Generator().manual_seed(0)
-        d_model = weight.shape[0]
         x = torch.randn(4, d_model, generator=generator, device="cpu") + 0.5
-        x = torch.cat([x * 3.0, x * eps**0.5])  # the small rows check epsilon too
-        x = x.to(weight.device)
-        with torch.no_grad():
-            expected = probe(x).float()
-        for centres in (False, True):
-            for offset in (0.0, 1.0):
-                norm = cls(centres, weight + offset, bias, eps)
-                if torch.allclose(norm.apply(x), expected, rtol=1e-4, atol=1e-5):
-                    return norm
+        for eps in named[:1] or [1e-5, 1e-6, 1e-8, 1e-12]:
+            rows = torch.cat([x * 3.0, x * eps**0.5]).to(device)  # the small rows check epsilon too
+            with torch.no_grad():
+                expected = probe(rows).float()
+            for centres in (False, True):
+                for offset in (0.0, 1.0):
+                    norm = cls(centres, weight + offset, bias, eps)
+                    if torch.allclose(norm.apply(rows), expected, rtol=1e-4, atol=1e-5):
+                        return norm
         raise PartsError(
-            f"the norm {where} ({type(module).__name__}) is neither a LayerNorm nor an RMSNorm form parts knows: "
-            "it cannot freeze its scale, so it cannot split this model exactly; use --allow-inexact at your own risk "
-            "or another model"
+            f"parts cannot split this model exactly: the norm {where} ({type(module).__name__}) is neither a LayerNorm nor "
+            "an RMSNorm form parts knows, so its scale cannot be frozen; use another model"
         )
 
 
@@ -205,7 +204,8 @@ def affine_parts(module: nn.Module, where: str) -> tuple[Float[Tensor, "d_in d_o
     elif type(module).__name__ == "Conv1D" and weight is not None:  # transformers' GPT-2 layer: [in, out] already
         matrix = weight.detach().float()
     else:
-        raise PartsError(f"the projection {where} ({type(module).__name__}) is not a linear layer parts can read")
+        raise PartsError(f"parts cannot split this model exactly: the projection {where} ({type(module).__name__}) is not "
+                         "a linear layer parts can read; use another model")
     return matrix, (bias.detach().float() if isinstance(bias, Tensor) else None)
 
 
@@ -261,11 +261,9 @@ class Readout:
     def from_modules(cls, hf_model: nn.Module, layout: Layout, label_token_ids: Sequence[int]) -> Readout:
         """Read the weights from the Hugging Face modules the layout names (any copy sharing them)."""
         config: Any = hf_model.config
-        problem = unsupported_feature(config)
-        if problem:
-            raise PartsError(f"parts cannot split {config.model_type} models exactly: {problem}")
         ids = torch.tensor(list(label_token_ids), device="cpu")
-        final_norm = FrozenNorm.of(hf_model.get_submodule(layout.final_norm_path), "ln_final")
+        d_model = int(config.hidden_size)
+        final_norm = FrozenNorm.of(hf_model.get_submodule(layout.final_norm_path), layout.final_norm_path, d_model)
         W_U, b_U = affine_parts(hf_model.get_submodule(layout.unembed_path), "unembed")
         ids = ids.to(W_U.device)
         W_U = W_U[:, ids]
@@ -278,8 +276,10 @@ class Readout:
             constant = constant + b_U[ids]
         constant = constant * logit_multiplier
 
-        post_attn = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p) for p in layout.post_attn_paths]
-        post_mlp = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p) for p in layout.post_mlp_paths]
+        post_attn = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p, d_model)
+                     for p in layout.post_attn_paths]
+        post_mlp = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p, d_model)
+                    for p in layout.post_mlp_paths]
 
         def before(norm: FrozenNorm | None) -> Float[Tensor, "d_model label"]:
             """What a component's output reads, before its post-norm's scale divides it."""

@@ -1,0 +1,120 @@
+"""Every family is exact or refused at load time, by each engine: never a silently wrong decomposition.
+
+A tiny random model of each family (tests/families.py; norm weights and biases drawn too, so a
+dropped norm weight or bias shows) is decomposed by each engine. Either the components plus the
+remainder equal the Hugging Face model's own label-word logits (below 1e-4 in float32; for a
+final-logit soft-cap, capping the sum gives the model's logits), or `parts` refuses the model when
+the decomposer is built, with one line naming the feature. The observed status must equal the
+committed table docs/families.json, which the README's family table is rendered from
+(scripts/family_table.py); `PARTS_UPDATE_FAMILY_TABLE=1` rewrites that file from what is observed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import einops
+import pytest
+import torch
+
+from parts.decomposition.decompose import Decomposer
+from parts.errors import PartsError
+from tests.conftest import WORDS
+from tests.families import FAMILIES, make_config
+
+TABLE = Path(__file__).resolve().parents[1] / "docs" / "families.json"
+ENGINES = ("hf", "bridge")
+PROMPTS = [
+    "review : great film sentiment : positive review : dull plot sentiment : negative review : fun sentiment :",
+    "review : great film sentiment : positive review : dull plot sentiment : negative review : the acting was bad "
+    "and boring sentiment :",
+    "review : great film sentiment : positive review : dull plot sentiment : negative review : loved it sentiment :",
+]
+LABELS = ("negative", "positive", "yes")
+_BUILT: dict[str, tuple] = {}
+
+
+def build(family: str, tokenizer):
+    """(bridge, Hugging Face reference logits at the label words, one prompt at a time), built once per family."""
+    if family in _BUILT:
+        return _BUILT[family]
+    from transformers import AutoModelForCausalLM
+
+    from parts.model.loading import from_hf
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf_model = AutoModelForCausalLM.from_config(make_config(family, len(WORDS))).eval()
+        with torch.no_grad():  # initialisers set norm weights to 1 and biases to 0, which would hide dropping them
+            for name, param in hf_model.named_parameters():
+                if param.ndim == 1:
+                    param.copy_(torch.randn_like(param) * 0.2 + (0.0 if "bias" in name else 1.0))
+    ids = [tokenizer.convert_tokens_to_ids(w) for w in LABELS]
+    plain = copy.deepcopy(hf_model)  # the bridge wraps the model's modules in place
+    try:
+        model = from_hf(hf_model, tokenizer, f"tiny-{family}")
+    except PartsError as err:  # TransformerLens cannot wrap it: refused at load
+        _BUILT[family] = (err, None, ids)
+        return _BUILT[family]
+    with torch.no_grad():  # tokenised as the decomposition does (the bridge's tokenizer may prepend BOS)
+        reference = torch.stack([
+            plain(torch.tensor([model.tokenizer(p)["input_ids"]])).logits[0, -1, ids] for p in PROMPTS
+        ])
+    _BUILT[family] = (model, reference, ids)
+    return _BUILT[family]
+
+
+def observe(family: str, engine: str, tokenizer) -> dict:
+    """What parts does with this family and engine: exact (with the features it handled) or refused (why)."""
+    model, reference, ids = build(family, tokenizer)
+    if isinstance(model, PartsError):
+        return {"status": "refused", "reason": str(model)}
+    try:
+        decomposer = Decomposer(model, ids, engine)
+    except PartsError as err:
+        return {"status": "refused", "reason": str(err)}
+    out = decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    total = einops.reduce(out.component_logits, "example component label -> example label", "sum") + out.remainder
+    cap = decomposer.readout.final_logit_softcap
+    model_logits = out.model_logits if cap is None else cap * torch.tanh(out.model_logits / cap)
+    error = float(max((total - out.model_logits).abs().max(), (model_logits - reference).abs().max()))
+    assert out.component_logits.abs().max() > 1e-3  # the components carry the logits, not the remainder alone
+    layout = decomposer.layout
+    features = []
+    if any(layout.post_attn) or any(layout.post_mlp):
+        features.append("post-norms")
+    if cap is not None:
+        features.append("final soft-cap (pre-cap logits decomposed)")
+    if decomposer.readout.residual_multiplier != 1.0 or decomposer.readout.logit_multiplier != 1.0:
+        features.append("multipliers")
+    if layout.is_moe:
+        features.append("MoE")
+    if getattr(decomposer.engine, "attention", None) == "eager":
+        features.append("eager attention")
+    return {"status": "exact" if error < 1e-4 else f"INEXACT ({error:.1e})", "features": features}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_is_exact_or_refused_at_load(family, engine, tokenizer):
+    observed = observe(family, engine, tokenizer)
+    assert observed["status"] in ("exact", "refused"), observed  # never silently wrong
+    if observed["status"] == "refused":
+        assert "\n" not in observed["reason"]
+    table = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
+    if os.environ.get("PARTS_UPDATE_FAMILY_TABLE"):
+        table.setdefault(family, {})[engine] = observed
+        TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        return
+    assert table.get(family, {}).get(engine) == observed, "rerun with PARTS_UPDATE_FAMILY_TABLE=1 and commit the table"
+
+
+def test_the_readme_table_is_rendered_from_the_test_results():
+    from scripts.family_table import render, section
+
+    readme = (TABLE.parents[1] / "README.md").read_text()
+    assert section(readme) == render(json.loads(TABLE.read_text()))
+    assert len(json.loads(TABLE.read_text())) >= 15
