@@ -118,3 +118,68 @@ def test_the_readme_table_is_rendered_from_the_test_results():
     readme = (TABLE.parents[1] / "README.md").read_text()
     assert section(readme) == render(json.loads(TABLE.read_text()))
     assert len(json.loads(TABLE.read_text())) >= 15
+
+
+MOE_FAMILIES = [f for f, (_, _, keywords) in FAMILIES.items() if "num_experts_per_tok" in keywords]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_split_experts_still_sum_exactly(family, tokenizer):
+    """One component per expert (its router-weighted output, zero where not chosen), in the MLP's place."""
+    model, reference, ids = build(family, tokenizer)
+    whole = Decomposer(model, ids)(PROMPTS, batch_size=2, progress=False)
+    decomposer = Decomposer(model, ids, split_experts=True)
+    split = decomposer(PROMPTS, batch_size=2, progress=False)
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    n_experts, top_k = 4, 2
+    shared = family == "qwen2_moe"
+    per_layer = n_experts + int(shared)
+    expected_names = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+    for layer in range(n_layers):
+        expected_names += [f"MLP{layer}E{e}" for e in range(n_experts)] + ([f"MLP{layer}S"] if shared else [])
+    assert decomposer.component_names == expected_names
+    assert decomposer.info["split_experts"] is True
+    total = einops.reduce(split.component_logits, "example component label -> example label", "sum") + split.remainder
+    assert (total - reference).abs().max() < 1e-4
+    heads = n_layers * n_heads
+    assert torch.allclose(split.component_logits[:, :heads], whole.component_logits[:, :heads], atol=1e-6)
+    experts = einops.rearrange(split.component_logits[:, heads:], "example (layer part) label -> example layer part label",
+                               layer=n_layers)
+    # The experts of a layer (and its shared expert) sum to that layer's MLP.
+    assert torch.allclose(experts.sum(2), whole.component_logits[:, heads:], atol=1e-5)
+    # Exactly top_k routed experts are chosen per layer and example: the others are zero.
+    chosen = (experts[:, :, :n_experts].abs().amax(-1) > 0).sum(-1)
+    assert (chosen == top_k).all(), chosen
+    assert experts.shape[2] == per_layer
+
+
+def test_split_experts_is_refused_where_it_cannot_apply(tokenizer):
+    model, _, ids = build("llama", tokenizer)
+    with pytest.raises(PartsError, match="--split-experts applies to mixture-of-experts models only"):
+        Decomposer(model, ids, split_experts=True)
+    moe, _, moe_ids = build("mixtral", tokenizer)
+    with pytest.raises(PartsError, match="--split-experts needs the hf engine"):
+        Decomposer(moe, moe_ids, engine="bridge", split_experts=True)
+
+
+def test_split_experts_from_the_command_line(tmp_path, tokenizer, tiny_task_file):
+    """`parts decompose --split-experts` on a Mixtral folder: expert components saved, analysed like any other."""
+    from transformers import AutoModelForCausalLM
+
+    from parts.analysis.analyze import component_table
+    from parts.cli import main
+    from parts.decomposition.runs import DecompositionRun
+
+    folder = tmp_path / "tiny-mixtral"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(make_config("mixtral", len(WORDS))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(["decompose", "--model", str(folder), "--task", str(tiny_task_file), "--template", "2", "--limit", "6",
+                 "--out", str(out), "--device", "cpu", "--split-experts"]) == 0
+    run = DecompositionRun.load(out)
+    assert run.component_names[-4:] == ["MLP1E0", "MLP1E1", "MLP1E2", "MLP1E3"] and run.info["split_experts"] is True
+    assert run.max_reconstruction_error < 1e-4
+    table = component_table(run)
+    assert set(table["kind"]) == {"head", "expert"} and len(table) == 2 * 4 + 2 * 4
