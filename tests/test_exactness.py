@@ -114,3 +114,23 @@ def test_no_transformer_lens_internals_in_the_engines():
     for module in (engines, readout_module):
         source = Path(module.__file__).read_text()
         assert "original_component" not in source and "GeneralizedComponent" not in source
+
+
+def test_a_run_records_the_token_ids_the_model_was_given(tmp_path, tiny_model_dir, tiny_task_file):
+    from transformers import AutoTokenizer
+
+    from parts.decomposition.runs import DecompositionRun
+
+    out = tmp_path / "run"
+    assert main(["decompose", "--model", str(tiny_model_dir), "--task", str(tiny_task_file), "--template", "2",
+                 "--limit", "4", "--out", str(out), "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos = tokenizer.convert_tokens_to_ids("[BOS]")
+    for row in rows:
+        words = row["prompt"].split()
+        body = row["token_ids"][1:] if summary["info"]["bos_prepended"] else row["token_ids"]
+        assert body == [tokenizer.convert_tokens_to_ids(w) for w in words]  # the word-level tokenizer: one id a word
+        assert (row["token_ids"][0] == bos) == summary["info"]["bos_prepended"]
+    assert DecompositionRun.load(out).token_ids == [row["token_ids"] for row in rows]

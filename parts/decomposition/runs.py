@@ -1,7 +1,8 @@
 """A decomposition run: its prompts, component logits and what follows from them.
 
 A run saves to a folder holding `summary.json` (what was run and the headline numbers),
-`prompts.jsonl` (one line per example: the exact prompt and its gold label) and
+`prompts.jsonl` (one line per example: the exact prompt, its gold label and the token ids the model
+was given, so a run can be checked elsewhere without guessing the tokenisation) and
 `tensors.safetensors` (component logits, remainder, model logits), and parts' marker `.parts`.
 The folder is written under a staging name and renamed into place (`parts.io`), so a folder that
 exists is complete.
@@ -69,15 +70,19 @@ class DecompositionRun:
     remainder: Float[Tensor, "example label"]
     model_logits: Float[Tensor, "example label"]
     info: dict[str, Any] = field(default_factory=dict)  # how it was run: batch size, timings...
+    # What the model was given, token by token, per example (None: a run saved before parts recorded it).
+    token_ids: list[list[int]] | None = None
 
     @classmethod
     def from_decomposition(
         cls, model: str, prompts: PromptSet, label_token_ids: list[int], component_names: list[str],
-        n_layers: int, n_heads: int, decomposition: Decomposition, **info: Any,
+        n_layers: int, n_heads: int, decomposition: Decomposition, token_ids: list[list[int]] | None = None,
+        **info: Any,
     ) -> DecompositionRun:
         return cls(
             model, prompts, list(label_token_ids), n_layers, n_heads, list(component_names),
             decomposition.component_logits, decomposition.remainder, decomposition.model_logits, dict(info),
+            None if token_ids is None else [list(t) for t in token_ids],
         )
 
     def __eq__(self, other: object) -> bool:
@@ -202,8 +207,10 @@ class DecompositionRun:
         with io.write_folder(path, legacy=is_legacy_run) as staging:
             save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}, str(staging / TENSORS))
             p = self.prompts
-            rows = [json.dumps({"index": index, "label": label, "prompt": prompt}) + "\n"
-                    for index, prompt, label in zip(p.example_indices, p.prompts, p.labels, strict=True)]
+            token_ids = self.token_ids if self.token_ids is not None else [None] * len(p.prompts)
+            rows = [json.dumps({"index": index, "label": label, "prompt": prompt,
+                                **({"token_ids": tokens} if tokens is not None else {})}) + "\n"
+                    for index, prompt, label, tokens in zip(p.example_indices, p.prompts, p.labels, token_ids, strict=True)]
             (staging / PROMPTS).write_text("".join(rows))
             (staging / SUMMARY).write_text(json.dumps(self.summary(), indent=1))
         return Path(path)
@@ -247,6 +254,7 @@ class DecompositionRun:
             summary["model"], prompts, summary["label_token_ids"], summary["n_layers"], summary["n_heads"],
             summary["component_names"], tensors["component_logits"], tensors["remainder"], tensors["model_logits"],
             summary.get("info", {}),
+            [r["token_ids"] for r in rows] if rows and all("token_ids" in r for r in rows) else None,
         )
 
 

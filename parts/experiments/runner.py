@@ -113,11 +113,14 @@ def run_decomposition(
         description=f"{prompts.task} t{prompts.template} s{prompts.seed} {prompts.split}",
         example_names=[f"example {i} of the {prompts.split} split" for i in prompts.example_indices],
     )
+    token_ids = decomposer.tokenize(prompts.prompts)  # what the model was given, saved with the run
+    bos = model.tokenizer.bos_token_id
     info = {"dtype": str(model.W_U.dtype).replace("torch.", ""), "prefix_reuse": options.prefix_reuse,
-            "engine": decomposer.engine_name, **decomposer.info}
+            "engine": decomposer.engine_name, **decomposer.info,
+            "bos_prepended": bos is not None and all(t[0] == bos for t in token_ids)}
     run = DecompositionRun.from_decomposition(
         model_name(model), prompts, ids, decomposer.component_names, decomposer.n_layers,
-        decomposer.n_heads, decomposition, **info,
+        decomposer.n_heads, decomposition, token_ids, **info,
     )
     check_finite(run, model)
     return run
