@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from parts.analysis import paper
 from parts.analysis.analyze import component_table
 from parts.analysis.stats import chance_extremes
 from parts.cli import main
@@ -120,13 +121,17 @@ def test_task_data_holds_every_runs_numbers(report, tiny_sweep):
 def test_stability_matrices_average_the_pairs_by_hand(tiny_sweep):
     root, _, _ = tiny_sweep
     task = report_data.collect_tasks(root)[0][0]
-    accuracy = [r.component_accuracy.double().numpy() for r in task.runs]
+    accuracy = np.stack([r.component_accuracy.double().numpy() for r in task.runs])
     r = lambda a, b: float(np.corrcoef(accuracy[a], accuracy[b])[0, 1])  # noqa: E731
-    matrices = report_data.stability_matrices(task.runs)
+    runs = [{"template": run.prompts.template, "seed": run.prompts.seed, "full_accuracy": run.full_accuracy,
+             "label_biased": 0} for run in task.runs]
+    pairs = paper.agreement_pairs(report_data.runs_frame("tiny", runs, accuracy, 12, 2))
+    matrices = report_data.stability_matrices(pairs, runs)
     # runs in order t1 s0, t1 s1, t2 s0, t2 s1
     assert matrices["demonstrations"].loc["seed 0", "seed 1"] == pytest.approx((r(0, 1) + r(2, 3)) / 2)
     assert matrices["templates"].loc["template 1", "template 2"] == pytest.approx((r(0, 2) + r(1, 3)) / 2)
     assert matrices["runs"].loc["t1 s1", "t2 s0"] == pytest.approx(r(1, 2))
+    assert matrices["runs"].loc["t2 s0", "t2 s0"] == 1.0
 
 
 def test_layer_details_histograms_and_weights(report, tiny_sweep):

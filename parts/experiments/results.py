@@ -137,12 +137,10 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def results_table(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> str:
-    """A markdown table: accuracy (%) per task and method as mean ± std over templates x seeds,
-    then the average over tasks (of the per-task means)."""
+def mean_std_table(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """The main table as a frame: accuracy (%) per task and method, 'mean ± std' over templates x seeds, then a
+    row 'average' of the per-task means (for methods every task has)."""
     frame = results_frame(results)
-    if frame.empty:
-        return "(no results)"
     summary = method_summary(frame, include_oracle=True, scale=100)
     tasks = list(dict.fromkeys(frame["task"]))
     columns = list(dict.fromkeys(summary["label"]))  # already in the paper's order
@@ -154,9 +152,20 @@ def results_table(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> str:
         table[column] = ["" if pd.isna(cells.at[t, column]) else f"{cells.at[t, column]:.1f} ± {spread.at[t, column]:.1f}"
                          for t in tasks]
     complete = [column for column in columns if cells[column].notna().all()]
-    average = {"task": "**average**", "runs": int(runs.sum()),
-               **{c: f"**{statistics.fmean(cells.loc[tasks, c]):.1f}**" if c in complete else "" for c in columns}}
-    return markdown_table(pd.concat([table, pd.DataFrame([average])], ignore_index=True))
+    average = {"task": "average", "runs": int(runs.sum()),
+               **{c: f"{statistics.fmean(cells.loc[tasks, c]):.1f}" if c in complete else "" for c in columns}}
+    return pd.concat([table, pd.DataFrame([average])], ignore_index=True)
+
+
+def results_table(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> str:
+    """`mean_std_table` in markdown, its average row in bold."""
+    frame = results_frame(results)
+    if frame.empty:
+        return "(no results)"
+    table = mean_std_table(frame)
+    last = table.index[-1]
+    table.loc[last] = [f"**{v}**" if v != "" and column != "runs" else v for column, v in table.loc[last].items()]
+    return markdown_table(table)
 
 
 def setting_keys(results: pd.DataFrame) -> pd.Series:

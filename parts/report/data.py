@@ -8,9 +8,9 @@ its runs sorted by (template, seed). Per page (`task_data`):
   (`parts.analysis.analyze.component_table`), and the mean over runs;
 - the heatmap's figure (`parts.figures.plotting.accuracy_heatmap` of the mean) and colour-bar
   ticks per run, so the page swaps a run's numbers into one figure;
-- stability: Pearson correlation of component accuracies between every two runs, averaged into a
-  seeds x seeds matrix (same template: other demonstrations) and a templates x templates matrix
-  (same seed), and `stability_summary` per relation;
+- stability: Pearson correlation of component accuracies between every two runs
+  (`parts.analysis.paper.agreement_pairs`), averaged into a seeds x seeds matrix (same template: other
+  demonstrations) and a templates x templates matrix (same seed), and the paper's Table 2 for the task;
 - per layer, loaded only when one of its components is opened (`layer_details`): histograms of every
   component's vote margin split by gold label, and its learned reweighting weights.
 
@@ -41,17 +41,15 @@ from parts.analysis import paper
 from parts.analysis.analyze import (
     CATEGORIES,
     component_table,
-    correlation_matrix,
     group_runs,
-    pair_table,
-    stability_summary,
 )
 from parts.analysis.stats import chance_extremes
 from parts.decomposition.runs import DecompositionRun, find_runs
 from parts.errors import PartsError
 from parts.experiments.export import interval_tables
-from parts.experiments.results import RESULTS_CSV, read_results
+from parts.experiments.results import RESULTS_CSV, mean_std_table, read_results
 from parts.figures import plotting
+from parts.reweighting.methods import method_label
 from parts.reweighting.reweight import load_weights
 
 HISTOGRAM_BINS = 24
@@ -202,7 +200,7 @@ def main_tables(root: str | Path, path: Path, tasks: Mapping[str, str | Path] | 
     """The main table per (model, test size) in `path`: every method's accuracy per task with a 95% hierarchical
     bootstrap interval and CompRW minus each baseline (`parts.experiments.export.interval_tables`, recomputed from
     the run folders under `root`); where that cannot be done (a setting's files are missing, a user task whose
-    JSON is not in `tasks`), mean ± sd over templates x seeds (`parts.figures.plotting.method_summary`) and why."""
+    JSON is not in `tasks`), mean ± sd over templates x seeds (`parts.experiments.results.mean_std_table`) and why."""
     frame = read_results_frame(path)
     tables = []
     for (model, limit), group in frame.groupby(["model", "limit"], sort=False):
@@ -213,32 +211,9 @@ def main_tables(root: str | Path, path: Path, tasks: Mapping[str, str | Path] | 
                 raise PartsError("no setting's predictions could be recomputed")
             entry |= {"intervals": True, "accuracy": accuracy, "differences": differences, "note": ""}
         except PartsError as err:
-            entry |= {"intervals": False, "accuracy": mean_sd_table(group), "differences": None, "note": str(err)}
+            entry |= {"intervals": False, "accuracy": mean_std_table(group), "differences": None, "note": str(err)}
         tables.append(entry)
     return tables
-
-
-def mean_sd_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Task x method (the paper's column headings): 'mean ± sd' accuracy (%) over templates x seeds, then the
-    mean of the task means where every task has the method."""
-    results = results.assign(column=[paper.method_column(str(m), int(n), int(k)) for m, n, k in
-                                     zip(results["method"], results["labels"], results["shots"], strict=True)])
-    present = list(dict.fromkeys(results["column"]))
-    columns = [c for c in paper.METHOD_COLUMNS.values() if c in present] + [c for c in present
-                                                                          if c not in paper.METHOD_COLUMNS.values()]
-    cells = results.groupby(["task", "column"], sort=False)["accuracy"].agg(["mean", "std"]).fillna(0.0)
-    tasks = list(dict.fromkeys(results["task"]))
-    body = []
-    for task in tasks:
-        runs = int(results.loc[results["task"] == task, ["template", "seed"]].drop_duplicates().shape[0])
-        body.append({"task": task, "runs": runs, **{
-            c: f"{100 * cells.loc[(task, c), 'mean']:.1f} ± {100 * cells.loc[(task, c), 'std']:.1f}"
-            if (task, c) in cells.index else "" for c in columns}})
-    average: dict[str, Any] = {"task": "average", "runs": sum(row["runs"] for row in body)}
-    for c in columns:
-        means = [cells.loc[(t, c), "mean"] for t in tasks if (t, c) in cells.index]
-        average[c] = f"{100 * np.mean(means):.1f}" if len(means) == len(tasks) else ""
-    return pd.DataFrame([*body, average], columns=["task", "runs", *columns])
 
 
 def run_results(results: pd.DataFrame | None, run: DecompositionRun) -> dict[str, float]:
@@ -249,7 +224,7 @@ def run_results(results: pd.DataFrame | None, run: DecompositionRun) -> dict[str
     rows = results[(results["task"] == p.task) & (results["template"].astype(str) == str(p.template))
                    & (results["seed"].astype(str) == str(p.seed)) & (results["limit"].astype(str) == str(run.n_examples))
                    & (results["shots"].astype(str) == str(p.shots))]
-    return {paper.method_column(str(r.method), int(r.labels), p.shots): float(r.accuracy) for r in rows.itertuples()}
+    return {method_label(str(r.method), int(r.labels), p.shots): float(r.accuracy) for r in rows.itertuples()}
 
 
 def learned_weights(path: Path, run: DecompositionRun) -> dict[str, Float[Tensor, component]]:
@@ -265,14 +240,28 @@ def learned_weights(path: Path, run: DecompositionRun) -> dict[str, Float[Tensor
 
 
 # -- stability ------------------------------------------------------------------------------------
-def stability_matrices(runs: Sequence[DecompositionRun]) -> dict[str, pd.DataFrame]:
-    """Pearson correlation of component accuracies between runs: every pair ('runs'), and averaged into
-    seeds x seeds over templates ('demonstrations') and templates x templates over seeds ('templates')."""
-    matrix = correlation_matrix(runs)
-    names = [run_name(r) for r in runs]
-    matrix.index = matrix.columns = names
+def runs_frame(task: str, runs: Sequence[Mapping[str, Any]], accuracy: np.ndarray, n_examples: int,
+               n_labels: int) -> pd.DataFrame:
+    """A task's runs in the layout of `parts.experiments.export.run_rows` (`runs.csv`), which
+    `parts.analysis.paper` reads: one row per run, its component accuracies space-separated."""
+    return pd.DataFrame({
+        "task": task, "template": [r["template"] for r in runs], "seed": [r["seed"] for r in runs],
+        "n_examples": n_examples, "n_labels": n_labels, "full": [r["full_accuracy"] for r in runs],
+        "label_biased": [r["label_biased"] for r in runs],
+        "accuracies": [" ".join(map(repr, row)) for row in np.asarray(accuracy, dtype=np.float64).tolist()],  # exact
+    }, index=range(len(runs)))
+
+
+def stability_matrices(pairs: pd.DataFrame, runs: Sequence[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
+    """Pearson correlation of component accuracies between runs (`pairs`: `parts.analysis.paper.agreement_pairs`):
+    every pair ('runs'), and averaged into seeds x seeds over templates ('demonstrations') and templates x
+    templates over seeds ('templates')."""
+    names = [f"t{r['template']} s{r['seed']}" for r in runs]
+    matrix = pd.DataFrame(1.0, index=names, columns=names)
+    for pair in pairs.itertuples():
+        matrix.loc[pair.run_a, pair.run_b] = matrix.loc[pair.run_b, pair.run_a] = pair.pearson
     long = matrix.rename_axis(index="a", columns="b").stack().rename("r").reset_index()
-    setting = {run_name(r): (r.prompts.template, r.prompts.seed) for r in runs}
+    setting = {name: (r["template"], r["seed"]) for name, r in zip(names, runs, strict=True)}
     long["template_a"], long["seed_a"] = zip(*(setting[a] for a in long["a"]), strict=True)
     long["template_b"], long["seed_b"] = zip(*(setting[b] for b in long["b"]), strict=True)
     matrices = {"runs": matrix}
@@ -324,8 +313,13 @@ def task_data(
         accuracy=accuracy.mean(0), label_bias=shares.mean(0).max(-1), category=_mode_category(codes))
     heatmap = plotting.accuracy_heatmap(mean_table, mean_full, chance, "Accuracy of every component")
     root = Path(root)
-    matrices = stability_matrices(runs) if len(runs) > 1 else {}
-    summary = stability_summary(pair_table(runs)) if len(runs) > 1 else pd.DataFrame()
+    run_rows = [{"template": r.prompts.template, "seed": r.prompts.seed, "full_accuracy": r.full_accuracy,
+                 "label_biased": int((t["label_bias"] >= 1.0).sum())}  # the paper's rule: one label on every example
+                for r, t in zip(runs, tables, strict=True)]
+    frame = runs_frame(reference.prompts.task, run_rows, accuracy, reference.n_examples, len(label_names))
+    pairs = paper.agreement_pairs(frame)
+    matrices = stability_matrices(pairs, run_rows) if len(runs) > 1 else {}
+    agreement = paper.agreement_table(pairs).drop(columns="task") if len(runs) > 1 else pd.DataFrame()
     groups = histogram_groups(runs)
     group_of_run = [0] * len(runs)
     for g, group in enumerate(groups):
@@ -346,16 +340,16 @@ def task_data(
             "colorbar": plotting.accuracy_colorbar(chance, run.full_accuracy),
             "path": path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name,
             "results": run_results(results, run),
-            "label_biased": int((table["label_bias"] >= 1.0).sum()),  # the paper's rule: one label on every example
-        } for path, run, table in zip(task.paths, runs, tables, strict=True)],
+            "label_biased": rows["label_biased"],
+        } for path, run, rows in zip(task.paths, runs, run_rows, strict=True)],
         "accuracy": _rounded(accuracy), "shares": _rounded(shares), "category": codes.tolist(),
         "mean": {"accuracy": _rounded(accuracy.mean(0)), "shares": _rounded(shares.mean(0)), "full_accuracy": mean_full,
                  "colorbar": plotting.accuracy_colorbar(chance, mean_full)},
         "heatmap": figure_json(heatmap),
         "stability": {
-            "figures": {name: figure_json(plotting.correlation_heatmap(m, STABILITY_TITLES[name]))
+            "figures": {name: clean(figure_json(plotting.correlation_heatmap(m, STABILITY_TITLES[name])))
                         for name, m in matrices.items()},
-            "summary": [{"relation": relation, **row} for relation, row in summary.to_dict("index").items()],
+            "agreement": clean(agreement.to_dict("split")),
         },
         "histogram": {"bins": HISTOGRAM_BINS, "groups": groups, "axis": margin_axis(label_names)},
         "weights": budgets,
@@ -363,7 +357,7 @@ def task_data(
         "yardsticks": dict(zip(("best", "worst"), chance_extremes(reference.n_examples, len(label_names),
                                                                    len(reference.component_names)), strict=True)),
     }
-    return clean(data), layer_details(runs, first["layer"].tolist(), weights, group_of_run)
+    return data, layer_details(runs, first["layer"].tolist(), weights, group_of_run)
 
 
 def layer_details(
@@ -399,13 +393,8 @@ def attention_heads(data: Mapping[str, Any], k: int) -> list[str]:
 def run_measures(data: Mapping[str, Any]) -> pd.DataFrame:
     """A task page's runs measured as the paper does (`parts.analysis.paper.run_measures`: FULL, ORACLE-T1,
     ORACLE-B1 and their chance yardsticks, label-biased components), in percent, the task named by its page."""
-    runs = pd.DataFrame({
-        "task": data["key"], "template": [r["template"] for r in data["runs"]], "seed": [r["seed"] for r in data["runs"]],
-        "n_examples": data["n_examples"], "n_labels": len(data["label_names"]),
-        "full": [r["full_accuracy"] for r in data["runs"]], "label_biased": [r["label_biased"] for r in data["runs"]],
-        "accuracies": [" ".join(f"{a:.4f}" for a in row) for row in data["accuracy"]],
-    })
-    return paper.run_measures(runs, list(data["components"]))
+    frame = runs_frame(data["key"], data["runs"], np.asarray(data["accuracy"]), data["n_examples"], len(data["label_names"]))
+    return paper.run_measures(frame, list(data["components"]))
 
 
 def task_overview(task: TaskRuns, data: Mapping[str, Any], measures: pd.DataFrame) -> dict[str, Any]:

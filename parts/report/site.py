@@ -212,12 +212,9 @@ def task_html(data: Mapping[str, Any]) -> str:
              *[_pct(r["results"][m]) if m in r["results"] else "" for m in methods], f"<code>{e(r['path'])}</code>"])
     run_table = _table(["run", "template", "seed", "full model", "best component", "worst component", *methods, "folder"],
                        run_rows, "runs")
-    summary = data["stability"]["summary"]
-    stability_table = _table(
-        ["runs differ in", "pairs", "Pearson", "Spearman", "top-5 IoU"],
-        [[e(row["relation"]), row["pairs"], *("n/a" if row[k] is None else f"{row[k]:.2f}"
-                                              for k in ("pearson", "spearman", "top_k_iou"))] for row in summary],
-        "stability") if summary else "<p class=note>One run: nothing to compare.</p>"
+    agreement = data["stability"]["agreement"]
+    stability_table = (_table(agreement["columns"], [["" if v is None else e(str(v)) for v in row] for row in agreement["data"]],
+                              "stability") if agreement["data"] else "<p class=note>One run: nothing to compare.</p>")
     figures = "".join(f'<div id="stability-{name}" class="figure stability"></div>' for name in data["stability"]["figures"])
     labels = ", ".join(f"{e(n)} ({e(repr(w))})" for n, w in zip(data["label_names"], data["label_words"], strict=True))
     return f"""
@@ -250,7 +247,11 @@ majority rate {_pct(data["chance"])}</p>
 <p class=note>Every run: the component's accuracy in each run in the order of the run selector (template, then seed),
 the dashed line at the majority rate, the selected run dotted.</p>
 <h2>Stability across demonstrations and templates</h2>
-<p class=note>Pearson correlation of the component accuracies of two runs (the paper's Section 5).</p>
+<p class=note>Agreement of the component accuracies of two runs (the paper's Table 2): Pearson r and the IoU of their
+top-5 components, averaged over the pairs of runs that differ only in their demonstrations (seed), only in a minimally
+contrastive template, or only in another template; the paper's Llama-2-7B values beside where it has them. The
+matrices: Pearson r of every pair of runs, and averaged into seed × seed (same template) and template × template
+(same seed).</p>
 {stability_table}
 <div class=grid>{figures}</div>
 <h2>Runs</h2>
