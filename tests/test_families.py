@@ -183,3 +183,23 @@ def test_split_experts_from_the_command_line(tmp_path, tokenizer, tiny_task_file
     assert run.max_reconstruction_error < 1e-4
     table = component_table(run)
     assert set(table["kind"]) == {"head", "expert"} and len(table) == 2 * 4 + 2 * 4
+
+
+@pytest.mark.parametrize("family", ["falcon", "gemma2", "opt", "gpt2", "mixtral"])
+def test_overflow_search_reads_the_same_activations(family, tokenizer):
+    """The non-finite search finds its activations by the adapter's names on every family (Falcon's bridge
+    has no hook_z alias) and reports nothing on a finite model."""
+    from parts.experiments.runner import overflow_origin
+
+    model, _, _ = build(family, tokenizer)
+    assert overflow_origin(model, PROMPTS[0]) is None
+
+
+def test_a_soft_capped_run_says_it_decomposed_the_pre_cap_logits(tokenizer):
+    model, reference, ids = build("gemma2", tokenizer)
+    decomposer = Decomposer(model, ids)
+    assert decomposer.info["decomposed_logits"] == "pre-soft-cap (the model caps its logits at 3)"
+    out = decomposer(PROMPTS, progress=False)
+    assert (out.model_logits - reference).abs().max() > 1e-3  # the pre-cap logits differ from the capped ones...
+    assert (3.0 * torch.tanh(out.model_logits / 3.0) - reference).abs().max() < 1e-5  # ...which capping restores
+    assert torch.equal(out.model_logits.argmax(-1), reference.argmax(-1))  # so accuracies are unchanged

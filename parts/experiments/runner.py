@@ -10,14 +10,15 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts import io
-from parts.components import head_name, mlp_name
+from parts.components import HEAD, head_name, mlp_name, parse_component
 from parts.data.prompts import PromptSet, build_prompts, label_token_ids
 from parts.data.tasks import Task, get_task
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
-from parts.model.loading import model_name, resolve_model_name
+from parts.model.loading import model_name, plain_model, resolve_model_name
+from parts.model.readout import RESID_0, Layout, affine_parts, z_name
 
 
 def check_fits_context(tokenizer: Any, prompts: PromptSet, n_ctx: int) -> None:
@@ -61,31 +62,36 @@ def first_non_finite_component(run: DecompositionRun, row: int) -> str:
     bad = ~torch.isfinite(run.component_logits[row]).all(-1)  # component
     if not bad.any():
         return "the embeddings or biases" if not torch.isfinite(run.remainder[row]).all() else "the model's own logits"
-    heads = [layer * (run.n_heads + 1) + head for layer in range(run.n_layers) for head in range(run.n_heads)]
-    mlps = [layer * (run.n_heads + 1) + run.n_heads for layer in range(run.n_layers)]
-    computation_order = torch.tensor(heads + mlps)
-    first = int(torch.where(bad, computation_order, computation_order.max() + 1).argmin())
+
+    def computation_order(index: int) -> tuple[int, int, int]:  # a layer's heads, then its MLP (or experts)
+        component = parse_component(run.component_names[index])
+        return component.layer, int(component.kind != HEAD), component.head
+
+    first = min((i for i in range(len(run.component_names)) if bad[i]), key=computation_order)
     return f"component {run.component_names[first]} (and {int(bad.sum()) - 1} more)"
 
 
 def overflow_origin(model: TransformerBridge, prompt: str) -> str | None:
     """Rerun one prompt and name the earliest head or MLP whose output is not finite (at any position)."""
-    n_layers = int(model.cfg.n_layers)
-    hooks = {"hook_embed"} | {f"blocks.{layer}.{name}" for layer in range(n_layers) for name in ("attn.hook_z", "hook_mlp_out")}
+    hf_model = plain_model(model)
+    layout = Layout.from_bridge(model, hf_model)
+    hooks = {RESID_0, *layout.mlp_out} | {z_name(layer) for layer in range(layout.n_layers)}
     tokens = torch.tensor([model.tokenizer(prompt)["input_ids"]], device=model.W_U.device)
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in hooks)
-        if not torch.isfinite(cache["hook_embed"]).all():
+        if not torch.isfinite(cache[RESID_0]).all():
             return "the embeddings"
-        for layer in range(n_layers):
-            head_out = einops.einsum(
-                cache[f"blocks.{layer}.attn.hook_z"].float(), model.W_O[layer].float(),
-                "batch pos head d_head, head d_head d_model -> batch pos head d_model",
-            )
+        for layer in range(layout.n_layers):
+            W_O, _ = affine_parts(hf_model.get_submodule(layout.o_paths[layer]), layout.o_paths[layer])
+            W_O_heads = einops.rearrange(W_O, "(head d_head) d_model -> head d_head d_model", head=layout.n_heads)
+            z = cache[z_name(layer)].float()
+            if z.ndim == 3:
+                z = einops.rearrange(z, "batch pos (head d_head) -> batch pos head d_head", head=layout.n_heads)
+            head_out = einops.einsum(z, W_O_heads, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
             bad_heads = (~torch.isfinite(head_out)).any(-1).any(1).any(0)  # head
             if bad_heads.any():
                 return f"component {head_name(layer, int(bad_heads.nonzero()[0, 0]))} (the first non-finite output)"
-            if not torch.isfinite(cache[f"blocks.{layer}.hook_mlp_out"]).all():
+            if not torch.isfinite(cache[layout.mlp_out[layer]]).all():
                 return f"component {mlp_name(layer)} (the first non-finite output)"
     return None
 
