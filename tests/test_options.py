@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import parts.experiments.checkpoints
-import parts.experiments.controls
-import parts.experiments.sweep
 import parts.model.loading
 from parts.cli import main
 from parts.decomposition.decompose import Decomposer
@@ -55,10 +52,7 @@ def spy(monkeypatch):
         seen["calls"].append((batch_size, prefix_reuse))
         return real_call(self, prompts, batch_size, prefix_reuse, progress, description, **kwargs)
 
-    for module in (parts.model.loading, parts.experiments.sweep, parts.experiments.controls,
-                   parts.experiments.checkpoints):
-        if hasattr(module, "load_model"):
-            monkeypatch.setattr(module, "load_model", load)
+    monkeypatch.setattr(parts.model.loading, "load_model", load)  # every command loads through this one name
     monkeypatch.setattr(Decomposer, "__init__", init)
     monkeypatch.setattr(Decomposer, "__call__", call)
     return seen

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import parts.experiments.sweep
+import parts.experiments.runner
+import parts.model.loading
 from parts.cli import main
 from parts.errors import PartsError
 from parts.experiments.runner import run_dir
@@ -18,13 +19,13 @@ from parts.experiments.sweep import plan_sweep, sweep
 def count_loads(monkeypatch):
     """Counts the sweep's model loads."""
     loads: list[str] = []
-    real = parts.experiments.sweep.load_model
+    real = parts.model.loading.load_model
 
     def counting(name, **kwargs):
         loads.append(name)
         return real(name, **kwargs)
 
-    monkeypatch.setattr(parts.experiments.sweep, "load_model", counting)
+    monkeypatch.setattr(parts.model.loading, "load_model", counting)
     return loads
 
 
@@ -56,7 +57,7 @@ def test_interrupted_sweep_resumes_to_identical_files(tiny_model_dir, tiny_task_
     assert len(count_loads) == 1
 
     # Crash after two runs are saved; a killed process also leaves a staging folder behind.
-    real_ensure_run = parts.experiments.sweep.ensure_run
+    real_ensure_run = parts.experiments.runner.ensure_run
     calls = []
 
     def crashing(path, *args, **kwargs):
@@ -68,12 +69,12 @@ def test_interrupted_sweep_resumes_to_identical_files(tiny_model_dir, tiny_task_
         calls.append(path)
         return real_ensure_run(path, *args, **kwargs)
 
-    monkeypatch.setattr(parts.experiments.sweep, "ensure_run", crashing)
+    monkeypatch.setattr(parts.experiments.runner, "ensure_run", crashing)
     with pytest.raises(KeyboardInterrupt):
         tiny_sweep(tiny_model_dir, tiny_task_file, tmp_path / "resumed")
     finished = [p for p in tmp_path.joinpath("resumed").rglob("summary.json")]
     assert len(finished) == 2
-    monkeypatch.setattr(parts.experiments.sweep, "ensure_run", real_ensure_run)
+    monkeypatch.setattr(parts.experiments.runner, "ensure_run", real_ensure_run)
 
     resumed = tiny_sweep(tiny_model_dir, tiny_task_file, tmp_path / "resumed")
     assert [p.relative_to(tmp_path / "resumed") for p in resumed] == [p.relative_to(tmp_path / "whole") for p in whole]

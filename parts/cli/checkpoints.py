@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import add_model_options, int_list, name_list, positive_int, run_options
+from parts.cli.common import add_executor_options, add_model_options, executor, int_list, name_list, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,6 +31,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--figure", default=None, help="figure file (.html; default OUT/checkpoints.html)")
     add_model_options(parser, model_help="the model 'random' re-initialises (default: the embedded model)",
                       revision=False, batch_size_default=8)
+    add_executor_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     for path, older in legacy.items():  # refuse before the work if a user's file is in the way
         io.check_file(path, older)
     checkpoints = [parse_checkpoint(spec, args.model, position) for position, spec in enumerate(args.checkpoints)]
-    runs = checkpoint_runs(checkpoints, args.tasks, args.templates, args.seeds, args.limit, args.out, run_options(args))
+    runs = checkpoint_runs(checkpoints, args.tasks, args.templates, args.seeds, args.limit, args.out, run_options(args),
+                           executor=executor(args))
     table = checkpoint_table(runs, args.top_k)
     io.write_file(csv_path, lambda staging: table.to_csv(staging, index=False), legacy[csv_path])
     figure = checkpoint_figure(table)

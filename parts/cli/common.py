@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from parts.experiments.options import RunOptions
@@ -137,3 +137,35 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=["test", "train"], default="test",
                         help="test, or train: each seed's labelled examples beside its demonstrations")
     parser.add_argument("--limit", type=positive_int, default=None, help="examples per run (a seeded balanced sample)")
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """Where the settings run: in this process (default) or on the workers of a Ray cluster."""
+    group = parser.add_argument_group("running on a cluster (needs pip install 'parts[ray]')")
+    group.add_argument("--ray", choices=("auto", "local"), default=None,
+                       help="spread the settings over Ray workers: auto joins the running Ray cluster, "
+                            "local starts one on this machine (default: run everything in this process)")
+    group.add_argument("--gpus-per-worker", type=non_negative_float, default=None,
+                       help="GPUs per worker, one model per worker (default 1 on a cluster with GPUs, else 0); "
+                            "more than 1 spreads each model over them with Hugging Face's device_map")
+    group.add_argument("--workers", type=positive_int, default=None,
+                       help="how many workers (default: the cluster's GPUs / --gpus-per-worker, or its CPUs)")
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def executor(args: argparse.Namespace) -> Any:
+    """The executor `--ray` asks for (None: this process); a one-line error when Ray is not installed."""
+    if getattr(args, "ray", None) is None:
+        return None
+    from parts.experiments.ray_executor import RayExecutor  # imports Ray only when asked for
+
+    return RayExecutor(args.ray, gpus_per_worker=args.gpus_per_worker, workers=args.workers)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import add_model_options, int_list, name_list, non_negative_int, positive_int, run_options
+from parts.cli.common import (
+    add_executor_options,
+    add_model_options,
+    executor,
+    int_list,
+    name_list,
+    non_negative_int,
+    positive_int,
+    run_options,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,6 +38,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--out", default="runs/controls", help="root of the run folders (default runs/controls)")
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
     add_model_options(parser, revision=False, batch_size_default=8)
+    add_executor_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -43,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         io.check_file(args.csv)  # refuse before the work if a user's file is in the way
     table = random_init_control(args.tasks, args.templates, args.seeds, args.limit, args.out, args.model, args.init_seed,
-                                args.alpha, args.correction, run_options(args))
+                                args.alpha, args.correction, run_options(args), executor=executor(args))
     if args.csv:
         io.write_file(args.csv, lambda staging: table.to_csv(staging, index=False))
     shown = table.drop(columns=["model"])

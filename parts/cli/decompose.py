@@ -30,15 +30,15 @@ def run(args: argparse.Namespace) -> int:
     from parts.data.prompts import build_prompts
     from parts.data.tasks import get_task
     from parts.decomposition.runs import check_replaceable
-    from parts.experiments.runner import run_decomposition
-    from parts.model.loading import load_model, model_name
+    from parts.experiments.runner import ModelSpec, load_spec, run_decomposition
+    from parts.model.loading import model_name
 
     options = run_options(args)
     task = get_task(args.task)
     # Build (and validate) the prompts before paying for the model load.
     prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, options.data_dir)
     check_replaceable(args.out, prompts, overwrite=args.overwrite)  # before the model load and the work
-    model = load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision)
+    model = load_spec(ModelSpec(args.model, args.revision), options)
     check_replaceable(args.out, prompts, model_name(model), args.overwrite)
     start = time.perf_counter()
     result = run_decomposition(model, prompts, options)

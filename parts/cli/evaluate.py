@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import add_model_options, int_list, name_list, non_negative_int, positive_int, run_options
+from parts.cli.common import (
+    add_executor_options,
+    add_model_options,
+    executor,
+    int_list,
+    name_list,
+    non_negative_int,
+    positive_int,
+    run_options,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,45 +39,38 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--table-only", action="store_true",
                         help="compute nothing: print and write the table of the settings already in results.csv")
     add_model_options(parser)
+    add_executor_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from parts.errors import PartsError
-    from parts.experiments.evaluate import LazyModel, evaluate_setting, finished, select, sweep_settings, table_path
-    from parts.experiments.results import RESULTS_CSV, check_outputs, read_results, results_table, write_results, write_table
-    from parts.experiments.runner import model_slug
-    from parts.model.loading import load_model
+    from parts.experiments.evaluate import (
+        RESULTS_CSV,
+        evaluation_plan,
+        evaluation_rows,
+        evaluation_table,
+        run_evaluation,
+        sweep_settings,
+    )
+    from parts.experiments.runner import ModelSpec
 
     options = run_options(args)
     settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
-    model = LazyModel(lambda: load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision))
-    name = model_slug(args.model, options)
+    plan = evaluation_plan(ModelSpec(args.model, args.revision), settings, args.out)
+    done = sum(work.is_done(options) for work in plan)
+    print(f"{done} of {len(plan)} settings already evaluated; "
+          + ("the table shows those" if args.table_only else f"{len(plan) - done} to go"))
     csv_path = Path(args.out) / RESULTS_CSV
-    todo = [s for s in settings if not finished(read_results(csv_path), name, s)]
-    print(f"{len(settings) - len(todo)} of {len(settings)} settings already evaluated; "
-          + ("the table shows those" if args.table_only else f"{len(todo)} to go"))
     if args.table_only:
-        if not Path(csv_path).is_file():
+        if not csv_path.is_file():
             raise PartsError(f"{csv_path} does not exist: run `parts evaluate` without --table-only first, or fix --out")
-        todo = []
-    table = table_path(args.out, args.model, args.limit, options)
-    check_outputs(csv_path, table)  # refuse now, not after the first setting, if a user's file is in the way
-    header = (f"{name}, test examples per task: {args.limit or 'all'}; accuracy (%) mean ± std over templates "
-              f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}")
-    for setting in tqdm(todo, desc="settings", unit="setting"):
-        if finished(read_results(csv_path), name, setting):  # another sweep sharing this root did it meanwhile
-            continue
-        rows = evaluate_setting(model, args.model, setting, args.out, options)
-        write_results(csv_path, rows)
-        write_table(table, results_table(select(read_results(csv_path), name, settings)), header)
-    chosen = select(read_results(csv_path), name, settings)
-    text = results_table(chosen)
-    write_table(table, text, header)
+        text, table = evaluation_table(plan, options)
+    else:
+        text, table = run_evaluation(plan, options, executor(args))
     print(text)
     print(f"rows in {csv_path}, table in {table}")
+    chosen = evaluation_rows(plan, options)
     if not chosen.empty:
         from parts.data.tasks import get_task
         from parts.experiments.export import interval_tables

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from parts.cli.common import add_model_options, add_run_options, int_list, name_list, run_options
+from parts.cli.common import add_executor_options, add_model_options, add_run_options, executor, int_list, name_list, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -26,6 +26,7 @@ def add_parser(subparsers: Any) -> None:
     add_run_options(parser)
     parser.add_argument("--out", required=True, help="root folder of the run folders")
     add_model_options(parser)
+    add_executor_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     already = sum(run.finished for run in planned)
     start = time.perf_counter()
     paths = sweep(args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit,
-                  shots=args.shots, out=args.out, revision=args.revision, options=options)
+                  shots=args.shots, out=args.out, revision=args.revision, options=options, executor=executor(args))
     print(f"{len(paths)} runs under {args.out} ({len(paths) - already} new, {already} already finished; "
           f"{time.perf_counter() - start:.0f} s)")
     return 0

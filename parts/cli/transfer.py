@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import add_model_options, int_list, non_negative_int, positive_int, run_options
+from parts.cli.common import (
+    add_executor_options,
+    add_model_options,
+    executor,
+    int_list,
+    non_negative_int,
+    positive_int,
+    run_options,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,36 +39,21 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--target-limit", type=positive_int, default=100, help="target test examples (default 100)")
     parser.add_argument("--out", required=True, help="output root (share it with `parts evaluate` to reuse source runs)")
     add_model_options(parser)
+    add_executor_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from parts.experiments.results import TRANSFER_CSV, results_table
+    from parts.experiments.runner import ModelSpec
+    from parts.experiments.transfer import parse_pairs, run_transfer, transfer_gap, transfer_settings
 
-    from parts.experiments.evaluate import LazyModel
-    from parts.experiments.results import TRANSFER_CSV, check_outputs, results_table, write_results, write_table
-    from parts.experiments.runner import model_slug
-    from parts.experiments.transfer import evaluate_transfer, parse_pairs, transfer_gap, transfer_settings
-    from parts.model.loading import load_model
-
-    options = run_options(args)
     settings = transfer_settings(parse_pairs(args.pairs), args.templates, args.seeds, args.limit, args.target_limit,
                                  args.shots)
-    model = LazyModel(lambda: load_model(args.model, device=options.device, dtype=options.dtype, revision=args.revision))
-    csv_path = Path(args.out) / TRANSFER_CSV
-    table_path = Path(args.out) / f"transfer-{model_slug(args.model, options)}.md"
-    header = (f"{model_slug(args.model, options)}: transfer, accuracy (%) mean ± std over templates "
-              f"{','.join(map(str, args.templates))} x seeds {','.join(map(str, args.seeds))}; source n={args.limit}, "
-              f"target n={args.target_limit}")
-    check_outputs(csv_path, table_path)  # refuse now, not after the first setting, if a user's file is in the way
-    rows: list[dict[str, Any]] = []
-    for setting in tqdm(settings, desc="transfer settings", unit="setting"):
-        rows.extend(evaluate_transfer(model, args.model, setting, args.out, options))
-        write_results(csv_path, rows)  # merged by key: a resumed sweep rewrites the same rows
-        write_table(table_path, results_table(rows), header)
-    text = results_table(rows)
-    print(text)
+    rows, table = run_transfer(ModelSpec(args.model, args.revision), settings, args.out, run_options(args),
+                               executor(args))
+    print(results_table(rows))
     gaps = transfer_gap(rows)
     print("target - source accuracy: " + ", ".join(f"{m} {100 * g:+.1f}" for m, g in gaps.items()))
-    print(f"rows in {csv_path}, table in {table_path}")
+    print(f"rows in {Path(args.out) / TRANSFER_CSV}, table in {table}")
     return 0

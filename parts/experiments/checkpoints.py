@@ -14,7 +14,7 @@ model exist early?). `checkpoint_figure` draws them against the training step.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,16 +22,15 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from tqdm.auto import tqdm
 
-from parts.decomposition.runs import SUMMARY, DecompositionRun
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.driver import Executor, drive
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.runner import ensure_run, run_dir
-from parts.model.loading import load_model, random_init_name, resolve_model_name
+from parts.experiments.runner import Loader, ModelSpec, PlannedRun, ensure_run
 
 if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
+    pass
 
 RANDOM = "random"
 
@@ -46,12 +45,14 @@ class Checkpoint:
     random_init: bool = False
 
     @property
+    def spec(self) -> ModelSpec:
+        """The model to load for this checkpoint."""
+        return ModelSpec(self.model, self.revision, self.random_init, 0)
+
+    @property
     def label(self) -> str:
         """The model label its runs are saved under (and the figure's hover text)."""
-        name = resolve_model_name(self.model)
-        if self.random_init:
-            return random_init_name(name, 0)
-        return f"{name}@{self.revision}" if self.revision else name
+        return self.spec.label
 
 
 def _number_in(text: str) -> float | None:
@@ -98,7 +99,8 @@ def checkpoint_runs(
     limit: int | None = 100,
     root: str | Path = "runs/checkpoints",
     options: RunOptions | None = None,
-    load: Callable[..., TransformerBridge] | None = None,
+    load: Loader | None = None,
+    executor: Executor | None = None,
     **overrides: Any,
 ) -> list[tuple[Checkpoint, DecompositionRun]]:
     """Every (checkpoint, task, template, seed) run, loading each checkpoint only if a run of it is missing.
@@ -106,25 +108,19 @@ def checkpoint_runs(
     `overrides` are `RunOptions` fields (`device="cpu"`...), a shorthand for `options`.
     """
     options = resolve(options, **overrides)
-
     if not checkpoints:
         raise PartsError("give at least one checkpoint")
-    loader = load or load_model
+    plan = [(checkpoint, PlannedRun.of(root, checkpoint.spec, task, template, seed, "test", None, limit, options))
+            for checkpoint in checkpoints for task in tasks for template in templates for seed in seeds]
+    # Grouped by checkpoint, so one checkpoint is in memory at a time.
+    drive([planned for _, planned in plan], options, loader=load, executor=executor, description="checkpoints",
+          unit="run")
     results = []
-    for checkpoint in tqdm(checkpoints, desc="checkpoints", unit="ckpt"):
-        model: TransformerBridge | None = None
-        for task in tasks:
-            for template in templates:
-                for seed in seeds:
-                    path = run_dir(root, checkpoint.label, task, template, seed, "test", None, limit, options)
-                    if model is None and not (path / SUMMARY).is_file():
-                        model = loader(checkpoint.model, device=options.device, dtype=options.dtype,
-                                       revision=checkpoint.revision, random_init=checkpoint.random_init, seed=0)
-                    run = ensure_run(path, model, options=options, task=task, template=template, seed=seed,
-                                     split="test", limit=limit)
-                    assert run is not None
-                    results.append((checkpoint, run))
-        del model  # one checkpoint in memory at a time
+    for checkpoint, planned in plan:
+        run = ensure_run(planned.path, None, options=options, task=planned.task, template=planned.template,
+                         seed=planned.seed, split="test", limit=limit)
+        assert run is not None
+        results.append((checkpoint, run))
     return results
 
 

@@ -10,7 +10,7 @@ random_init=True)`), and counts each model's categories (`random_init_control`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +19,12 @@ import pandas as pd
 from parts.analysis.analyze import CATEGORIES, categorize, component_table
 from parts.analysis.stats import chance_best_accuracy, check_correction, is_significant
 from parts.decomposition.runs import DecompositionRun
+from parts.experiments.driver import Executor, drive
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.runner import ensure_run, run_dir
-from parts.model.loading import load_model, random_init_name, resolve_model_name
+from parts.experiments.runner import Loader, ModelSpec, PlannedRun, ensure_run
 
 if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
+    pass
 
 # -- categories with and without correction ---------------------------------------------------------
 def corrected_component_table(
@@ -73,7 +73,8 @@ def random_init_control(
     alpha: float = 0.05,
     correction: str = "holm",
     options: RunOptions | None = None,
-    load: Callable[..., TransformerBridge] | None = None,
+    load: Loader | None = None,
+    executor: Executor | None = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Decompose the same prompts with the pretrained and the randomly initialised model; one row per run.
@@ -84,20 +85,15 @@ def random_init_control(
     """
     check_correction(correction)
     options = resolve(options, **overrides)
-    loader = load or load_model
-    base = resolve_model_name(model)
+    plan = [PlannedRun.of(root, ModelSpec(model, random_init=random_init, init_seed=init_seed), task, template, seed,
+                          "test", None, limit, options)
+            for random_init in (False, True) for task in tasks for template in templates for seed in seeds]
+    drive(plan, options, loader=load, executor=executor, description="control", unit="run")
     rows = []
-    for random_init, name in ((False, base), (True, random_init_name(base, init_seed))):
-        loaded: TransformerBridge | None = None  # loaded only if some run is missing
-        for task in tasks:
-            for template in templates:
-                for seed in seeds:
-                    path = run_dir(root, name, task, template, seed, "test", None, limit, options)
-                    if not (path / "summary.json").is_file() and loaded is None:
-                        loaded = loader(model, device=options.device, dtype=options.dtype, random_init=random_init,
-                                        seed=init_seed)
-                    run = ensure_run(path, loaded, options=options, task=task, template=template, seed=seed,
-                                     split="test", limit=limit)
-                    assert run is not None
-                    rows.append({"init": "random" if random_init else "pretrained", **control_row(run, alpha, correction)})
+    for planned in plan:
+        run = ensure_run(planned.path, None, options=options, task=planned.task, template=planned.template,
+                         seed=planned.seed, split="test", limit=limit)
+        assert run is not None
+        rows.append({"init": "random" if planned.model.random_init else "pretrained",
+                     **control_row(run, alpha, correction)})
     return pd.DataFrame(rows)

@@ -20,6 +20,7 @@ where it stopped and several sweeps can share one output root.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,9 +41,20 @@ from parts.data.tasks import Example, Task, Template, get_task, load_split
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun, is_legacy_run
 from parts.errors import PartsError
+from parts.experiments.driver import Executor, Work, drive
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.results import result_row, setting_key, setting_keys
-from parts.experiments.runner import ensure_run, model_slug, run_dir
+from parts.experiments.results import (
+    RESULTS_CSV,
+    check_outputs,
+    read_results,
+    result_row,
+    results_table,
+    setting_key,
+    setting_keys,
+    write_results,
+    write_table,
+)
+from parts.experiments.runner import Loader, ModelSpec, ensure_run, model_slug, run_dir
 from parts.reweighting import calibration
 from parts.reweighting.methods import MAIN_METHODS
 from parts.reweighting.reweight import load_weights, predict, save_weights, train_weights, weights_file
@@ -107,14 +119,25 @@ def label_logits(model: TransformerBridge, prompts: Sequence[str], label_token_i
     return logits
 
 
+_LOGITS_METADATA = "parts"
+
+
 def _cached_logits(path: Path, compute: Callable[[], tuple[Tensor, dict[str, str]]]) -> tuple[Tensor, dict[str, str]]:
-    """Logits saved at `path` (with string metadata), or computed now and saved atomically."""
+    """Logits saved at `path` (with string metadata), or computed now and saved atomically.
+
+    The metadata is stored under one key as sorted JSON: safetensors writes several keys in a random
+    order, so equal logits computed in two processes gave unequal bytes. Older files (one key each) still load.
+    """
     if path.is_file():
         with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor("logits"), dict(handle.metadata() or {})
+            stored = dict(handle.metadata() or {})
+            return handle.get_tensor("logits"), (json.loads(stored[_LOGITS_METADATA]) if _LOGITS_METADATA in stored
+                                                  else stored)
     logits, metadata = compute()
+    io.remove_stale_staging(path)  # what a process killed while saving it left behind
     tensors = {"logits": logits.contiguous().cpu()}
-    io.write_file(path, lambda staging: save_file(tensors, str(staging), metadata=metadata), legacy=is_legacy_run)
+    stored = {_LOGITS_METADATA: json.dumps(metadata, sort_keys=True)}
+    io.write_file(path, lambda staging: save_file(tensors, str(staging), metadata=stored), legacy=is_legacy_run)
     return logits, metadata
 
 
@@ -137,19 +160,6 @@ class Setting:
     def expected_methods(self) -> set[tuple[str, int]]:
         at_k = {(m.key, self.k) for m in MAIN_METHODS if m.at_k}
         return at_k | {(m.key, n) for n in self.labels for m in MAIN_METHODS if m.at_budget}
-
-
-class LazyModel:
-    """Loads the model the first time it is needed, so a finished sweep never loads it."""
-
-    def __init__(self, load: Callable[[], TransformerBridge]):
-        self._load = load
-        self._model: TransformerBridge | None = None
-
-    def __call__(self) -> TransformerBridge:
-        if self._model is None:
-            self._model = self._load()
-        return self._model
 
 
 def _row(model: str, setting: Setting, method: str, labels: int, accuracy: float, n_test: int, note: str = ""
@@ -322,3 +332,74 @@ def table_path(root: str | Path, model_arg: str | None, limit: int | None, optio
     do not clash."""
     return Path(root) / f"results-{model_slug(model_arg, options)}-n{'all' if limit is None else limit}.md"
 
+
+# -- the evaluation as a driver plan ---------------------------------------------------------------
+@dataclass(frozen=True)
+class EvaluateWork:
+    """One setting of `parts evaluate` as a driver `Work` item: done when `results.csv` holds its rows."""
+
+    model: ModelSpec
+    setting: Setting
+    root: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.setting.task.name} t{self.setting.template} s{self.setting.seed}"
+
+    def is_done(self, options: RunOptions) -> bool:
+        return finished(read_results(self.root / RESULTS_CSV), model_slug(self.model.label, options), self.setting)
+
+    def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> list[dict[str, Any]]:
+        return evaluate_setting(model, self.model.label, self.setting, self.root, options)
+
+
+def evaluation_plan(model: ModelSpec, settings: Sequence[Setting], root: str | Path) -> list[EvaluateWork]:
+    return [EvaluateWork(model, setting, Path(root)) for setting in settings]
+
+
+def evaluation_header(plan: Sequence[EvaluateWork], options: RunOptions) -> str:
+    """The line above the table: model, test size, and which templates and seeds the means are over."""
+    first = plan[0]
+    templates = ",".join(map(str, dict.fromkeys(w.setting.template for w in plan)))
+    seeds = ",".join(map(str, dict.fromkeys(w.setting.seed for w in plan)))
+    return (f"{model_slug(first.model.label, options)}, test examples per task: {first.setting.limit or 'all'}; "
+            f"accuracy (%) mean ± std over templates {templates} x seeds {seeds}")
+
+
+def evaluation_rows(plan: Sequence[EvaluateWork], options: RunOptions) -> pd.DataFrame:
+    """The plan's rows already in `results.csv`, in plan order."""
+    first = plan[0]
+    return select(read_results(first.root / RESULTS_CSV), model_slug(first.model.label, options),
+                  [w.setting for w in plan])
+
+
+def evaluation_table_path(plan: Sequence[EvaluateWork], options: RunOptions) -> Path:
+    first = plan[0]
+    return table_path(first.root, first.model.label, first.setting.limit, options)
+
+
+def evaluation_table(plan: Sequence[EvaluateWork], options: RunOptions) -> tuple[str, Path]:
+    """The markdown table of the plan's rows already in `results.csv`, written beside it; (table, its path)."""
+    text = results_table(evaluation_rows(plan, options))
+    return text, write_table(evaluation_table_path(plan, options), text, evaluation_header(plan, options))
+
+
+def run_evaluation(plan: Sequence[EvaluateWork], options: RunOptions, executor: Executor | None = None,
+                   loader: Loader | None = None) -> tuple[str, Path]:
+    """Evaluate every setting of `plan` not yet in `results.csv`; returns the table and its path.
+
+    Rows reach `results.csv` (and the table is rewritten) as each setting finishes, written by this
+    process only, so an interrupted evaluation loses no finished setting.
+    """
+    if not plan:
+        raise PartsError("nothing to evaluate: give at least one task, template and seed")
+    # Refuse now, not after the first setting, if a user's file is in the way.
+    check_outputs(plan[0].root / RESULTS_CSV, evaluation_table_path(plan, options))
+
+    def record(work: Work, rows: list[dict[str, Any]]) -> None:
+        assert isinstance(work, EvaluateWork)
+        write_results(work.root / RESULTS_CSV, rows)
+        evaluation_table(plan, options)
+
+    drive(plan, options, loader=loader, record=record, executor=executor)
+    return evaluation_table(plan, options)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +17,14 @@ from parts.components import HEAD, head_name, mlp_name, parse_component
 from parts.data.prompts import PromptSet, build_prompts, label_token_ids
 from parts.data.tasks import Task, get_task
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import DecompositionRun, is_legacy_run
+from parts.decomposition.runs import SUMMARY, DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
-from parts.model.loading import model_name, plain_model, resolve_model_name
+from parts.model import loading
+from parts.model.loading import model_name, plain_model, random_init_name, resolve_model_name
 from parts.model.readout import RESID_0, Layout, affine_parts, z_name
+
+Loader = Callable[..., TransformerBridge]  # `parts.model.loading.load_model`'s signature
 
 
 def check_fits_context(tokenizer: Any, prompts: PromptSet, n_ctx: int) -> None:
@@ -162,6 +168,31 @@ def model_slug(name: str | None, options: RunOptions | None = None) -> str:
     return slug + (options.variant if options is not None else "")
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a setting needs: a hub name or folder (None: the embedded model), a hub revision,
+    or the architecture re-initialised at random (a control)."""
+
+    name: str | None = None
+    revision: str | None = None
+    random_init: bool = False
+    init_seed: int = 0
+
+    @property
+    def label(self) -> str:
+        """The name its runs are filed under: `name`, `name@revision` or `name+random-init-s{seed}`."""
+        name = resolve_model_name(self.name)
+        if self.random_init:
+            return random_init_name(name, self.init_seed)
+        return str(model_label(name, self.revision))
+
+
+def load_spec(spec: ModelSpec, options: RunOptions, loader: Loader | None = None) -> TransformerBridge:
+    """Load the model `spec` names as `options` say (`loader`: a replacement for `load_model`, e.g. in tests)."""
+    return (loader or loading.load_model)(spec.name, device=options.device, dtype=options.dtype,
+                                          revision=spec.revision, random_init=spec.random_init, seed=spec.init_seed)
+
+
 def run_dir(
     root: str | Path,
     model: str | None,
@@ -231,6 +262,46 @@ def ensure_run(
     return result
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """One decomposition of a plan (a driver `Work` item): its model, settings and run folder."""
+
+    model: ModelSpec
+    task: Task
+    template: int
+    seed: int
+    path: Path
+    shots: int | None = None
+    split: str = "test"
+    limit: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.name} t{self.template} s{self.seed}"
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
+    def is_done(self, options: RunOptions) -> bool:
+        if not self.finished:
+            return False
+        check_recorded_options(self.path, options)
+        return True
+
+    def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> None:
+        ensure_run(self.path, model(), load=False, options=options, task=self.task, template=self.template,
+                   seed=self.seed, shots=self.shots, split=self.split, limit=self.limit)
+
+    @classmethod
+    def of(cls, root: str | Path, model: ModelSpec, task: str | Task, template: int, seed: int, split: str = "test",
+           shots: int | None = None, limit: int | None = None, options: RunOptions | None = None) -> PlannedRun:
+        """The run of these settings under `root` (its folder from `run_dir`)."""
+        task = get_task(task) if not isinstance(task, Task) else task
+        path = run_dir(root, model.label, task, template, seed, split, shots, limit, options)
+        return cls(model, task, template, seed, path, shots, split, limit)
+
+
 def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBridge | None, settings: dict[str, Any],
                         options: RunOptions | None = None) -> None:
     """A finished folder reused for other settings (another model, task, dtype...) is an error, never silently reused.
@@ -248,12 +319,29 @@ def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBri
         "shots": settings.get("shots") if settings.get("shots") is not None or task is None else task.default_shots,
     }
     found = {"model": run.model, **{k: getattr(run.prompts, k) for k in wanted if k != "model"}}
-    if options is not None:
-        recorded = {"dtype": options.dtype, "engine": options.engine, "prefix_reuse": options.prefix_reuse}
-        for key, value in recorded.items():
-            if key in run.info and not (key == "engine" and value == "hf" and run.info[key] == "bridge"):
-                # (the hf engine falls back to the bridge for architectures it cannot map, and says so)
-                wanted[key], found[key] = value, run.info[key]
     wrong = [f"{k} {found[k]!r} (wanted {wanted[k]!r})" for k in wanted if wanted[k] is not None and wanted[k] != found[k]]
+    wrong += option_mismatches(run.info, options) if options is not None else []
+    if wrong:
+        raise PartsError(f"{path} holds a different run: {', '.join(wrong)}; choose another folder or delete it")
+
+
+def option_mismatches(info: dict[str, Any], options: RunOptions) -> list[str]:
+    """How a run's recorded options (its `info`) differ from `options`, as "dtype 'bfloat16' (wanted 'float32')".
+
+    Older runs may lack some records: those are not compared. The hf engine falls back to the bridge
+    for architectures it cannot map (and records "bridge"): that is not a difference.
+    """
+    wanted = {"dtype": options.dtype, "engine": options.engine, "prefix_reuse": options.prefix_reuse}
+    return [f"{key} {info[key]!r} (wanted {value!r})" for key, value in wanted.items()
+            if key in info and info[key] != value and not (key == "engine" and (value, info[key]) == ("hf", "bridge"))]
+
+
+def check_recorded_options(path: Path, options: RunOptions) -> None:
+    """A finished folder (reading only its summary) run with other options is an error, never silently reused."""
+    try:
+        info = json.loads((path / SUMMARY).read_text()).get("info", {})
+    except ValueError:
+        return  # damaged: `ensure_run` reruns it when it is read
+    wrong = option_mismatches(info, options)
     if wrong:
         raise PartsError(f"{path} holds a different run: {', '.join(wrong)}; choose another folder or delete it")

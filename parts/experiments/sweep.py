@@ -1,50 +1,34 @@
 """Sweeps: every (task, template, seed) decomposition of one model, resumable.
 
-A sweep plans its run folders with `parts.experiments.runner.run_dir`, skips those already finished
-(a run folder is written atomically, so one with a `summary.json` is complete), loads the
-model once if anything is left to do, and runs the rest through `parts.experiments.runner.ensure_run`.
-Interrupt it at any point and run it again: it redoes only the unfinished runs, and since a
-run depends only on its settings the files come out byte-identical to an uninterrupted sweep.
+A sweep is a plan of `parts.experiments.runner.PlannedRun`s (one run folder each, from `run_dir`)
+handed to the driver (`parts.experiments.driver.drive`): finished folders are skipped (a run folder
+is written atomically, so one with a `summary.json` is complete), the model is loaded once if
+anything is left to do, and the rest run in this process or on Ray workers. Interrupt it at any
+point and run it again: it redoes only the unfinished runs, and since a run depends only on its
+settings the files come out byte-identical to an uninterrupted sweep.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from parts.data.prompts import build_prompts
 from parts.data.tasks import Task, get_task
-from parts.decomposition.runs import SUMMARY
 from parts.errors import PartsError
+from parts.experiments.driver import Executor, drive, given_model
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.runner import ensure_run, model_label, run_dir
-from parts.model.loading import load_model
+from parts.experiments.runner import Loader, ModelSpec, PlannedRun
+from parts.model.loading import model_name as loaded_model_name
 
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """One run of a sweep: its settings and its folder."""
-
-    task: Task
-    template: int
-    seed: int
-    path: Path
-
-    @property
-    def label(self) -> str:
-        return f"{self.task.name} t{self.template} s{self.seed}"
-
-    @property
-    def finished(self) -> bool:
-        return (self.path / SUMMARY).is_file()
+__all__ = ["PlannedRun", "plan_sweep", "sweep"]
 
 
 def plan_sweep(
-    model_name: str | None,
+    model_name: str | None | ModelSpec,
     tasks: Sequence[str | Task],
     templates: Sequence[int],
     seeds: Sequence[int],
@@ -58,12 +42,13 @@ def plan_sweep(
     for what, values in (("task", tasks), ("template", templates), ("seed", seeds)):
         if not values:
             raise PartsError(f"a sweep needs at least one {what}: give --{what}s")
+    spec = model_name if isinstance(model_name, ModelSpec) else ModelSpec(model_name)
     resolved = [t if isinstance(t, Task) else get_task(t) for t in tasks]
     for task in resolved:
         for template in templates:
             task.template(template)  # names the task and template that do not exist
     return [
-        PlannedRun(task, template, seed, run_dir(out, model_name, task, template, seed, split, shots, limit, options))
+        PlannedRun.of(out, spec, task, template, seed, split, shots, limit, options)
         for task in resolved
         for template in templates
         for seed in seeds
@@ -71,7 +56,7 @@ def plan_sweep(
 
 
 def sweep(
-    model_name: str | None,
+    model: str | None | TransformerBridge,
     tasks: Sequence[str | Task],
     templates: Sequence[int],
     seeds: Sequence[int],
@@ -81,27 +66,25 @@ def sweep(
     out: str | Path = "runs",
     revision: str | None = None,
     options: RunOptions | None = None,
+    executor: Executor | None = None,
+    loader: Loader | None = None,
     **overrides: Any,
 ) -> list[Path]:
     """Run every (task, template, seed) into `out` and return the run folders, in plan order.
 
-    The model is loaded once, and not at all when every run is already finished. `overrides` are
-    `RunOptions` fields (`device="cpu"`...), a shorthand for `options`.
+    `model` is a name (loaded once, and not at all when every run is already finished) or a loaded
+    model. `overrides` are `RunOptions` fields (`device="cpu"`...), a shorthand for `options`;
+    `executor` runs the settings elsewhere (`parts.experiments.ray_executor.RayExecutor`).
     """
     options = resolve(options, **overrides)
-    progress, data_dir = options.progress, options.data_dir
-    planned = plan_sweep(model_label(model_name, revision), tasks, templates, seeds, split, limit, shots, out, options)
-    pending = [run for run in planned if not run.finished]
-    if pending:
-        # Build every missing run's prompts first: a data problem surfaces before the model load.
-        for run in pending:
-            build_prompts(run.task, run.template, run.seed, shots, split, limit, data_dir)
-        model = load_model(model_name, device=options.device, dtype=options.dtype, revision=revision)
-        with tqdm(total=len(planned), initial=len(planned) - len(pending), desc="sweep", unit="run",
-                  disable=not progress) as bar:
-            for run in pending:
-                bar.set_postfix_str(run.label)
-                ensure_run(run.path, model, load=False, options=options, task=run.task, template=run.template,
-                           seed=run.seed, shots=shots, split=split, limit=limit)
-                bar.update(1)
+    if isinstance(model, TransformerBridge):
+        spec, loader = ModelSpec(loaded_model_name(model)), given_model(model)
+    else:
+        spec = ModelSpec(model, revision)
+    planned = plan_sweep(spec, tasks, templates, seeds, split, limit, shots, out, options)
+    # Build every missing run's prompts first: a data problem surfaces before the model load.
+    for run in planned:
+        if not run.finished:
+            build_prompts(run.task, run.template, run.seed, shots, split, limit, options.data_dir)
+    drive(planned, options, loader=loader, executor=executor, description="sweep", unit="run")
     return [run.path for run in planned]

@@ -26,22 +26,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_prompt, sample_test
 from parts.data.tasks import Task, get_task, load_split
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.driver import Executor, Work, drive
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.results import result_row
-from parts.experiments.runner import ensure_run, model_slug, run_decomposition, run_dir, transfer_run_dir
+from parts.experiments.results import (
+    TRANSFER_CSV,
+    check_outputs,
+    read_results,
+    result_row,
+    results_table,
+    setting_key,
+    setting_keys,
+    text_records,
+    write_results,
+    write_table,
+)
+from parts.experiments.runner import (
+    Loader,
+    ModelSpec,
+    ensure_run,
+    model_slug,
+    run_decomposition,
+    run_dir,
+    transfer_run_dir,
+)
 from parts.reweighting import calibration
 from parts.reweighting.methods import method_labels
 from parts.reweighting.reweight import predict, train_weights
 
 PAPER_PAIRS = (("sst2", "yelp"), ("boolq", "boolq_contrast"))
+# The rows one setting writes: these methods on the source and the target test set, and the
+# single-component transfers (`single_component_transfer`, less "full") on the target only.
+SIDE_METHODS = ("icl", "batch", "calib+", "comprw")
+TARGET_ONLY_METHODS = ("transfer-1", "oracle-1")
 
 
 def transfer_name(source: Task, target: Task) -> str:
@@ -262,3 +288,67 @@ def transfer_gap(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         if source and target:
             gaps[method] = float(torch.tensor(target).mean() - torch.tensor(source).mean())
     return gaps
+
+
+# -- transfer as a driver plan ------------------------------------------------------------------------
+def transfer_rows_of(results: pd.DataFrame, model: str, setting: TransferSetting) -> pd.DataFrame:
+    """The rows of `results` that belong to `setting` for `model` (source and target lines)."""
+    keys = {setting_key(model, setting.source.name, setting.template, setting.seed, setting.k, setting.source_limit),
+            setting_key(model, transfer_name(setting.source, setting.target), setting.template, setting.seed, setting.k,
+                        setting.target_limit)}
+    return results[setting_keys(results).map(lambda key: key in keys).astype(bool)]
+
+
+@dataclass(frozen=True)
+class TransferWork:
+    """One transfer setting as a driver `Work` item: done when `transfer.csv` holds its rows."""
+
+    model: ModelSpec
+    setting: TransferSetting
+    root: Path
+
+    @property
+    def label(self) -> str:
+        return f"{transfer_name(self.setting.source, self.setting.target)} t{self.setting.template} s{self.setting.seed}"
+
+    def is_done(self, options: RunOptions) -> bool:
+        have = transfer_rows_of(read_results(self.root / TRANSFER_CSV), model_slug(self.model.label, options),
+                                self.setting)
+        target = transfer_name(self.setting.source, self.setting.target)
+        wanted = {(self.setting.source.name, m) for m in SIDE_METHODS}
+        wanted |= {(target, m) for m in SIDE_METHODS + TARGET_ONLY_METHODS}
+        return wanted <= set(zip(have["task"], have["method"], strict=True))
+
+    def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> list[dict[str, Any]]:
+        return evaluate_transfer(model, self.model.label, self.setting, self.root, options)
+
+
+def run_transfer(model: ModelSpec, settings: Sequence[TransferSetting], root: str | Path, options: RunOptions,
+                 executor: Executor | None = None, loader: Loader | None = None) -> tuple[list[dict[str, str]], Path]:
+    """Every transfer setting not yet in `root/transfer.csv`; returns all the settings' rows and the table's path.
+
+    Rows reach `transfer.csv` (and the table is rewritten) as each setting finishes, written by this
+    process only, so an interrupted transfer sweep loses no finished setting.
+    """
+    root = Path(root)
+    plan = [TransferWork(model, setting, root) for setting in settings]
+    name = model_slug(model.label, options)
+    table = root / f"transfer-{name}.md"
+    templates = ",".join(map(str, dict.fromkeys(s.template for s in settings)))
+    seeds = ",".join(map(str, dict.fromkeys(s.seed for s in settings)))
+    header = (f"{name}: transfer, accuracy (%) mean ± std over templates {templates} x seeds {seeds}; "
+              f"source n={settings[0].source_limit}, target n={settings[0].target_limit}")
+    check_outputs(root / TRANSFER_CSV, table)  # refuse now, not after the first setting, if a user's file is in the way
+
+    def settings_rows() -> list[dict[str, str]]:
+        everything = read_results(root / TRANSFER_CSV)
+        return [row for setting in settings for row in text_records(transfer_rows_of(everything, name, setting))]
+
+    def record(work: Work, rows: list[dict[str, Any]]) -> None:
+        write_results(root / TRANSFER_CSV, rows)  # merged by key: a resumed sweep rewrites the same rows
+        write_table(table, results_table(settings_rows()), header)
+
+    drive(plan, options, loader=loader, record=record, executor=executor, description="transfer settings")
+    rows = settings_rows()
+    write_table(table, results_table(rows), header)
+    return rows, table
