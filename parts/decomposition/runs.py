@@ -98,7 +98,7 @@ class DecompositionRun:
     # -- derived numbers ---------------------------------------------------------------
     @property
     def labels(self) -> Int[Tensor, example]:
-        return torch.tensor(self.prompts.labels, dtype=torch.long)
+        return torch.tensor(self.prompts.labels, dtype=torch.long, device="cpu")
 
     @property
     def n_examples(self) -> int:
