@@ -211,7 +211,7 @@
       var shapes = low < 0 && detail.edges[1] > 0
         ? [{type: "line", x0: 0, x1: 0, yref: "paper", y0: 0, y1: 1, line: {color: "#555", dash: "dot", width: 1}}] : [];
       Plotly.react("component-margins", traces, layout("Vote margin by gold label (" + esc(label) + ")", {
-        barmode: "overlay", shapes: shapes, xaxis: {title: {text: esc(T.histogram.axis)}}, yaxis: {title: {text: "examples"}}}),
+        barmode: "overlay", shapes: shapes, legend: {orientation: "h", x: 1, xanchor: "right", y: 1.02, yanchor: "bottom"}, xaxis: {title: {text: esc(T.histogram.axis)}}, yaxis: {title: {text: "examples"}}}),
         CONFIG);
     }
     function plotWeights(c, detail) {
