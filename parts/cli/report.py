@@ -38,7 +38,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import get_task
-    from parts.report.site import build_report
+    from parts.report.site import build_report, count
 
     tasks_files = {get_task(path).name: path for path in args.task_files or []}
 
@@ -57,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
             return attention_data(models[name], task, heads, args.examples)
 
     report = build_report(args.runs, args.out, attention, args.heads, args.results, tasks_files)
-    print(f"{report.runs} runs of {report.tasks} task{'s' if report.tasks != 1 else ''}: {len(report.pages)} pages, "
+    print(f"{count(report.runs, 'run')} of {count(report.tasks, 'task')}: {len(report.pages)} pages, "
           f"{report.bytes / 1e6:.1f} MB in {report.seconds:.1f} s; open {report.out}/index.html")
     return 0

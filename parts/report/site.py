@@ -114,6 +114,11 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], css: str = "",
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>{foot}</table>'
 
 
+def count(n: int, noun: str) -> str:
+    """'1 run', '3 runs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _pct(value: float) -> str:
     return f"{value:.1%}"
 
@@ -144,7 +149,7 @@ def overview_html(root_name: str, lines: Sequence[Mapping[str, Any]], measures: 
          "most often best"],
         [[f'<a href="{e(pages[line["key"]])}">{e(line["key"])}</a>', e(line["model"]), e(line["split"]),
           line["n_examples"], line["shots"], line["runs"], e(", ".join(map(str, line["templates"]))),
-          e(", ".join(map(str, line["seeds"]))), f'{line["best_beats_full"]} of {line["runs"]} runs',
+          e(", ".join(map(str, line["seeds"]))), f'{line["best_beats_full"]} of {count(line["runs"], "run")}',
           f'<a href="{e(pages[line["key"]])}#component={e(line["most_often_best"][0])}">{e(line["most_often_best"][0])}</a>'
           f' ({line["most_often_best"][1]} of {line["runs"]})'] for line in lines], "runs-found")
     skipped_note = (f"<p class=note>{skipped} train run{'s' if skipped != 1 else ''} (the labelled examples "
@@ -166,12 +171,12 @@ def overview_html(root_name: str, lines: Sequence[Mapping[str, Any]], measures: 
         main = ("<p class=note>No <code>results.csv</code> here: run <code>parts evaluate</code> with this "
                 "<code>--out</code> to add the main table (reweighting against ICL and calibration).</p>")
     cards = "".join(
-        f'<a class=card href="{e(pages[line["key"]])}"><b>{e(line["key"])}</b><br>{line["runs"]} runs · '
+        f'<a class=card href="{e(pages[line["key"]])}"><b>{e(line["key"])}</b><br>{count(line["runs"], "run")} · '
         f'full {line["full"]:.1f}% · best component {line["best"]:.1f}%</a>' for line in lines)
     return f"""
 <h1>Components as classifiers: {e(root_name)}</h1>
 <p class=lead>Model{'s' if len(models) > 1 else ''}: <b>{e(", ".join(models))}</b>. {len(lines)} task
-page{'s' if len(lines) != 1 else ''}, {runs} test runs. Every attention head and MLP scored as a classifier by its
+page{'s' if len(lines) != 1 else ''}, {count(runs, "test run")}. Every attention head and MLP scored as a classifier by its
 direct contribution to the label-word logits at the last prompt token.</p>
 <div class=cards>{cards}</div>
 <h2>Runs found</h2>
@@ -195,7 +200,7 @@ mean ± sd over runs; the share grows as the test set shrinks, so n is beside it
 
 def task_html(data: Mapping[str, Any]) -> str:
     runs = data["runs"]
-    options = f'<option value="mean">mean over {len(runs)} runs</option>' + "".join(
+    options = f'<option value="mean">mean over {count(len(runs), "run")}</option>' + "".join(
         f'<option value="{i}">template {r["template"]}, seed {r["seed"]} (full model {_pct(r["full_accuracy"])})</option>'
         for i, r in enumerate(runs))
     accuracy = data["accuracy"]
@@ -219,7 +224,7 @@ def task_html(data: Mapping[str, Any]) -> str:
     labels = ", ".join(f"{e(n)} ({e(repr(w))})" for n, w in zip(data["label_names"], data["label_words"], strict=True))
     return f"""
 <h1>{e(data["task"])} <span class=sub>{e(data["model"])}</span></h1>
-<p class=lead>{len(runs)} runs ({e(data["split"])} split, {data["n_examples"]} examples each, {data["shots"]}-shot) ·
+<p class=lead>{count(len(runs), "run")} ({e(data["split"])} split, {data["n_examples"]} examples each, {data["shots"]}-shot) ·
 labels {labels} · {len(names)} components ({data["n_layers"]} layers × {data["n_heads"]} heads + {data["n_layers"]} MLPs) ·
 majority rate {_pct(data["chance"])}</p>
 <div class=controls><label for="run-select">Run</label> <select id="run-select">{options}</select>

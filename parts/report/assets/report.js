@@ -12,6 +12,7 @@
   var attention = {}; // task key -> {examples, heads}
   var waiting = {};   // script src -> callbacks
 
+  function count(n, noun) { return n + " " + noun + (n === 1 ? "" : "s"); }
   function pct(x, digits) {
     return x === null || x === undefined ? "–" : (100 * x).toFixed(digits === undefined ? 1 : digits) + "%";
   }
@@ -67,7 +68,7 @@
     function accuracyOf(view) { return view < 0 ? T.mean.accuracy : T.accuracy[view]; }
     function sharesOf(view, c) { return view < 0 ? T.mean.shares[c] : T.shares[view][c]; }
     function viewName(view) {
-      return view < 0 ? "mean over " + T.runs.length + " runs"
+      return view < 0 ? "mean over " + count(T.runs.length, "run")
                       : "template " + T.runs[view].template + ", seed " + T.runs[view].seed;
     }
     function categoryText(view, c) {
@@ -77,7 +78,7 @@
       var parts = [];
       T.categories.forEach(function (name, k) { if (counts[k]) { parts.push([counts[k], name]); } });
       parts.sort(function (a, b) { return b[0] - a[0]; });
-      return parts.map(function (p) { return p[1] + " in " + p[0]; }).join(", ") + " of " + T.runs.length + " runs";
+      return parts.map(function (p) { return p[1] + " in " + p[0]; }).join(", ") + " of " + count(T.runs.length, "run");
     }
     function labelText(view, c) {
       var shares = sharesOf(view, c);
@@ -119,7 +120,7 @@
       var y = function (a) { return (h - 3 - a * (h - 6)).toFixed(1); };
       var points = T.accuracy.map(function (row, r) { return (4 + r * step).toFixed(1) + "," + y(row[c]); });
       var title = T.runs.map(function (run, r) { return run.label + " " + pct(T.accuracy[r][c]); }).join("\n");
-      var dot = state.view >= 0
+      var dot = n === 1 ? '<circle cx="4" cy="' + y(T.accuracy[0][c]) + '" r="2.5" class="dot"/>' : state.view >= 0
         ? '<circle cx="' + (4 + state.view * step).toFixed(1) + '" cy="' + y(T.accuracy[state.view][c]) + '" r="3" class="dot"/>'
         : "";
       return '<svg class="spark" width="' + w + '" height="' + h + '" viewBox="0 0 ' + w + " " + h + '"><title>' + esc(title) +
