@@ -75,7 +75,7 @@ def test_a_sweep_on_two_workers_writes_the_same_bytes(cluster, tiny_model_dir, t
     assert sum(not Path(name).name.startswith(".") for name in alone_files) == 4 * 3  # 3 files per run
 
 
-def test_an_interrupted_driver_resumes_to_the_same_rows(cluster, tiny_model_dir, tiny_task_file, tmp_path):
+def test_an_interrupted_driver_resumes_to_the_same_rows(cluster, tiny_model_dir, tiny_task_file, tmp_path, capsys):
     run_evaluation(evaluation(tiny_model_dir, tiny_task_file, tmp_path / "alone"), OPTIONS)
 
     plan = evaluation(tiny_model_dir, tiny_task_file, tmp_path / "ray")
@@ -87,9 +87,11 @@ def test_an_interrupted_driver_resumes_to_the_same_rows(cluster, tiny_model_dir,
     with pytest.raises(KeyboardInterrupt):
         drive(plan, OPTIONS, record=record_then_interrupt, executor=RayExecutor("auto", workers=2))
     assert sum(work.is_done(OPTIONS) for work in plan) == 1
-    started: list[str] = []
-    run_evaluation(plan, OPTIONS, RayExecutor("auto", workers=2, on_start=lambda pid, work: started.append(work.label)))
-    assert len(started) == 1  # only the unfinished setting ran again
+    # The command again (it joins the running cluster): only the unfinished setting runs.
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1,2",
+                 "--seeds", "0", "--labels", "8", "--limit", "6", "--out", str(tmp_path / "ray"), "--device", "cpu",
+                 "--batch-size", "4", "--ray", "auto", "--workers", "2"]) == 0
+    assert "1 of 2 settings already evaluated; 1 to go" in capsys.readouterr().out
     assert row_set(tmp_path / "ray" / RESULTS_CSV) == row_set(tmp_path / "alone" / RESULTS_CSV)
     assert len(read_results(tmp_path / "ray" / RESULTS_CSV)) == 2 * 7
     skip = (RESULTS_CSV,)

