@@ -196,17 +196,25 @@ class FrozenNorm:
         )
 
 
-def affine_parts(module: nn.Module, where: str) -> tuple[Float[Tensor, "d_in d_out"], Float[Tensor, " d_out"] | None]:
-    """Weight (as [input, output]) and bias of a linear layer (torch Linear, or GPT-2's Conv1D)."""
+def affine_parts(
+    module: nn.Module, where: str, outputs: Sequence[int] | None = None
+) -> tuple[Float[Tensor, "d_in d_out"], Float[Tensor, " d_out"] | None]:
+    """Weight (as [input, output]) and bias of a linear layer (torch Linear, or GPT-2's Conv1D), in float32;
+    `outputs`: only these output features (the label words of an unembedding: no float copy of the vocabulary)."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if isinstance(module, nn.Linear):
-        matrix = weight.detach().float().T  # type: ignore[union-attr]
-    elif type(module).__name__ == "Conv1D" and weight is not None:  # transformers' GPT-2 layer: [in, out] already
-        matrix = weight.detach().float()
+    if isinstance(module, nn.Linear) and isinstance(weight, Tensor):
+        rows = weight.detach() if outputs is None else weight.detach()[torch.tensor(list(outputs), device=weight.device)]
+        matrix = rows.float().T
+    elif type(module).__name__ == "Conv1D" and isinstance(weight, Tensor):  # transformers' GPT-2 layer: [in, out]
+        columns = weight.detach() if outputs is None else weight.detach()[:, torch.tensor(list(outputs), device=weight.device)]
+        matrix = columns.float()
     else:
         raise PartsError(f"parts cannot split this model exactly: the projection {where} ({type(module).__name__}) is not "
                          "a linear layer parts can read; use another model")
-    return matrix, (bias.detach().float() if isinstance(bias, Tensor) else None)
+    if not isinstance(bias, Tensor):
+        return matrix, None
+    bias = bias.detach() if outputs is None else bias.detach()[torch.tensor(list(outputs), device=bias.device)]
+    return matrix, bias.float()
 
 
 def unsupported_feature(config: Any) -> str | None:
@@ -261,19 +269,16 @@ class Readout:
     def from_modules(cls, hf_model: nn.Module, layout: Layout, label_token_ids: Sequence[int]) -> Readout:
         """Read the weights from the Hugging Face modules the layout names (any copy sharing them)."""
         config: Any = hf_model.config
-        ids = torch.tensor(list(label_token_ids), device="cpu")
         d_model = int(config.hidden_size)
         final_norm = FrozenNorm.of(hf_model.get_submodule(layout.final_norm_path), layout.final_norm_path, d_model)
-        W_U, b_U = affine_parts(hf_model.get_submodule(layout.unembed_path), "unembed")
-        ids = ids.to(W_U.device)
-        W_U = W_U[:, ids]
+        W_U, b_U = affine_parts(hf_model.get_submodule(layout.unembed_path), "unembed", list(label_token_ids))
         residual_multiplier, logit_multiplier = multipliers(config)
         unembed = final_norm.fold(W_U) * logit_multiplier
-        constant = torch.zeros(len(ids), device=W_U.device)
+        constant = torch.zeros(len(label_token_ids), device=W_U.device)
         if final_norm.bias is not None:
             constant = constant + final_norm.bias @ W_U
         if b_U is not None:
-            constant = constant + b_U[ids]
+            constant = constant + b_U
         constant = constant * logit_multiplier
 
         post_attn = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p, d_model)
@@ -286,7 +291,7 @@ class Readout:
             return residual_multiplier * (unembed if norm is None else norm.fold(unembed))
 
         head_unembed, attn_bias_logits, mlp_unembed = [], [], []
-        post_bias_logits = torch.zeros(len(ids), device=W_U.device)
+        post_bias_logits = torch.zeros(len(label_token_ids), device=W_U.device)
         for layer in range(layout.n_layers):
             W_O, b_O = affine_parts(hf_model.get_submodule(layout.o_paths[layer]), layout.o_paths[layer])
             attn_readout = before(post_attn[layer])
