@@ -193,3 +193,20 @@ def test_an_unmappable_model_falls_back_to_the_bridge_engine(tiny_llama, monkeyp
     assert decomposer.engine_name == "bridge"
     out = decomposer(PROMPTS, batch_size=2, progress=False)
     assert out.reconstruction_error.max() < 1e-4
+
+
+def test_hf_engine_follows_accelerate_device_hooks(tokenizer):
+    """Under `--device auto` accelerate wraps each layer's forward in place (bound to the original module, whose
+    children the bridge replaces): the engine's twin rebinds them, so its own hooks still see every activation."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    from parts.model.loading import from_hf
+    from tests.conftest import make_hf_model
+
+    hf_model = make_hf_model("llama")
+    for layer in hf_model.model.layers:
+        accelerate_hooks.add_hook_to_module(layer, accelerate_hooks.AlignDevicesHook(execution_device="cpu"))
+    model = from_hf(hf_model, tokenizer, "tiny-llama-accelerate")
+    out = Decomposer(model, label_ids(model))(PROMPTS, batch_size=2, progress=False)
+    expected = torch.stack([reference_logits(model, p)[label_ids(model)] for p in PROMPTS])
+    assert (out.model_logits - expected).abs().max() < 1e-4
+    assert out.reconstruction_error.max() < 1e-4

@@ -9,9 +9,11 @@ loads take about two seconds instead of twenty.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -68,6 +70,14 @@ def _plain_twin(hf_model: nn.Module) -> nn.Module:
         for attr, value in list(vars(clone).items()):
             if "hooks" in attr and isinstance(value, dict):
                 setattr(clone, attr, type(value)())  # hooks on the twin must not fire in the original
+        for attr, value in list(vars(clone).items()):
+            # A forward wrapped in place (accelerate's device hooks under device_map) is bound to the original
+            # module, whose children the bridge replaces: bind it to the twin instead.
+            if isinstance(value, types.MethodType) and value.__self__ is module:
+                setattr(clone, attr, types.MethodType(value.__func__, clone))
+            elif isinstance(value, functools.partial) and value.args[:1] == (module,):
+                setattr(clone, attr, functools.update_wrapper(
+                    functools.partial(value.func, clone, *value.args[1:], **value.keywords), value))
         clone._modules = {name: None if child is None else twin(child) for name, child in module._modules.items()}
         own_config = vars(clone).get("config")
         if own_config is not None and id(own_config) in config_memo:
