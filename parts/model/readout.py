@@ -71,7 +71,7 @@ class Layout:
     post_mlp_paths: list[str | None]
     experts_paths: list[str | None]  # per layer: the MoE experts module (None: a dense MLP)
     n_experts: list[int]  # per layer: routed experts (0: dense)
-    shared_expert: list[bool]  # per layer: the MoE block adds a shared expert (Qwen-MoE)
+    shared_expert: list[bool]  # per layer: the MoE block adds more than its routed experts (a shared expert)
     final_norm_path: str
     unembed_path: str
 
@@ -116,7 +116,10 @@ class Layout:
             taps[name] = (module_path, "output")
             mlp_out.append(name)
             experts_paths.append(path(mlp_path, "experts") if is_moe else None)
-            shared.append(is_moe and isinstance(getattr(hf_model.get_submodule(mlp_path), "shared_expert", None), nn.Module))
+            # Anything in the block besides the router and the routed experts (Qwen-MoE's shared expert and
+            # its gate, DeepSeek's shared experts) is one more component: the block's output minus its experts'.
+            extra = {name for name, _ in hf_model.get_submodule(mlp_path).named_children()} - {"gate", "router", "experts"}
+            shared.append(is_moe and bool(extra))
             for key, (names, paths) in post.items():
                 if key in subs:
                     norm_path = path(block, subs[key].name)
