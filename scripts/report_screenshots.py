@@ -49,7 +49,10 @@ def main() -> None:
                 page.wait_for_timeout(500)
                 page.locator(element).screenshot(path=args.out / png)
             else:
+                # the task page tall enough to show the top and bottom tables under the heatmap
+                page.set_viewport_size({"width": 1280, "height": 1450 if page_name.startswith("task-") else 900})
                 page.wait_for_timeout(500)
+                page.evaluate("window.scrollTo(0, 0)")
                 page.screenshot(path=args.out / png)
             print(args.out / png)
         browser.close()

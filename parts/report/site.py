@@ -250,7 +250,8 @@ majority rate {_pct(data["chance"])}</p>
   <th>accuracy</th><th>mean ± sd over runs</th><th>every run</th><th>category</th></tr></thead><tbody></tbody></table>
 </div>
 <p class=note>Every run: the component's accuracy in each run in the order of the run selector (template, then seed),
-the dashed line at the majority rate, the selected run dotted.</p>
+on one scale for the whole task (its lowest to highest component accuracy), the dashed line at the majority rate,
+the selected run dotted; hover for the numbers.</p>
 <h2>Stability across demonstrations and templates</h2>
 <p class=note>Agreement of the component accuracies of two runs (the paper's Table 2): Pearson r and the IoU of their
 top-5 components, averaged over the pairs of runs that differ only in their demonstrations (seed), only in a minimally

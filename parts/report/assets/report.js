@@ -85,6 +85,9 @@
       var order = shares.map(function (s, k) { return k; }).sort(function (a, b) { return shares[b] - shares[a]; });
       return order.map(function (k) { return esc(T.label_names[k]) + " " + pct(shares[k], 0); }).join(" · ");
     }
+    var scaleLow = Math.min(T.chance, Math.min.apply(null, T.accuracy.map(function (row) { return Math.min.apply(null, row); })));
+    var scaleHigh = Math.max(T.chance, Math.max.apply(null, T.accuracy.map(function (row) { return Math.max.apply(null, row); })));
+    if (scaleHigh <= scaleLow) { scaleHigh = scaleLow + 1; }
     function ranking(view) {
       var acc = accuracyOf(view);
       return acc.map(function (a, i) { return i; }).sort(function (a, b) { return acc[b] - acc[a] || a - b; });
@@ -116,8 +119,9 @@
     }
 
     function sparkline(c) {
+      // One scale for every row of the task (its lowest to highest accuracy in any run), so rows compare.
       var w = 150, h = 30, n = T.runs.length, step = n > 1 ? (w - 8) / (n - 1) : 0;
-      var y = function (a) { return (h - 3 - a * (h - 6)).toFixed(1); };
+      var y = function (a) { return (h - 3 - (a - scaleLow) / (scaleHigh - scaleLow) * (h - 6)).toFixed(1); };
       var points = T.accuracy.map(function (row, r) { return (4 + r * step).toFixed(1) + "," + y(row[c]); });
       var title = T.runs.map(function (run, r) { return run.label + " " + pct(T.accuracy[r][c]); }).join("\n");
       var dot = n === 1 ? '<circle cx="4" cy="' + y(T.accuracy[0][c]) + '" r="2.5" class="dot"/>' : state.view >= 0
