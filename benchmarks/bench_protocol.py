@@ -320,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             per_task[(task, stage)] += seconds[name] - before.get(name, 0.0)
     timed_total = time.perf_counter() - timed_start
     projected, tokens = project(protocol, measured, seconds, per_task, args.limit, args.full_limit, n_ctx)
-    total = sum(projected.values())
+    # The oracle (CompRW trained on the test labels) is an upper bound `parts evaluate` adds, not one of the
+    # paper's methods: the 15-minute target is for the paper's methods; the oracle's cost is shown beside it.
+    total = sum(v for k, v in projected.items() if k != "training: oracle")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
     lines = [f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: bench_protocol.py --model {args.model} "
@@ -343,8 +345,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in [*MODEL_STAGES.values(), "training: CompRW", "training: oracle", "calibration (Calib+, contextual, batch)"]:
         lines.append(f"| {name} | {seconds[name]:.2f} | {projected[name]:.0f} |")
     verdict = "within" if total <= 60 * TARGET_MINUTES else "over"
-    lines += [f"| **total** | {sum(seconds.values()):.2f} | **{total:.0f} ({total / 60:.1f} min, {verdict} the "
-              f"{TARGET_MINUTES}-minute target)** |", ""]
+    timed_methods = sum(v for k, v in seconds.items() if k != "training: oracle")
+    lines += [f"| **total, the paper's methods (all but the oracle)** | {timed_methods:.2f} | **{total:.0f} "
+              f"({total / 60:.1f} min, {verdict} the {TARGET_MINUTES}-minute target)** |",
+              f"| total with the oracle | {sum(seconds.values()):.2f} | {total + projected['training: oracle']:.0f} |",
+              "", "Training and calibration run on the host's CPU (one thread each), the model stages on the device.", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_save:
