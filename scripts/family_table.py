@@ -25,6 +25,7 @@ FEATURES = {
     "multipliers": "residual / logit multipliers applied",
     "MoE": "mixture of experts (`--split-experts`)",
     "eager attention": "eager attention (SDPA would drop its soft-cap, or it has none)",
+    "prompts in full": "prompts run in full (a reused prefix would change its logits, or the bridge keeps no cache)",
 }
 
 

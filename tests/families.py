@@ -67,6 +67,20 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm3": ("SmolLM3Config", "SmolLM3", {**COMMON, **KV}),
     "gpt_oss": ("GptOssConfig", "gpt-oss", {**COMMON, **KV, **LOCAL_MOE, "head_dim": 8, "sliding_window": 4,
                                             "layer_types": ["sliding_attention", "full_attention"]}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepSeek-V3, Kimi K2", {
+        **COMMON, **KV, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 24,
+        "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+        "v_head_dim": 8, "n_group": 1, "topk_group": 1}),
+    "cohere2": ("Cohere2Config", "Command R7B, Command A", {**COMMON, **KV, "logit_scale": 0.5, "sliding_window": 4}),
+    "olmo3": ("Olmo3Config", "OLMo 3", {**COMMON, **KV, "sliding_window": 4}),
+    "exaone4": ("Exaone4Config", "EXAONE 4", {**COMMON, **KV, "sliding_window": 4}),
+    "glm4": ("Glm4Config", "GLM-4", {**COMMON, **KV, "head_dim": 8}),
+    "ministral": ("MinistralConfig", "Ministral", {**COMMON, **KV, "head_dim": 8}),
+    "nemotron": ("NemotronConfig", "Nemotron", {**COMMON, **KV}),
+    "seed_oss": ("SeedOssConfig", "Seed-OSS", {**COMMON, **KV}),
+    "arcee": ("ArceeConfig", "AFM (Arcee)", {**COMMON, **KV}),
+    "phimoe": ("PhimoeConfig", "Phi-3.5-MoE", {**COMMON, **KV, **LOCAL_MOE}),
+    "mpt": ("MptConfig", "MPT", dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=128)),
 }
 
 

@@ -87,14 +87,34 @@ def test_matches_transformer_lens_activation_cache(tiny_model, engine):
         assert (tl_logits[:n] - out.component_logits[i]).abs().max() < 1e-4
 
 
-def test_ignored_prefix_cache_fails_loudly(tiny_llama, monkeypatch):
-    """If the bridge ever drops the KV cache again, decomposition must refuse, not mislead."""
+def test_a_bridge_that_keeps_no_cache_runs_prompts_in_full(tiny_llama, monkeypatch):
+    """If the bridge ever drops the KV cache again (or never keeps one for a model), the decomposition says so
+    and runs every prompt in full: the numbers stay the model's own."""
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     monkeypatch.setattr(AttentionBridge, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
     decomposer = Decomposer(tiny_llama, label_ids(tiny_llama), engine="bridge")
-    with pytest.raises(RuntimeError, match="ignored|no usable KV cache"):
-        decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    with pytest.warns(UserWarning, match="TransformerLens's bridge keeps no KV cache for this model"):
+        out = decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    expected = torch.stack([reference_logits(tiny_llama, p)[label_ids(tiny_llama)] for p in PROMPTS])
+    assert (out.model_logits - expected).abs().max() < 1e-4
+
+
+def test_a_prefix_that_changes_the_logits_is_not_reused(tiny_llama, monkeypatch):
+    """When the most padded example's logits with the reused prefix differ from its prompt run alone (a model
+    whose attention depends on where padding sits), the decomposition warns and runs every prompt in full."""
+    decomposer = Decomposer(tiny_llama, label_ids(tiny_llama))
+    original = decomposer._forward
+
+    def shifted(input_ids, lengths, cache, prefix_length):  # a prefix-reused forward that is off
+        logits, activations = original(input_ids, lengths, cache, prefix_length)
+        return (logits + 0.5, activations) if prefix_length else (logits, activations)
+
+    monkeypatch.setattr(decomposer, "_forward", shifted)
+    with pytest.warns(UserWarning, match="changes this model's logits .* every prompt runs in full"):
+        out = decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    expected = torch.stack([reference_logits(tiny_llama, p)[label_ids(tiny_llama)] for p in PROMPTS])
+    assert (out.model_logits - expected).abs().max() < 1e-4
 
 
 def test_shared_prefix_length():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import einops
@@ -76,7 +77,10 @@ def observe(family: str, engine: str, tokenizer) -> dict:
         decomposer = Decomposer(model, ids, engine)
     except PartsError as err:
         return {"status": "refused", "reason": str(err)}
-    out = decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    in_full = any("every prompt runs in full" in str(w.message) for w in caught)
     total = einops.reduce(out.component_logits, "example component label -> example label", "sum") + out.remainder
     cap = decomposer.readout.final_logit_softcap
     model_logits = out.model_logits if cap is None else cap * torch.tanh(out.model_logits / cap)
@@ -94,6 +98,8 @@ def observe(family: str, engine: str, tokenizer) -> dict:
         features.append("MoE")
     if getattr(decomposer.engine, "attention", None) == "eager":
         features.append("eager attention")
+    if in_full:
+        features.append("prompts in full")
     return {"status": "exact" if error < 1e-4 else f"INEXACT ({error:.1e})", "features": features}
 
 
@@ -120,7 +126,10 @@ def test_the_readme_table_is_rendered_from_the_test_results():
     assert len(json.loads(TABLE.read_text())) >= 15
 
 
-MOE_FAMILIES = [f for f, (_, _, keywords) in FAMILIES.items() if "num_experts_per_tok" in keywords]
+# MoE families TransformerLens can wrap; DeepSeek-V3's first layer is dense (first_k_dense_replace=1).
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "deepseek_v3"]
+SHARED_EXPERT = {"qwen2_moe", "deepseek_v3"}
+DENSE_LAYERS = {"deepseek_v3": {0}}
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -132,25 +141,30 @@ def test_split_experts_still_sum_exactly(family, tokenizer):
     split = decomposer(PROMPTS, batch_size=2, progress=False)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     n_experts, top_k = 4, 2
-    shared = family == "qwen2_moe"
-    per_layer = n_experts + int(shared)
+    shared = family in SHARED_EXPERT
     expected_names = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
     for layer in range(n_layers):
-        expected_names += [f"MLP{layer}E{e}" for e in range(n_experts)] + ([f"MLP{layer}S"] if shared else [])
+        if layer in DENSE_LAYERS.get(family, set()):
+            expected_names.append(f"MLP{layer}")
+        else:
+            expected_names += [f"MLP{layer}E{e}" for e in range(n_experts)] + ([f"MLP{layer}S"] if shared else [])
     assert decomposer.component_names == expected_names
     assert decomposer.info["split_experts"] is True
     total = einops.reduce(split.component_logits, "example component label -> example label", "sum") + split.remainder
     assert (total - reference).abs().max() < 1e-4
     heads = n_layers * n_heads
     assert torch.allclose(split.component_logits[:, :heads], whole.component_logits[:, :heads], atol=1e-6)
-    experts = einops.rearrange(split.component_logits[:, heads:], "example (layer part) label -> example layer part label",
-                               layer=n_layers)
-    # The experts of a layer (and its shared expert) sum to that layer's MLP.
-    assert torch.allclose(experts.sum(2), whole.component_logits[:, heads:], atol=1e-5)
-    # Exactly top_k routed experts are chosen per layer and example: the others are zero.
-    chosen = (experts[:, :, :n_experts].abs().amax(-1) > 0).sum(-1)
-    assert (chosen == top_k).all(), chosen
-    assert experts.shape[2] == per_layer
+    start = heads
+    for layer in range(n_layers):
+        width = 1 if layer in DENSE_LAYERS.get(family, set()) else n_experts + int(shared)
+        parts = split.component_logits[:, start:start + width]
+        start += width
+        # The experts of a layer (and its shared expert) sum to that layer's MLP.
+        assert torch.allclose(parts.sum(1), whole.component_logits[:, heads + layer], atol=1e-5)
+        if width > 1:  # exactly top_k routed experts chosen per example: the others are zero
+            chosen = (parts[:, :n_experts].abs().amax(-1) > 0).sum(-1)
+            assert (chosen == top_k).all(), chosen
+    assert start == split.component_logits.shape[1]
 
 
 def test_split_experts_is_refused_where_it_cannot_apply(tokenizer):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts.components import component_names, expert_name, head_name, mlp_name, shared_expert_name
-from parts.decomposition.exactness import check_reconstruction
+from parts.decomposition.exactness import check_reconstruction, reconstruction_tolerance
 from parts.decomposition.runs import Decomposition
 from parts.errors import PartsError
 from parts.model.engines import BridgeEngine, make_engine
@@ -177,8 +178,12 @@ class Decomposer:
 
     # -- forward passes ----------------------------------------------------------------
     def prefix_cache(self, prefix: Sequence[int]) -> Any:
-        """Keys and values of the shared prefix, computed once."""
+        """Keys and values of the shared prefix, computed once (None: the bridge keeps none for this model)."""
         cache = self.engine.prefix_cache(torch.tensor([list(prefix)], device=self.device))
+        if cache is None and isinstance(self.engine, BridgeEngine):
+            warnings.warn("TransformerLens's bridge keeps no KV cache for this model: every prompt runs in full "
+                          "(--engine hf reuses the demonstrations' keys and values)", stacklevel=3)
+            return None
         if cache is None or cache.get_seq_length() != len(prefix):
             raise RuntimeError("the model returned no usable KV cache for the prompt prefix; rerun with prefix reuse off")
         return cache
@@ -218,6 +223,21 @@ class Decomposer:
         """Component logits from the last position's raw activations (all mathematics is the readout's)."""
         return Decomposition(*self.readout.split(activations, logits))
 
+    def _prefix_reuse_is_exact(self, token_lists: Sequence[Sequence[int]], order: Sequence[int], batch_size: int,
+                               prefix_length: int, result: Decomposition) -> bool:
+        """Whether the example padded most between the prefix and its suffix got the model's logits of its
+        full prompt run alone (one forward): a model whose attention depends on where padding sits does not."""
+        padding = {order[row]: len(token_lists[order[start]]) - len(token_lists[order[row]])
+                   for start in range(0, len(order), batch_size) for row in range(start, min(start + batch_size, len(order)))}
+        example = max(padding, key=lambda i: padding[i])
+        if padding[example] == 0:
+            return True
+        tokens = torch.tensor([list(token_lists[example])], dtype=torch.long, device=self.device)
+        logits, activations = self._forward(tokens, torch.tensor([tokens.shape[1]], device=self.device), None, 0)
+        alone = self._split(logits, activations).model_logits[0].cpu()
+        scale = float(alone.abs().max().clamp(min=1.0))
+        return float((alone - result.model_logits[example]).abs().max()) / scale <= reconstruction_tolerance(self.dtype)
+
     def __call__(
         self,
         prompts: Sequence[str],
@@ -241,8 +261,10 @@ class Decomposer:
             # Pads between the prefix and a suffix would take key slots of a sliding window: not the model's
             # own attention any more. Run every prompt in full.
             prefix_length = 0
-        batch_size = resolve_batch_size(batch_size, self.model, token_lists, prefix_length)
         prefix_cache = self.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
+        if prefix_cache is None:
+            prefix_length = 0
+        batch_size = resolve_batch_size(batch_size, self.model, token_lists, prefix_length)
         # Longest first so padding within a batch is small (and memory peaks at the start).
         order = sorted(range(len(prompts)), key=lambda i: -len(token_lists[i]))
         suffixes = [token_lists[i][prefix_length:] for i in order]
@@ -271,6 +293,11 @@ class Decomposer:
             return torch.cat([getattr(p, name) for p in parts]).cpu()[inverse]
 
         result = Decomposition(gather("component_logits"), gather("remainder"), gather("model_logits"))
+        if prefix_length and not self._prefix_reuse_is_exact(token_lists, order, batch_size, prefix_length, result):
+            warnings.warn("reusing the demonstrations' keys and values changes this model's logits (its attention "
+                          "depends on where the padding sits: ALiBi from slots, a sliding window): every prompt runs "
+                          "in full", stacklevel=2)
+            return self(prompts, batch_size, False, progress, description, example_names)
         check_reconstruction(result.component_logits, result.remainder, result.model_logits, self.dtype,
                              self.allow_inexact, example_names)
         return result

@@ -90,9 +90,8 @@ def overflow_origin(model: TransformerBridge, prompt: str) -> str | None:
         for layer in range(layout.n_layers):
             W_O, _ = affine_parts(hf_model.get_submodule(layout.o_paths[layer]), layout.o_paths[layer])
             W_O_heads = einops.rearrange(W_O, "(head d_head) d_model -> head d_head d_model", head=layout.n_heads)
-            z = cache[z_name(layer)].float()
-            if z.ndim == 3:
-                z = einops.rearrange(z, "batch pos (head d_head) -> batch pos head d_head", head=layout.n_heads)
+            z = cache[z_name(layer)].float().flatten(2)  # the bridge may split heads by its own d_head
+            z = einops.rearrange(z, "batch pos (head d_head) -> batch pos head d_head", head=layout.n_heads)
             head_out = einops.einsum(z, W_O_heads, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
             bad_heads = (~torch.isfinite(head_out)).any(-1).any(1).any(0)  # head
             if bad_heads.any():

@@ -104,11 +104,14 @@ class BridgeEngine:
             ) from err
 
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
+        """The prefix's keys and values, or None where this bridge keeps none for this model."""
         cache = self._prefix_cache(prefix)
         if cache is not None and cache.get_seq_length() != prefix.shape[1]:
             # This TransformerLens drops a cache passed under transformers' `cache=` keyword: rename it.
             fix_cache_keyword(self.model)
             cache = self._prefix_cache(prefix)
+        if cache is None or cache.get_seq_length() != prefix.shape[1]:
+            return None  # an attention bridge without cache support (MPT, DeepSeek-V3)
         return cache
 
     def _prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
@@ -137,7 +140,6 @@ def fix_cache_keyword(model: TransformerBridge) -> None:
     came back empty; `Decomposer` checks the cache length after every cached forward, so a
     regression fails loudly instead of giving wrong numbers.
     """
-    fixed = 0
     for module in model.modules():
         if not hasattr(module, "_update_kv_cache") or "_update_kv_cache" in vars(module):
             continue  # not an attention bridge, or fixed already
@@ -148,11 +150,6 @@ def fix_cache_keyword(model: TransformerBridge) -> None:
             return type(self)._update_kv_cache(self, k, v, **kwargs)
 
         vars(module)["_update_kv_cache"] = types.MethodType(update_kv_cache, module)
-        fixed += 1
-    if not fixed:
-        raise PartsError(
-            "this TransformerLens version ignores a prefix KV cache through the bridge: use --engine hf or --no-prefix-reuse"
-        )
 
 
 def choose_attention(model: nn.Module, attention: str | None = None) -> str:

@@ -346,9 +346,10 @@ class Readout:
         batch, device = final_scale.shape[0], final_scale.device
         attn_scale = self.post_scales(activations, layout.post_attn, self.post_attn, batch, device) * final_scale[:, None]
         mlp_scale = self.post_scales(activations, layout.post_mlp, self.post_mlp, batch, device) * final_scale[:, None]
-        z = torch.stack([_last(activations, z_name(l)) for l in range(layout.n_layers)], dim=1)
-        if z.ndim == 3:  # the hf engine captures [batch (head d_head)], the bridge [batch head d_head]
-            z = einops.rearrange(z, "batch layer (head d_head) -> batch layer head d_head", head=layout.n_heads)
+        # The output projection's input, as that module sees it (the bridge may split it into heads by its own
+        # d_head, which is not the value head size of every model: DeepSeek's): split by the model's heads here.
+        z = torch.stack([_last(activations, z_name(l)).flatten(1) for l in range(layout.n_layers)], dim=1)
+        z = einops.rearrange(z, "batch layer (head d_head) -> batch layer head d_head", head=layout.n_heads)
         head_logits = einops.einsum(
             z, self.head_unembed, "batch layer head d_head, layer head d_head label -> batch layer head label"
         ) / attn_scale[:, :, None, None]
