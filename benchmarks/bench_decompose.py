@@ -313,11 +313,11 @@ def environment(device: torch.device) -> str:
 
 
 def append_results(text: str) -> None:
-    """Append to benchmarks/results.md without ever leaving it half-written."""
-    previous = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nAppended by benchmarks/bench_decompose.py.\n"
-    temporary = RESULTS.with_suffix(".md.tmp")
-    temporary.write_text(previous.rstrip("\n") + "\n\n" + text + "\n")
-    os.replace(temporary, RESULTS)
+    """Append to benchmarks/results.md, atomically (`parts.io`): never half-written."""
+    from parts import io
+
+    previous = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nAppended by benchmarks/bench_*.py.\n"
+    io.write_text(RESULTS, previous.rstrip("\n") + "\n\n" + text + "\n", legacy=io.starts_with("# Benchmark results"))
 
 
 # -- main ------------------------------------------------------------------------------------

@@ -60,6 +60,16 @@ def recorded(folder: str | Path) -> set[str]:
         return set()
 
 
+def folder_kind(folder: str | Path) -> str | None:
+    """What parts wrote `folder` whole as ("run", "report", "model"), from its marker; None if it does not say."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    kind = marker.get("kind") if isinstance(marker, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def is_bookkeeping(name: str) -> bool:
     """parts' own marker, lock and staging names (left by a killed write), which are never a user's file."""
     return name.startswith(".") and (name == MARKER or name.endswith(LOCK_SUFFIX) or STAGING in name)
@@ -136,11 +146,16 @@ def check_file(path: str | Path, legacy: Legacy | None = None) -> Path:
     return target
 
 
-def check_folder(path: str | Path, legacy: Legacy | None = None) -> Path:
-    """The real path a folder may be written to; raise if what stands there holds anything parts did not write."""
+def check_folder(path: str | Path, legacy: Legacy | None = None, kind: str | None = None) -> Path:
+    """The real path a folder may be written to; raise if what stands there holds anything parts did not write,
+    or is a folder parts wrote whole as another `kind` (a run never replaces a report, nor a report a run)."""
     target = _resolve(path)
     if target.exists() and not target.is_dir():
         raise PartsError(f"{path} is a file, where parts would write a folder: choose another path")
+    found = folder_kind(target) if target.is_dir() else None
+    if kind is not None and found is not None and found != kind:
+        raise PartsError(f"{path} holds a {found} parts wrote, not a {kind}: choose another path; "
+                         f"parts replaces a {kind} only with a {kind}")
     if target.is_dir():
         foreign = foreign_entries(target, legacy)
         if foreign:
@@ -194,11 +209,13 @@ def _record(folder: Path, names: Iterable[str]) -> None:
         known = recorded(folder)
         if names <= known:
             return
-        _replace_with(folder / MARKER, lambda staging: staging.write_text(_marker_text(known | names)))
+        kind = folder_kind(folder)  # a run keeps saying it is one when evaluate adds its weights
+        _replace_with(folder / MARKER, lambda staging: staging.write_text(_marker_text(known | names, kind)))
 
 
-def _marker_text(names: Iterable[str]) -> str:
-    return json.dumps({"written_by": "parts", "files": sorted(names)}, indent=1) + "\n"
+def _marker_text(names: Iterable[str], kind: str | None = None) -> str:
+    marker: dict[str, Any] = {"written_by": "parts", **({"kind": kind} if kind else {}), "files": sorted(names)}
+    return json.dumps(marker, indent=1) + "\n"
 
 
 def _replace_with(target: Path, write: Callable[[Path], Any]) -> None:
@@ -244,16 +261,37 @@ def write_json(path: str | Path, data: Any, legacy: Legacy | None = None, indent
     return write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n", legacy)
 
 
+def rewrite_text(path: str | Path, text: str) -> Path:
+    """Rewrite a file of the user's in place, atomically, keeping its permission bits: only for edits confined
+    to blocks parts owns inside it (the `<!-- parts-tables:NAME -->` blocks of a docs page). It is not recorded
+    as parts' file, so parts never replaces it whole."""
+    target = _resolve(path)
+    if not target.is_file():
+        raise PartsError(f"{path} is not a file: parts rewrites only the marked blocks of an existing page")
+    mode = target.stat().st_mode & 0o7777
+
+    def write(staging: Path) -> None:
+        staging.write_text(text)
+        os.chmod(staging, mode)
+
+    try:
+        _replace_with(target, write)
+    except BaseException as err:
+        raise _explain(err, path) from err
+    return Path(path)
+
+
 @contextmanager
-def write_folder(path: str | Path, legacy: Legacy | None = None) -> Iterator[Path]:
+def write_folder(path: str | Path, legacy: Legacy | None = None, kind: str | None = None) -> Iterator[Path]:
     """Fill the yielded staging folder; on leaving the block it replaces `path` in one rename.
 
     Every file and subfolder in the staging folder is recorded in its folder's marker, so the folder is parts' own
     all the way down (`foreign_entries` looks into recorded subfolders). An old folder
     at `path` may only hold what parts wrote (else PartsError before anything is written); it is moved aside,
-    removed once the new folder stands, and put back if the block or the rename failed.
+    removed once the new folder stands, and put back if the block or the rename failed. `kind` ("run",
+    "report"...) is recorded in the marker: a folder parts wrote as another kind is refused, not replaced.
     """
-    target = check_folder(path, legacy)
+    target = check_folder(path, legacy, kind)
     _make_folder(target.parent, path)
     staging = _staging_name(target)
     retired = staging.with_name(staging.name + "-old")
@@ -262,8 +300,9 @@ def write_folder(path: str | Path, legacy: Legacy | None = None) -> Iterator[Pat
         yield staging
         # Everything in the staging folder is parts': each folder's marker lists it, subfolders included.
         for folder in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir() and not p.is_symlink())]:
-            (folder / MARKER).write_text(_marker_text(entry.name for entry in folder.iterdir()))
-        check_folder(path, legacy)  # again: something may have been put there meanwhile
+            names = [entry.name for entry in folder.iterdir()]
+            (folder / MARKER).write_text(_marker_text(names, kind if folder == staging else None))
+        check_folder(path, legacy, kind)  # again: something may have been put there meanwhile
         if target.exists():
             os.replace(target, retired)  # one rename: never removed file by file in place
         os.replace(staging, target)

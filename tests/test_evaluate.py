@@ -70,7 +70,7 @@ def test_results_table_orders_columns_as_the_paper():
                ("icl", 24), ("contextual", 4), ("icl", 4), ("calib+", 12)]
     header = results_table([_row("sst2", 0, m, n, 4, 0.5) for m, n in methods]).splitlines()[0]
     assert header == ("| task | runs | k-shot ICL | ContextualCal | BatchCal | 24-shot ICL | Calib+ 24 | CompRW 24 | "
-                      "12-shot ICL | Calib+ 12 | CompRW 12 | Oracle RW (upper bound) |")
+                      "12-shot ICL | Calib+ 12 | CompRW 12 | Oracle RW (fit on test) |")
 
 
 def test_write_results_merges_by_key_atomically(tmp_path):

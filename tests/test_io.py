@@ -181,3 +181,19 @@ def test_stale_staging_is_removed_only_by_its_own_name(tmp_path):
     (tmp_path / "run.parts-tmp-notes").write_text("mine")
     io.remove_stale_staging(tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.tmp-user", "run.parts-tmp-notes"]
+
+
+def test_a_folder_of_one_kind_never_replaces_one_of_another(tmp_path):
+    """A run never replaces a report (nor a report a run), though both are parts' own; the kind survives files
+    added later (evaluate's weights in a run folder)."""
+    with io.write_folder(tmp_path / "run", kind="run") as staging:
+        (staging / "summary.json").write_text("{}")
+    io.write_text(tmp_path / "run" / "weights.safetensors", "w")
+    assert io.folder_kind(tmp_path / "run") == "run"
+    with pytest.raises(PartsError, match=r"run holds a run parts wrote, not a report: choose another path"), \
+            io.write_folder(tmp_path / "run", kind="report") as staging:
+        (staging / "index.html").write_text("<html>")
+    assert (tmp_path / "run" / "summary.json").read_text() == "{}"
+    with io.write_folder(tmp_path / "run", kind="run") as staging:  # the same kind: replaced
+        (staging / "summary.json").write_text("new")
+    assert (tmp_path / "run" / "summary.json").read_text() == "new"

@@ -154,7 +154,7 @@ def test_method_summary_by_hand():
     assert summary["std"].tolist() == pytest.approx([0.1414214, 0.1414214, 0.0707107])  # sample sd of 2 values
     assert summary["count"].tolist() == [2, 2, 2]
     assert list(method_summary(RESULTS, include_oracle=True)["label"]) == ["k-shot ICL", "k-shot ICL", "CompRW 24",
-                                                                           "Oracle RW (upper bound)"]
+                                                                           "Oracle RW (fit on test)"]
 
 
 def test_method_bars():

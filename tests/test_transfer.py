@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from parts.data.prompts import build_prompts, render_prompt
-from parts.data.tasks import get_task, load_split
+from parts.data.tasks import get_task, load_split, parse_pairs
 from parts.errors import PartsError
 from parts.experiments.transfer import (
     TransferSetting,
     check_compatible,
     evaluate_transfer,
-    parse_pairs,
     transfer_gap,
     transfer_prompts,
     transfer_settings,

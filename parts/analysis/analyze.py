@@ -374,7 +374,7 @@ def format_report(report: dict[str, Any], top: int = 3) -> str:
         members = [report["runs"][i] for i in group["run_indices"]]
         where = f"{group['collection']} | " if group["collection"] else ""
         lines += ["", f"{where}{group['model']} | {group['task']} | {group['split']} n={group['n_examples']} | "
-                      f"{group['shots']}-shot | {len(members)} runs",
+                      f"{group['shots']}-shot | {len(members)} run{'' if len(members) == 1 else 's'}",
                   f"{'run':<14} {'FULL':>6} {'T1':>6} {'(N@chance)':>10} {'B1':>6} {'(N@chance)':>10} "
                   f"{'biased(all)':>11} | extension: {'good':>4} {'bad':>4} {'biased':>6} {'neutral':>7}  top components"]
         for r in members:

@@ -54,7 +54,7 @@ PAPER_TRANSFER = {"sst2 -> yelp": (84.7, 94.9, 96.9), "boolq -> boolq_contrast":
 
 METHOD_COLUMNS = {("icl", "k"): "k-shot ICL", ("icl", "L"): "24-shot ICL", ("calib+", "L"): "Calib+ 24",
                   ("comprw", "L"): "CompRW 24", ("contextual", "k"): "ContextualCal", ("batch", "k"): "BatchCal",
-                  ("oracle", "k"): "Oracle RW (upper bound)"}
+                  ("oracle", "k"): "Oracle RW (fit on test)"}
 REFERENCE = "CompRW 24"
 
 

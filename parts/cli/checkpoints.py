@@ -37,6 +37,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parts import io
+    from parts.data.tasks import check_tasks
+
+    check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
     from parts.experiments.checkpoints import (
         checkpoint_figure,
         checkpoint_runs,

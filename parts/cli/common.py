@@ -9,6 +9,11 @@ if TYPE_CHECKING:
     from parts.experiments.options import RunOptions
 
 
+def count(n: int, noun: str) -> str:
+    """'1 run', '2 runs': a number and its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

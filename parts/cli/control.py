@@ -44,14 +44,18 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parts import io
-    from parts.analysis.stats import chance_table
+    from parts.data.tasks import check_tasks
     from parts.errors import PartsError
-    from parts.experiments.controls import random_init_control
 
+    # Before torch is imported: a mistake is reported at once.
     if not 0 < args.alpha < 1:
         raise PartsError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    check_tasks(args.tasks, args.templates)
     if args.csv:
         io.check_file(args.csv)  # refuse before the work if a user's file is in the way
+
+    from parts.analysis.stats import chance_table
+    from parts.experiments.controls import random_init_control
     table = random_init_control(args.tasks, args.templates, args.seeds, args.limit, args.out, args.model, args.init_seed,
                                 args.alpha, args.correction, run_options(args), executor=executor(args))
     if args.csv:

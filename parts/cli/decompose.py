@@ -29,14 +29,16 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from parts.data.prompts import build_prompts
     from parts.data.tasks import get_task
+
+    # Build (and validate) the task and prompts first: a mistake is reported before torch is even imported.
+    task = get_task(args.task)
+    prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, args.data_dir)
+
     from parts.decomposition.runs import check_replaceable
     from parts.experiments.runner import ModelSpec, load_spec, run_decomposition
     from parts.model.loading import model_name
 
     options = run_options(args)
-    task = get_task(args.task)
-    # Build (and validate) the prompts before paying for the model load.
-    prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, options.data_dir)
     check_replaceable(args.out, prompts, overwrite=args.overwrite)  # before the model load and the work
     model = load_spec(ModelSpec(args.model, args.revision), options)
     check_replaceable(args.out, prompts, model_name(model), args.overwrite)

@@ -44,24 +44,31 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts.data.tasks import check_tasks
+
+    check_tasks(args.tasks, args.templates, args.shots, args.labels)  # before torch is imported: reported at once
+
     from parts.errors import PartsError
     from parts.experiments.evaluate import (
         RESULTS_CSV,
         evaluation_plan,
         evaluation_rows,
         evaluation_table,
+        evaluation_table_path,
         run_evaluation,
         sweep_settings,
     )
+    from parts.experiments.results import check_outputs
     from parts.experiments.runner import ModelSpec
 
     options = run_options(args)
     settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
     plan = evaluation_plan(ModelSpec(args.model, args.revision), settings, args.out)
+    csv_path = Path(args.out) / RESULTS_CSV
+    check_outputs(csv_path, evaluation_table_path(plan, options))  # before reading them: a user's file is refused
     done = sum(work.is_done(options) for work in plan)
     print(f"{done} of {len(plan)} settings already evaluated; "
           + ("the table shows those" if args.table_only else f"{len(plan) - done} to go"))
-    csv_path = Path(args.out) / RESULTS_CSV
     if args.table_only:
         if not csv_path.is_file():
             raise PartsError(f"{csv_path} does not exist: run `parts evaluate` without --table-only first, or fix --out")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import add_model_options, name_list, positive_int, run_options
+from parts.cli.common import add_model_options, count, name_list, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -58,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     written = write_figures(figures, args.out, args.formats, args.plotlyjs, args.html_only)
     for name in figures:
         print(name)
-    print(f"wrote {len(written)} files for {len(figures)} figures to {args.out}")
+    print(f"wrote {count(len(written), 'file')} for {count(len(figures), 'figure')} to {args.out}")
     return 0

@@ -6,7 +6,16 @@ import argparse
 import time
 from typing import Any
 
-from parts.cli.common import add_executor_options, add_model_options, add_run_options, executor, int_list, name_list, run_options
+from parts.cli.common import (
+    add_executor_options,
+    add_model_options,
+    add_run_options,
+    count,
+    executor,
+    int_list,
+    name_list,
+    run_options,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,6 +40,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts.data.tasks import check_tasks
+
+    check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
+
     from parts.experiments.runner import model_label
     from parts.experiments.sweep import plan_sweep, sweep
 
@@ -42,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     paths = sweep(args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit,
                   shots=args.shots, out=args.out, revision=args.revision, options=options, executor=executor(args))
-    print(f"{len(paths)} runs under {args.out} ({len(paths) - already} new, {already} already finished; "
+    print(f"{count(len(paths), 'run')} under {args.out} ({len(paths) - already} new, {already} already finished; "
           f"{time.perf_counter() - start:.0f} s)")
     return 0

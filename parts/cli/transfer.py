@@ -44,11 +44,16 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts.data.tasks import check_tasks, parse_pairs
+
+    pairs = parse_pairs(args.pairs)  # before torch is imported: a mistake is reported at once
+    check_tasks([task for pair in pairs for task in pair], args.templates)
+
     from parts.experiments.results import TRANSFER_CSV, results_table
     from parts.experiments.runner import ModelSpec
-    from parts.experiments.transfer import parse_pairs, run_transfer, transfer_gap, transfer_settings
+    from parts.experiments.transfer import run_transfer, transfer_gap, transfer_settings
 
-    settings = transfer_settings(parse_pairs(args.pairs), args.templates, args.seeds, args.limit, args.target_limit,
+    settings = transfer_settings(pairs, args.templates, args.seeds, args.limit, args.target_limit,
                                  args.shots)
     rows, table = run_transfer(ModelSpec(args.model, args.revision), settings, args.out, run_options(args),
                                executor(args))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,34 @@ def get_task(name_or_file: str | Path) -> Task:
     raise PartsError(f"unknown task {key!r}: use one of {known}, or a task JSON file (see README)")
 
 
+def check_tasks(names: Sequence[str | Path], templates: Sequence[int] = (), shots: int | None = None,
+                labels: Sequence[int] = ()) -> list[Task]:
+    """The named tasks, each checked to have every template and, for each label budget, examples to train on
+    beside its demonstrations. Commands call this first (it imports no torch), so a mistyped task or template
+    is reported at once, not after loading a model."""
+    tasks = [get_task(name) for name in names]
+    for task in tasks:
+        for template in templates:
+            task.template(template)  # names the task and the template that does not exist
+        k = task.default_shots if shots is None else shots
+        for budget in labels:
+            if budget <= k:
+                raise PartsError(f"--labels {budget} leaves no training examples beside the {k} demonstrations of "
+                                 f"{task.name}: use more than {k}")
+    return tasks
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """'sst2:yelp,boolq:boolq_contrast' -> [("sst2", "yelp"), ("boolq", "boolq_contrast")] (transfer pairs)."""
+    pairs = []
+    for piece in text.split(","):
+        source, sep, target = piece.strip().partition(":")
+        if not sep or not source or not target:
+            raise PartsError(f"transfer pair {piece.strip()!r} is not SOURCE:TARGET (e.g. sst2:yelp)")
+        pairs.append((source, target))
+    return pairs
+
+
 def load_user_task(path: Path) -> Task:
     """A user task: {"name", "data_dir", "template", "label_words"[, "label_names", "separator", ...]}."""
     if not path.is_file():
@@ -410,6 +439,11 @@ def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> li
             return _load_from_hub(task, split)
         folder = root / task.name
     path = folder / f"{split}.jsonl"
+    if not path.is_file() and task.data_dir is not None:  # --data-dir plays no part for a user task
+        raise PartsError(
+            f"{path} not found: task {task.name!r} reads its examples from {folder}, the \"data_dir\" of its task "
+            f"JSON file (relative to that file); fix \"data_dir\" there so it names a folder holding {split}.jsonl"
+        )
     if not path.is_file():
         raise PartsError(
             f"{path} not found: the data directory must hold <task>/{split}.jsonl "

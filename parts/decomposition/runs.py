@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 SUMMARY = "summary.json"
 PROMPTS = "prompts.jsonl"
 TENSORS = "tensors.safetensors"
+RUN_KIND = "run"  # what a run folder's marker says it is (parts.io)
 _TENSOR_NAMES = ("component_logits", "remainder", "model_logits")
 
 
@@ -204,7 +205,7 @@ class DecompositionRun:
         An old run at `path` is replaced (moved aside, removed once the new one stands); a folder holding
         anything parts did not write is refused (`parts.io`). Which runs to redo is the caller's choice.
         """
-        with io.write_folder(path, legacy=is_legacy_run) as staging:
+        with io.write_folder(path, legacy=is_legacy_run, kind=RUN_KIND) as staging:
             save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}, str(staging / TENSORS))
             p = self.prompts
             token_ids = self.token_ids if self.token_ids is not None else [None] * len(p.prompts)
@@ -287,13 +288,21 @@ def _check_consistent(folder: Path, summary: dict[str, Any], tensors: dict[str, 
         )
 
 
+def is_saved_run(path: str | Path) -> bool:
+    """Whether parts saved a run in the folder `path` (its summary.json is parts'; whether the run loads is
+    another question). A user's folder that happens to hold a summary.json is not one: it is never skipped as
+    finished, nor replaced."""
+    summary = Path(path) / SUMMARY
+    return summary.is_file() and io.is_parts_file(summary, is_legacy_run)
+
+
 def check_replaceable(path: str | Path, prompts: PromptSet, model: str | None = None, overwrite: bool = False) -> None:
     """Before a run of `prompts` (and `model`, if known) is saved at `path`: raise unless that is safe.
 
     Refused: a folder holding anything parts did not write, a file, a broken link (`parts.io`), and without
     `overwrite` a finished run of other settings. A run of the same settings, or a damaged one, may be replaced.
     """
-    io.check_folder(path, legacy=is_legacy_run)
+    io.check_folder(path, legacy=is_legacy_run, kind=RUN_KIND)
     try:
         summary = json.loads((Path(path) / SUMMARY).read_text())
     except (OSError, ValueError):

@@ -10,7 +10,7 @@ For one setting, on the same test examples and the same labelled examples:
 | `comprw` | L | per-component weights, trained on the L - k others (`parts.reweighting.reweight`) |
 | `contextual` | k | k-shot probabilities divided by the content-free prior |
 | `batch` | k | k-shot probabilities minus the test batch's mean |
-| `oracle` | k | per-component weights trained on the test set itself: an upper bound, not a method |
+| `oracle` | k | per-component weights trained on the test set itself: an optimistic reference, not a method and not a bound |
 
 Decompositions are `parts.experiments.runner.ensure_run` folders (reused when finished); the L-shot and
 content-free logits and the learned weights are saved beside the test run. Rows go to
@@ -37,9 +37,9 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from parts import io
 from parts.data.prompts import LABEL_BUDGET, many_shot_order, render_prompt
-from parts.data.tasks import Example, Task, Template, get_task, load_split
+from parts.data.tasks import Example, Task, Template, check_tasks, load_split
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import DecompositionRun, is_legacy_run
+from parts.decomposition.runs import DecompositionRun, is_legacy_run, is_saved_run
 from parts.errors import PartsError
 from parts.experiments.driver import Executor, Work, drive
 from parts.experiments.options import RunOptions, resolve
@@ -191,7 +191,7 @@ def evaluate_setting(
 
     def decomposition(split: str, limit: int | None) -> DecompositionRun:
         path = run_dir(root, split=split, limit=limit, **where)  # type: ignore[arg-type]
-        loaded = (path / "summary.json").is_file()
+        loaded = is_saved_run(path)
         run = ensure_run(path, None if loaded else model(), task=task, split=split, limit=limit, **run_settings)
         assert run is not None
         return run
@@ -219,9 +219,10 @@ def evaluate_setting(
     rows.append(_row(name, setting, "batch", k, _accuracy(calibration.batch_predict(test.model_logits), test), n_test))
 
     oracle = train_weights(test.component_logits, test.labels, **recipe)
-    save_weights(weights_file(test_dir, "oracle"), test.component_names, oracle, trained_on="test set (upper bound)")
+    save_weights(weights_file(test_dir, "oracle"), test.component_names, oracle, trained_on="test set (optimistic reference)")
     rows.append(_row(name, setting, "oracle", k, oracle.train_accuracy, n_test,
-                     f"upper bound: trained on the test labels; {oracle.stopped_because} after {oracle.epochs} epochs"))
+                     f"optimistic reference, not a bound: trained on the test labels; {oracle.stopped_because} "
+                     f"after {oracle.epochs} epochs"))
 
     for budget in setting.labels:
         train = decomposition("train", budget - k)
@@ -314,15 +315,7 @@ def select(results: pd.DataFrame, model: str, settings: Sequence[Setting]) -> pd
 def sweep_settings(tasks: Sequence[str], templates: Sequence[int], seeds: Sequence[int], limit: int | None,
                    labels: Sequence[int], shots: int | None = None) -> list[Setting]:
     """Every (task, template, seed), seed-major: an interrupted sweep leaves whole seeds done."""
-    resolved = [get_task(t) for t in tasks]
-    for task in resolved:  # fail now, not an hour in
-        for template in templates:
-            task.template(template)
-        k = task.default_shots if shots is None else shots
-        for budget in labels:
-            if budget <= k:
-                raise PartsError(f"--labels {budget} leaves no training examples beside the {k} demonstrations of "
-                                 f"{task.name}: use more than {k}")
+    resolved = check_tasks(tasks, templates, shots, labels)  # fail now, not an hour in
     return [Setting(task, template, seed, limit, tuple(labels), shots)
             for seed in seeds for template in templates for task in resolved]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +153,12 @@ def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
     predictions = main_predictions(root, main_rows, tasks)
     transfer_table, transfer_predictions = transfer_rows_and_predictions(root, transfer_rows, tasks)
     runs, names = run_rows(root, size)
-    written = {}
-    for name, frame in (("main.csv", pd.DataFrame(main_rows)), ("transfer.csv", pd.DataFrame(transfer_table)),
-                        ("predictions.csv", pd.DataFrame(predictions + transfer_predictions)),
-                        ("runs.csv", pd.DataFrame(runs))):
-        written[name] = io.write_text(out / name, frame.to_csv(index=False))
-    io.write_text(out / "components.txt", "\n".join(names) + "\n")
-    written["components.txt"] = out / "components.txt"
+    frames = {"main.csv": pd.DataFrame(main_rows), "transfer.csv": pd.DataFrame(transfer_table),
+              "predictions.csv": pd.DataFrame(predictions + transfer_predictions), "runs.csv": pd.DataFrame(runs)}
+    for name in [*frames, "components.txt"]:  # refuse before writing any if a user's file is in the way
+        io.check_file(out / name)
+    written = {name: io.write_file(out / name, partial(frame.to_csv, index=False)) for name, frame in frames.items()}
+    written["components.txt"] = io.write_text(out / "components.txt", "\n".join(names) + "\n")
     return written
 
 

@@ -56,7 +56,13 @@ def read_results(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         return results_frame([])
-    return results_frame(pd.read_csv(path, dtype=str, keep_default_na=False))
+    try:
+        return results_frame(pd.read_csv(path, dtype=str, keep_default_na=False))
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError,
+            PartsError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PartsError(f"{path} is not a results table parts wrote ({reason}): move it away or choose another --out") \
+            from err
 
 
 def text_records(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ from parts.components import HEAD, head_name, mlp_name, parse_component
 from parts.data.prompts import PromptSet, build_prompts, label_token_ids
 from parts.data.tasks import Task, get_task
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import SUMMARY, DecompositionRun, is_legacy_run
+from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_legacy_run, is_saved_run
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
 from parts.model import loading
@@ -242,7 +242,7 @@ def ensure_run(
     overrides, settings = RunOptions.split(settings)
     options = resolve(options, **overrides)
     path = Path(path)
-    if (path / "summary.json").is_file():
+    if is_saved_run(path):
         if not load:
             return None
         try:
@@ -252,9 +252,9 @@ def ensure_run(
         if finished is not None:
             check_same_settings(path, finished, model, settings, options)
             return finished
+    io.check_folder(path, legacy=is_legacy_run, kind=RUN_KIND)  # refuse before the work if a user's folder is in the way
     if model is None:
         raise ValueError("a model is needed to run a missing decomposition")
-    io.check_folder(path, legacy=is_legacy_run)  # refuse before the work if a user's folder is in the way
     result = decompose_task(model, options=options, **settings)
     io.remove_stale_staging(path)  # what a killed save of this run left behind: the run is being redone
     result.save(path)
@@ -280,7 +280,7 @@ class PlannedRun:
 
     @property
     def finished(self) -> bool:
-        return (self.path / SUMMARY).is_file()
+        return is_saved_run(self.path)
 
     def is_done(self, options: RunOptions) -> bool:
         if not self.finished:

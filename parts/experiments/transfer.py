@@ -32,9 +32,10 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from parts import io
 from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_prompt, sample_test
 from parts.data.tasks import Task, get_task, load_split
-from parts.decomposition.runs import SUMMARY, DecompositionRun
+from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_legacy_run, is_saved_run
 from parts.errors import PartsError
 from parts.experiments.driver import Executor, Work, drive
 from parts.experiments.options import RunOptions, resolve
@@ -186,7 +187,7 @@ def evaluate_transfer(
 
     def source_run(split: str, limit: int | None) -> DecompositionRun:
         path = run_dir(root, model_arg, source, setting.template, setting.seed, split, k, limit, options)
-        run = ensure_run(path, None if (path / SUMMARY).is_file() else model(), task=source, split=split,
+        run = ensure_run(path, None if is_saved_run(path) else model(), task=source, split=split,
                          limit=limit, **common)
         assert run is not None
         return run
@@ -195,9 +196,10 @@ def evaluate_transfer(
     source_train = source_run("train", LABEL_BUDGET - k)
     target_path = transfer_run_dir(root, model_arg, source, target, setting.template, setting.seed, k,
                                    setting.target_limit, options)
-    if (target_path / SUMMARY).is_file():
+    if is_saved_run(target_path):
         target_test = DecompositionRun.load(target_path)
     else:
+        io.check_folder(target_path, legacy=is_legacy_run, kind=RUN_KIND)  # refuse before the work
         prompts = transfer_prompts(source, target, setting.template, setting.seed, k, setting.target_limit,
                                    options.data_dir)
         target_test = run_decomposition(model(), prompts, options)
@@ -266,17 +268,6 @@ def transfer_settings(
             for source, target in resolved:
                 settings.append(TransferSetting(source, target, template, seed, source_limit, target_limit, shots))
     return settings
-
-
-def parse_pairs(text: str) -> list[tuple[str, str]]:
-    """'sst2:yelp,boolq:boolq_contrast' -> [("sst2", "yelp"), ("boolq", "boolq_contrast")]."""
-    pairs = []
-    for piece in text.split(","):
-        source, sep, target = piece.strip().partition(":")
-        if not sep or not source or not target:
-            raise PartsError(f"transfer pair {piece.strip()!r} is not SOURCE:TARGET (e.g. sst2:yelp)")
-        pairs.append((source, target))
-    return pairs
 
 
 def transfer_gap(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

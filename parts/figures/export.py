@@ -69,8 +69,11 @@ def _shared_plotlyjs(folder: Path) -> None:
     from plotly.offline import get_plotlyjs
 
     target = folder / "plotly.min.js"
-    if not target.is_file():
-        io.write_bytes(target, get_plotlyjs().encode())
+    if not (target.is_file() and io.is_parts_file(target, PLOTLYJS_LEGACY)):  # a user's file there is refused
+        io.write_bytes(target, get_plotlyjs().encode(), PLOTLYJS_LEGACY)
+
+
+PLOTLYJS_LEGACY = io.contains("plotly.js v")  # the copy an older parts wrote before it marked its folders
 
 
 def write_figure(
@@ -114,16 +117,16 @@ def write_figures(
 
     formats = list(formats)
     patterns = None if html_only is None else list(html_only)
-    for name in figures:  # refuse before drawing anything if a file parts did not write is in the way
-        for fmt in formats:
+    plan = {name: [f for f in formats if f != "html" or patterns is None or any(fnmatch(name, p) for p in patterns)]
+            for name in figures}
+    for name, chosen in plan.items():  # refuse before drawing anything if a file parts did not write is in the way
+        for fmt in chosen:
             io.check_file(Path(folder) / f"{name}.{fmt}")
     written: list[Path] = []
     needs_browser = any(fmt in STATIC_FORMATS for fmt in formats)
     with static_export() if needs_browser else _nothing():
         for name, figure in tqdm(figures.items(), desc="figures", disable=not progress):
-            keep_html = patterns is None or any(fnmatch(name, pattern) for pattern in patterns)
-            chosen = [f for f in formats if f != "html" or keep_html]
-            written += write_figure(figure, folder, name, chosen, plotlyjs)
+            written += write_figure(figure, folder, name, plan[name], plotlyjs)
     return written
 
 

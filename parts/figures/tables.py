@@ -152,8 +152,8 @@ def rebuild(results_dir: str | Path, docs_dir: str | Path, figures_dir: str | Pa
         new = rewrite_blocks(text, blocks)
         if new != text:
             stale.append(str(page))
-            if not check:  # a page holding markers is one parts may rewrite (its prose kept)
-                io.write_text(page, new, legacy=io.contains("<!-- parts-tables:"))
+            if not check:
+                io.rewrite_text(page, new)  # only the marked blocks changed: the page stays the user's
     if check:
         return stale
     io.write_json(Path(results_dir) / "analysis.json", analysis)

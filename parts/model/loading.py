@@ -136,7 +136,7 @@ def _embedded_checkpoint() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # Renamed into place (parts.io) so an interrupted conversion never looks complete.
-    with io.write_folder(target, legacy=lambda folder: (folder / "parts-stamp.json").is_file()) as staging:
+    with io.write_folder(target, legacy=lambda folder: (folder / "parts-stamp.json").is_file(), kind="model") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "parts-stamp.json").write_text(json.dumps(stamp))

@@ -290,11 +290,11 @@ def build_report(
     """
     started = time.perf_counter()
     root, out = Path(root), Path(out)
-    io.check_folder(out)  # before the work: a folder of the user's is refused at once
+    io.check_folder(out, kind="report")  # before the work: a folder of the user's is refused at once
     tasks, skipped = report_data.collect_tasks(root)
     results_file = report_data.results_path(root, results)
     frame = report_data.read_results_frame(results_file) if results_file is not None else None
-    with io.write_folder(out) as staging:
+    with io.write_folder(out, kind="report") as staging:
         lines, measures = [], []
         pages = ["index.html"]
         for task in tasks:

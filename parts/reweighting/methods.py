@@ -4,7 +4,7 @@ A result row names its method by `key` (`results.csv`'s `method` column) and say
 examples it used (`labels`): k, the demonstrations alone, or a label budget L (k demonstrations plus
 L - k training examples). `method_label` is the one name a method has in tables and figures;
 `method_order` the one order they are shown in (the paper's: the k-shot methods, then per budget,
-largest first, L-shot ICL, Calib+ and CompRW, then the upper bound).
+largest first, L-shot ICL, Calib+ and CompRW, then the references fitted on the test set).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class Method:
     name: str  # its column heading (before the label budget, for budgeted methods)
     at_k: bool  # has a row with labels = k: it sees only the k demonstrations' labels
     at_budget: bool  # has a row per label budget L: it sees all L labelled examples
-    upper_bound: bool = False  # not a method: trained on the test labels, a ceiling
+    upper_bound: bool = False  # not a method: fitted or chosen on the test labels, an optimistic reference
     main: bool = True  # in the paper's main table (`parts evaluate`); else in the transfer table only
     description: str = ""
 
@@ -36,8 +36,8 @@ METHODS = (
            description="per-class weights on the k-shot probabilities, trained on the L - k others"),
     Method("comprw", "CompRW", at_k=False, at_budget=True,
            description="per-component weights, trained on the L - k others (parts.reweighting.reweight)"),
-    Method("oracle", "Oracle RW (upper bound)", at_k=True, at_budget=False, upper_bound=True,
-           description="per-component weights trained on the test set itself"),
+    Method("oracle", "Oracle RW (fit on test)", at_k=True, at_budget=False, upper_bound=True,
+           description="per-component weights fitted on the test set itself: an optimistic reference, not a bound"),
     # The paper's Table 3 (transfer): one component's own predictions on the target test set.
     Method("transfer-1", "transfer-1", at_k=True, at_budget=False, main=False,
            description="the component most accurate on the source test set"),
@@ -64,7 +64,7 @@ def method_label(key: str, labels: int, shots: int) -> str:
 
 
 def method_order(key: str, labels: int, shots: int) -> tuple[int, int, int]:
-    """Sort key of the paper's order: k-shot methods, then each budget (largest first), then the upper bound."""
+    """Sort key of the paper's order: k-shot methods, then each budget (largest first), then the test-set references."""
     method = BY_KEY.get(key)
     if method is None:
         return 3, 0, 0
