@@ -9,6 +9,7 @@ import pytest
 from parts.analysis import paper
 from parts.cli import main
 from parts.decomposition.runs import DecompositionRun
+from parts.errors import PartsError
 from parts.experiments.export import export_results
 from parts.experiments.runner import run_dir
 from parts.figures.tables import load_results, rewrite_blocks
@@ -161,3 +162,29 @@ def test_coverage_lists_what_finished():
     assert table.loc["sst2", "test runs (Tables 1, 2)"] == "1: t4 s0"
     assert table.loc["boolq", "main-table settings (of 15)"] == "0"
     assert table.loc["sst2 -> yelp", "transfer runs (Table 3)"] == "1: t1 s0"
+
+
+def test_tables_never_replaces_what_parts_did_not_write(evaluated, tiny_task_file, tmp_path, capsys):
+    """Docs pages: only the marked blocks change, the page keeps its permissions and never becomes parts' file;
+    result files: a user's file of the same name is refused before anything is written."""
+    import os
+    import stat
+
+    from parts import io
+
+    root, results, _ = evaluated
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(PAGE)
+    os.chmod(docs / "results.md", 0o640)
+    assert main(["tables", "--results", str(results), "--docs", str(docs), "--no-figures", "--resamples", "200"]) == 0
+    assert stat.S_IMODE(os.stat(docs / "results.md").st_mode) == 0o640 and "Some prose that stays." in \
+        (docs / "results.md").read_text()
+    assert io.recorded(docs) == set() and not (docs / ".parts").exists()
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "runs.csv").write_text("the user's own runs table\n")
+    with pytest.raises(PartsError, match=f"{mine / 'runs.csv'} exists and parts did not write it"):
+        export_results(root, mine, limit=8, tasks={"tiny": tiny_task_file})
+    assert sorted(p.name for p in mine.iterdir()) == ["runs.csv"]
+    assert (mine / "runs.csv").read_text() == "the user's own runs table\n"
