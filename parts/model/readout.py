@@ -178,7 +178,7 @@ class FrozenNorm:
         refused: its scale cannot be frozen."""
         probe = copy.deepcopy(module).float().eval()
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        device = next(iter(module.parameters()), torch.empty(0)).device
+        device = next(iter(module.parameters()), torch.empty(0, device="cpu")).device  # a norm without weights: the host
         weight = weight.detach().float() if isinstance(weight, Tensor) else torch.ones(d_model, device=device)
         bias = bias.detach().float() if isinstance(bias, Tensor) else None
         named = [float(getattr(module, a)) for a in ("variance_epsilon", "eps", "epsilon") if hasattr(module, a)]
