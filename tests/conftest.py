@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+# Every jaxtyping annotation in parts is checked at run time (beartype), so a wrong shape or dtype fails a
+# test. The hook must be installed before the first `import parts`.
+from jaxtyping import install_import_hook
 
-import pytest
-import torch
+install_import_hook("parts", "beartype.beartype")
+
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,6 +24,17 @@ WORDS = (
 ).split()
 POSITIVE = ["great", "good", "fun", "loved"]
 NEGATIVE = ["awful", "bad", "dull", "boring", "hated"]
+
+
+@pytest.fixture
+def unchecked_shapes():
+    """Run without the test-time shape checker, as parts runs for a user: for tests of the PartsError a
+    function raises itself on malformed input (the checker would stop the call before the function's check)."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.fixture(scope="session")

@@ -279,7 +279,9 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     assert "best component beats the full model in 1/3 runs (mean best 73.3% vs full 90.0%; mean worst 6.7%)" in printed
     report = json.loads(out.read_text())
     first = report["runs"][0]
-    assert first["label"] == "sst2 t2 s0" and first["category_counts"] == category_counts(component_table(runs[0]))
+    # Holm over 6 components (see test_categories_are_holm_corrected_by_default): MLP1 is neutral.
+    assert first["label"] == "sst2 t2 s0"
+    assert first["category_counts"] == {"good": 1, "bad": 1, "label-biased": 2, "neutral": 2}
     assert [c["component"] for c in first["top_components"]] == ["L1H0", "MLP1", "L1H1", "MLP0", "L0H0"]
     assert first["worst_component"] == {"component": "L0H1", "accuracy": 0.0}
     assert first["label_biased_on_all_examples"] == 1  # L0H0; MLP0 says label 1 on 90% only
@@ -289,12 +291,16 @@ def test_analyze_command_prints_and_writes_the_same_numbers(tmp_path, capsys):
     assert first["components"][4]["p_above"] == pytest.approx(386 / 1024)
     group = report["groups"][0]
     pairs = {(p["run_a"], p["run_b"]): p for p in group["pairs"]}
-    expected = accuracy_correlation(runs[0], runs[1])
-    assert pairs[("sst2 t2 s0", "sst2 t2 s1")]["pearson"] == pytest.approx(expected["pearson"])
+    # Pearson of the accuracies (0.5 0 1 .6 .6 .9) and (.2 .1 .4 .3 .6 .5), by hand.
+    a, b = [0.5, 0.0, 1.0, 0.6, 0.6, 0.9], [0.2, 0.1, 0.4, 0.3, 0.6, 0.5]
+    ma, mb = sum(a) / 6, sum(b) / 6
+    pearson = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True)) / math.sqrt(
+        sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+    assert pairs[("sst2 t2 s0", "sst2 t2 s1")]["pearson"] == pytest.approx(pearson)
     assert group["stability"]["perturbed template"]["pairs"] == 1
-    assert group["pearson"][0]["sst2 t2 s1"] == pytest.approx(expected["pearson"])
+    assert group["pearson"][0]["sst2 t2 s1"] == pytest.approx(pearson)
     assert group["collection"] == str(tmp_path / "runs") and group["run_indices"] == [0, 1, 2]
-    assert report == json.loads(json.dumps(analysis_report(runs, find_runs(tmp_path / "runs"))))
+    assert report["settings"] == {"label_bias_threshold": 0.9, "alpha": 0.05, "k": 5, "correction": "holm"}
     assert "seeds" in format_report(report)
 
 

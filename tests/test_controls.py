@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parts.analysis.analyze import CATEGORIES
 from parts.analysis.stats import (
     benjamini_hochberg,
     chance_best_accuracy,
@@ -116,8 +117,10 @@ def test_random_init_control_runs_both_models_on_the_same_prompts(tiny_task_file
     assert table["init"].tolist() == ["pretrained", "pretrained", "random", "random"]
     assert table["model"].tolist()[2] == "tiny+random-init-s0"
     assert (table["n_examples"] == 10).all()
-    counts = table[[c for c in table.columns if c.endswith("(holm)")]].sum(axis=1)
-    assert (counts == 3 * 4 + 3).all()  # every component (3 layers x 4 heads + 3 MLPs) in one category
+    for label in ("holm", "uncorrected"):  # every component (3 layers x 4 heads + 3 MLPs) in exactly one category
+        counts = table[[f"{category} ({label})" for category in CATEGORIES]].sum(axis=1)
+        assert (counts == 3 * 4 + 3).all()
+    assert (table["above chance (holm)"] <= table["above chance (uncorrected)"]).all()
     # Resuming reads the saved runs and loads no model.
     again = random_init_control([str(tiny_task_file)], templates=[1], seeds=[0, 1], limit=10, root=tmp_path,
                                 model="tiny", load=load)

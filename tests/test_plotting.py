@@ -342,7 +342,12 @@ def test_missing_browser_names_the_install(monkeypatch):
     with pytest.raises(PartsError) as error:
         find_chromium()
     assert str(error.value).endswith(": apt-get install -y chromium fonts-liberation")
-    assert CHROMIUM_INSTALL == "apt-get install -y chromium fonts-liberation"
+    # The command the error names installs what CI installs (scripts/test.sh), and the README says the same.
+    packages = CHROMIUM_INSTALL.removeprefix("apt-get install -y ").split()
+    setup = next(line for line in (Path(__file__).parents[1] / "scripts" / "test.sh").read_text().splitlines()
+                 if "apt-get install" in line)
+    assert packages == ["chromium", "fonts-liberation"] and setup.split()[-len(packages):] == packages
+    assert CHROMIUM_INSTALL in (Path(__file__).parents[1] / "README.md").read_text()
 
 
 def test_unknown_format_and_plotlyjs_mode(tmp_path):

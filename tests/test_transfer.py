@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -10,7 +9,9 @@ import torch
 
 from parts.data.prompts import build_prompts, render_prompt
 from parts.data.tasks import get_task, load_split, parse_pairs
+from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.results import read_results
 from parts.experiments.transfer import (
     TransferSetting,
     check_compatible,
@@ -73,7 +74,6 @@ def test_evaluate_transfer_scores_source_weights_on_both_test_sets(tiny_task_fil
         ("tiny", "icl", 4), ("tiny -> shifted", "icl", 4), ("tiny", "batch", 4), ("tiny -> shifted", "batch", 4)]
     assert {r["method"] for r in rows} == {"icl", "batch", "calib+", "comprw", "transfer-1", "oracle-1"}
     assert len(rows) == 10
-    from parts.decomposition.runs import DecompositionRun
 
     source_test = DecompositionRun.load(tmp_path / "tiny" / "tiny" / "t2-s1-k4-test-n10")
     source_train = DecompositionRun.load(tmp_path / "tiny" / "tiny" / "t2-s1-k4-train-n20")
@@ -124,9 +124,16 @@ def test_transfer_command_writes_rows_and_table(tiny_task_file, target_task_file
     assert code == 0
     printed = capsys.readouterr().out
     assert "| tiny -> shifted | 1 |" in printed and "target - source accuracy: icl" in printed
-    with (tmp_path / "transfer.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 10 and {r["n_test"] for r in rows} == {"10", "8"}
-    assert torch.tensor([float(r["accuracy"]) for r in rows]).le(1).all()
+    rows = read_results(tmp_path / "transfer.csv")
+    assert len(rows) == 10 and set(rows["n_test"]) == {10, 8}
+    # Each accuracy is a count of right answers over n_test, and the full model's equals its saved runs'.
+    assert all(abs(a * n - round(a * n)) < 1e-4 for a, n in zip(rows["accuracy"], rows["n_test"], strict=True))
+    (model_folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    source_run = DecompositionRun.load(model_folder / "tiny" / "t1-s0-k4-test-n10")
+    target_run = DecompositionRun.load(model_folder / "transfer" / "tiny-to-shifted" / "t1-s0-k4-test-n8")
+    icl = rows[rows["method"] == "icl"].set_index("task")["accuracy"]
+    assert icl["tiny"] == pytest.approx(source_run.full_accuracy, abs=1e-6)
+    assert icl["tiny -> shifted"] == pytest.approx(target_run.full_accuracy, abs=1e-6)
+    assert f"| tiny -> shifted | 1 | {100 * target_run.full_accuracy:.1f} ± 0.0 |" in printed
     assert main(["transfer", "--pairs", "sst2", "--out", str(tmp_path)]) == 2
     assert "is not SOURCE:TARGET" in capsys.readouterr().err

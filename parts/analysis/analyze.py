@@ -57,8 +57,8 @@ def label_shares(predictions: Int[Tensor, "example component"], n_labels: int) -
 
 
 def macro_accuracy(
-    predictions: Int[Tensor, "example component"], labels: Int[Tensor, example], n_labels: int
-) -> Float[Tensor, component]:
+    predictions: Int[Tensor, "example component"], labels: Int[Tensor, " example"], n_labels: int
+) -> Float[Tensor, " component"]:
     """Mean over the gold labels present of each component's recall on that label."""
     correct = (predictions == einops.rearrange(labels, "example -> example 1")).float()
     gold = torch.nn.functional.one_hot(labels, n_labels).float()
@@ -153,7 +153,7 @@ def check_comparable(run_a: DecompositionRun, run_b: DecompositionRun) -> None:
         )
 
 
-def top_k(accuracy: Float[Tensor, component], k: int) -> set[int]:
+def top_k(accuracy: Float[Tensor, " component"], k: int) -> set[int]:
     """Indices of the k most accurate components (ties: the earlier component, as `top_components`)."""
     return set(torch.argsort(accuracy, descending=True, stable=True)[:k].tolist())
 

@@ -33,7 +33,7 @@ class AttentionView:
     example: int  # index of the example in the run
     gold: int  # its gold label
     tokens: list[str]  # every position's token, as text
-    pattern: Float[Tensor, pos]  # attention from the last position, sums to 1
+    pattern: Float[Tensor, " pos"]  # attention from the last position, sums to 1
     label_positions: list[int]  # positions of the demonstrations' label words
 
 
@@ -49,7 +49,7 @@ class HeadInspection:
     category: str
     label_names: tuple[str, ...]
     logits: Float[Tensor, "example label"]  # the head's direct contribution to each label word's logit
-    labels: Int[Tensor, example]  # gold labels
+    labels: Int[Tensor, " example"]  # gold labels
     attention: list[AttentionView]
 
 
@@ -86,7 +86,7 @@ def spans_to_positions(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple
 
 def attention_from_last_token(
     model: TransformerBridge, token_ids: Sequence[int], layer: int, head: int
-) -> Float[Tensor, pos]:
+) -> Float[Tensor, " pos"]:
     """One head's attention from the last position over a prompt (one filtered forward pass)."""
     if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
         raise PartsError(

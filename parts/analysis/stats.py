@@ -50,7 +50,7 @@ def is_significant(pvalues: Any, alpha: float) -> Any:
 
 
 # -- per-component tests ---------------------------------------------------------------------------
-def chance_accuracy(shares: Float[Tensor, "component label"], labels: Int[Tensor, example]) -> Float[Tensor, component]:
+def chance_accuracy(shares: Float[Tensor, "component label"], labels: Int[Tensor, " example"]) -> Float[Tensor, " component"]:
     """Expected accuracy of predictions independent of the gold labels (1/n_labels when balanced):
     sum over labels of the share of examples a component predicts as the label x the label's gold frequency."""
     gold_frequency = torch.bincount(labels, minlength=shares.shape[-1]).double() / len(labels)
@@ -71,7 +71,7 @@ def binomial_p_values(
 
 
 # -- corrections over components -------------------------------------------------------------------
-def holm(pvalues: Float[Tensor, component]) -> Float[Tensor, component]:
+def holm(pvalues: Float[Tensor, " component"]) -> Float[Tensor, " component"]:
     """Holm-adjusted p-values (step-down): significant adjusted values keep the family-wise error <= alpha, any dependence."""
     m = pvalues.numel()
     order = torch.argsort(pvalues, stable=True)
@@ -81,7 +81,7 @@ def holm(pvalues: Float[Tensor, component]) -> Float[Tensor, component]:
     return adjusted
 
 
-def benjamini_hochberg(pvalues: Float[Tensor, component]) -> Float[Tensor, component]:
+def benjamini_hochberg(pvalues: Float[Tensor, " component"]) -> Float[Tensor, " component"]:
     """Benjamini-Hochberg-adjusted p-values (step-up): significant adjusted values keep the false discovery rate <= alpha."""
     m = pvalues.numel()
     order = torch.argsort(pvalues, stable=True)
@@ -99,7 +99,7 @@ def check_correction(correction: str) -> None:
         raise PartsError(f"unknown correction {correction!r}: use one of {', '.join(CORRECTIONS)}")
 
 
-def adjust_pvalues(pvalues: Float[Tensor, component], correction: str = "holm") -> Float[Tensor, component]:
+def adjust_pvalues(pvalues: Float[Tensor, " component"], correction: str = "holm") -> Float[Tensor, " component"]:
     """p-values corrected over all components: "holm", "bh" (Benjamini-Hochberg) or "none"."""
     check_correction(correction)
     if correction == "holm":
@@ -110,8 +110,8 @@ def adjust_pvalues(pvalues: Float[Tensor, component], correction: str = "holm") 
 
 
 def significant(
-    pvalues: Float[Tensor, component], alpha: float = 0.05, correction: str = "holm"
-) -> Bool[Tensor, component]:
+    pvalues: Float[Tensor, " component"], alpha: float = 0.05, correction: str = "holm"
+) -> Bool[Tensor, " component"]:
     """Which p-values are significant at `alpha` after correcting over all components."""
     result = is_significant(adjust_pvalues(pvalues, correction), alpha)
     assert isinstance(result, Tensor)

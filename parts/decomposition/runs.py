@@ -37,7 +37,7 @@ def reconstruction_error(
     component_logits: Float[Tensor, "example component label"],
     remainder: Float[Tensor, "example label"],
     model_logits: Float[Tensor, "example label"],
-) -> Float[Tensor, example]:
+) -> Float[Tensor, " example"]:
     """Per example, the largest |sum of components + remainder - model logit| over the label words."""
     total = einops.reduce(component_logits, "example component label -> example label", "sum")
     return (total + remainder - model_logits).abs().amax(-1)
@@ -53,7 +53,7 @@ class Decomposition:
     model_logits: Float[Tensor, "example label"]  # the model's own logits at the label words
 
     @property
-    def reconstruction_error(self) -> Float[Tensor, example]:
+    def reconstruction_error(self) -> Float[Tensor, " example"]:
         return reconstruction_error(self.component_logits, self.remainder, self.model_logits)
 
 
@@ -98,7 +98,7 @@ class DecompositionRun:
 
     # -- derived numbers ---------------------------------------------------------------
     @property
-    def labels(self) -> Int[Tensor, example]:
+    def labels(self) -> Int[Tensor, " example"]:
         return torch.tensor(self.prompts.labels, dtype=torch.long, device="cpu")
 
     @property
@@ -117,12 +117,12 @@ class DecompositionRun:
         return self.component_logits.argmax(-1)
 
     @property
-    def component_accuracy(self) -> Float[Tensor, component]:
+    def component_accuracy(self) -> Float[Tensor, " component"]:
         correct = self.component_predictions == einops.rearrange(self.labels, "example -> example 1")
         return correct.float().mean(0)
 
     @property
-    def full_predictions(self) -> Int[Tensor, example]:
+    def full_predictions(self) -> Int[Tensor, " example"]:
         return self.model_logits.argmax(-1)
 
     @property
@@ -130,7 +130,7 @@ class DecompositionRun:
         return float((self.full_predictions == self.labels).float().mean())
 
     @property
-    def reconstruction_error(self) -> Float[Tensor, example]:
+    def reconstruction_error(self) -> Float[Tensor, " example"]:
         """Largest |sum of components + remainder - model logit| over the label words."""
         return reconstruction_error(self.component_logits, self.remainder, self.model_logits)
 

@@ -257,7 +257,7 @@ def evaluate_setting(
 
 
 def setting_predictions(root: str | Path, model_arg: str | None, setting: Setting
-                        ) -> tuple[Int[Tensor, example], dict[tuple[str, int], Int[Tensor, example]]]:
+                        ) -> tuple[Int[Tensor, " example"], dict[tuple[str, int], Int[Tensor, " example"]]]:
     """Every method's prediction on every test example of a finished setting, from its files alone
     (no model): the test run's logits, the saved weights, the cached L-shot and content-free logits.
     Calib+ is retrained on the saved training run (deterministic). Returns the gold labels and

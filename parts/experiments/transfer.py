@@ -135,7 +135,7 @@ class TransferSetting:
 
 def method_predictions(
     source_train: DecompositionRun, **recipe: Any
-) -> dict[str, tuple[Callable[[DecompositionRun], Int[Tensor, example]], str]]:
+) -> dict[str, tuple[Callable[[DecompositionRun], Int[Tensor, " example"]], str]]:
     """Each method as a function of a test run (learned once on the source's labelled examples), with a note."""
     weights = train_weights(source_train.component_logits, source_train.labels, **recipe)
     class_weights = calibration.train_calib_plus(source_train.model_logits, source_train.labels)
@@ -155,7 +155,7 @@ def best_component(accuracy: Tensor) -> int:
 
 
 def single_component_transfer(source_test: DecompositionRun, target_test: DecompositionRun
-                              ) -> dict[str, tuple[str, Int[Tensor, example]]]:
+                              ) -> dict[str, tuple[str, Int[Tensor, " example"]]]:
     """The paper's Table 3 on the target test set: `{method: (component, predictions)}` for FULL
     (the full model, component ""), TRANSFER-1 (the best component on the source test set) and
     ORACLE-1 (the best component on the target test set itself: an upper bound)."""
@@ -226,7 +226,7 @@ def evaluate_transfer(
 
 
 def transfer_setting_predictions(root: str | Path, model_arg: str | None, setting: TransferSetting, **recipe: Any
-                                 ) -> dict[tuple[str, str, int], tuple[Int[Tensor, example], Int[Tensor, example]]]:
+                                 ) -> dict[tuple[str, str, int], tuple[Int[Tensor, " example"], Int[Tensor, " example"]]]:
     """Every method's predictions for a finished transfer setting, from its run folders alone:
     `{(task name, method, labels): (gold labels, predictions)}` for the source test set and the target
     ("source -> target"), the paper's FULL / TRANSFER-1 / ORACLE-1 included (FULL is the `icl` row)."""

@@ -175,8 +175,8 @@ def categorization_scatter(
 
 # -- figure 3: stability ----------------------------------------------------------------------------
 def stability_scatter(
-    accuracy_a: Float[Tensor, component] | Sequence[float],
-    accuracy_b: Float[Tensor, component] | Sequence[float],
+    accuracy_a: Float[Tensor, " component"] | Sequence[float],
+    accuracy_b: Float[Tensor, " component"] | Sequence[float],
     component_names: Sequence[str],
     correlation: Mapping[str, float],
     name_a: str,
@@ -289,7 +289,7 @@ def method_bars(results: pd.DataFrame, title: str = "", include_oracle: bool = F
     return _style(figure, title or "Accuracy by method", max(640, 180 + 220 * n_tasks), 500)
 
 
-def weights_table(component_names: Sequence[str], weights: Float[Tensor, component]) -> pd.DataFrame:
+def weights_table(component_names: Sequence[str], weights: Float[Tensor, " component"]) -> pd.DataFrame:
     """Weights clipped to [0, 1] (as predictions use them), one row per component with its layer and head."""
     if weights.ndim != 1 or len(weights) != len(component_names):
         raise PartsError(f"{tuple(weights.shape)} weights for {len(component_names)} components: pass load_weights(...)")
@@ -303,7 +303,7 @@ def weights_table(component_names: Sequence[str], weights: Float[Tensor, compone
     })
 
 
-def weights_heatmap(component_names: Sequence[str], weights: Float[Tensor, component], title: str = "") -> go.Figure:
+def weights_heatmap(component_names: Sequence[str], weights: Float[Tensor, " component"], title: str = "") -> go.Figure:
     """Figure 5b: the learned component weights on the layers x heads grid, the MLPs beside them."""
     table = weights_table(component_names, weights)
     n_heads = int(table.loc[table["kind"] == "head", "head"].max()) + 1
@@ -326,7 +326,7 @@ def weights_heatmap(component_names: Sequence[str], weights: Float[Tensor, compo
 
 
 # -- figure 6: one head up close -------------------------------------------------------------------------
-def head_logit_view(inspection: HeadInspection) -> dict[str, Float[Tensor, example]]:
+def head_logit_view(inspection: HeadInspection) -> dict[str, Float[Tensor, " example"]]:
     """What decides the head's vote, per example: for two labels the logit difference (label 1 minus
     label 0); for more, each label word's logit minus the mean over label words (same argmax)."""
     names, logits = inspection.label_names, inspection.logits.float()

@@ -227,7 +227,7 @@ def run_results(results: pd.DataFrame | None, run: DecompositionRun) -> dict[str
     return {method_label(str(r.method), int(r.labels), p.shots): float(r.accuracy) for r in rows.itertuples()}
 
 
-def learned_weights(path: Path, run: DecompositionRun) -> dict[str, Float[Tensor, component]]:
+def learned_weights(path: Path, run: DecompositionRun) -> dict[str, Float[Tensor, " component"]]:
     """Every reweighting learned for a test run by `parts evaluate`, clipped to [0, 1] as predictions use
     them, by label budget ('24', ..., 'oracle': fitted on the test set itself)."""
     found = {}

@@ -46,15 +46,15 @@ def class_components(probabilities: Float[Tensor, "example label"]) -> Float[Ten
 CALIB_PLUS_RECIPE: dict[str, Any] = {"clip": False, "l1_penalty": 0.0, "max_epochs": 5000}
 
 
-def train_calib_plus(train_logits: Float[Tensor, "example label"], labels: Int[Tensor, example],
+def train_calib_plus(train_logits: Float[Tensor, "example label"], labels: Int[Tensor, " example"],
                      **recipe: Any) -> ReweightResult:
     """Per-class weights on the full model's probabilities (`recipe` overrides `CALIB_PLUS_RECIPE`)."""
     settings = {**CALIB_PLUS_RECIPE, **recipe}
     return train_weights(class_components(label_probabilities(train_logits)), labels, **settings)
 
 
-def calib_plus_predict(class_weights: Float[Tensor, label], label_logits: Float[Tensor, "example label"]
-                       ) -> Int[Tensor, example]:
+def calib_plus_predict(class_weights: Float[Tensor, " label"], label_logits: Float[Tensor, "example label"]
+                       ) -> Int[Tensor, " example"]:
     return predict(class_weights, class_components(label_probabilities(label_logits)), clip=False)
 
 
@@ -78,22 +78,22 @@ def content_free_prompts(template: Template, demonstrations: Sequence[Example],
             for text in inputs]
 
 
-def contextual_prior(content_free_logits: Float[Tensor, "input label"]) -> Float[Tensor, label]:
+def contextual_prior(content_free_logits: Float[Tensor, "input label"]) -> Float[Tensor, " label"]:
     return einops.reduce(label_probabilities(content_free_logits), "input label -> label", "mean")
 
 
-def contextual_predict(label_logits: Float[Tensor, "example label"], prior: Float[Tensor, label]
-                       ) -> Int[Tensor, example]:
+def contextual_predict(label_logits: Float[Tensor, "example label"], prior: Float[Tensor, " label"]
+                       ) -> Int[Tensor, " example"]:
     """argmax p / prior: dividing out the label prior the content-free inputs reveal."""
     return (label_probabilities(label_logits) / einops.rearrange(prior, "label -> 1 label")).argmax(-1)
 
 
 # -- Batch calibration ------------------------------------------------------------------------------
-def batch_prior(label_logits: Float[Tensor, "example label"]) -> Float[Tensor, label]:
+def batch_prior(label_logits: Float[Tensor, "example label"]) -> Float[Tensor, " label"]:
     return einops.reduce(label_probabilities(label_logits), "example label -> label", "mean")
 
 
-def batch_predict(label_logits: Float[Tensor, "example label"]) -> Int[Tensor, example]:
+def batch_predict(label_logits: Float[Tensor, "example label"]) -> Int[Tensor, " example"]:
     """argmax p - mean_batch p: the prior estimated from the test batch itself."""
     prior = batch_prior(label_logits)
     return (label_probabilities(label_logits) - einops.rearrange(prior, "label -> 1 label")).argmax(-1)

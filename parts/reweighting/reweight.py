@@ -51,32 +51,32 @@ PATIENCE = 3
 class ReweightResult:
     """Learned weights (raw; predictions clip them to [0, 1]) and how training ended."""
 
-    weights: Float[Tensor, component]
+    weights: Float[Tensor, " component"]
     epochs: int
     stopped_because: str  # "perfect", "plateau" or "max_epochs"
     train_accuracy: float
     losses: list[float] = field(default_factory=list)  # cross-entropy at every epoch, before its update
 
     @property
-    def clipped(self) -> Float[Tensor, component]:
+    def clipped(self) -> Float[Tensor, " component"]:
         return self.weights.clamp(0.0, 1.0)
 
 
-def combine(weights: Float[Tensor, component], component_logits: Float[Tensor, "example component label"],
+def combine(weights: Float[Tensor, " component"], component_logits: Float[Tensor, "example component label"],
             clip: bool = True) -> Float[Tensor, "example label"]:
     """The reweighted logits: sum over components of clip(w, 0, 1) * g (w itself with `clip=False`)."""
     used = weights.clamp(0.0, 1.0) if clip else weights
     return einops.einsum(used, component_logits, "component, example component label -> example label")
 
 
-def predict(weights: Float[Tensor, component], component_logits: Float[Tensor, "example component label"],
-            clip: bool = True) -> Int[Tensor, example]:
+def predict(weights: Float[Tensor, " component"], component_logits: Float[Tensor, "example component label"],
+            clip: bool = True) -> Int[Tensor, " example"]:
     """Each example's label under the reweighted sum (ties go to the lower label index)."""
     return combine(weights, component_logits, clip).argmax(-1)
 
 
-def accuracy(weights: Float[Tensor, component], component_logits: Float[Tensor, "example component label"],
-             labels: Int[Tensor, example], clip: bool = True) -> float:
+def accuracy(weights: Float[Tensor, " component"], component_logits: Float[Tensor, "example component label"],
+             labels: Int[Tensor, " example"], clip: bool = True) -> float:
     return float((predict(weights, component_logits, clip) == labels).float().mean())
 
 
@@ -106,7 +106,7 @@ def _one_thread() -> Iterator[None]:
 
 def train_weights(
     component_logits: Float[Tensor, "example component label"],
-    labels: Int[Tensor, example],
+    labels: Int[Tensor, " example"],
     learning_rate: float = LEARNING_RATE,
     l1_penalty: float = L1_PENALTY,
     max_epochs: int = MAX_EPOCHS,
