@@ -20,6 +20,7 @@ from parts.analysis import paper
 from parts.analysis.analyze import component_table
 from parts.analysis.stats import chance_extremes
 from parts.cli import main
+from parts.data.prompts import PromptSet
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 from parts.experiments.export import interval_tables
@@ -157,7 +158,6 @@ def test_layer_details_histograms_and_weights(report, tiny_sweep):
 
 
 def test_vote_margin_by_hand():
-    from parts.data.prompts import PromptSet
 
     logits = torch.tensor([[[1.0, 3.0, 2.0]], [[0.5, 0.0, 4.0]]])  # example component label
     prompts = PromptSet("t", 1, 0, 0, "test", ("a", "b", "c"), (" a", " b", " c"), (), (0, 1), ("x", "y"), (1, 0))
@@ -169,9 +169,10 @@ def test_vote_margin_by_hand():
 
 
 def test_histogram_groups_pool_templates_for_a_long_sweep():
-    class Run:
-        def __init__(self, template, seed):
-            self.prompts = type("P", (), {"template": template, "seed": seed})
+    def Run(template, seed):  # noqa: N802 - a run of this template and seed; only its prompts are read
+        prompts = PromptSet("t", template, seed, 4, "test", ("a", "b"), (" a", " b"), (0,), (0,), ("p",), (0,))
+        return DecompositionRun("m", prompts, [0, 1], 1, 1, ["L0H0", "MLP0"], torch.zeros(1, 2, 2), torch.zeros(1, 2),
+                                torch.zeros(1, 2))
 
     few = [Run(t, s) for t in (1, 2) for s in range(3)]
     assert [g["runs"] for g in report_data.histogram_groups(few)] == [[i] for i in range(6)]

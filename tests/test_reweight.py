@@ -130,7 +130,7 @@ def test_predict_clips_weights_to_zero_one():
     (torch.tensor([0]), "1 labels for 2 examples"),
     (torch.tensor([0, 2]), "labels must lie in 0..1"),
 ])
-def test_bad_training_input_is_a_parts_error(labels, message):
+def test_bad_training_input_is_a_parts_error(labels, message, unchecked_shapes):
     with pytest.raises(PartsError, match=message):
         train_weights(torch.zeros(2, 3, 2), labels)
 

@@ -139,7 +139,7 @@ def run_decomposition(
 
 def decompose_task(
     model: TransformerBridge,
-    task: str | Task,
+    task: str | Path | Task,
     template: int = 1,
     seed: int = 0,
     shots: int | None = None,
@@ -195,7 +195,7 @@ def load_spec(spec: ModelSpec, options: RunOptions, loader: Loader | None = None
 def run_dir(
     root: str | Path,
     model: str | None,
-    task: str | Task,
+    task: str | Path | Task,
     template: int,
     seed: int,
     split: str = "test",

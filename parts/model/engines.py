@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import einops
 import torch
@@ -37,6 +37,7 @@ from parts.model.readout import Activations, Layout, expert_count, experts_name
 ENGINES = ("hf", "bridge")
 
 
+@runtime_checkable
 class Engine(Protocol):
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any: ...
 
@@ -119,7 +120,12 @@ class BridgeEngine:
             _, cache = self.model(prefix, return_type="logits_and_cache", logits_to_keep=1)
         return cache
 
-    def run(self, input_ids: Tensor, attention_mask: Tensor, prefix_length: int, cache: Any) -> tuple[Tensor, Activations]:
+    def run(
+        self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch key"], prefix_length: int,
+        cache: Any,
+    ) -> tuple[Float[Tensor, "batch vocab"], Activations]:
+        """The last position's logits over the vocabulary, and the activations the decomposition reads
+        (`input_ids` are the tokens after the cached prefix; `attention_mask` covers prefix and tokens)."""
         # Without a prefix to extend, a KV cache would only cost memory (as much as the activations).
         kwargs: dict[str, Any] = {"use_cache": False} if cache is None else {"past_key_values": cache}
         with torch.inference_mode():
@@ -228,7 +234,12 @@ class HFEngine:
         with torch.inference_mode():
             return self.model(prefix, use_cache=True, logits_to_keep=1).past_key_values
 
-    def run(self, input_ids: Tensor, attention_mask: Tensor, prefix_length: int, cache: Any) -> tuple[Tensor, Activations]:
+    def run(
+        self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch key"], prefix_length: int,
+        cache: Any,
+    ) -> tuple[Float[Tensor, "batch vocab"], Activations]:
+        """The last position's logits over the vocabulary, and the activations the decomposition reads
+        (`input_ids` are the tokens after the cached prefix; `attention_mask` covers prefix and tokens)."""
         activations: Activations = {}
         self._shape = (input_ids.shape[0], input_ids.shape[1])
         handles = self._attach(activations)
