@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -30,6 +30,7 @@ from parts.experiments.runner import Loader, ModelSpec, load_spec
 Record = Callable[["Work", Any], None]
 
 
+@runtime_checkable
 class Work(Protocol):
     """One setting of a plan. Instances are sent to other processes (Ray): keep them plain data."""
 
@@ -65,6 +66,7 @@ class LazyModel:
         return self._model
 
 
+@runtime_checkable
 class Executor(Protocol):
     def run(self, pending: Sequence[Work], options: RunOptions, loader: Loader | None, done: Record,
             bar: tqdm) -> None:
