@@ -28,6 +28,7 @@ import torch
 
 from parts.analysis.analyze import relation_between, top_k
 from parts.analysis.stats import bootstrap_intervals, chance_extremes, correctness_arrays
+from parts.methods import label_order, method_label
 
 PAPER_TASK_ORDER = ("sst2", "boolq", "qqp", "wic", "rte", "mnli", "agnews", "arc")
 
@@ -52,9 +53,6 @@ PAPER_AGREEMENT = {
 }
 PAPER_TRANSFER = {"sst2 -> yelp": (84.7, 94.9, 96.9), "boolq -> boolq_contrast": (64.9, 64.3, 66.2)}
 
-METHOD_COLUMNS = {("icl", "k"): "k-shot ICL", ("icl", "L"): "24-shot ICL", ("calib+", "L"): "Calib+ 24",
-                  ("comprw", "L"): "CompRW 24", ("contextual", "k"): "ContextualCal", ("batch", "k"): "BatchCal",
-                  ("oracle", "k"): "Oracle RW (fit on test)"}
 REFERENCE = "CompRW 24"
 
 
@@ -63,19 +61,10 @@ def _ordered_tasks(tasks: pd.Series | list[str]) -> list[str]:
     return [t for t in PAPER_TASK_ORDER if t in present] + [t for t in present if t not in PAPER_TASK_ORDER]
 
 
-def method_column(method: str, labels: int, shots: int) -> str:
-    """The paper's column heading of a (method, label budget) row."""
-    if method == "icl":
-        return "k-shot ICL" if labels == shots else f"{labels}-shot ICL"
-    if method in ("calib+", "comprw"):
-        return f"{'Calib+' if method == 'calib+' else 'CompRW'} {labels}"
-    return METHOD_COLUMNS.get((method, "k"), method)
-
-
 def _with_columns(predictions: pd.DataFrame, main: pd.DataFrame) -> pd.DataFrame:
     shots = main.groupby("task")["shots"].first().astype(int).to_dict()
     frame = predictions[predictions["kind"] == "main"].copy()
-    frame["method"] = [method_column(m, int(n), shots[t]) for m, n, t in zip(frame["method"], frame["labels"],
+    frame["method"] = [method_label(m, int(n), shots[t]) for m, n, t in zip(frame["method"], frame["labels"],
                                                                                frame["task"], strict=True)]
     return frame
 
@@ -102,7 +91,7 @@ def main_table(intervals: pd.DataFrame) -> pd.DataFrame:
     """Task x method: 'mean [low, high]' accuracy (%), tasks then the average; runs and n per task."""
     accuracy = intervals[intervals["quantity"] == "accuracy"]
     present = list(dict.fromkeys(accuracy["method"]))
-    columns = [c for c in METHOD_COLUMNS.values() if c in present] + [c for c in present if c not in METHOD_COLUMNS.values()]
+    columns = sorted(present, key=label_order)  # the methods' one order (parts.methods)
     rows = []
     for task, group in accuracy.groupby("task", sort=False):
         by_method = group.set_index("method")

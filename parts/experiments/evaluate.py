@@ -55,8 +55,8 @@ from parts.experiments.results import (
     write_table,
 )
 from parts.experiments.runner import Loader, ModelSpec, ensure_run, model_slug, run_dir
+from parts.methods import MAIN_METHODS
 from parts.reweighting import calibration
-from parts.reweighting.methods import MAIN_METHODS
 from parts.reweighting.reweight import load_weights, predict, save_weights, train_weights, weights_file
 
 

@@ -4,7 +4,7 @@
 `results.csv` (or `transfer.csv`) by key, so sweeps resume and share an output root; `read_results`
 reads it back with typed columns. `method_summary` is the one mean ± sample std over templates x seeds
 per task and method (tables and figure 5 both use it); `results_table` lays it out as the paper's main
-table in markdown. Method names and their order come from `parts.reweighting.methods`.
+table in markdown. Method names and their order come from `parts.methods`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 
 from parts import io
 from parts.errors import PartsError
-from parts.reweighting.methods import method_label, method_order
+from parts.methods import method_label, method_order
 
 RESULTS_CSV = "results.csv"
 TRANSFER_CSV = "transfer.csv"

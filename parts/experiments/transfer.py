@@ -60,8 +60,8 @@ from parts.experiments.runner import (
     run_dir,
     transfer_run_dir,
 )
+from parts.methods import method_labels
 from parts.reweighting import calibration
-from parts.reweighting.methods import method_labels
 from parts.reweighting.reweight import predict, train_weights
 
 PAPER_PAIRS = (("sst2", "yelp"), ("boolq", "boolq_contrast"))

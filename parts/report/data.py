@@ -49,7 +49,7 @@ from parts.errors import PartsError
 from parts.experiments.export import interval_tables
 from parts.experiments.results import RESULTS_CSV, mean_std_table, read_results
 from parts.figures import plotting
-from parts.reweighting.methods import method_label
+from parts.methods import method_label
 from parts.reweighting.reweight import load_weights
 
 HISTOGRAM_BINS = 24

@@ -63,6 +63,21 @@ def method_label(key: str, labels: int, shots: int) -> str:
     return f"{method.name} {labels}" if method.at_budget else method.name
 
 
+def label_order(label: str) -> tuple[int, int, int]:
+    """`method_order` of a name `method_label` gave ('k-shot ICL', '24-shot ICL', 'Calib+ 24', 'BatchCal'...)."""
+    if label == "k-shot ICL":
+        return method_order("icl", 0, 0)
+    if label.endswith("-shot ICL") and label.removesuffix("-shot ICL").isdigit():
+        return method_order("icl", int(label.removesuffix("-shot ICL")), 0)
+    name, _, budget = label.rpartition(" ")
+    for method in METHODS:
+        if method.at_budget and method.name == name and budget.isdigit():
+            return method_order(method.key, int(budget), 0)
+        if not method.at_budget and method.name == label:
+            return method_order(method.key, 0, 0)
+    return method_order(label, 0, 0)
+
+
 def method_order(key: str, labels: int, shots: int) -> tuple[int, int, int]:
     """Sort key of the paper's order: k-shot methods, then each budget (largest first), then the test-set references."""
     method = BY_KEY.get(key)
