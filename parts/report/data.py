@@ -44,7 +44,7 @@ from parts.analysis.analyze import (
     group_runs,
 )
 from parts.analysis.stats import chance_extremes
-from parts.decomposition.runs import DecompositionRun, find_runs
+from parts.decomposition.runs import DecompositionRun, load_saved_runs
 from parts.errors import PartsError
 from parts.experiments.export import interval_tables
 from parts.experiments.results import RESULTS_CSV, mean_std_table, read_results
@@ -76,11 +76,8 @@ def _safe(text: str) -> str:
 
 def collect_tasks(root: str | Path) -> tuple[list[TaskRuns], int]:
     """Every group of comparable test runs under `root`, and how many train runs were left out."""
-    paths = find_runs(root)
-    if not paths:
-        raise PartsError(f"no finished runs under {root}: run `parts sweep --out {root}` first")
-    loaded = [(path, DecompositionRun.load(path)) for path in paths]
-    test = [(path, run) for path, run in loaded if run.prompts.split == "test"]
+    saved = load_saved_runs(root)
+    test = [(item.path, item.run) for item in saved if item.run.prompts.split == "test"]
     if not test:
         raise PartsError(f"the runs under {root} are all --split train runs: the report shows test runs; "
                          f"run `parts sweep --out {root}` for the test split")
@@ -96,7 +93,7 @@ def collect_tasks(root: str | Path) -> tuple[list[TaskRuns], int]:
         used.add(key)
         members = sorted((test[i] for i in indices), key=lambda item: (item[1].prompts.template, item[1].prompts.seed))
         tasks.append(TaskRuns(key, tuple(p for p, _ in members), tuple(r for _, r in members)))
-    return tasks, len(loaded) - len(test)
+    return tasks, len(saved) - len(test)
 
 
 def run_name(run: DecompositionRun) -> str:
