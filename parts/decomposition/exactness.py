@@ -18,11 +18,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from parts.decomposition.runs import reconstruction_error
 from parts.errors import PartsError
 
 RECONSTRUCTION_TOLERANCE = {"float32": 1e-3, "float64": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
@@ -42,10 +42,8 @@ def relative_reconstruction_error(
     model_logits: Float[Tensor, "example label"],
 ) -> Float[Tensor, " example"]:
     """|sum of components + remainder - model logit|, largest over label words, over the example's logit scale."""
-    total = einops.reduce(component_logits, "example component label -> example label", "sum") + remainder
-    error = (total - model_logits).abs().amax(-1)
     scale = model_logits.abs().amax(-1).clamp(min=1.0)
-    return error / scale
+    return reconstruction_error(component_logits, remainder, model_logits) / scale
 
 
 def check_reconstruction(
