@@ -6,17 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import positive_int
+from parts.cli.common import number, positive_int
 
 
 def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
+    return number(text, float, lambda value: 0 < value <= 1, "must be in (0, 1]")
 
 
 def add_parser(subparsers: Any) -> None:
