@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 from parts import io
 from parts.analysis import paper
 from parts.errors import PartsError
+from parts.experiments.results import markdown_table
 from parts.figures.export import write_figures
 
 BLOCK = re.compile(r"(<!-- parts-tables:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /parts-tables:(?P=name) -->)", re.S)
@@ -32,13 +33,8 @@ INPUTS = ("main.csv", "transfer.csv", "predictions.csv", "runs.csv", "components
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    """A pipe table (no tabulate dependency): header, rule, one line per row."""
-    if frame.empty:
-        return "(nothing finished yet)"
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
+    """`parts.experiments.results.markdown_table`, or a line saying nothing is finished yet."""
+    return "(nothing finished yet)" if frame.empty else markdown_table(frame)
 
 
 @dataclass
