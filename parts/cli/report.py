@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import name_list, positive_int
+from parts.cli.common import add_model_options, name_list, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--results", default=None, help="results.csv of `parts evaluate` (default RUNS/results.csv)")
     parser.add_argument("--task-files", type=name_list, default=None, metavar="FILES",
                         help="JSON files of your own tasks in the sweep (comma-separated), for the main table's intervals")
-    parser.add_argument("--device", default=None, help="with --attention: the model's device (default: cuda if available)")
+    add_model_options(parser, model_help=None, revision=False, decomposes=False)  # --attention's model (the runs')
     parser.set_defaults(func=run)
 
 
@@ -48,12 +48,13 @@ def run(args: argparse.Namespace) -> int:
         from parts.model.loading import load_model
         from parts.report.attention import attention_data
 
+        options = run_options(args)
         models: dict[str, Any] = {}
 
         def attention(task: Any, heads: Any) -> Any:
             name = task.reference.model
             if name not in models:
-                models[name] = load_model(name, device=args.device)
+                models[name] = load_model(name, device=options.device, dtype=options.dtype)
             return attention_data(models[name], task, heads, args.examples)
 
     report = build_report(args.runs, args.out, attention, args.heads, args.results, tasks_files)

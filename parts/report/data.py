@@ -14,6 +14,9 @@ its runs sorted by (template, seed). Per page (`task_data`):
 - per layer, loaded only when one of its components is opened (`layer_details`): histograms of every
   component's vote margin split by gold label, and its learned reweighting weights.
 
+The overview: every page's runs measured as the paper does (`run_measures`: FULL, ORACLE-T1/B1 beside the
+best and worst of N at chance, via `parts.analysis.paper`), and `main_tables` from `parts evaluate`'s results.
+
 Histograms keep the size bounded: `HISTOGRAM_BINS` counts per (component, gold label, run), and
 for a task with more than `PER_RUN_HISTOGRAMS` runs one histogram per template (its seeds pooled).
 """
