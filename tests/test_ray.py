@@ -8,17 +8,20 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
 
 import parts.experiments.ray_executor
 from parts.cli import main
+from parts.data.tasks import get_task
 from parts.experiments.driver import drive
 from parts.experiments.evaluate import evaluation_plan, run_evaluation, sweep_settings
 from parts.experiments.options import RunOptions
+from parts.experiments.ray_executor import next_setting
 from parts.experiments.results import RESULTS_CSV, read_results, text_records, write_results
-from parts.experiments.runner import ModelSpec
+from parts.experiments.runner import ModelSpec, PlannedRun
 from parts.experiments.sweep import sweep
 
 OPTIONS = RunOptions(device="cpu", batch_size=4, progress=False)
@@ -29,6 +32,22 @@ def test_without_ray_the_flag_is_a_one_line_error(monkeypatch, tmp_path, capsys)
     assert main(["sweep", "--tasks", "sst2", "--out", str(tmp_path), "--ray", "local"]) == 2
     err = capsys.readouterr().err
     assert "--ray needs Ray, which is not installed: pip install 'parts[ray]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_free_workers_take_settings_of_the_model_they_have_loaded():
+    """Scheduling alone (no Ray needed): stay on your model, else move to the one with most work per worker."""
+    a, b = ModelSpec("a"), ModelSpec("b")
+    sst2 = get_task("sst2")
+    work = {name: PlannedRun(spec, sst2, 1, seed, Path(name)) for seed, (name, spec) in
+            enumerate([("a1", a), ("a2", a), ("b1", b), ("b2", b), ("b3", b)])}
+    queues = {a: deque([work["a1"], work["a2"]]), b: deque([work["b1"], work["b2"], work["b3"]])}
+    assert next_setting(queues, {"w1": a, "w2": b}, "w1") is work["a1"]  # its own model first
+    # A fresh worker: a has 1 left and 2 workers on it, b has 3 left and 1 worker on it.
+    assert next_setting(queues, {"w1": a, "w2": a, "w3": b}, "fresh") is work["b1"]
+    # Now a has 1 left and nobody on it, b 2 left and 3 workers on it.
+    assert next_setting(queues, {"w2": b, "w3": b, "w4": b}, "fresh") is work["a2"]
+    assert next_setting(queues, {"w1": a}, "w1") is work["b2"]  # a is finished: w1 moves to b
+    assert next_setting(queues, {}, "w1") is work["b3"] and next_setting(queues, {}, "w1") is None
 
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'parts[ray]'; scripts/setup.sh --dev installs it)")

@@ -63,6 +63,20 @@ class SettingWorker:
         return True, work.run(self.model, self.options)
 
 
+def next_setting(queues: dict[ModelSpec, deque[Work]], loaded: dict[Any, ModelSpec], worker: Any) -> Work | None:
+    """The next setting for a free `worker` (taken off `queues`, one queue per model): one of the model it has
+    loaded while any is left, else one of the model with the most settings left per worker already on it
+    (`loaded`: each worker's model), so each model is loaded as few times as possible."""
+    spec = loaded.get(worker)
+    if spec is not None and queues.get(spec):
+        return queues[spec].popleft()
+    left = [s for s, queue in queues.items() if queue]
+    if not left:
+        return None
+    on_it = {s: sum(1 for other, model in loaded.items() if model == s and other is not worker) for s in left}
+    return queues[max(left, key=lambda s: len(queues[s]) / (1 + on_it[s]))].popleft()
+
+
 class RayExecutor:
     """Runs the settings on Ray workers: `address` "auto" joins the running cluster, "local" starts one here.
 
@@ -125,18 +139,8 @@ class RayExecutor:
             pids: dict[Any, int] = {}
             attempts: dict[int, int] = {}
 
-            def next_setting(actor: Any) -> Work | None:
-                spec = loaded.get(actor)
-                if spec is not None and queues.get(spec):
-                    return queues[spec].popleft()
-                left = [s for s, q in queues.items() if q]
-                if not left:
-                    return None
-                busy = {s: sum(1 for a in actors if loaded.get(a) == s) for s in left}
-                return queues[max(left, key=lambda s: len(queues[s]) / (1 + busy[s]))].popleft()
-
             def start(actor: Any) -> None:
-                work = next_setting(actor)
+                work = next_setting(queues, loaded, actor)
                 if work is None:
                     return
                 loaded[actor] = work.model
