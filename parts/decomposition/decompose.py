@@ -256,7 +256,8 @@ class Decomposer:
             raise PartsError("no prompts to decompose")
         token_lists = self.tokenize(prompts)
         prefix_length = self.shared_prefix_length(token_lists) if prefix_reuse and len(prompts) > 1 else 0
-        window = getattr(plain_model(self.model).config, "sliding_window", None)
+        config = plain_model(self.model).config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if prefix_length and isinstance(window, int) and max(len(t) for t in token_lists) > window:
             # Pads between the prefix and a suffix would take key slots of a sliding window: not the model's
             # own attention any more. Run every prompt in full.
