@@ -171,28 +171,27 @@ class FrozenNorm:
         return folded - folded.mean(0, keepdim=True) if self.centres else folded
 
     @classmethod
-    def of(cls, module: nn.Module, where: str, d_model: int) -> FrozenNorm:
-        """Identify a norm module by probing it: which LayerNorm / RMSNorm form (centring or not, with or
-        without a (1 + weight) offset, with its epsilon) it computes. A norm without a weight (OLMo's) has
-        weight 1; one without an epsilon attribute is tried at the usual values. Anything else is
-        refused: its scale cannot be frozen."""
-        probe = copy.deepcopy(module).float().eval()
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        device = next(iter(module.parameters()), torch.empty(0, device="cpu")).device  # a norm without weights: the host
-        weight = weight.detach().float() if isinstance(weight, Tensor) else torch.ones(d_model, device=device)
-        bias = bias.detach().float() if isinstance(bias, Tensor) else None
+    def of(cls, module: nn.Module, where: str, d_model: int, device: torch.device) -> FrozenNorm:
+        """Identify a norm module by probing it (on a float32 copy on the CPU): which LayerNorm / RMSNorm form
+        (centring or not, with or without a (1 + weight) offset, with its epsilon) it computes. A norm without
+        a weight (OLMo's) has weight 1; one without an epsilon attribute is tried at the usual values.
+        Anything else is refused: its scale cannot be frozen. The norm returned lives on `device`."""
+        probe = copy.deepcopy(module).float().to("cpu").eval()
+        weight, bias = getattr(probe, "weight", None), getattr(probe, "bias", None)
+        weight = weight.detach() if isinstance(weight, Tensor) else torch.ones(d_model, device="cpu")
+        bias = bias.detach() if isinstance(bias, Tensor) else None
         named = [float(getattr(module, a)) for a in ("variance_epsilon", "eps", "epsilon") if hasattr(module, a)]
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(4, d_model, generator=generator, device="cpu") + 0.5
         for eps in named[:1] or [1e-5, 1e-6, 1e-8, 1e-12]:
-            rows = torch.cat([x * 3.0, x * eps**0.5]).to(device)  # the small rows check epsilon too
+            rows = torch.cat([x * 3.0, x * eps**0.5])  # the small rows check epsilon too
             with torch.no_grad():
-                expected = probe(rows).float()
+                expected = probe(rows).float().cpu()
             for centres in (False, True):
                 for offset in (0.0, 1.0):
                     norm = cls(centres, weight + offset, bias, eps)
                     if torch.allclose(norm.apply(rows), expected, rtol=1e-4, atol=1e-5):
-                        return norm
+                        return cls(centres, norm.weight.to(device), None if bias is None else bias.to(device), eps)
         raise PartsError(
             f"parts cannot split this model exactly: the norm {where} ({type(module).__name__}) is neither a LayerNorm nor "
             "an RMSNorm form parts knows, so its scale cannot be frozen; use another model"
@@ -273,8 +272,10 @@ class Readout:
         """Read the weights from the Hugging Face modules the layout names (any copy sharing them)."""
         config: Any = hf_model.config
         d_model = int(config.hidden_size)
-        final_norm = FrozenNorm.of(hf_model.get_submodule(layout.final_norm_path), layout.final_norm_path, d_model)
+        # Every readout tensor lives where the unembedding does (one device, also for a model spread over several).
         W_U, b_U = affine_parts(hf_model.get_submodule(layout.unembed_path), "unembed", list(label_token_ids))
+        device = W_U.device
+        final_norm = FrozenNorm.of(hf_model.get_submodule(layout.final_norm_path), layout.final_norm_path, d_model, device)
         residual_multiplier, logit_multiplier = multipliers(config)
         unembed = final_norm.fold(W_U) * logit_multiplier
         constant = torch.zeros(len(label_token_ids), device=W_U.device)
@@ -284,9 +285,9 @@ class Readout:
             constant = constant + b_U
         constant = constant * logit_multiplier
 
-        post_attn = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p, d_model)
+        post_attn = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p, d_model, device)
                      for p in layout.post_attn_paths]
-        post_mlp = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p, d_model)
+        post_mlp = [None if p is None else FrozenNorm.of(hf_model.get_submodule(p), p, d_model, device)
                     for p in layout.post_mlp_paths]
 
         def before(norm: FrozenNorm | None) -> Float[Tensor, "d_model label"]:
@@ -297,6 +298,7 @@ class Readout:
         post_bias_logits = torch.zeros(len(label_token_ids), device=W_U.device)
         for layer in range(layout.n_layers):
             W_O, b_O = affine_parts(hf_model.get_submodule(layout.o_paths[layer]), layout.o_paths[layer])
+            W_O, b_O = W_O.to(device), None if b_O is None else b_O.to(device)
             attn_readout = before(post_attn[layer])
             W_O_heads = einops.rearrange(W_O, "(head d_head) d_model -> head d_head d_model", head=layout.n_heads)
             head_unembed.append(einops.einsum(
@@ -342,6 +344,9 @@ class Readout:
         layer's experts (and, for a shared expert, the rest of the MLP) in the MLP's place.
         """
         layout = self.layout
+        # A model spread over devices leaves each activation where its layer ran: read out on one device.
+        activations = {name: value.to(self.unembed.device) for name, value in activations.items()}
+        logits = logits.to(self.unembed.device)
         final_scale = self.final_norm.scale(_last(activations, FINAL_NORM_IN))  # batch
         batch, device = final_scale.shape[0], final_scale.device
         attn_scale = self.post_scales(activations, layout.post_attn, self.post_attn, batch, device) * final_scale[:, None]
