@@ -56,7 +56,7 @@ PAPER_TRANSFER = {"sst2 -> yelp": (84.7, 94.9, 96.9), "boolq -> boolq_contrast":
 REFERENCE = "CompRW 24"
 
 
-def _ordered_tasks(tasks: pd.Series | list[str]) -> list[str]:
+def ordered_tasks(tasks: pd.Series | list[str]) -> list[str]:
     present = list(dict.fromkeys(tasks))
     return [t for t in PAPER_TASK_ORDER if t in present] + [t for t in present if t not in PAPER_TASK_ORDER]
 
@@ -74,7 +74,7 @@ def main_intervals(predictions: pd.DataFrame, main: pd.DataFrame, n_resamples: i
     """Every method's accuracy and CompRW 24 minus every other method, per task and for the average,
     with 95% hierarchical bootstrap intervals (percent). Only tasks with at least one finished run."""
     arrays = correctness_arrays(_with_columns(predictions, main))
-    ordered = {t: arrays[t] for t in _ordered_tasks(list(arrays))}
+    ordered = {t: arrays[t] for t in ordered_tasks(list(arrays))}
     comprw = sorted({m for per_task in ordered.values() for m in per_task if m.startswith("CompRW ")},
                     key=lambda m: int(m.split()[1]))
     reference = REFERENCE if REFERENCE in comprw else (comprw[-1] if comprw else None)
@@ -158,7 +158,7 @@ def component_table_1(measures: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table 1 per task (mean ± std over runs, %), each beside its chance yardstick, and the average."""
     main = measures[~measures["task"].str.contains(" -> ")]
     rows = []
-    for task in _ordered_tasks(list(main["task"])):
+    for task in ordered_tasks(list(main["task"])):
         group = main[main["task"] == task]
         rows.append({"task": task, "runs": len(group), "n": int(group["n"].iloc[0]), "chance": f"{group['chance'].iloc[0]:.1f}",
                      "FULL": _mean_std(group["full"]), "ORACLE-T1": _mean_std(group["best"]),
@@ -177,7 +177,7 @@ def label_biased_table(measures: pd.DataFrame) -> pd.DataFrame:
     """Share (%) of components that predict one label on the entire test set, per task, beside the paper's."""
     main = measures[~measures["task"].str.contains(" -> ")]
     rows = []
-    for task in _ordered_tasks(list(main["task"])):
+    for task in ordered_tasks(list(main["task"])):
         group = main[main["task"] == task]
         paper = PAPER_LABEL_BIASED.get(task)
         rows.append({"task": task, "runs": len(group), "n (here)": int(group["n"].iloc[0]),
@@ -215,7 +215,7 @@ def agreement_pairs(runs: pd.DataFrame, k: int = 5) -> pd.DataFrame:
 def agreement_table(pairs: pd.DataFrame) -> pd.DataFrame:
     """Per task and relation: mean Pearson r and top-5 IoU over the pairs (how many), beside the paper's."""
     rows = []
-    for task in _ordered_tasks(list(pairs["task"])):
+    for task in ordered_tasks(list(pairs["task"])):
         for relation in ("seeds", "perturbed template", "templates"):
             group = pairs[(pairs["task"] == task) & (pairs["relation"] == relation)]
             paper = PAPER_AGREEMENT[relation].get(task)
@@ -284,7 +284,7 @@ def coverage_table(main: pd.DataFrame, runs: pd.DataFrame, transfer: pd.DataFram
         pairs = sorted({(int(t), int(s)) for t, s in zip(frame["template"], frame["seed"], strict=True)})
         return f"{len(pairs)}: " + ", ".join(f"t{t} s{s}" for t, s in pairs) if pairs else "0"
 
-    tasks = _ordered_tasks(list(PAPER_TASK_ORDER) + list(main.get("task", pd.Series(dtype=str)))
+    tasks = ordered_tasks(list(PAPER_TASK_ORDER) + list(main.get("task", pd.Series(dtype=str)))
                            + [t for t in runs.get("task", pd.Series(dtype=str)) if " -> " not in t])
     rows = []
     for task in tasks:

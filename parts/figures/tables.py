@@ -102,7 +102,11 @@ def result_figures(results: Results, analysis: Mapping[str, object]) -> dict[str
     if not intervals.empty:
         accuracy = intervals[intervals["quantity"] == "accuracy"]
         figure = go.Figure()
-        for method, group in accuracy.groupby("method", sort=False):
+        present = list(dict.fromkeys(accuracy["method"]))
+        methods = [m for m in paper.METHOD_COLUMNS.values() if m in present] + [
+            m for m in present if m not in paper.METHOD_COLUMNS.values()]
+        for method in methods:  # the paper's column order
+            group = accuracy[accuracy["method"] == method]
             figure.add_bar(name=str(method), x=group["task"], y=group["estimate"],
                            error_y={"type": "data", "symmetric": False, "array": group["high"] - group["estimate"],
                                     "arrayminus": group["estimate"] - group["low"]})
@@ -113,6 +117,7 @@ def result_figures(results: Results, analysis: Mapping[str, object]) -> dict[str
     if not measures.empty:
         main = measures[~measures["task"].str.contains(" -> ")]
         means = main.groupby("task", sort=False)[["full", "best", "worst", "chance_best", "chance_worst", "chance"]].mean()
+        means = means.reindex(paper.ordered_tasks(list(means.index)))  # the paper's task order
         figure = go.Figure()
         for column, name in (("best", "ORACLE-T1 (best component)"), ("full", "FULL"), ("worst", "ORACLE-B1 (worst)")):
             figure.add_bar(name=name, x=means.index, y=means[column])
