@@ -27,6 +27,7 @@ from parts.analysis import paper
 from parts.errors import PartsError
 from parts.experiments.results import markdown_table
 from parts.figures.export import write_figures
+from parts.methods import label_order
 
 BLOCK = re.compile(r"(<!-- parts-tables:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /parts-tables:(?P=name) -->)", re.S)
 INPUTS = ("main.csv", "transfer.csv", "predictions.csv", "runs.csv", "components.txt")
@@ -102,10 +103,7 @@ def result_figures(results: Results, analysis: Mapping[str, object]) -> dict[str
     if not intervals.empty:
         accuracy = intervals[intervals["quantity"] == "accuracy"]
         figure = go.Figure()
-        present = list(dict.fromkeys(accuracy["method"]))
-        methods = [m for m in paper.METHOD_COLUMNS.values() if m in present] + [
-            m for m in present if m not in paper.METHOD_COLUMNS.values()]
-        for method in methods:  # the paper's column order
+        for method in sorted(dict.fromkeys(accuracy["method"]), key=label_order):  # the methods' one order
             group = accuracy[accuracy["method"] == method]
             figure.add_bar(name=str(method), x=group["task"], y=group["estimate"],
                            error_y={"type": "data", "symmetric": False, "array": group["high"] - group["estimate"],
