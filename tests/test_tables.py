@@ -188,3 +188,22 @@ def test_tables_never_replaces_what_parts_did_not_write(evaluated, tiny_task_fil
         export_results(root, mine, limit=8, tasks={"tiny": tiny_task_file})
     assert sorted(p.name for p in mine.iterdir()) == ["runs.csv"]
     assert (mine / "runs.csv").read_text() == "the user's own runs table\n"
+
+
+def test_committed_docs_tables_match_the_committed_results():
+    """Every generated table in docs/ is what `parts tables` makes from results/ (rerun it after an export)."""
+    from pathlib import Path
+
+    from parts.figures.tables import rebuild
+
+    root = Path(__file__).resolve().parents[1]
+    assert rebuild(root / "results", root / "docs", None, check=True) == []
+    text = (root / "docs" / "results.md").read_text()
+    assert "<!-- parts-tables:main -->\n| task | runs | n |" in text
+
+
+def test_table1_uses_the_papers_templates_only():
+    runs = pd.DataFrame([{"task": "sst2", "template": t, "seed": 0, "n_examples": 2, "n_labels": 2, "full": 0.5,
+                          "label_biased": 0, "accuracies": acc} for t, acc in ((1, "0.5 1.0"), (4, "0.0 0.0"))])
+    table = paper.component_table_1(paper.run_measures(runs, ["L0H0", "MLP0"]))
+    assert table.loc[0, "runs"] == 1 and table.loc[0, "ORACLE-T1"] == "100.0"  # template 4 left out

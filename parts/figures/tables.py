@@ -113,7 +113,7 @@ def result_figures(results: Results, analysis: Mapping[str, object]) -> dict[str
         figures["main-table"] = figure
     measures = pd.DataFrame(analysis.get("runs", []))
     if not measures.empty:
-        main = measures[~measures["task"].str.contains(" -> ")]
+        main = measures[~measures["task"].str.contains(" -> ") & measures["template"].isin(paper.PAPER_TEMPLATES)]
         means = main.groupby("task", sort=False)[["full", "best", "worst", "chance_best", "chance_worst", "chance"]].mean()
         means = means.reindex(paper.ordered_tasks(list(means.index)))  # the paper's task order
         figure = go.Figure()
