@@ -18,8 +18,10 @@ time) or `parts.experiments.ray_executor.RayExecutor` (workers on a Ray cluster)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -28,6 +30,7 @@ from parts.experiments.options import RunOptions
 from parts.experiments.runner import Loader, ModelSpec, load_spec
 
 Record = Callable[["Work", Any], None]
+SettingT = TypeVar("SettingT")
 
 
 @runtime_checkable
@@ -51,6 +54,16 @@ class Work(Protocol):
     def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> Any:
         """Compute what is missing (`model()` loads the model on first call) and return the result to record."""
         ...
+
+
+@dataclass(frozen=True)
+class SettingWork(Generic[SettingT]):
+    """The plain data of a `Work` item that writes under an output root: the model, the setting, the root.
+    Subclasses add `label`, `is_done` and `run`."""
+
+    model: ModelSpec
+    setting: SettingT
+    root: Path
 
 
 class LazyModel:

@@ -41,7 +41,7 @@ from parts.data.tasks import Example, Task, Template, check_tasks, load_split
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.runs import DecompositionRun, is_legacy_run, is_saved_run
 from parts.errors import PartsError
-from parts.experiments.driver import Executor, Work, drive
+from parts.experiments.driver import Executor, SettingWork, Work, drive
 from parts.experiments.options import RunOptions, resolve
 from parts.experiments.results import (
     RESULTS_CSV,
@@ -328,12 +328,8 @@ def table_path(root: str | Path, model_arg: str | None, limit: int | None, optio
 
 # -- the evaluation as a driver plan ---------------------------------------------------------------
 @dataclass(frozen=True)
-class EvaluateWork:
+class EvaluateWork(SettingWork[Setting]):
     """One setting of `parts evaluate` as a driver `Work` item: done when `results.csv` holds its rows."""
-
-    model: ModelSpec
-    setting: Setting
-    root: Path
 
     @property
     def label(self) -> str:

@@ -37,7 +37,7 @@ from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_pr
 from parts.data.tasks import Task, get_task, load_split
 from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_legacy_run, is_saved_run
 from parts.errors import PartsError
-from parts.experiments.driver import Executor, Work, drive
+from parts.experiments.driver import Executor, SettingWork, Work, drive
 from parts.experiments.options import RunOptions, resolve
 from parts.experiments.results import (
     TRANSFER_CSV,
@@ -291,12 +291,8 @@ def transfer_rows_of(results: pd.DataFrame, model: str, setting: TransferSetting
 
 
 @dataclass(frozen=True)
-class TransferWork:
+class TransferWork(SettingWork[TransferSetting]):
     """One transfer setting as a driver `Work` item: done when `transfer.csv` holds its rows."""
-
-    model: ModelSpec
-    setting: TransferSetting
-    root: Path
 
     @property
     def label(self) -> str:
