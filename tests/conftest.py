@@ -155,3 +155,16 @@ def embedded_model():
     from parts.model.loading import load_model
 
     return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def shifted_task_file(tmp_path_factory) -> Path:
+    """A transfer target (task JSON beside its data) with the tiny task's labels and a `text` field."""
+    folder = tmp_path_factory.mktemp("shifted")
+    rows = [{"text": f"the movie was very {word}", "label": label} for label, word in [(1, "great"), (0, "awful")] * 3]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "train.jsonl").write_text("")
+    path = folder / "shifted.json"
+    path.write_text(json.dumps({"name": "shifted", "data_dir": ".", "template": "{text} ?",
+                                "label_words": [" no", " yes"]}))
+    return path

@@ -30,20 +30,7 @@ FOLDER_OUTPUTS = {"report": "report"}  # commands whose output is one folder, wr
 
 
 @pytest.fixture(scope="module")
-def shifted_task(tmp_path_factory) -> Path:
-    """A transfer target with the tiny task's labels."""
-    folder = tmp_path_factory.mktemp("shifted")
-    rows = [{"text": f"the movie was very {word}", "label": label} for label, word in [(1, "great"), (0, "awful")] * 3]
-    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "train.jsonl").write_text("")
-    path = folder / "shifted.json"
-    path.write_text(json.dumps({"name": "shifted", "data_dir": ".", "template": "{text} ?",
-                                "label_words": [" no", " yes"]}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def argv_for(tiny_model_dir, tiny_task_file, shifted_task, tmp_path_factory) -> Callable[[str, Path], list[str]]:
+def argv_for(tiny_model_dir, tiny_task_file, shifted_task_file, tmp_path_factory) -> Callable[[str, Path], list[str]]:
     """The command line of each command writing under `out` (analyze and figures read a finished sweep)."""
     model, task = str(tiny_model_dir), str(tiny_task_file)
     small = ["--templates", "1", "--seeds", "0", "--limit", "4", "--device", "cpu"]
@@ -57,7 +44,7 @@ def argv_for(tiny_model_dir, tiny_task_file, shifted_task, tmp_path_factory) -> 
                           "--out", str(out / "run")],
             "sweep": ["sweep", "--model", model, "--tasks", task, *small, "--out", str(out)],
             "evaluate": ["evaluate", "--model", model, "--tasks", task, *small, "--labels", "8", "--out", str(out)],
-            "transfer": ["transfer", "--model", model, "--pairs", f"{task}:{shifted_task}", "--templates", "1",
+            "transfer": ["transfer", "--model", model, "--pairs", f"{task}:{shifted_task_file}", "--templates", "1",
                          "--seeds", "0", "--limit", "4", "--target-limit", "4", "--device", "cpu", "--out", str(out)],
             "control": ["control", "--model", model, "--tasks", task, *small, "--out", str(out),
                         "--csv", str(out / "control.csv")],

@@ -12,15 +12,9 @@ from transformer_lens.model_bridge.generalized_components.base import Generalize
 from parts.components import component_names
 from parts.decomposition.decompose import Decomposer
 from parts.model.engines import GQA_SDPA, HFEngine, suffix_position_ids
+from tests.prompts import SENTIMENT_PROMPTS
 
-PROMPTS = [
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : good fun sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : dull sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : the movie was very "
-    "boring and the acting was bad sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : loved it sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : a film sentiment :",
-]
+PROMPTS = SENTIMENT_PROMPTS[:5]
 
 
 def label_ids(model):

@@ -24,21 +24,14 @@ from parts.decomposition.runs import DecompositionRun
 from parts.experiments.runner import run_dir
 from parts.model.loading import from_hf
 from tests.conftest import FAMILIES, make_hf_model
+from tests.prompts import SENTIMENT_PROMPTS
 
 PARTS_ROOT = Path(__file__).resolve().parents[1] / "parts"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
                           reason="no CUDA device here: the GPU checks run on a GPU machine (benchmarks/gpu_check.sh)")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-PROMPTS = [
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : good fun sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : dull sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : the movie was very "
-    "boring and the acting was bad sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : loved it sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : a film sentiment :",
-    "review : great film sentiment : positive review : awful plot sentiment : negative review : not fun sentiment :",
-]
+PROMPTS = SENTIMENT_PROMPTS
 
 
 def label_ids(model) -> list[int]:

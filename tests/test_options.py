@@ -21,19 +21,6 @@ VARIANT = "+bfloat16+bridge-engine+no-prefix-reuse"
 
 
 @pytest.fixture
-def shifted_task_file(tmp_path_factory):
-    """A transfer target with the tiny task's labels and a `text` field."""
-    folder = tmp_path_factory.mktemp("shifted")
-    rows = [{"text": f"the movie was very {word}", "label": label} for label, word in [(1, "great"), (0, "awful")] * 3]
-    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "train.jsonl").write_text("")
-    path = folder / "shifted.json"
-    path.write_text(json.dumps({"name": "shifted", "data_dir": ".", "template": "{text} ?",
-                                "label_words": [" no", " yes"]}))
-    return path
-
-
-@pytest.fixture
 def spy(monkeypatch):
     """Records every model load's and every decomposer's options (and still runs them)."""
     seen: dict[str, list] = {"loads": [], "engines": [], "calls": [], "inexact": []}

@@ -12,6 +12,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+import torch
 
 import parts.experiments.ray_executor
 from parts.cli import main
@@ -60,7 +61,12 @@ def cluster():
     checkout = str(Path(parts.__file__).resolve().parents[1])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": checkout, "OMP_NUM_THREADS": "1"}})
+    # The single-process runs compared with the workers' use the workers' one thread: float sums split over
+    # another number of threads can differ in the last bit, so bytes are equal only at equal thread counts.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     ray.shutdown()
 
 
