@@ -126,3 +126,49 @@ def test_random_init_control_runs_both_models_on_the_same_prompts(tiny_task_file
                                 model="tiny", load=load)
     assert loads == [False, True]
     assert again.equals(table)
+
+
+def test_control_exports_to_the_docs_tables(tiny_task_file, tokenizer, tmp_path):
+    """`parts tables --from-runs` carries a control: its runs are kept out of runs.csv, each random run is paired
+    with its pretrained twin, and the control and checkpoint tables are recomputed from the accuracies."""
+    from conftest import make_hf_model
+
+    from parts.experiments.export import export_results
+    from parts.experiments.runner import run_dir
+    from parts.figures.tables import build_tables, control_checkpoints, load_results
+
+    def load(name, device=None, random_init=False, seed=0, **options):
+        return from_hf(make_hf_model("llama"), tokenizer, "tiny", random_init=random_init, seed=seed)
+
+    from parts.model.loading import from_hf
+
+    random_init_control([str(tiny_task_file)], templates=[1, 2], seeds=[0], limit=10, root=tmp_path / "runs",
+                        model="tiny", load=load)
+    export_results(tmp_path / "runs", tmp_path / "results", limit=10, tasks={"tiny": tiny_task_file})
+    results = load_results(tmp_path / "results")
+    assert results.runs["model"].tolist() == ["tiny", "tiny"]  # the random runs are the control's only
+    assert results.controls["init"].tolist() == ["pretrained", "random", "pretrained", "random"]
+    runs = {(init, template): DecompositionRun.load(run_dir(tmp_path / "runs", name, tiny_task_file, template, 0,
+                                                            limit=10))
+            for init, name in (("pretrained", "tiny"), ("random", "tiny+random-init-s0")) for template in (1, 2)}
+    for _, row in results.controls.iterrows():
+        run = runs[(row["init"], row["template"])]
+        assert [float(a) for a in row["accuracies"].split()] == pytest.approx(run.component_accuracy.tolist(), abs=1e-4)
+        predictions = run.component_predictions
+        assert row["one_label"] == sum(len(set(predictions[:, c].tolist())) == 1 for c in range(predictions.shape[1]))
+        assert row["full_accuracy"] == pytest.approx(run.full_accuracy)
+    # the checkpoints view: the pretrained model's best component, followed back to the random model, by hand
+    table = control_checkpoints(results.controls, results.components, k=1).set_index(["task", "checkpoint"])
+    best = [runs[("pretrained", t)].top_components(1)[0][0] for t in (1, 2)]
+    followed = [runs[("random", t)].component_accuracy[runs[("random", t)].component_index(b)].item()
+                for t, b in zip((1, 2), best, strict=True)]
+    assert table.loc[("tiny", "random init (step 0)"), "final top-1"] == pytest.approx(50 * sum(followed), abs=0.06)
+    assert table.loc[("tiny", "tiny"), "final top-1"] == table.loc[("tiny", "tiny"), "best #1"]
+    blocks, _ = build_tables(results, n_resamples=100)
+    assert "| random | tiny | 1 | 10 |" in blocks["random-init"]
+    assert "| 200 | 0.50 | 0.0384 |" in blocks["chance-rule"]  # the binomial test's size at n = 200, by scipy
+    # a random run without its pretrained twin is refused, naming the command that finishes it
+    import shutil
+    shutil.rmtree(run_dir(tmp_path / "runs", "tiny", tiny_task_file, 2, 0, limit=10))
+    with pytest.raises(PartsError, match="has no pretrained twin"):
+        export_results(tmp_path / "runs", tmp_path / "again", limit=10, tasks={"tiny": tiny_task_file})

@@ -150,9 +150,12 @@ def run_measures(runs: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     })
 
 
-def _mean_std(values: pd.Series) -> str:
-    """'mean ± sample std' over runs; the mean alone for a single run (no spread to show)."""
-    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+def _mean_std(values: pd.Series, digits: int = 1) -> str:
+    """'mean ± sample std' over runs; the mean alone for a single run (no spread to show); '' for none."""
+    if not len(values):
+        return ""
+    mean = f"{values.mean():.{digits}f}"
+    return f"{mean} ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else mean
 
 
 def component_table_1(measures: pd.DataFrame) -> pd.DataFrame:
@@ -216,7 +219,8 @@ def agreement_pairs(runs: pd.DataFrame, k: int = 5) -> pd.DataFrame:
 
 
 def agreement_table(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per task and relation: mean Pearson r and top-5 IoU over the pairs (how many), beside the paper's."""
+    """Per task and relation: Pearson r and top-5 IoU, mean ± std over the pairs (how many), beside the paper's.
+    The pairs of a task share runs, so the std describes their spread, not the mean's uncertainty."""
     rows = []
     for task in ordered_tasks(list(pairs["task"])):
         for relation in ("seeds", "perturbed template", "templates"):
@@ -224,9 +228,9 @@ def agreement_table(pairs: pd.DataFrame) -> pd.DataFrame:
             paper = PAPER_AGREEMENT[relation].get(task)
             rows.append({"task": task, "runs differ in": {"seeds": "demonstrations"}.get(relation, relation),
                          "pairs": len(group),
-                         "pearson r (here)": f"{group['pearson'].mean():.2f}" if len(group) else "",
+                         "pearson r (here)": _mean_std(group["pearson"].dropna(), 2),
                          "pearson r (paper)": "" if paper is None else f"{paper[0]:.2f}",
-                         "top-5 IoU (here)": f"{group['top_k_iou'].mean():.2f}" if len(group) else "",
+                         "top-5 IoU (here)": _mean_std(group["top_k_iou"], 2),
                          "top-5 IoU (paper)": "" if paper is None else f"{paper[1]:.2f}"})
     return pd.DataFrame(rows)
 
@@ -284,6 +288,8 @@ def coverage_table(main: pd.DataFrame, runs: pd.DataFrame, transfer: pd.DataFram
     """What has finished, per task: main-table settings (of templates x seeds), test runs (Tables 1 and 2,
     template 4 included) and transfer runs, each as 'count: t1 s0, ...', so the docs say exactly what is there."""
     def listed(frame: pd.DataFrame) -> str:
+        if frame.empty:
+            return "0"
         pairs = sorted({(int(t), int(s)) for t, s in zip(frame["template"], frame["seed"], strict=True)})
         return f"{len(pairs)}: " + ", ".join(f"t{t} s{s}" for t, s in pairs) if pairs else "0"
 
@@ -294,9 +300,9 @@ def coverage_table(main: pd.DataFrame, runs: pd.DataFrame, transfer: pd.DataFram
         settings = main[main["task"] == task] if len(main) else main
         tested = runs[runs["task"] == task] if len(runs) else runs
         rows.append({"task": task, f"main-table settings (of {len(templates) * len(seeds)})": listed(settings),
-                     "test runs (Tables 1, 2)": listed(tested) if len(tested) else "0"})
+                     "test runs (Tables 1, 2)": listed(tested)})
     for shift in [t for t in dict.fromkeys(transfer.get("task", pd.Series(dtype=str))) if " -> " in t]:
         done = transfer[(transfer["task"] == shift) & (transfer["method"] == "transfer-1")]
         rows.append({"task": shift, f"main-table settings (of {len(templates) * len(seeds)})": "",
-                     "test runs (Tables 1, 2)": "", "transfer runs (Table 3)": listed(done) if len(done) else "0"})
+                     "test runs (Tables 1, 2)": "", "transfer runs (Table 3)": listed(done)})
     return pd.DataFrame(rows).fillna("")

@@ -126,29 +126,37 @@ def checkpoint_runs(
 
 def checkpoint_table(runs: Sequence[tuple[Checkpoint, DecompositionRun]], k: int = 3) -> pd.DataFrame:
     """Long table: one row per (checkpoint, run, line) with line in {full model, best #i, final top-i NAME}."""
+    return checkpoint_lines([
+        ({"checkpoint": checkpoint.label, "step": checkpoint.step, "task": run.prompts.task,
+          "template": run.prompts.template, "seed": run.prompts.seed, "n_examples": run.n_examples},
+         run.full_accuracy, dict(zip(run.component_names, run.component_accuracy.tolist(), strict=True)))
+        for checkpoint, run in runs], k)
+
+
+def checkpoint_lines(runs: Sequence[tuple[dict[str, Any], float, dict[str, float]]], k: int = 3) -> pd.DataFrame:
+    """`checkpoint_table` from plain data: per run, its key ({checkpoint, step, task, template, seed,
+    n_examples}), the full model's accuracy and every component's accuracy by name (in component order)."""
     if k < 1:
         raise PartsError(f"k must be at least 1, got {k}")
-    last_step = max(checkpoint.step for checkpoint, _ in runs)
+
+    def top(accuracies: dict[str, float]) -> list[tuple[str, float]]:  # ties keep component order
+        return sorted(accuracies.items(), key=lambda item: -item[1])[:k]
+
+    def key(base: dict[str, Any]) -> tuple[str, int, int]:
+        return base["task"], base["template"], base["seed"]
+
+    last_step = max(base["step"] for base, _, _ in runs)
     # The final checkpoint's k best components of each (task, template, seed), tracked back in time.
-    final_top: dict[tuple[str, int, int], list[str]] = {}
-    for checkpoint, run in runs:
-        if checkpoint.step == last_step:
-            final_top[_run_key(run)] = [name for name, _ in run.top_components(k)]
+    final_top = {key(base): [name for name, _ in top(accuracies)] for base, _, accuracies in runs
+                 if base["step"] == last_step}
     rows = []
-    for checkpoint, run in runs:
-        base = {"checkpoint": checkpoint.label, "step": checkpoint.step, "task": run.prompts.task,
-                "template": run.prompts.template, "seed": run.prompts.seed, "n_examples": run.n_examples}
-        rows.append({**base, "line": "full model", "component": "", "accuracy": run.full_accuracy})
-        for rank, (name, accuracy) in enumerate(run.top_components(k), start=1):
+    for base, full, accuracies in runs:
+        rows.append({**base, "line": "full model", "component": "", "accuracy": full})
+        for rank, (name, accuracy) in enumerate(top(accuracies), start=1):
             rows.append({**base, "line": f"best #{rank}", "component": name, "accuracy": accuracy})
-        accuracy_by_name = dict(zip(run.component_names, run.component_accuracy.tolist(), strict=True))
-        for rank, name in enumerate(final_top.get(_run_key(run), []), start=1):
-            rows.append({**base, "line": f"final top-{rank}", "component": name, "accuracy": accuracy_by_name[name]})
+        for rank, name in enumerate(final_top.get(key(base), []), start=1):
+            rows.append({**base, "line": f"final top-{rank}", "component": name, "accuracy": accuracies[name]})
     return pd.DataFrame(rows)
-
-
-def _run_key(run: DecompositionRun) -> tuple[str, int, int]:
-    return run.prompts.task, run.prompts.template, run.prompts.seed
 
 
 def checkpoint_summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -11,6 +11,7 @@ without rerunning the model):
 | `predictions.csv` | setting x method | `correct`: one 0/1 per test example, in the task's test-sample order (bootstrap input) |
 | `runs.csv` | test run | full-model accuracy, label-biased count, every component's accuracy (in `components.txt` order) |
 | `components.txt` | component | the component names |
+| `controls.csv` | control run | a random-init run and its pretrained twin: `control_row`, one-label count, accuracies |
 
 Every accuracy recomputed from the run folders is checked against the row `parts evaluate` wrote.
 """
@@ -32,9 +33,11 @@ from parts.data.prompts import LABEL_BUDGET
 from parts.data.tasks import Task, get_task
 from parts.decomposition.runs import SUMMARY, DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.controls import control_row
 from parts.experiments.evaluate import Setting, setting_predictions
 from parts.experiments.results import RESULTS_CSV, TRANSFER_CSV, read_results, text_records
 from parts.experiments.transfer import TransferSetting, transfer_setting_predictions
+from parts.model.loading import RANDOM_INIT_MARK
 
 RUN_NAME = re.compile(r"t(?P<template>\d+)-s(?P<seed>\d+)-k(?P<shots>\d+)-test-n(?P<limit>\w+)$")
 
@@ -115,14 +118,29 @@ def transfer_rows_and_predictions(root: Path, rows: list[dict[str, Any]], tasks:
     return list(table.values()), predictions
 
 
-def run_rows(root: Path, limit: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per finished test run of `limit` examples (main tasks and transfer targets) and the component names."""
-    rows: list[dict[str, Any]] = []
-    names: list[str] = []
+def _test_runs(root: Path, limit: str) -> list[Path]:
+    """The folders of finished test runs of `limit` examples under `root` (hidden folders skipped)."""
+    folders = []
     for summary in sorted(root.rglob(SUMMARY)):
         folder = summary.parent
         match = RUN_NAME.match(folder.name)
-        if match is None or match["limit"] != limit or any(p.startswith(".") for p in folder.relative_to(root).parts):
+        if match is not None and match["limit"] == limit and not any(
+                p.startswith(".") for p in folder.relative_to(root).parts):
+            folders.append(folder)
+    return folders
+
+
+def _is_random_init(root: Path, folder: Path) -> bool:
+    return RANDOM_INIT_MARK in folder.relative_to(root).parts[0]
+
+
+def run_rows(root: Path, limit: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per finished test run of `limit` examples (main tasks and transfer targets) and the component names;
+    runs of a randomly re-initialised model are the controls' (`control_rows`)."""
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+    for folder in _test_runs(root, limit):
+        if _is_random_init(root, folder):
             continue
         run = DecompositionRun.load(folder)
         names = names or list(run.component_names)
@@ -148,18 +166,47 @@ def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
     size = "all" if limit is None else str(limit)
     main_rows = [r for r in text_records(read_results(root / RESULTS_CSV)) if r["limit"] == size]
     transfer_rows = [r for r in text_records(read_results(root / TRANSFER_CSV)) if r["limit"] == size or " -> " in r["task"]]
-    if not main_rows and not transfer_rows:
+    runs, names = run_rows(root, size)
+    controls = control_rows(root, size, names)
+    if not main_rows and not transfer_rows and not runs and not controls:
         raise PartsError(f"no results at n={size} under {root}: run `parts evaluate --limit {size} --out {root}` first")
     predictions = main_predictions(root, main_rows, tasks)
     transfer_table, transfer_predictions = transfer_rows_and_predictions(root, transfer_rows, tasks)
-    runs, names = run_rows(root, size)
+    names = names or (DecompositionRun.load(_test_runs(root, size)[0]).component_names if controls else [])
     frames = {"main.csv": pd.DataFrame(main_rows), "transfer.csv": pd.DataFrame(transfer_table),
-              "predictions.csv": pd.DataFrame(predictions + transfer_predictions), "runs.csv": pd.DataFrame(runs)}
+              "predictions.csv": pd.DataFrame(predictions + transfer_predictions), "runs.csv": pd.DataFrame(runs),
+              "controls.csv": pd.DataFrame(controls)}
     for name in [*frames, "components.txt"]:  # refuse before writing any if a user's file is in the way
         io.check_file(out / name)
     written = {name: io.write_file(out / name, partial(frame.to_csv, index=False)) for name, frame in frames.items()}
     written["components.txt"] = io.write_text(out / "components.txt", "\n".join(names) + "\n")
     return written
+
+
+def control_rows(root: Path, limit: str, names: list[str]) -> list[dict[str, Any]]:
+    """Per test run of a randomly re-initialised model under `root` (`parts control`), its row and its pretrained
+    twin's (the same prompts, `root/<model>/...`): `control_row`'s columns, the paper's label-biased count (one
+    label on every example) and every component's accuracy (in the order of `names`, the main runs' components,
+    where there are main runs). A random run without its twin is refused."""
+    rows = []
+    for folder in _test_runs(root, limit):
+        if not _is_random_init(root, folder):
+            continue
+        model_folder = folder.relative_to(root).parts[0]
+        pretrained_folder = re.sub(re.escape(RANDOM_INIT_MARK) + r"\d+", "", model_folder)  # the variant stays
+        twin = root / pretrained_folder / folder.relative_to(root / model_folder)
+        if not (twin / SUMMARY).is_file():
+            raise PartsError(f"{folder} has no pretrained twin at {twin}: run `parts control --out {root}` to finish "
+                             "the control")
+        for init, path in (("pretrained", twin), ("random", folder)):
+            run = DecompositionRun.load(path)
+            if names and list(run.component_names) != names:
+                raise PartsError(f"{path} has other components than the runs before it: export one model at a time")
+            predictions = run.component_predictions
+            rows.append({"init": init, **control_row(run),
+                         "one_label": int((predictions == predictions[:1]).all(0).sum()),
+                         "accuracies": " ".join(f"{a:.4f}" for a in run.component_accuracy.tolist())})
+    return rows
 
 
 def interval_tables(root: str | Path, results: pd.DataFrame, tasks: Mapping[str, str | Path] | None = None,

@@ -24,13 +24,17 @@ import plotly.graph_objects as go
 
 from parts import io
 from parts.analysis import paper
+from parts.analysis.stats import chance_table
 from parts.errors import PartsError
+from parts.experiments.checkpoints import checkpoint_lines, checkpoint_summary
 from parts.experiments.results import markdown_table
 from parts.figures.export import write_figures
 from parts.methods import label_order
 
 BLOCK = re.compile(r"(<!-- parts-tables:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /parts-tables:(?P=name) -->)", re.S)
 INPUTS = ("main.csv", "transfer.csv", "predictions.csv", "runs.csv", "components.txt")
+OPTIONAL_INPUTS = ("controls.csv",)  # absent where no control was run
+CHANCE_RULE_SIZES = (40, 100, 200, 2000)
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -47,6 +51,7 @@ class Results:
     predictions: pd.DataFrame
     runs: pd.DataFrame
     components: list[str]
+    controls: pd.DataFrame
 
 
 def load_results(folder: str | Path) -> Results:
@@ -56,13 +61,64 @@ def load_results(folder: str | Path) -> Results:
         raise PartsError(f"{folder} lacks {', '.join(missing)}: run `parts tables --from-runs RUNS_ROOT` to export them")
 
     def read(name: str) -> pd.DataFrame:
+        if not (folder / name).is_file():
+            return pd.DataFrame()
         try:
             return pd.read_csv(folder / name, dtype={"correct": str})
         except pd.errors.EmptyDataError:
             return pd.DataFrame()
 
     return Results(read("main.csv"), read("transfer.csv"), read("predictions.csv"), read("runs.csv"),
-                   (folder / "components.txt").read_text().split())
+                   (folder / "components.txt").read_text().split(), read("controls.csv"))
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def control_table(controls: pd.DataFrame, correction: str = "holm") -> pd.DataFrame:
+    """The random-initialisation control: the paper's measures first (FULL, ORACLE-T1, the best of N at
+    chance, one label on every example), then parts' significance categories as "uncorrected / corrected"."""
+    rows = []
+    for _, r in controls.iterrows():
+        row = {"model": r["init"], "task": r["task"], "template": r["template"], "n": r["n_examples"],
+               "FULL": _percent(r["full_accuracy"]), "ORACLE-T1": f"{r['best_component']} {_percent(r['best_accuracy'])}",
+               "best of N at chance": _percent(r["chance_best_accuracy"]), "one label (paper's rule)": r["one_label"]}
+        for category in ("above chance", "good", "bad", "label-biased", "neutral"):
+            row[f"{category} (parts)"] = f"{r[f'{category} (uncorrected)']} / {r[f'{category} ({correction})']}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def control_checkpoints(controls: pd.DataFrame, components: list[str], k: int = 3) -> pd.DataFrame:
+    """The checkpoints view of the control: random init as step 0, the pretrained model as the last step;
+    mean over templates and seeds of the full model, the k best components at each, and the pretrained
+    model's k best followed back to the random model (`parts.experiments.checkpoints.checkpoint_lines`)."""
+    runs = []
+    for _, r in controls.iterrows():
+        accuracies = dict(zip(components, (float(a) for a in r["accuracies"].split()), strict=True))
+        base = {"checkpoint": "random init (step 0)" if r["init"] == "random" else r["model"],
+                "step": int(r["init"] != "random"), "task": r["task"], "template": int(r["template"]),
+                "seed": int(r["seed"]), "n_examples": int(r["n_examples"])}
+        runs.append((base, float(r["full_accuracy"]), accuracies))
+    summary = checkpoint_summary(checkpoint_lines(runs, k))
+    table = summary.pivot_table(index=["task", "step", "checkpoint"], columns="line", values="accuracy", sort=False)
+    lines = ["full model", *(f"best #{i}" for i in range(1, k + 1)), *(f"final top-{i}" for i in range(1, k + 1))]
+    table = (100 * table[lines]).round(1).reset_index().drop(columns="step")
+    order = {task: i for i, task in enumerate(paper.ordered_tasks(list(dict.fromkeys(table["task"]))))}
+    return table.sort_values("task", key=lambda column: column.map(order), kind="stable", ignore_index=True)
+
+
+def chance_rule_table(n_components: int, alpha: float = 0.05) -> pd.DataFrame:
+    """What an uncorrected one-sided binomial test calls "good" among `n_components` chance-level components."""
+    table = chance_table(CHANCE_RULE_SIZES, (0.5, 0.25), n_components, alpha)
+    return pd.DataFrame({
+        "n examples": table["n_examples"], "chance": table["chance"].map("{:.2f}".format),
+        "size of the test": table["test_size"].map("{:.4f}".format),
+        f"expected false \"good\" of {n_components}": table["expected_false_good"].map("{:.1f}".format),
+        "P(at least one)": table["p_any_false_good"].map("{:.3f}".format),
+        f"expected best accuracy of {n_components} (%)": (100 * table["expected_best_accuracy"]).map("{:.1f}".format),
+    })
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, object]]:
@@ -89,6 +145,11 @@ def build_tables(results: Results, n_resamples: int = 2000) -> tuple[dict[str, s
         blocks["table2"] = markdown(paper.agreement_table(pairs))
         analysis["runs"] = _records(measures)
         analysis["pairs"] = _records(pairs)
+    if results.components:
+        blocks["chance-rule"] = markdown(chance_rule_table(len(results.components)))
+    if not results.controls.empty:
+        blocks["random-init"] = markdown(control_table(results.controls))
+        blocks["control-checkpoints"] = markdown(control_checkpoints(results.controls, results.components))
     if not results.transfer.empty:
         blocks["table3"] = markdown(paper.transfer_table(results.transfer))
     if not results.predictions.empty and (results.predictions["kind"] == "transfer").any():

@@ -161,9 +161,12 @@ def resolve_model_name(name: str | None) -> str:
     return EMBEDDED_MODEL if name in EMBEDDED_ALIASES else str(name)
 
 
+RANDOM_INIT_MARK = "+random-init-s"
+
+
 def random_init_name(name: str, seed: int) -> str:
     """The name a randomly re-initialised model records (usable as a folder name)."""
-    return f"{name}+random-init-s{seed}"
+    return f"{name}{RANDOM_INIT_MARK}{seed}"
 
 
 def from_hf(
