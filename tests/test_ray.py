@@ -17,6 +17,7 @@ import torch
 import parts.experiments.ray_executor
 from parts.cli import main
 from parts.data.tasks import get_task
+from parts.errors import PartsError
 from parts.experiments.driver import drive
 from parts.experiments.evaluate import evaluation_plan, run_evaluation, sweep_settings
 from parts.experiments.options import RunOptions
@@ -152,3 +153,20 @@ def test_a_worker_killed_mid_setting_loses_nothing_finished(cluster, tiny_model_
     assert not list((tmp_path / "ray").rglob(".*tmp-*"))  # no half-written folder or file
     skip = (RESULTS_CSV,)
     assert file_hashes(tmp_path / "ray", skip) == file_hashes(tmp_path / "alone", skip)
+
+
+def test_workers_resolve_relative_paths_and_the_data_folder_as_the_driver_does(
+        cluster, tiny_model_dir, tiny_task_file, tmp_path, monkeypatch):
+    """The cluster was started in another folder, and $PARTS_DATA_DIR set after it: a relative --out still
+    lands under the driver's working directory, and the workers get the driver's data folder, absolute."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PARTS_DATA_DIR", "data")
+    (tmp_path / "data").mkdir()
+    worker_options = parts.experiments.ray_executor.options_for_workers(OPTIONS, "cpu")
+    assert worker_options.data_dir == str(tmp_path / "data") and not worker_options.progress
+    runs = sweep(str(tiny_model_dir), [str(tiny_task_file)], [1], [0], limit=6, out="relative-out", options=OPTIONS,
+                 executor=RayExecutor("auto", workers=1))
+    assert [(tmp_path / p).is_dir() for p in runs] == [True]
+    assert (tmp_path / "relative-out").is_dir() and not (Path(parts.__file__).parents[1] / "relative-out").exists()
+    with pytest.raises(PartsError, match="has no folder /nowhere"):
+        parts.experiments.ray_executor.SettingWorker(OPTIONS, None, "/nowhere")

@@ -41,7 +41,14 @@ INSTALL = "pip install 'parts[ray]'"
 class SettingWorker:
     """A Ray actor: keeps one model loaded and runs the settings it is given (`Work.run`)."""
 
-    def __init__(self, options: RunOptions, loader: Loader | None):
+    def __init__(self, options: RunOptions, loader: Loader | None, cwd: str | None = None):
+        # Relative paths (--out, a model folder) mean what they mean to the driver: a worker of a cluster
+        # started elsewhere (`ray start`) would otherwise read and write under its own working directory.
+        if cwd is not None:
+            if not os.path.isdir(cwd):
+                raise PartsError(f"the Ray worker on {os.uname().nodename} has no folder {cwd} (the driver's working "
+                                 "directory): run the driver from a folder every node mounts at the same path")
+            os.chdir(cwd)
         self.options, self.loader = options, loader
         self.spec: ModelSpec | None = None
         self.model: LazyModel | None = None
@@ -61,6 +68,14 @@ class SettingWorker:
             return False, None
         assert self.model is not None
         return True, work.run(self.model, self.options)
+
+
+def options_for_workers(options: RunOptions, device: str | None) -> RunOptions:
+    """The driver's options as a worker needs them: no progress bars, the worker's device, and the data folder
+    as the driver sees it, absolute ($PARTS_DATA_DIR is the driver's environment, not the workers')."""
+    data_dir = options.data_dir or os.environ.get("PARTS_DATA_DIR") or None
+    return options.replace(progress=False, device=device,
+                           data_dir=None if data_dir is None else str(Path(data_dir).resolve()))
 
 
 def next_setting(queues: dict[ModelSpec, deque[Work]], loaded: dict[Any, ModelSpec], worker: Any) -> Work | None:
@@ -129,7 +144,7 @@ class RayExecutor:
         try:
             n_workers, per_worker = self.worker_count(len(pending))
             device = options.device if per_worker == 0 else ("cuda" if per_worker <= 1 else "auto")
-            worker_options = options.replace(progress=False, device=device)
+            worker_options = options_for_workers(options, device)
             actor_class = ray.remote(num_cpus=1, num_gpus=per_worker, max_restarts=0)(SettingWorker)
             queues: dict[ModelSpec, deque[Work]] = {}
             for work in by_model(pending):
@@ -151,7 +166,7 @@ class RayExecutor:
                 in_flight[actor.run.remote(work)] = (actor, work)
 
             def new_actor() -> Any:
-                actor = actor_class.remote(worker_options, loader)
+                actor = actor_class.remote(worker_options, loader, os.getcwd())
                 actors.append(actor)
                 return actor
 
