@@ -592,3 +592,19 @@ def evaluation_outputs(root: Path) -> dict[str, object]:
         else:
             outputs[name] = data
     return outputs
+
+
+def test_the_model_a_run_records_loads_again(tiny_model_dir):
+    """`parts report --attention` loads each run's model from the name the run records, revision and random
+    re-initialisation included."""
+    from parts.model.loading import load_model, model_name, recorded_model
+
+    assert recorded_model("EleutherAI/pythia-160m@step1000") == {"name": "EleutherAI/pythia-160m", "revision": "step1000"}
+    assert recorded_model("SmolLM2-135M-Instruct") == {"name": "SmolLM2-135M-Instruct", "revision": None}
+    random_model = load_model(str(tiny_model_dir), device="cpu", random_init=True, seed=3)
+    arguments = recorded_model(model_name(random_model))
+    assert arguments == {"name": str(tiny_model_dir), "revision": None, "random_init": True, "seed": 3}
+    again = load_model(**arguments, device="cpu")
+    assert model_name(again) == model_name(random_model)
+    assert torch.equal(again.original_model.get_input_embeddings().weight,
+                       random_model.original_model.get_input_embeddings().weight)

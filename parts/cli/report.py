@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     attention = None
     if args.attention:
         # The model is needed for attention only: its libraries are imported, and it is loaded, only here.
-        from parts.model.loading import load_model
+        from parts.model.loading import load_model, recorded_model
         from parts.report.attention import attention_data
 
         options = run_options(args)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         def attention(task: Any, heads: Any) -> Any:
             name = task.reference.model
             if name not in models:
-                models[name] = load_model(name, device=options.device, dtype=options.dtype)
+                models[name] = load_model(**recorded_model(name), device=options.device, dtype=options.dtype)
             return attention_data(models[name], task, heads, args.examples)
 
     report = build_report(args.runs, args.out, attention, args.heads, args.results, tasks_files)

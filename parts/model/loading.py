@@ -285,6 +285,16 @@ def load_model(
     return from_hf(hf_model, tokenizer, label, random_init=random_init, seed=seed)
 
 
+def recorded_model(label: str) -> dict[str, Any]:
+    """`load_model`'s arguments for the model a run records as `label`: 'NAME', 'NAME@REVISION' or
+    'NAME+random-init-s{SEED}' (what `load_model` names the model it loads)."""
+    name, mark, seed = label.rpartition(RANDOM_INIT_MARK)
+    if mark and seed.isdigit():
+        return {**recorded_model(name), "random_init": True, "seed": int(seed)}
+    name, _, revision = label.partition("@")
+    return {"name": name, "revision": revision or None}
+
+
 def model_name(model: TransformerBridge) -> str:
     """The name a run records for its model."""
     return str(model.cfg.model_name)
