@@ -411,3 +411,34 @@ def test_a_script_error_shows_in_the_console(tmp_path):
     page.write_text("<html><body><script>missingFunction();</script></body></html>")
     console = chromium_screenshot(page, tmp_path / "shot.png", width=200, height=100)
     assert console == ['"Uncaught ReferenceError: missingFunction is not defined", source: ' + page.as_uri() + " (1)"]
+
+
+def test_heatmap_and_scatters_draw_split_experts():
+    """With --split-experts a mixture-of-experts layer's MLP is its experts (MLP1E0, MLP1E2, shared MLP1S):
+    they get their own [layer, expert] grid, and a place in the scatters."""
+    experts = pd.DataFrame({
+        "component": ["L0H0", "L1H0", "MLP0", "MLP1E0", "MLP1E2", "MLP1S"],
+        "kind": ["head", "head", "mlp", "expert", "expert", "expert"],
+        "layer": [0, 1, 0, 1, 1, 1],
+        "head": [0, 0, -1, 0, 2, 1_000_000],
+        "accuracy": [0.5, 0.6, 0.7, 0.8, 0.3, 0.9],
+        "label_bias": [0.5] * 6,
+        "category": ["neutral"] * 6,
+    })
+    heads, mlps, expert_grid = traces(plotting.accuracy_heatmap(experts, FULL, CHANCE), "heatmap")
+    assert list(expert_grid.x) == ["E0", "E2", "S"]
+    assert np.array(expert_grid.z, dtype=object).tolist() == [[None, None, None], [0.8, 0.3, 0.9]]
+    assert expert_grid.customdata[1][2][0] == "MLP1S"
+    assert np.array(mlps.z, dtype=object).tolist() == [[0.7], [None]]
+    scatter = traces(plotting.categorization_scatter(experts, FULL, CHANCE, ["a", "b", "c"]), "scatter")
+    assert [t.name for t in scatter] == ["attention heads", "MLPs", "experts"]
+    assert list(scatter[2].y) == [0.8, 0.3, 0.9]
+    stability = traces(plotting.stability_scatter(experts["accuracy"].tolist(), experts["accuracy"].tolist(),
+                                                  experts["component"].tolist(), {"pearson": 1.0, "spearman": 1.0},
+                                                  "a", "b", CHANCE), "scatter")
+    assert [len(t.x) for t in stability] == [2, 1, 3]
+    # the report redraws each run's grid from these cells: every component lands where the figure put it
+    figure = plotting.accuracy_heatmap(experts, FULL, CHANCE)
+    for (trace, layer, column), accuracy, name in zip(plotting.heatmap_cells(experts), experts["accuracy"],
+                                                      experts["component"], strict=True):
+        assert figure.data[trace].z[layer][column] == accuracy and figure.data[trace].customdata[layer][column][0] == name

@@ -423,3 +423,37 @@ def test_attention_view_marks_the_demonstrations_label_words(browser, attention_
     assert page.page.locator("#component-attention .figure").count() == 2
     assert page.problems == [] and page.outside() == []
     page.close()
+
+
+def test_split_experts_fill_their_own_grid_in_every_run(browser, tokenizer, tiny_task_file, tmp_path):
+    """A --split-experts model (DeepSeek-V3's layout: a dense first MLP, then routed and shared experts): each run's
+    view draws every expert in the experts grid, at the accuracy that run measured."""
+    from families import make_config
+    from transformers import AutoModelForCausalLM
+
+    from parts.experiments.runner import decompose_task
+    from parts.model.loading import from_hf
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf_model = AutoModelForCausalLM.from_config(make_config("deepseek_v3", len(tokenizer))).eval()
+    model = from_hf(hf_model, tokenizer, "tiny-moe")
+    runs = [decompose_task(model, tiny_task_file, template, 0, limit=8, device="cpu", split_experts=True, progress=False)
+            for template in (1, 2)]
+    for run in runs:
+        run.save(tmp_path / "runs" / f"t{run.prompts.template}")
+    build_report(tmp_path / "runs", tmp_path / "site")
+    data = task_json(tmp_path / "site", "tiny")
+    assert "MLP0" in data["components"] and "MLP1E3" in data["components"] and "MLP1S" in data["components"]
+    page = Page(browser, tmp_path / "site", "task-tiny.html")
+    for view in (1, 0):
+        page.page.select_option("#run-select", str(view))
+        page.page.wait_for_function(f"location.hash === '#run={view}'")
+        z = page.heatmap_z()
+        assert len(z) == 3  # heads, MLPs, experts
+        for name in ("MLP0", "MLP1E0", "MLP1E3", "MLP1S", "L1H1"):
+            i = data["components"].index(name)
+            trace, layer, column = data["cell"][i]
+            assert z[trace][layer][column] == pytest.approx(runs[view].component_accuracy[i].item(), abs=1e-3)
+    assert page.problems == []
+    page.close()

@@ -20,7 +20,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from parts.components import component_kind, parse_component
+from parts.components import EXPERT, HEAD, MLP, SHARED_EXPERT, component_kind, parse_component
 from parts.errors import PartsError
 from parts.experiments.results import method_summary
 
@@ -28,7 +28,13 @@ if TYPE_CHECKING:
     from parts.analysis.inspect_head import AttentionView, HeadInspection
 
 BELOW, NEUTRAL, ABOVE = "#b2182b", "#f7f7f7", "#2166ac"
-HEAD_COLOR, MLP_COLOR = "#1f77b4", "#ff7f0e"
+HEAD_COLOR, MLP_COLOR, EXPERT_COLOR = "#1f77b4", "#ff7f0e", "#8c564b"
+
+
+def _kind_styles(kinds: Sequence[str] | np.ndarray) -> list[tuple[str, str, str, str]]:
+    """(kind, colour, legend name, marker symbol) for heads, MLPs and, where there are any, split experts."""
+    styles = [(HEAD, HEAD_COLOR, "attention heads", "circle"), (MLP, MLP_COLOR, "MLPs", "diamond")]
+    return styles + ([(EXPERT, EXPERT_COLOR, "experts", "square")] if EXPERT in set(kinds) else [])
 CATEGORY_COLORS = {"good": "#1a9850", "bad": "#d73027", "label-biased": "#7b3294", "neutral": "#969696"}
 FONT = dict(family="Liberation Sans, Arial, sans-serif", size=13)
 
@@ -78,14 +84,33 @@ def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> No
 
 
 def _grid(table: pd.DataFrame, column: str, kind: str) -> np.ndarray:
-    """One column of the table as a [layer, head] grid (heads) or a [layer, 1] column (MLPs)."""
+    """One column of the table as a [layer, head] grid (heads), a [layer, expert] grid (a split
+    mixture-of-experts MLP's experts, the shared one last) or a [layer, 1] column (MLPs)."""
     rows = table[table["kind"] == kind]
     n_layers = int(table["layer"].max()) + 1
-    n_cols = int(rows["head"].max()) + 1 if kind == "head" else 1
+    if kind == MLP:
+        n_cols, cols = 1, np.zeros(len(rows), dtype=int)
+    else:
+        slots = _slots(table, kind)
+        n_cols, cols = len(slots), np.searchsorted(slots, rows["head"].to_numpy())
     grid = np.full((n_layers, n_cols), None, dtype=object)
-    cols = rows["head"].to_numpy() if kind == "head" else np.zeros(len(rows), dtype=int)
     grid[rows["layer"].to_numpy(), cols] = rows[column].to_numpy()
     return grid
+
+
+def heatmap_cells(table: pd.DataFrame) -> list[list[int]]:
+    """Where `accuracy_heatmap` draws each row of `table`: [panel (trace), layer, column], in table order
+    (the report redraws the grid per run from these)."""
+    panels = [kind for kind in (HEAD, MLP, EXPERT) if (table["kind"] == kind).any()]
+    columns = {kind: {int(h): c for c, h in enumerate(_slots(table, kind))} for kind in panels if kind != MLP}
+    return [[panels.index(kind), int(layer), 0 if kind == MLP else columns[kind][int(head)]]
+            for kind, layer, head in zip(table["kind"], table["layer"], table["head"], strict=True)]
+
+
+def _slots(table: pd.DataFrame, kind: str) -> np.ndarray:
+    """The grid's columns: every head index (0..max), or every expert index that occurs (shared last)."""
+    heads = table.loc[table["kind"] == kind, "head"].to_numpy()
+    return np.arange(int(heads.max()) + 1) if kind == HEAD else np.unique(heads)
 
 
 # -- figure 1: accuracy heatmap ------------------------------------------------------------------
@@ -95,15 +120,20 @@ HOVER_COMPONENT = (
 
 
 def accuracy_heatmap(table: pd.DataFrame, full_accuracy: float, chance: float, title: str = "") -> go.Figure:
-    """Figure 1: every head's accuracy on a layers x heads grid, the MLPs as a column beside it."""
+    """Figure 1: every head's accuracy on a layers x heads grid, the MLPs as a column beside it (and, with
+    `--split-experts`, each layer's experts as a layers x experts grid)."""
     _check_columns(table, ["component", "kind", "layer", "head", "accuracy", "label_bias", "category"], "the heatmap")
-    n_heads = int(table.loc[table["kind"] == "head", "head"].max()) + 1
-    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[n_heads, 1.4], horizontal_spacing=0.02,
-                           subplot_titles=("attention heads", "MLPs"))
-    for col, kind in ((1, "head"), (2, "mlp")):
+    panels = [kind for kind in (HEAD, MLP, EXPERT) if (table["kind"] == kind).any()]
+    widths = {HEAD: len(_slots(table, HEAD)) if HEAD in panels else 0, MLP: 1.4,
+              EXPERT: len(_slots(table, EXPERT)) if EXPERT in panels else 0}
+    titles = {HEAD: "attention heads", MLP: "MLPs", EXPERT: "experts"}
+    figure = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, column_widths=[widths[k] for k in panels],
+                           horizontal_spacing=0.02, subplot_titles=[titles[k] for k in panels])
+    for col, kind in enumerate(panels, start=1):
         z = _grid(table, "accuracy", kind)
         custom = np.stack([_grid(table, c, kind) for c in ("component", "label_bias", "category")], axis=-1)
-        x = [str(h) for h in range(z.shape[1])] if kind == "head" else ["MLP"]
+        x = ({HEAD: [str(h) for h in _slots(table, kind)], MLP: ["MLP"]}.get(kind)
+             or ["S" if e == SHARED_EXPERT else f"E{e}" for e in _slots(table, kind)])
         figure.add_trace(
             go.Heatmap(z=z, x=x, y=list(range(z.shape[0])), customdata=custom, coloraxis="coloraxis",
                        hovertemplate=HOVER_COMPONENT, xgap=1, ygap=1, name=f"{kind}s"),
@@ -114,7 +144,8 @@ def accuracy_heatmap(table: pd.DataFrame, full_accuracy: float, chance: float, t
     figure.update_xaxes(title_text="head", row=1, col=1)
     figure.update_yaxes(title_text="layer", row=1, col=1)
     n_layers = int(table["layer"].max()) + 1
-    return _style(figure, title or "Accuracy of every component", 760, max(420, 140 + 17 * n_layers))
+    width = 760 + (14 * widths[EXPERT] + 40 if EXPERT in panels else 0)
+    return _style(figure, title or "Accuracy of every component", width, max(420, 140 + 17 * n_layers))
 
 
 # -- figure 2: categorization scatter -------------------------------------------------------------
@@ -141,12 +172,12 @@ def categorization_scatter(
     else:
         figure.add_vrect(x0=-0.02, x1=1 - label_bias_threshold, **biased)
         figure.add_vrect(x0=label_bias_threshold, x1=1.02, **biased)
-    for kind, color, name in (("head", HEAD_COLOR, "attention heads"), ("mlp", MLP_COLOR, "MLPs")):
+    for kind, color, name, symbol in _kind_styles(table["kind"].to_numpy()):
         rows = table[table["kind"] == kind]
         figure.add_trace(go.Scatter(
             x=rows[x_column], y=rows["accuracy"], mode="markers", name=name,
-            marker=dict(color=color, size=8 if kind == "mlp" else 6, opacity=0.75,
-                        symbol="diamond" if kind == "mlp" else "circle", line=dict(width=0.5, color="white")),
+            marker=dict(color=color, size=6 if kind == HEAD else 8, opacity=0.75,
+                        symbol=symbol, line=dict(width=0.5, color="white")),
             customdata=np.stack([rows["component"], rows["label_bias"], rows["category"]], axis=-1),
             hovertemplate="<b>%{customdata[0]}</b><br>accuracy %{y:.1%}<br>label bias %{customdata[1]:.2f}"
                           "<br>%{customdata[2]}<extra></extra>",
@@ -191,11 +222,11 @@ def stability_scatter(
         raise PartsError(f"runs differ in components ({len(a)} vs {len(b)}): compare runs of the same model")
     kinds = np.array([component_kind(n) for n in component_names])
     figure = go.Figure()
-    for kind, color, label in (("head", HEAD_COLOR, "attention heads"), ("mlp", MLP_COLOR, "MLPs")):
+    for kind, color, label, symbol in _kind_styles(kinds):
         keep = kinds == kind
         figure.add_trace(go.Scatter(
             x=a[keep], y=b[keep], mode="markers", name=label, text=np.asarray(component_names)[keep],
-            marker=dict(color=color, size=7, opacity=0.7, symbol="diamond" if kind == "mlp" else "circle"),
+            marker=dict(color=color, size=7, opacity=0.7, symbol=symbol),
             hovertemplate=f"<b>%{{text}}</b><br>{name_a}: %{{x:.1%}}<br>{name_b}: %{{y:.1%}}<extra></extra>",
         ))
     figure.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(color="#999", width=1))

@@ -334,6 +334,7 @@ def task_data(
         "chance": chance, "categories": list(CATEGORIES), "category_colors": plotting.CATEGORY_COLORS,
         "components": list(reference.component_names),
         "kind": first["kind"].tolist(), "layer": first["layer"].tolist(), "head": first["head"].tolist(),
+        "cell": plotting.heatmap_cells(mean_table),  # [heatmap trace, layer, column] per component
         "runs": [{
             "label": run_name(run), "template": run.prompts.template, "seed": run.prompts.seed,
             "full_accuracy": run.full_accuracy, "majority_rate": run.chance,

@@ -96,15 +96,15 @@
     function drawHeatmap() {
       var figure = JSON.parse(JSON.stringify(T.heatmap));
       var acc = accuracyOf(state.view);
-      var z = [grid(T.n_layers, T.n_heads), grid(T.n_layers, 1)];
-      var custom = [grid(T.n_layers, T.n_heads), grid(T.n_layers, 1)];
+      // One grid per panel (heads, MLPs, split experts), each component in its cell (T.cell: trace, layer, column).
+      var z = figure.data.map(function (trace) { return grid(T.n_layers, trace.x.length); });
+      var custom = figure.data.map(function (trace) { return grid(T.n_layers, trace.x.length); });
       T.components.forEach(function (name, i) {
-        if (T.kind[i] !== "head" && T.kind[i] !== "mlp") { return; }  // split experts: in the tables, not the grid
-        var trace = T.kind[i] === "head" ? 0 : 1, col = trace === 0 ? T.head[i] : 0;
-        z[trace][T.layer[i]][col] = acc[i];
-        custom[trace][T.layer[i]][col] = [name, labelText(state.view, i), categoryText(state.view, i)];
+        var cell = T.cell[i];
+        z[cell[0]][cell[1]][cell[2]] = acc[i];
+        custom[cell[0]][cell[1]][cell[2]] = [name, labelText(state.view, i), categoryText(state.view, i)];
       });
-      [0, 1].forEach(function (t) {
+      figure.data.forEach(function (trace, t) {
         figure.data[t].z = z[t];
         figure.data[t].customdata = custom[t];
         figure.data[t].hovertemplate = "<b>%{customdata[0]}</b><br>accuracy %{z:.1%}<br>predicts %{customdata[1]}" +
