@@ -88,7 +88,7 @@ def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None =
     figures = {
         f"{prefix}-accuracy-heatmap": plotting.accuracy_heatmap(table, full, chance, titled("Accuracy of every component")),
         f"{prefix}-categories": plotting.categorization_scatter(
-            table, full, chance, label_names, title=titled("Good, bad and label-biased components")),
+            table, full, chance, label_names, title=titled(plotting.CATEGORIES_TITLE)),
         f"{prefix}-distribution": plotting.accuracy_distribution(table, full, chance, titled("Component accuracy by layer")),
     }
     runs = [item.run for item in group]

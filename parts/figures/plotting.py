@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from parts.analysis.inspect_head import AttentionView, HeadInspection
 
 BELOW, NEUTRAL, ABOVE = "#b2182b", "#f7f7f7", "#2166ac"
+# parts' own significance categories, an extension: the paper's measures are ORACLE-T1 / ORACLE-B1 and one label
+CATEGORIES_TITLE = "Good, bad and label-biased components (parts' significance categories)"
 HEAD_COLOR, MLP_COLOR, EXPERT_COLOR = "#1f77b4", "#ff7f0e", "#8c564b"
 
 
@@ -201,7 +203,7 @@ def categorization_scatter(
     figure.update_xaxes(title_text=x_title, range=[-0.02, 1.02], tickformat=".0%")
     figure.update_yaxes(title_text="accuracy", range=[-0.02, 1.1], tickformat=".0%")
     figure.update_layout(legend=dict(orientation="h", y=-0.15))
-    return _style(figure, title or "Good, bad and label-biased components", 700, 560)
+    return _style(figure, title or CATEGORIES_TITLE, 700, 560)
 
 
 # -- figure 3: stability ----------------------------------------------------------------------------
