@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import einops
 import pytest
@@ -10,9 +11,11 @@ import torch
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 from parts.components import component_names
+from parts.decomposition import decompose
 from parts.decomposition.decompose import Decomposer
 from parts.model.engines import GQA_SDPA, HFEngine, suffix_position_ids
-from tests.prompts import SENTIMENT_PROMPTS
+from parts.model.loading import plain_model
+from tests.prompts import PREFIX, SENTIMENT_PROMPTS
 
 PROMPTS = SENTIMENT_PROMPTS[:5]
 
@@ -97,6 +100,7 @@ def test_a_bridge_that_keeps_no_cache_runs_prompts_in_full(tiny_llama, monkeypat
 def test_a_prefix_that_changes_the_logits_is_not_reused(tiny_llama, monkeypatch):
     """When the most padded example's logits with the reused prefix differ from its prompt run alone (a model
     whose attention depends on where padding sits), the decomposition warns and runs every prompt in full."""
+    monkeypatch.setattr(decompose, "VERIFIED_PADDING", weakref.WeakKeyDictionary())  # nothing checked before
     decomposer = Decomposer(tiny_llama, label_ids(tiny_llama))
     original = decomposer._forward
 
@@ -109,6 +113,36 @@ def test_a_prefix_that_changes_the_logits_is_not_reused(tiny_llama, monkeypatch)
         out = decomposer(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
     expected = torch.stack([reference_logits(tiny_llama, p)[label_ids(tiny_llama)] for p in PROMPTS])
     assert (out.model_logits - expected).abs().max() < 1e-4
+
+
+def test_prefix_reuse_is_checked_once_per_model_until_a_call_pads_more(tiny_llama, monkeypatch):
+    """The full-prompt check runs on a model's first prefix-reused call, not on a call that pads no more, and
+    again on one that pads more (each check: one forward without a prefix cache)."""
+    monkeypatch.setattr(decompose, "VERIFIED_PADDING", weakref.WeakKeyDictionary())
+    full_forwards: list[int] = []
+
+    def counting(decomposer):
+        original = decomposer._forward
+
+        def forward(input_ids, lengths, cache, prefix_length):
+            if cache is None:
+                full_forwards.append(int(input_ids.shape[1]))
+            return original(input_ids, lengths, cache, prefix_length)
+
+        monkeypatch.setattr(decomposer, "_forward", forward)
+        return decomposer
+
+    def call(prompts):
+        before = len(full_forwards)
+        counting(Decomposer(tiny_llama, label_ids(tiny_llama)))(prompts, batch_size=2, progress=False)
+        return len(full_forwards) - before
+
+    short = [f"{PREFIX}{q} sentiment :" for q in ("good fun", "the movie was very boring")]  # padding 3 words
+    shorter = [f"{PREFIX}{q} sentiment :" for q in ("good fun", "the movie was boring")]  # 2
+    longer = [f"{PREFIX}{q} sentiment :" for q in ("dull", "the movie was very boring and the acting was bad")]  # 9
+    assert call(short) == 1 and call(short) == 0 and call(shorter) == 0  # checked once, then trusted
+    assert call(longer) == 1  # more padding than was checked: checked again
+    assert decompose.VERIFIED_PADDING[plain_model(tiny_llama)] == {"hf torch.float32": 9}
 
 
 def test_shared_prefix_length():
