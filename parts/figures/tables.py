@@ -80,6 +80,9 @@ def control_table(controls: pd.DataFrame, correction: str = "holm") -> pd.DataFr
     """The random-initialisation control: the paper's measures first (FULL, ORACLE-T1, the best of N at
     chance, one label on every example), then parts' significance categories as "uncorrected / corrected"."""
     rows = []
+    order = {task: i for i, task in enumerate(paper.ordered_tasks(list(dict.fromkeys(controls["task"]))))}
+    controls = controls.sort_values(["task", "template", "seed"], key=lambda c: c.map(order) if c.name == "task" else c,
+                                    kind="stable")  # the paper's task order, each pretrained run above its random twin
     for _, r in controls.iterrows():
         row = {"model": r["init"], "task": r["task"], "template": r["template"], "n": r["n_examples"],
                "FULL": _percent(r["full_accuracy"]), "ORACLE-T1": f"{r['best_component']} {_percent(r['best_accuracy'])}",
