@@ -20,15 +20,15 @@ shift_sets() { step transfer --templates "$1" --seeds "$2" --limit $N --target-l
 
 main_table 0
 twin 0
-main_table 0-1
 step control --tasks sst2,arc --templates 1,2 --seeds 0 --limit $N --out "$OUT"
-shift_sets 1 0
-main_table 0-2
 shift_sets 1,2,3 0
-twin 0-1
+main_table 0-1
+main_table 0-2
+shift_sets 1,2,3 0-2
+twin 0-2
 main_table 0-3
 main_table 0-4
-twin 0-4
 shift_sets 1,2,3 0-4
+twin 0-4
 echo "== $(date -u +%H:%M:%S) parts tables --from-runs $OUT"
 $PARTS tables --from-runs "$OUT" --limit $N
