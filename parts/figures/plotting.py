@@ -146,7 +146,7 @@ def accuracy_heatmap(table: pd.DataFrame, full_accuracy: float, chance: float, t
     figure.update_xaxes(title_text="head", row=1, col=1)
     figure.update_yaxes(title_text="layer", row=1, col=1)
     n_layers = int(table["layer"].max()) + 1
-    width = 760 + (14 * widths[EXPERT] + 40 if EXPERT in panels else 0)
+    width = 760 + (14 * int(widths[EXPERT]) + 40 if EXPERT in panels else 0)
     return _style(figure, title or "Accuracy of every component", width, max(420, 140 + 17 * n_layers))
 
 
