@@ -118,6 +118,12 @@ def transfer_rows_and_predictions(root: Path, rows: list[dict[str, Any]], tasks:
     return list(table.values()), predictions
 
 
+def one_label_count(run: DecompositionRun) -> int:
+    """Components that predict one label on every example: the paper's label-biased rule."""
+    predictions = run.component_predictions
+    return int((predictions == predictions[:1]).all(0).sum())
+
+
 def _test_runs(root: Path, limit: str) -> list[Path]:
     """The folders of finished test runs of `limit` examples under `root` (hidden folders skipped)."""
     folders = []
@@ -146,13 +152,11 @@ def run_rows(root: Path, limit: str) -> tuple[list[dict[str, Any]], list[str]]:
         names = names or list(run.component_names)
         if list(run.component_names) != names:
             raise PartsError(f"{folder} has other components than the runs before it: export one model at a time")
-        predictions = run.component_predictions
-        one_label = (predictions == predictions[:1]).all(0)  # the paper's label-biased: one label on every example
         is_transfer = "transfer" in folder.relative_to(root).parts
         task = f"{folder.parent.name.split('-to-')[0]} -> {run.prompts.task}" if is_transfer else run.prompts.task
         rows.append({"model": run.model, "task": task, "template": run.prompts.template, "seed": run.prompts.seed,
                      "shots": run.prompts.shots, "n_examples": run.n_examples, "n_labels": len(run.prompts.label_names),
-                     "full": round(run.full_accuracy, 6), "label_biased": int(one_label.sum()),
+                     "full": round(run.full_accuracy, 6), "label_biased": one_label_count(run),
                      "accuracies": " ".join(f"{a:.4f}" for a in run.component_accuracy.tolist())})
     return rows, names
 
@@ -202,9 +206,7 @@ def control_rows(root: Path, limit: str, names: list[str]) -> list[dict[str, Any
             run = DecompositionRun.load(path)
             if names and list(run.component_names) != names:
                 raise PartsError(f"{path} has other components than the runs before it: export one model at a time")
-            predictions = run.component_predictions
-            rows.append({"init": init, **control_row(run),
-                         "one_label": int((predictions == predictions[:1]).all(0).sum()),
+            rows.append({"init": init, **control_row(run), "one_label": one_label_count(run),
                          "accuracies": " ".join(f"{a:.4f}" for a in run.component_accuracy.tolist())})
     return rows
 
