@@ -33,7 +33,6 @@ from parts.methods import label_order
 
 BLOCK = re.compile(r"(<!-- parts-tables:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /parts-tables:(?P=name) -->)", re.S)
 INPUTS = ("main.csv", "transfer.csv", "predictions.csv", "runs.csv", "components.txt")
-OPTIONAL_INPUTS = ("controls.csv",)  # absent where no control was run
 CHANCE_RULE_SIZES = (40, 100, 200, 2000)
 
 
@@ -61,7 +60,7 @@ def load_results(folder: str | Path) -> Results:
         raise PartsError(f"{folder} lacks {', '.join(missing)}: run `parts tables --from-runs RUNS_ROOT` to export them")
 
     def read(name: str) -> pd.DataFrame:
-        if not (folder / name).is_file():
+        if not (folder / name).is_file():  # controls.csv: absent where no control was run
             return pd.DataFrame()
         try:
             return pd.read_csv(folder / name, dtype={"correct": str})
