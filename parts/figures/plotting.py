@@ -31,14 +31,14 @@ BELOW, NEUTRAL, ABOVE = "#b2182b", "#f7f7f7", "#2166ac"
 # parts' own significance categories, an extension: the paper's measures are ORACLE-T1 / ORACLE-B1 and one label
 CATEGORIES_TITLE = "Good, bad and label-biased components (parts' significance categories)"
 HEAD_COLOR, MLP_COLOR, EXPERT_COLOR = "#1f77b4", "#ff7f0e", "#8c564b"
+CATEGORY_COLORS = {"good": "#1a9850", "bad": "#d73027", "label-biased": "#7b3294", "neutral": "#969696"}
+FONT = dict(family="Liberation Sans, Arial, sans-serif", size=13)
 
 
 def _kind_styles(kinds: Sequence[str] | np.ndarray) -> list[tuple[str, str, str, str]]:
     """(kind, colour, legend name, marker symbol) for heads, MLPs and, where there are any, split experts."""
     styles = [(HEAD, HEAD_COLOR, "attention heads", "circle"), (MLP, MLP_COLOR, "MLPs", "diamond")]
     return styles + ([(EXPERT, EXPERT_COLOR, "experts", "square")] if EXPERT in set(kinds) else [])
-CATEGORY_COLORS = {"good": "#1a9850", "bad": "#d73027", "label-biased": "#7b3294", "neutral": "#969696"}
-FONT = dict(family="Liberation Sans, Arial, sans-serif", size=13)
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -134,8 +134,10 @@ def accuracy_heatmap(table: pd.DataFrame, full_accuracy: float, chance: float, t
     for col, kind in enumerate(panels, start=1):
         z = _grid(table, "accuracy", kind)
         custom = np.stack([_grid(table, c, kind) for c in ("component", "label_bias", "category")], axis=-1)
-        x = ({HEAD: [str(h) for h in _slots(table, kind)], MLP: ["MLP"]}.get(kind)
-             or ["S" if e == SHARED_EXPERT else f"E{e}" for e in _slots(table, kind)])
+        if kind == MLP:
+            x = ["MLP"]
+        else:
+            x = [str(h) if kind == HEAD else "S" if h == SHARED_EXPERT else f"E{h}" for h in _slots(table, kind)]
         figure.add_trace(
             go.Heatmap(z=z, x=x, y=list(range(z.shape[0])), customdata=custom, coloraxis="coloraxis",
                        hovertemplate=HOVER_COMPONENT, xgap=1, ygap=1, name=f"{kind}s"),
