@@ -249,10 +249,12 @@ def write_file(path: str | Path, write: Callable[[Path], Any], legacy: Legacy | 
 
 
 def write_bytes(path: str | Path, data: bytes, legacy: Legacy | None = None) -> Path:
+    """`data` written atomically to `path` (see `write_file`)."""
     return write_file(path, lambda staging: staging.write_bytes(data), legacy)
 
 
 def write_text(path: str | Path, text: str, legacy: Legacy | None = None) -> Path:
+    """`text` written atomically to `path` (see `write_file`)."""
     return write_file(path, lambda staging: staging.write_text(text), legacy)
 
 

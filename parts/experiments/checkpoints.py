@@ -62,7 +62,7 @@ def _number_in(text: str) -> float | None:
 
 
 def parse_checkpoint(spec: str, base_model: str | None = None, position: int = 0) -> Checkpoint:
-    """'NAME[@REVISION][=STEP]', a folder, or 'random' (`base_model` re-initialised, step 0).
+    """`NAME[@REVISION][=STEP]`, a folder, or 'random' (`base_model` re-initialised, step 0).
 
     The step defaults to the last number in the revision, else in the folder's name, else
     the checkpoint's position in the list.

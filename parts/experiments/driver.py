@@ -81,6 +81,8 @@ class LazyModel:
 
 @runtime_checkable
 class Executor(Protocol):
+    """Where a plan's pending settings run: in this process (`LocalExecutor`) or on Ray workers."""
+
     def run(self, pending: Sequence[Work], options: RunOptions, loader: Loader | None, done: Record,
             bar: tqdm) -> None:
         """Run every item of `pending` (grouped by model) and call `done(work, result)` here as each finishes."""

@@ -343,6 +343,7 @@ class EvaluateWork(SettingWork[Setting]):
 
 
 def evaluation_plan(model: ModelSpec, settings: Sequence[Setting], root: str | Path) -> list[EvaluateWork]:
+    """One work item per setting: what `parts evaluate` runs (or reuses) under `root`."""
     return [EvaluateWork(model, setting, Path(root)) for setting in settings]
 
 
@@ -363,6 +364,7 @@ def evaluation_rows(plan: Sequence[EvaluateWork], options: RunOptions) -> pd.Dat
 
 
 def evaluation_table_path(plan: Sequence[EvaluateWork], options: RunOptions) -> Path:
+    """Where the plan's markdown table goes: `results-<model>-n<limit>.md` beside `results.csv`."""
     first = plan[0]
     return table_path(first.root, first.model.label, first.setting.limit, options)
 

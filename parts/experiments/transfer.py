@@ -120,6 +120,8 @@ def transfer_prompts(
 
 @dataclass(frozen=True)
 class TransferSetting:
+    """One transfer setting: source and target task, the source's template and seed, and how many examples of each."""
+
     source: Task
     target: Task
     template: int

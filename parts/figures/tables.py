@@ -54,6 +54,7 @@ class Results:
 
 
 def load_results(folder: str | Path) -> Results:
+    """The committed result files of `folder` (`results/`), read as DataFrames; a missing one is named in the error."""
     folder = Path(folder)
     missing = [name for name in INPUTS if not (folder / name).is_file()]
     if missing:

@@ -39,6 +39,8 @@ ENGINES = ("hf", "bridge")
 
 @runtime_checkable
 class Engine(Protocol):
+    """What an engine does: build the demonstrations' prefix cache, then run batches and capture raw activations."""
+
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any: ...
 
     def run(

@@ -141,6 +141,7 @@ def _frame(frame: pd.DataFrame, css: str, links: Mapping[str, str] | None = None
 
 def overview_html(root_name: str, lines: Sequence[Mapping[str, Any]], measures: pd.DataFrame,
                   tables: Sequence[Mapping[str, Any]], skipped: int) -> str:
+    """The overview page (`index.html`): the tasks and runs found, the paper's measures, the main table."""
     models = sorted({line["model"] for line in lines})
     runs = sum(line["runs"] for line in lines)
     pages = {line["key"]: f"task-{line['key']}.html" for line in lines}
@@ -199,6 +200,7 @@ mean ± sd over runs; the share grows as the test set shrinks, so n is beside it
 
 
 def task_html(data: Mapping[str, Any]) -> str:
+    """A task's page (`task-<task>.html`): heatmap, run selector, top components, correlations, component view."""
     runs = data["runs"]
     options = f'<option value="mean">mean over {count(len(runs), "run")}</option>' + "".join(
         f'<option value="{i}">template {r["template"]}, seed {r["seed"]} (full model {_pct(r["full_accuracy"])})</option>'

@@ -33,6 +33,7 @@ CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 def label_probabilities(label_logits: Float[Tensor, "example label"]) -> Float[Tensor, "example label"]:
+    """Softmax over the label words only, in float32."""
     return label_logits.float().softmax(-1)
 
 
@@ -55,6 +56,7 @@ def train_calib_plus(train_logits: Float[Tensor, "example label"], labels: Int[T
 
 def calib_plus_predict(class_weights: Float[Tensor, " label"], label_logits: Float[Tensor, "example label"]
                        ) -> Int[Tensor, " example"]:
+    """Calib+'s prediction: the learned per-class weights applied to the label probabilities."""
     return predict(class_weights, class_components(label_probabilities(label_logits)), clip=False)
 
 
@@ -79,6 +81,7 @@ def content_free_prompts(template: Template, demonstrations: Sequence[Example],
 
 
 def contextual_prior(content_free_logits: Float[Tensor, "input label"]) -> Float[Tensor, " label"]:
+    """The label prior the content-free inputs reveal: their mean label probabilities."""
     return einops.reduce(label_probabilities(content_free_logits), "input label -> label", "mean")
 
 
@@ -90,6 +93,7 @@ def contextual_predict(label_logits: Float[Tensor, "example label"], prior: Floa
 
 # -- Batch calibration ------------------------------------------------------------------------------
 def batch_prior(label_logits: Float[Tensor, "example label"]) -> Float[Tensor, " label"]:
+    """The label prior estimated from the test batch itself: its mean label probabilities."""
     return einops.reduce(label_probabilities(label_logits), "example label -> label", "mean")
 
 

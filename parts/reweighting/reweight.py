@@ -77,6 +77,7 @@ def predict(weights: Float[Tensor, " component"], component_logits: Float[Tensor
 
 def accuracy(weights: Float[Tensor, " component"], component_logits: Float[Tensor, "example component label"],
              labels: Int[Tensor, " example"], clip: bool = True) -> float:
+    """The share of examples `predict` gets right with these weights."""
     return float((predict(weights, component_logits, clip) == labels).float().mean())
 
 
