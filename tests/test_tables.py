@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -192,7 +194,6 @@ def test_tables_never_replaces_what_parts_did_not_write(evaluated, tiny_task_fil
 
 def test_committed_docs_tables_match_the_committed_results():
     """Every generated table in docs/ is what `parts tables` makes from results/ (rerun it after an export)."""
-    from pathlib import Path
 
     from parts.figures.tables import rebuild
 
@@ -207,3 +208,33 @@ def test_table1_uses_the_papers_templates_only():
                           "label_biased": 0, "accuracies": acc} for t, acc in ((1, "0.5 1.0"), (4, "0.0 0.0"))])
     table = paper.component_table_1(paper.run_measures(runs, ["L0H0", "MLP0"]))
     assert table.loc[0, "runs"] == 1 and table.loc[0, "ORACLE-T1"] == "100.0"  # template 4 left out
+
+
+def test_check_fails_on_a_stale_note(evaluated, tmp_path, capsys):
+    """`parts tables --check` compares the results rows' notes with what `parts evaluate` writes now."""
+    import shutil
+
+    from parts.experiments.results import ORACLE_NOTE, stale_note_rows
+
+    _, results, _ = evaluated
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(PAGE)
+    argv = ["tables", "--results", str(copy), "--docs", str(docs), "--no-figures", "--resamples", "200", "--check"]
+    assert main(argv[:-1]) == 0 and main(argv) == 0
+    capsys.readouterr()
+    main_csv = pd.read_csv(copy / "main.csv", dtype=str, keep_default_na=False)
+    oracle = main_csv.index[main_csv["method"] == "oracle"][0]
+    assert main_csv.loc[oracle, "note"].startswith(f"{ORACLE_NOTE}; ")  # what the tiny evaluation wrote
+    main_csv.loc[oracle, "note"] = main_csv.loc[oracle, "note"].replace(ORACLE_NOTE, "upper bound: trained on the test labels")
+    main_csv.to_csv(copy / "main.csv", index=False)
+    assert main(argv) == 1
+    printed = capsys.readouterr().out.splitlines()
+    row = main_csv.loc[oracle]
+    assert printed == [f"out of date: {copy / 'main.csv'}: tiny t{row['template']} s{row['seed']} oracle {row['labels']} "
+                       f"has the note {row['note']!r}, which `parts evaluate` no longer writes: re-export it "
+                       "(`parts tables --from-runs ROOT`) or correct the note"]
+    committed = pd.read_csv(Path(__file__).resolve().parents[1] / "results" / "main.csv")
+    assert stale_note_rows(committed).empty and len(committed[committed["method"] == "oracle"]) == 120

@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
     stale = rebuild(args.results, args.docs, None if args.no_figures else args.figures, args.check, args.resamples)
     if args.check:
-        for page in stale:
-            print(f"out of date: {page} (run `parts tables`)")
+        for item in stale:
+            print(f"out of date: {item}")
         return 1 if stale else 0
     print(f"rewrote {len(stale)} docs page(s): {', '.join(stale) or 'none changed'}")
     return 0

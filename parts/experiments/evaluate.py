@@ -44,6 +44,7 @@ from parts.errors import PartsError
 from parts.experiments.driver import Executor, SettingWork, Work, drive
 from parts.experiments.options import RunOptions, resolve
 from parts.experiments.results import (
+    ORACLE_NOTE,
     RESULTS_CSV,
     check_outputs,
     read_results,
@@ -221,7 +222,7 @@ def evaluate_setting(
     oracle = train_weights(test.component_logits, test.labels, **recipe)
     save_weights(weights_file(test_dir, "oracle"), test.component_names, oracle, trained_on="test set (optimistic reference)")
     rows.append(_row(name, setting, "oracle", k, oracle.train_accuracy, n_test,
-                     f"optimistic reference, not a bound: trained on the test labels; {oracle.stopped_because} "
+                     f"{ORACLE_NOTE}; {oracle.stopped_because} "
                      f"after {oracle.epochs} epochs"))
 
     for budget in setting.labels:

@@ -9,6 +9,7 @@ table in markdown. Method names and their order come from `parts.methods`.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,29 @@ _IS_RESULTS = io.starts_with(",".join(COLUMNS))  # a results file written before
 # `limit` is a number or "all", so it is kept as text.
 DTYPES = {"model": str, "task": str, "template": int, "seed": int, "shots": int, "limit": str, "method": str,
           "labels": int, "accuracy": float, "n_test": int, "note": str}
+ORACLE_NOTE = "optimistic reference, not a bound: trained on the test labels"
+_NUMBERS = r"(?: -?\d+\.\d+)+"
+_TRAINING = r"(?:perfect|plateau|max_epochs) after \d+ epochs"
+# The note `parts evaluate` (`parts.experiments.evaluate.evaluate_setting`) writes for each method, as a
+# pattern: `parts tables --check` refuses a results row whose note the current code would not write.
+NOTE_PATTERNS = {
+    "icl": r"(?:left-truncated: first \d+ of \d+ demonstrations dropped)?",
+    "contextual": rf"prior{_NUMBERS}",
+    "batch": "",
+    "oracle": rf"{re.escape(ORACLE_NOTE)}; {_TRAINING}",
+    "comprw": rf"train acc \d+\.\d+; {_TRAINING}",
+    "calib+": rf"class weights{_NUMBERS}",
+}
+
+
+def stale_note_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a `results.csv` table whose note is not what `parts evaluate` writes now for their method
+    (`NOTE_PATTERNS`; other methods are left alone)."""
+    notes = rows["note"].fillna("").astype(str) if "note" in rows else pd.Series("", index=rows.index)
+    known = rows["method"].isin(list(NOTE_PATTERNS))
+    current = [not k or re.fullmatch(NOTE_PATTERNS[m], n) is not None
+               for m, n, k in zip(rows["method"], notes, known, strict=True)]
+    return rows[~pd.Series(current, index=rows.index, dtype=bool)]
 
 
 def result_row(model: str, task: str, template: int, seed: int, shots: int, limit: int | None, method: str,

@@ -27,7 +27,7 @@ from parts.analysis import paper
 from parts.analysis.stats import chance_table
 from parts.errors import PartsError
 from parts.experiments.checkpoints import checkpoint_lines, checkpoint_summary
-from parts.experiments.results import markdown_table
+from parts.experiments.results import markdown_table, stale_note_rows
 from parts.figures.export import write_figures
 from parts.methods import label_order
 
@@ -204,9 +204,21 @@ def rewrite_blocks(text: str, blocks: Mapping[str, str]) -> str:
     return BLOCK.sub(replace, text)
 
 
+def stale_notes(results_dir: str | Path, main: pd.DataFrame) -> list[str]:
+    """One line per `main.csv` row whose note is not what `parts evaluate` writes now
+    (`parts.experiments.results.NOTE_PATTERNS`), saying which row and how to fix it."""
+    if main.empty or "method" not in main:
+        return []
+    path = Path(results_dir) / "main.csv"
+    return [f"{path}: {r['task']} t{r['template']} s{r['seed']} {r['method']} {r['labels']} has the note "
+            f"{r.get('note', '')!r}, which `parts evaluate` no longer writes: re-export it "
+            "(`parts tables --from-runs ROOT`) or correct the note" for _, r in stale_note_rows(main).iterrows()]
+
+
 def rebuild(results_dir: str | Path, docs_dir: str | Path, figures_dir: str | Path | None, check: bool = False,
             n_resamples: int = 2000, formats: tuple[str, ...] = ("png", "svg")) -> list[str]:
-    """Rewrite the docs blocks and figures; with `check`, write nothing and return the stale pages."""
+    """Rewrite the docs blocks and figures and return the pages rewritten; with `check`, write nothing and
+    return what is out of date: each stale page (with the fix) and each results row with a stale note."""
     results = load_results(results_dir)
     blocks, analysis = build_tables(results, n_resamples)
     stale: list[str] = []
@@ -214,11 +226,11 @@ def rebuild(results_dir: str | Path, docs_dir: str | Path, figures_dir: str | Pa
         text = page.read_text()
         new = rewrite_blocks(text, blocks)
         if new != text:
-            stale.append(str(page))
+            stale.append(f"{page} (run `parts tables`)" if check else str(page))
             if not check:
                 io.rewrite_text(page, new)  # only the marked blocks changed: the page stays the user's
     if check:
-        return stale
+        return stale + stale_notes(results_dir, results.main)
     io.write_json(Path(results_dir) / "analysis.json", analysis)
     if figures_dir is not None:
         figures = result_figures(results, analysis)
