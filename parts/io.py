@@ -124,6 +124,19 @@ def contains(text: str, start_only: bool = False) -> Legacy:
     return test
 
 
+# -- Checks before reading ----------------------------------------------------------------------------
+def existing_folder(path: str | Path, what: str, fix: str) -> Path:
+    """`path` if it is a folder; else a one-line error naming it as `what` ("data directory"), saying what stands
+    there instead, and `fix`.
+
+    It reads nothing, so a command runs it on its folder arguments before its slow imports."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise PartsError(f"{what} {folder} {problem}: {fix}")
+    return folder
+
+
 # -- Checks before writing ----------------------------------------------------------------------------
 def _resolve(path: str | Path) -> Path:
     """The real path to write (symlinks followed); a broken link is refused."""

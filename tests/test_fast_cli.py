@@ -59,6 +59,9 @@ def test_help_imports_nothing_heavy(argv):
     (["control", "--tasks", "nosuch"], "unknown task 'nosuch'"),
     (["control", "--alpha", "2"], "--alpha must be between 0 and 1"),
     (["checkpoints", "--checkpoints", "random", "--tasks", "nosuch"], "unknown task 'nosuch'"),
+    (["analyze", "/nonexistent"], "runs folder /nonexistent does not exist: give the --out folder of a sweep"),
+    (["report", "/nonexistent", "--out", "x"], "runs folder /nonexistent does not exist: give the --out folder"),
+    (["figures", "/nonexistent", "--out", "x"], "runs folder /nonexistent does not exist: give the --out folder"),
 ])
 def test_argument_and_task_errors_import_nothing_heavy(argv, message):
     """Reported as one line, exit status 2, before torch or transformers is imported."""

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import number, positive_int
+from parts.cli.common import RUNS_FOLDER_FIX, number, positive_int
 
 
 def probability(text: str) -> float:
@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parts import io
+
+    io.existing_folder(args.root, "runs folder", RUNS_FOLDER_FIX)  # before the slow imports: answered at once
+
     from parts.analysis.analyze import analysis_report, format_report
     from parts.decomposition.runs import find_runs, load_runs
 

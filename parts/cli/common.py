@@ -10,6 +10,9 @@ if TYPE_CHECKING:
     from parts.experiments.options import RunOptions
 
 
+RUNS_FOLDER_FIX = "give the --out folder of a sweep or a run folder"
+
+
 def count(n: int, noun: str) -> str:
     """'1 run', '2 runs': a number and its noun in the right number."""
     return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import add_model_options, count, name_list, positive_int, run_options
+from parts.cli.common import RUNS_FOLDER_FIX, add_model_options, count, name_list, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -41,7 +41,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts import io
     from parts.errors import PartsError
+
+    io.existing_folder(args.root, "runs folder", RUNS_FOLDER_FIX)  # before the slow imports: answered at once
     from parts.figures.export import FORMATS, write_figures
     from parts.figures.figureset import figure_set
     from parts.model.loading import load_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import add_model_options, name_list, positive_int, run_options
+from parts.cli.common import RUNS_FOLDER_FIX, add_model_options, name_list, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -37,7 +37,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parts import io
     from parts.data.tasks import get_task
+
+    io.existing_folder(args.runs, "runs folder", RUNS_FOLDER_FIX)  # before the slow imports: answered at once
     from parts.report.site import build_report, count
 
     tasks_files = {get_task(path).name: path for path in args.task_files or []}

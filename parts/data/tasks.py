@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parts import io
 from parts.errors import PartsError
 
 Example = dict[str, Any]
@@ -306,11 +307,7 @@ def data_dir_from_env(data_dir: str | Path | None = None) -> Path | None:
     chosen = data_dir if data_dir not in (None, "") else os.environ.get("PARTS_DATA_DIR") or None
     if chosen is None:
         return None
-    path = Path(chosen).expanduser()
-    if not path.is_dir():
-        problem = "is a file, not a folder" if path.exists() else "does not exist"
-        raise PartsError(f"data directory {path} {problem}: fix --data-dir or PARTS_DATA_DIR")
-    return path
+    return io.existing_folder(chosen, "data directory", "fix --data-dir or PARTS_DATA_DIR")
 
 
 def get_task(name_or_file: str | Path) -> Task:
