@@ -11,6 +11,7 @@ in its place, by its experts `MLP{layer}E{expert}` and, where the block has one,
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -87,3 +88,23 @@ def component_order(name: str) -> tuple[int, int, int]:
 def sort_components(names: Iterable[str]) -> list[str]:
     """Names in `component_names` order (heads layer-major, then MLPs)."""
     return sorted(names, key=component_order)
+
+
+def component_summary(names: Iterable[str]) -> str:
+    """What a run's components are, counted from their names: '300 (30 layers x 9 heads + 30 MLPs)';
+    with `--split-experts`, '16 (2 layers x 4 heads + 2 layers x 4 experts)' (a shared expert counted apart).
+    A kind with a different count on some layers is given as its total ('7 heads')."""
+    parsed = [parse_component(name) for name in names]
+
+    def count(kind: str, noun: str, keep: bool = True) -> str:
+        per_layer = Counter(c.layer for c in parsed if c.kind == kind and (c.head != SHARED_EXPERT) == keep)
+        total, sizes = sum(per_layer.values()), set(per_layer.values())
+        if not total:
+            return ""
+        if kind == MLP or len(sizes) > 1:
+            return f"{total} {noun}{'s' if total > 1 else ''}"
+        size = sizes.pop()
+        return f"{len(per_layer)} layer{'s' if len(per_layer) > 1 else ''} x {size} {noun}{'s' if size > 1 else ''}"
+
+    parts = [count(HEAD, "head"), count(MLP, "MLP"), count(EXPERT, "expert"), count(EXPERT, "shared expert", keep=False)]
+    return f"{len(parsed)} ({' + '.join(p for p in parts if p)})"

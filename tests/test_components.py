@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from parts.components import Component, component_kind, component_names, parse_component, sort_components
+from parts.components import (
+    Component,
+    component_kind,
+    component_names,
+    component_summary,
+    parse_component,
+    sort_components,
+)
 from parts.errors import PartsError
 
 
@@ -34,3 +41,13 @@ def test_sort_restores_the_canonical_order():
 def test_a_malformed_name_is_refused(name):
     with pytest.raises(PartsError, match="is not like L0H0 or MLP0"):
         parse_component(name)
+
+
+def test_the_summary_counts_each_kind_the_run_holds():
+    assert component_summary(component_names(30, 9)) == "300 (30 layers x 9 heads + 30 MLPs)"
+    # --split-experts on a 2-layer, 4-head, 4-expert Mixtral: no MLP left, 8 experts in their place
+    experts = [f"MLP{layer}E{e}" for layer in range(2) for e in range(4)]
+    assert component_summary(component_names(2, 4)[:8] + experts) == "16 (2 layers x 4 heads + 2 layers x 4 experts)"
+    # a shared expert counted apart; a kind uneven over layers given as its total
+    mixed = ["L0H0", "L0H1", "L1H0", "MLP0", "MLP1E0", "MLP1E1", "MLP1S"]
+    assert component_summary(mixed) == "7 (3 heads + 1 MLP + 1 layer x 2 experts + 1 layer x 1 shared expert)"

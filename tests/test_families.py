@@ -176,7 +176,7 @@ def test_split_experts_is_refused_where_it_cannot_apply(tokenizer):
         Decomposer(moe, moe_ids, engine="bridge", split_experts=True)
 
 
-def test_split_experts_from_the_command_line(tmp_path, tokenizer, tiny_task_file):
+def test_split_experts_from_the_command_line(tmp_path, tokenizer, tiny_task_file, capsys):
     """`parts decompose --split-experts` on a Mixtral folder: expert components saved, analysed like any other."""
     from transformers import AutoModelForCausalLM
 
@@ -192,6 +192,8 @@ def test_split_experts_from_the_command_line(tmp_path, tokenizer, tiny_task_file
     out = tmp_path / "run"
     assert main(["decompose", "--model", str(folder), "--task", str(tiny_task_file), "--template", "2", "--limit", "6",
                  "--out", str(out), "--device", "cpu", "--split-experts"]) == 0
+    # the summary line counts what the run holds: 8 heads and 8 experts, no MLP
+    assert "components           16 (2 layers x 4 heads + 2 layers x 4 experts)\n" in capsys.readouterr().out
     run = DecompositionRun.load(out)
     assert run.component_names[-4:] == ["MLP1E0", "MLP1E1", "MLP1E2", "MLP1E3"] and run.info["split_experts"] is True
     assert run.max_reconstruction_error < 1e-4

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from parts import __version__, io
+from parts.components import component_summary
 from parts.data.prompts import PromptSet
 from parts.errors import PartsError
 
@@ -185,8 +186,7 @@ class DecompositionRun:
                 f"{p.split} n={self.n_examples}",
                 f"full model accuracy  {self.full_accuracy:.1%}   (majority class {self.chance:.1%})",
                 f"best components      {best}",
-                f"components           {len(self.component_names)} ({self.n_layers} layers x "
-                f"{self.n_heads} heads + {self.n_layers} MLPs)",
+                f"components           {component_summary(self.component_names)}",
                 f"reconstruction error {self.max_reconstruction_error:.2e} (max |sum of parts - model logit|)",
             ]
         )

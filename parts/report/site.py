@@ -33,6 +33,7 @@ import pandas as pd
 
 from parts import __version__, io
 from parts.analysis import paper
+from parts.components import component_summary
 from parts.report import data as report_data
 from parts.report.data import TaskRuns
 
@@ -227,7 +228,7 @@ def task_html(data: Mapping[str, Any]) -> str:
     return f"""
 <h1>{e(data["task"])} <span class=sub>{e(data["model"])}</span></h1>
 <p class=lead>{count(len(runs), "run")} ({e(data["split"])} split, {data["n_examples"]} examples each, {data["shots"]}-shot) ·
-labels {labels} · {len(names)} components ({data["n_layers"]} layers × {data["n_heads"]} heads + {data["n_layers"]} MLPs) ·
+labels {labels} · {e(component_summary(names).replace(" (", " components (", 1))} ·
 majority rate {_pct(data["chance"])}</p>
 <div class=controls><label for="run-select">Run</label> <select id="run-select">{options}</select>
 <span class=hint>Hover a cell for its numbers; click it, or a row below, to open the component.</span></div>
