@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pandas as pd
 import pytest
 import torch
@@ -16,6 +18,8 @@ from parts.experiments.checkpoints import (
     parse_checkpoint,
     pythia_checkpoints,
 )
+from parts.experiments.options import RunOptions
+from parts.experiments.runner import model_slug
 
 STEPS = (0, 30, 80)
 
@@ -70,12 +74,35 @@ def test_parse_checkpoint_specs():
         parse_checkpoint("@step1")
 
 
+def test_local_folders_are_named_by_last_part_and_path_hash(tmp_path, monkeypatch):
+    for place in ("a", "b"):
+        (tmp_path / place / "step80").mkdir(parents=True)
+    first, second = tmp_path / "a" / "step80", tmp_path / "b" / "step80"
+    digest = hashlib.sha256(str(first.resolve()).encode()).hexdigest()[:8]
+    assert model_slug(str(first)) == f"step80-{digest}"
+    assert model_slug(str(first) + "/") == f"step80-{digest}"  # the same folder, however spelled
+    monkeypatch.chdir(tmp_path / "a")
+    assert model_slug("./step80") == model_slug("step80") == f"step80-{digest}"
+    assert model_slug(str(second)) != model_slug(str(first))  # same last part, another place: other runs
+    assert model_slug(str(first) + "+random-init-s2") == f"step80-{digest}+random-init-s2"
+    assert model_slug(parse_checkpoint("random", base_model=str(first)).label) == f"step80-{digest}+random-init-s0"
+    assert "--" not in model_slug(str(first)) and "tmp" not in model_slug(str(first))
+    # Hub names keep their readable form.
+    assert model_slug("EleutherAI/pythia-160m@step1000") == "EleutherAI--pythia-160m@step1000"
+    assert model_slug("EleutherAI/pythia-160m", RunOptions(dtype="bf16")) == "EleutherAI--pythia-160m" + RunOptions(
+        dtype="bf16").variant
+
+
 def test_checkpoint_sweep_tracks_full_model_and_components(trained_checkpoints, tiny_task_file, tmp_path):
     checkpoints = [parse_checkpoint(str(folder)) for folder in trained_checkpoints]
     assert [c.step for c in checkpoints] == [0.0, 30.0, 80.0]
     runs = checkpoint_runs(checkpoints, [str(tiny_task_file)], templates=[1], seeds=[0, 1], limit=20,
                            root=tmp_path, device="cpu")
     assert len(runs) == 3 * 2
+    # Each checkpoint's runs sit in a folder named by the checkpoint folder's last part and a hash of its path.
+    digests = [hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8] for folder in trained_checkpoints]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        f"step{step}-{digest}" for step, digest in zip(STEPS, digests, strict=True)]
     table = checkpoint_table(runs, k=2)
     # Per run: the full model, 2 best components, 2 final top components.
     assert len(table) == len(runs) * 5

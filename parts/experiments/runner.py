@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_leg
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
 from parts.model import loading
-from parts.model.loading import model_name, plain_model, random_init_name, resolve_model_name
+from parts.model.loading import (
+    RANDOM_INIT_MARK,
+    is_local_name,
+    model_name,
+    plain_model,
+    random_init_name,
+    resolve_model_name,
+)
 from parts.model.readout import RESID_0, Layout, affine_parts, z_name
 
 Loader = Callable[..., TransformerBridge]  # `parts.model.loading.load_model`'s signature
@@ -161,10 +169,22 @@ def model_label(name: str | None, revision: str | None = None) -> str | None:
 
 
 def model_slug(name: str | None, options: RunOptions | None = None) -> str:
-    """A folder name for a model run with `options`: the embedded default, or the hub name with '/'
-    replaced, plus the options that change the numbers (`RunOptions.variant`, nothing for the defaults)."""
-    slug = resolve_model_name(name).replace("/", "--").replace(" ", "_")
-    return slug + (options.variant if options is not None else "")
+    """A folder name for a model run with `options`, plus the options that change the numbers
+    (`RunOptions.variant`, nothing for the defaults).
+
+    A hub name has its '/' replaced (`EleutherAI--pythia-160m@step1000`). A local folder is named by its last part
+    and a short hash of its full path (`step1000-3f2a9c1d`), not by the path spelled out (`--tmp--ckpts--step1000`):
+    two folders of the same name in different places never share runs.
+    """
+    label = resolve_model_name(name)
+    base, mark, seed = label.partition(RANDOM_INIT_MARK)  # a re-initialised model: `NAME+random-init-s{seed}`
+    if is_local_name(base):
+        folder = Path(base).expanduser().resolve()
+        digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+        slug = f"{folder.name}-{digest}{mark}{seed}"
+    else:
+        slug = label.replace("/", "--")
+    return slug.replace(" ", "_") + (options.variant if options is not None else "")
 
 
 @dataclass(frozen=True)

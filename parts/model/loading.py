@@ -211,11 +211,15 @@ def from_hf(
     return bridge
 
 
+def is_local_name(name: str) -> bool:
+    """Whether a model name is a path (a folder saved with `save_pretrained`) rather than a hub name."""
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
 def _check_local_folder(name: str) -> str:
     """A name that is a path must be a model folder; anything else is left to the hub."""
     path = Path(name).expanduser()
-    looks_local = name.startswith(("/", ".", "~")) or path.exists()
-    if not looks_local:
+    if not is_local_name(name):
         return name
     if not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"
