@@ -171,13 +171,40 @@ def check_folder(path: str | Path, legacy: Legacy | None = None, kind: str | Non
                          f"parts replaces a {kind} only with a {kind}")
     if target.is_dir():
         foreign = foreign_entries(target, legacy)
-        if foreign:
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        users = [name for name in foreign if outputs_within(target / name, legacy) is None]
+        if users:
+            more = f" and {len(users) - 1} more" if len(users) > 1 else ""
             raise PartsError(
-                f"{path} holds {foreign[0]}{more}, which parts did not write: choose another path or move them away; "
+                f"{path} holds {users[0]}{more}, which parts did not write: choose another path or move them away; "
                 "parts never replaces a folder holding files it did not write"
             )
+        if foreign:  # folders of outputs parts wrote elsewhere (a sweep's runs): parts', but not this folder's own
+            outputs = [output for name in foreign for output in outputs_within(target / name, legacy) or []]
+            kinds = sorted({folder_kind(output) or "output" for output in outputs})
+            example = outputs[0].relative_to(target)
+            more = f" and {len(outputs) - 1} more" if len(outputs) > 1 else ""
+            raise PartsError(
+                f"{path} holds {' and '.join(kinds)} folders parts wrote ({example}{more}), so it is not one "
+                f"{kind or 'folder'} parts may replace: choose another path"
+            )
     return target
+
+
+def outputs_within(folder: Path, legacy: Legacy | None = None) -> list[Path] | None:
+    """The folders parts wrote whole (runs, reports...) that make up `folder`, by their markers (a sweep's
+    `MODEL/TASK/` folders have none of their own); None if anything in it is not parts'."""
+    if not folder.is_dir() or folder.is_symlink():
+        return None
+    if (folder / MARKER).exists() or (legacy is not None and legacy(folder)):
+        return None if foreign_entries(folder, legacy) else [folder]
+    entries = sorted(entry for entry in folder.iterdir() if not is_bookkeeping(entry.name))
+    found: list[Path] = []
+    for entry in entries:
+        within = outputs_within(entry, legacy)
+        if within is None:
+            return None
+        found += within
+    return found or None
 
 
 # -- Writing ----------------------------------------------------------------------------------------------

@@ -300,6 +300,31 @@ def test_a_run_and_a_report_never_replace_each_other(argv_for, tmp_path, capsys)
     assert "holds a report parts wrote, not a run" in err and snapshot(out / "report") == report_bytes
 
 
+def test_a_sweeps_folders_are_refused_as_parts_outputs_not_as_foreign(argv_for, tmp_path, capsys):
+    """`decompose --out` or `report --out` at a folder `sweep` just wrote is refused, worded from what is there:
+    runs parts wrote (not files parts "did not write"); a user's file among them is named as the user's."""
+    out = tmp_path / "out"
+    assert main(argv_for("sweep", out)) == 0
+    model_folder = next(out.iterdir())
+    runs = sorted(p.parent.relative_to(model_folder) for p in model_folder.rglob("summary.json"))
+    assert len(runs) == 1
+    before = snapshot(out)
+    for target, command in ((model_folder, "decompose"), (out, "report"), (model_folder / runs[0].parent, "decompose")):
+        argv = argv_for(command, tmp_path / "x")
+        code, err = run([*argv[:-1], str(target)], capsys)
+        assert_refused(code, err, target)
+        kind = "run" if command == "decompose" else "report"
+        example = (model_folder / runs[0]).relative_to(target)
+        assert f"holds run folders parts wrote ({example}), so it is not one {kind} parts may replace: " \
+               "choose another path" in error_lines(err)[0], err
+        assert "did not write" not in err
+    (model_folder / runs[0].parent / "notes.txt").write_text("mine")
+    code, err = run([*argv_for("decompose", tmp_path / "x")[:-1], str(model_folder)], capsys)
+    assert_refused(code, err, model_folder)
+    assert f"holds {runs[0].parts[0]}, which parts did not write" in error_lines(err)[0], err
+    assert snapshot(out) == {**before, str((model_folder / runs[0].parent / "notes.txt").relative_to(out)): b"mine"}
+
+
 def test_a_results_csv_that_is_not_parts_is_a_one_line_error(argv_for, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
