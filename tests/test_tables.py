@@ -158,12 +158,15 @@ def test_transfer_intervals_table3():
 def test_coverage_lists_what_finished():
     main_rows = pd.DataFrame([{"task": "sst2", "template": t, "seed": s, "method": "icl"} for t, s in ((1, 0), (2, 0))])
     runs = pd.DataFrame([{"task": "sst2", "template": 4, "seed": 0}, {"task": "sst2 -> yelp", "template": 1, "seed": 0}])
-    transfer = pd.DataFrame([{"task": "sst2 -> yelp", "template": 1, "seed": 0, "method": "transfer-1"}])
+    transfer = pd.DataFrame([{"task": "sst2 -> yelp", "template": t, "seed": s, "method": "transfer-1"}
+                             for t in (1, 2, 3) for s in range(5)])
     table = paper.coverage_table(main_rows, runs, transfer).set_index("task")
-    assert table.loc["sst2", "main-table settings (of 15)"] == "2: t1 s0, t2 s0"
-    assert table.loc["sst2", "test runs (Tables 1, 2)"] == "1: t4 s0"
+    assert table.loc["sst2", "main-table settings (of 15)"] == "t1-2 × s0, 2"
+    assert table.loc["sst2", "test runs (Tables 1, 2; of 20)"] == "t4 × s0, 1"
     assert table.loc["boolq", "main-table settings (of 15)"] == "0"
-    assert table.loc["sst2 -> yelp", "transfer runs (Table 3)"] == "1: t1 s0"
+    assert table.loc["sst2 -> yelp", "transfer runs (Table 3; of 15)"] == "t1-3 × s0-4, all 15"
+    uneven = {(1, 0), (1, 1), (1, 2), (1, 4), (2, 0), (2, 1), (2, 2), (2, 4), (3, 0)}
+    assert paper.compact_runs(uneven, 15) == "t1-2 × s0-2,4; t3 × s0, 9"
 
 
 def test_tables_never_replaces_what_parts_did_not_write(evaluated, tiny_task_file, tmp_path, capsys):

@@ -284,26 +284,54 @@ def transfer_intervals(predictions: pd.DataFrame, n_resamples: int = 2000, seed:
     return pd.DataFrame(rows)
 
 
+def _numbers(values: list[int]) -> str:
+    """[0, 1, 2, 4] -> '0-2,4': runs of consecutive numbers as ranges."""
+    spans: list[list[int]] = []
+    for value in sorted(values):
+        if spans and value == spans[-1][1] + 1:
+            spans[-1][1] = value
+        else:
+            spans.append([value, value])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def compact_runs(pairs: set[tuple[int, int]], design: int | None = None) -> str:
+    """(template, seed) pairs as template x seed ranges: 't1-3 × s0-4, all 15' (all of a `design` of 15),
+    't1-2 × s0-4; t3 × s0-2, 13' where templates differ in their seeds; '0' for none."""
+    if not pairs:
+        return "0"
+    seeds: dict[int, tuple[int, ...]] = {}
+    for template, seed in sorted(pairs):
+        seeds[template] = (*seeds.get(template, ()), seed)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for template, its_seeds in seeds.items():
+        groups.setdefault(its_seeds, []).append(template)
+    text = "; ".join(f"t{_numbers(templates)} × s{_numbers(list(its_seeds))}" for its_seeds, templates in groups.items())
+    return f"{text}, {'all ' if len(pairs) == design else ''}{len(pairs)}"
+
+
 def coverage_table(main: pd.DataFrame, runs: pd.DataFrame, transfer: pd.DataFrame, templates: tuple[int, ...] = (1, 2, 3),
-                   seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> pd.DataFrame:
-    """What has finished, per task: main-table settings (of templates x seeds), test runs (Tables 1 and 2,
-    template 4 included) and transfer runs, each as 'count: t1 s0, ...', so the docs say exactly what is there."""
-    def listed(frame: pd.DataFrame) -> str:
+                   seeds: tuple[int, ...] = (0, 1, 2, 3, 4), test_templates: tuple[int, ...] = (1, 2, 3, 4)) -> pd.DataFrame:
+    """What has finished, per task: main-table settings (of `templates` x `seeds`), test runs (Tables 1 and 2,
+    of `test_templates` x `seeds`) and transfer runs (of `templates` x `seeds`), each as template x seed ranges
+    (`compact_runs`), so the docs say exactly what is there."""
+    def listed(frame: pd.DataFrame, design: int) -> str:
         if frame.empty:
             return "0"
-        pairs = sorted({(int(t), int(s)) for t, s in zip(frame["template"], frame["seed"], strict=True)})
-        return f"{len(pairs)}: " + ", ".join(f"t{t} s{s}" for t, s in pairs) if pairs else "0"
+        return compact_runs({(int(t), int(s)) for t, s in zip(frame["template"], frame["seed"], strict=True)}, design)
 
+    design, test_design = len(templates) * len(seeds), len(test_templates) * len(seeds)
     tasks = ordered_tasks(list(PAPER_TASK_ORDER) + list(main.get("task", pd.Series(dtype=str)))
                            + [t for t in runs.get("task", pd.Series(dtype=str)) if " -> " not in t])
     rows = []
     for task in tasks:
         settings = main[main["task"] == task] if len(main) else main
         tested = runs[runs["task"] == task] if len(runs) else runs
-        rows.append({"task": task, f"main-table settings (of {len(templates) * len(seeds)})": listed(settings),
-                     "test runs (Tables 1, 2)": listed(tested)})
+        rows.append({"task": task, f"main-table settings (of {design})": listed(settings, design),
+                     f"test runs (Tables 1, 2; of {test_design})": listed(tested, test_design)})
     for shift in [t for t in dict.fromkeys(transfer.get("task", pd.Series(dtype=str))) if " -> " in t]:
         done = transfer[(transfer["task"] == shift) & (transfer["method"] == "transfer-1")]
-        rows.append({"task": shift, f"main-table settings (of {len(templates) * len(seeds)})": "",
-                     "test runs (Tables 1, 2)": "", "transfer runs (Table 3)": listed(done)})
+        rows.append({"task": shift, f"main-table settings (of {design})": "",
+                     f"test runs (Tables 1, 2; of {test_design})": "",
+                     f"transfer runs (Table 3; of {design})": listed(done, design)})
     return pd.DataFrame(rows).fillna("")
