@@ -9,7 +9,8 @@ How a write goes:
 - **A folder** (`write_folder`, for a run) is filled under a staging name and renamed into place; an old folder
   is moved aside in one rename and removed only once the new one stands, and put back if the new one failed.
 - **Permissions**: staging files and folders are created like `open()` and `mkdir` create them (0666 / 0777
-  less the umask), not private as `mkstemp` / `mkdtemp` would make them.
+  less the umask), not private as `mkstemp` / `mkdtemp` would make them; a writer that makes its file private
+  (safetensors' `save_file`) is overruled, so every file parts writes follows the umask.
 - **Ownership**: every folder parts writes into holds a marker file `.parts` listing the names parts wrote
   there. An existing file is replaced only if its name is listed (or `legacy(path)` recognises it as the output
   of a parts version older than the marker); an existing folder only if everything in it is parts' (or it is
@@ -34,6 +35,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -258,12 +260,18 @@ def _marker_text(names: Iterable[str], kind: str | None = None) -> str:
     return json.dumps(marker, indent=1) + "\n"
 
 
-def _replace_with(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a staging file created with the umask's permissions, then rename it over `target`."""
+def _replace_with(target: Path, write: Callable[[Path], Any], mode: int | None = None) -> None:
+    """Write through a staging file created with the umask's permissions (or `mode`), then rename it over `target`.
+
+    The permissions are set again after `write`: a writer may replace the staging file by one of its own making
+    (safetensors' `save_file` writes a private 0600 file and renames it over the path it is given).
+    """
     staging = _staging_name(target)
     os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 less the umask
     try:
+        mode = stat.S_IMODE(staging.stat().st_mode) if mode is None else mode
         write(staging)
+        os.chmod(staging, mode)
         _fsync(staging)
         os.replace(staging, target)
     except BaseException:
@@ -310,14 +318,8 @@ def rewrite_text(path: str | Path, text: str) -> Path:
     target = _resolve(path)
     if not target.is_file():
         raise PartsError(f"{path} is not a file: parts rewrites only the marked blocks of an existing page")
-    mode = target.stat().st_mode & 0o7777
-
-    def write(staging: Path) -> None:
-        staging.write_text(text)
-        os.chmod(staging, mode)
-
     try:
-        _replace_with(target, write)
+        _replace_with(target, lambda staging: staging.write_text(text), mode=stat.S_IMODE(target.stat().st_mode))
     except BaseException as err:
         raise _explain(err, path) from err
     return Path(path)
@@ -340,6 +342,7 @@ def write_folder(path: str | Path, legacy: Legacy | None = None, kind: str | Non
     try:
         staging.mkdir()  # 0777 less the umask, as `mkdir` does
         yield staging
+        _follow_umask(staging)
         # Everything in the staging folder is parts': each folder's marker lists it, subfolders included.
         for folder in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir() and not p.is_symlink())]:
             names = [entry.name for entry in folder.iterdir()]
@@ -355,6 +358,18 @@ def write_folder(path: str | Path, legacy: Legacy | None = None, kind: str | Non
         raise _explain(err, path) from err
     if retired.exists():
         remove_parts_folder(retired, legacy)
+
+
+def _follow_umask(staging: Path) -> None:
+    """Give everything in a staging folder the permissions `open` and `mkdir` give under the umask, which the
+    staging folder itself got from `mkdir`: writers that make their files private (safetensors' `save_file`,
+    and through it `save_pretrained`) would otherwise leave a shared run or model cache unreadable to others."""
+    folder_mode = stat.S_IMODE(staging.stat().st_mode) & 0o777
+    for entry in staging.rglob("*"):
+        if not entry.is_symlink():
+            bits = stat.S_IMODE(entry.stat().st_mode)
+            wanted = folder_mode if entry.is_dir() else folder_mode & 0o666
+            os.chmod(entry, (bits & ~0o777) | wanted)  # a folder's setgid bit (shared group) is kept
 
 
 def remove_parts_folder(folder: Path, legacy: Legacy | None = None) -> None:

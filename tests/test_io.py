@@ -42,6 +42,26 @@ def test_files_and_folders_get_the_umasks_permissions(tmp_path, umask_022):
     assert json.loads((tmp_path / "c.json").read_text()) == {"x": 1}
 
 
+def test_a_writer_that_makes_its_file_private_is_overruled(tmp_path, umask_022):
+    """safetensors' `save_file` (and `save_pretrained` through it) writes 0600 whatever the umask, renaming its own
+    file over the path it is given: run tensors, weights and the model cache would be unreadable to a group."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"x": torch.arange(3.0)}
+    io.write_file(tmp_path / "w.safetensors", lambda staging: save_file(tensors, str(staging)))
+    with io.write_folder(tmp_path / "run") as staging:
+        save_file(tensors, str(staging / "tensors.safetensors"))
+        (staging / "sub").mkdir(mode=0o700)
+        save_file(tensors, str(staging / "sub" / "model.safetensors"))
+    assert mode(tmp_path / "w.safetensors") == 0o644
+    assert [mode(tmp_path / "run" / n) for n in ("tensors.safetensors", "sub", "sub/model.safetensors")] \
+        == [0o644, 0o755, 0o644]
+    os.umask(0o027)  # a group's umask: what the group may read, others not
+    io.write_file(tmp_path / "g.safetensors", lambda staging: save_file(tensors, str(staging)))
+    assert mode(tmp_path / "g.safetensors") == 0o640
+
+
 def test_the_marker_records_what_parts_wrote(tmp_path):
     io.write_text(tmp_path / "a.txt", "1")
     io.write_text(tmp_path / "b.txt", "2")

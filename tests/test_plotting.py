@@ -335,6 +335,34 @@ def test_static_export_writes_images(tmp_path):
     assert sorted(p.name for p in tmp_path.glob(".*")) == [".parts", ".parts-lock"]  # no temporary files left behind
 
 
+def test_the_same_figure_exports_to_the_same_bytes(tmp_path):
+    """plotly draws random element, trace and drawing ids: unfixed, every `parts tables` run changes the committed
+    SVGs and HTML pages in git. Two exports (two browser sessions) must be byte-identical; two different figures
+    must still get different drawing ids (their clip paths and gradients may share one page)."""
+    from parts.figures.export import deterministic_svg
+
+    heatmap = plotting.accuracy_heatmap(TABLE, FULL, CHANCE, "tiny run")  # colour bar: a gradient id
+    lines = go.Figure([go.Scatter(x=[0, 1], y=[0.5, 0.7], name="full"), go.Bar(x=[0, 1], y=[0.2, 0.4], name="b")])
+    figures = {"heatmap": heatmap, "lines": lines}  # a scatter's class names its trace's uid
+    before = heatmap.to_json()
+    for folder in ("a", "b"):
+        write_figures(figures, tmp_path / folder, ("html", "svg"), progress=False)
+    for name in ("heatmap.svg", "heatmap.html", "lines.svg", "lines.html"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert heatmap.to_json() == before  # the caller's figure is not changed by the export
+    svg = (tmp_path / "a" / "heatmap.svg").read_text()
+    drawing_id = svg.split('<defs id="defs-', 1)[1].split('"', 1)[0]
+    assert f'clip-path="url(#clip{drawing_id}xyplot)"' in svg and f'id="clip{drawing_id}xyplot"' in svg
+    assert drawing_id not in (tmp_path / "a" / "lines.svg").read_text()
+    assert 'class="trace scatter trace0"' in (tmp_path / "a" / "lines.svg").read_text()
+    assert '<div id="heatmap" class="plotly-graph-div"' in (tmp_path / "a" / "heatmap.html").read_text()
+    # Only attribute values are rewritten: the same letters in a title's text stay.
+    drawn = b'<svg><defs id="defs-abc123"/><g clip-path="url(#clipabc123x)"><text>abc123</text></g></svg>'
+    fixed = deterministic_svg(drawn)
+    assert fixed.count(b"abc123") == 1 and b"<text>abc123</text>" in fixed
+    assert fixed == deterministic_svg(drawn.replace(b"abc123", b"fed987").replace(b"<text>fed987", b"<text>abc123"))
+
+
 def test_missing_browser_names_the_install(monkeypatch):
     from choreographer.browsers.chromium import Chromium
 

@@ -4,17 +4,21 @@ Static export drives a headless Chromium. One browser serves every figure of a c
 (`static_export`), since starting one costs seconds. Nothing here downloads anything: the
 browser is the system's (Debian: `apt-get install -y chromium fonts-liberation`) and MathJax,
 which kaleido would fetch from a CDN, is turned off. Every file is written under a temporary
-name and renamed into place, so an interrupted export leaves no half-written figure.
+name and renamed into place, so an interrupted export leaves no half-written figure. The same figure
+exports to the same HTML and SVG bytes: plotly's random element, trace and drawing ids are fixed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -55,13 +59,43 @@ def static_export() -> Iterator[None]:
         kaleido.stop_sync_server(silence_warnings=True)
 
 
-def figure_html(figure: go.Figure, plotlyjs: str = "directory") -> str:
+def figure_html(figure: go.Figure, plotlyjs: str = "directory", div_id: str | None = None) -> str:
     """A standalone page for the figure; `plotlyjs`: 'directory' (a shared plotly.min.js beside it),
-    'cdn' (smallest, needs the network to view) or 'inline' (one self-contained file, ~4.6 MB)."""
+    'cdn' (smallest, needs the network to view) or 'inline' (one self-contained file, ~4.6 MB). `div_id` names the
+    figure's element (plotly draws a random one otherwise, and the page changes on every export)."""
     if plotlyjs not in PLOTLYJS_MODES:
         raise PartsError(f"plotly.js mode {plotlyjs!r} is not one of {', '.join(PLOTLYJS_MODES)}: choose one of them")
     include: str | bool = True if plotlyjs == "inline" else plotlyjs
-    return pio.to_html(figure, include_plotlyjs=include, full_html=True, config={"displaylogo": False})
+    return pio.to_html(figure, include_plotlyjs=include, full_html=True, config={"displaylogo": False}, div_id=div_id)
+
+
+_LAYOUT_UID = re.compile(rb'<defs id="defs-([0-9a-f]+)"')  # plotly.js's random `_uid` of the drawing
+_ATTRIBUTE_VALUE = re.compile(rb'="[^"]*"')
+
+
+def with_fixed_trace_uids(figure: go.Figure) -> dict[str, Any]:
+    """The figure as a dict whose traces without a `uid` get their index as one (plotly.js draws random ones,
+    which name the traces' classes and colour-bar gradients in an SVG). The figure itself is left as it was
+    (`go.Figure(figure)` would reorder its traces' keys, and so its HTML)."""
+    fixed = figure.to_dict()
+    for index, trace in enumerate(fixed.get("data", [])):
+        trace.setdefault("uid", str(index))
+    return fixed
+
+
+def deterministic_svg(svg: bytes) -> bytes:
+    """The SVG with plotly.js's random drawing id replaced by one made from the drawing itself, so the same
+    figure exports to the same bytes (no churn in git) and two different figures inlined in one page keep
+    distinct clip-path and gradient ids. The id is replaced only inside attribute values, never in text."""
+    found = _LAYOUT_UID.search(svg)
+    if found is None:
+        return svg
+    random_uid = found.group(1)
+
+    def replace(uid: bytes) -> bytes:
+        return _ATTRIBUTE_VALUE.sub(lambda value: value.group(0).replace(random_uid, uid), svg)
+
+    return replace(hashlib.sha256(replace(b"")).hexdigest()[: len(random_uid)].encode())
 
 
 def _shared_plotlyjs(folder: Path) -> None:
@@ -93,12 +127,13 @@ def write_figure(
     for fmt in formats:
         path = folder / f"{name}.{fmt}"
         if fmt == "html":
-            io.write_bytes(path, figure_html(figure, plotlyjs).encode())
+            io.write_bytes(path, figure_html(figure, plotlyjs, div_id=name).encode())
             if plotlyjs == "directory":
                 _shared_plotlyjs(folder)
         else:
             scale = PNG_SCALE if fmt == "png" else 1
-            io.write_bytes(path, pio.to_image(figure, format=fmt, scale=scale))
+            image = pio.to_image(with_fixed_trace_uids(figure), format=fmt, scale=scale)
+            io.write_bytes(path, deterministic_svg(image) if fmt == "svg" else image)
         written.append(path)
     return written
 
