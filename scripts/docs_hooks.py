@@ -3,6 +3,7 @@ that the public API is documented.
 
 - The API reference pages (`reference/*.md`) are generated from the modules on disk, one page per
   subpackage with every module of it, so a new module is in the reference without editing a page.
+- The committed figures (`figures/*.png`) are taken from `figures/`.
 - The notebooks are taken from `notebooks/` and rendered with their committed outputs by mkdocs-jupyter; a plotly
   figure, stored as plotly JSON that nbconvert cannot show, is given an HTML form that draws it with the site's
   own copy of plotly.js (the pages work offline).
@@ -17,6 +18,7 @@ import ast
 import json
 import logging
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,7 +45,8 @@ PAGES = {
 # The command line is documented by `parts COMMAND --help` and the guides, not here.
 NOT_IN_REFERENCE = {"cli"}
 
-_anchors: set[str] = set()
+_anchors: set[str] = set()  # the ids of the built reference pages
+_staging: list[Path] = []  # the notebooks with their figures' HTML, removed after the build
 
 
 def modules() -> dict[str, list[str]]:
@@ -123,11 +126,14 @@ def on_files(files: Files, config) -> Files:
     import plotly
 
     staging = Path(tempfile.mkdtemp(prefix="parts-docs-"))
+    _staging.append(staging)
     (staging / "notebooks").mkdir()
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         rendered = with_plotly_html(json.loads(notebook.read_text()))
         (staging / "notebooks" / notebook.name).write_text(json.dumps(rendered))
         files.append(File(f"notebooks/{notebook.name}", str(staging), config.site_dir, config.use_directory_urls))
+    for figure in sorted((ROOT / "figures").glob("*.png")):  # the committed figures, at the same relative path
+        files.append(File(f"figures/{figure.name}", str(ROOT), config.site_dir, config.use_directory_urls))
     plotly_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     files.append(File.generated(config, "assets/plotly.min.js", abs_src_path=str(plotly_js)))
     files.append(File.generated(config, "reference/index.md", content=index_text()))
@@ -149,6 +155,9 @@ def on_page_content(html: str, page, config, files) -> str:
 
 
 def on_post_build(config) -> None:
+    for staging in _staging:
+        shutil.rmtree(staging, ignore_errors=True)
+    _staging.clear()
     problems = []
     wanted = {f"{module}.{name}": documented for names in modules().values() for module in names
               for name, documented in public_names(module).items()}

@@ -1,10 +1,10 @@
-"""The README's family table, rendered from the family tests' results (docs/families.json).
+"""The family table of docs/concepts/models.md, rendered from the family tests' results (docs/families.json).
 
     PARTS_UPDATE_FAMILY_TABLE=1 python -m pytest tests/test_families.py   # re-observe every family
-    python scripts/family_table.py                                         # rewrite the README section
+    python scripts/family_table.py                                         # rewrite the table on that page
 
 tests/test_families.py fails when a family's observed status differs from docs/families.json, or
-when the README section differs from what this script renders from it.
+when that page's table differs from what this script renders from it.
 """
 
 from __future__ import annotations
@@ -47,18 +47,18 @@ def render(table: dict) -> str:
 
 
 def section(readme: str) -> str:
-    """The family table as the README has it now."""
+    """The family table as the page has it now."""
     if START not in readme or END not in readme:
         return ""
     return readme[readme.index(START):readme.index(END) + len(END)]
 
 
 def main() -> None:
-    readme_path = ROOT / "README.md"
+    readme_path = ROOT / "docs" / "concepts" / "models.md"
     readme = readme_path.read_text()
     table = render(json.loads((ROOT / "docs" / "families.json").read_text()))
     if not section(readme):
-        raise SystemExit(f"README.md has no {START} ... {END} markers: add them where the table goes")
+        raise SystemExit(f"{readme_path} has no {START} ... {END} markers: add them where the table goes")
     readme_path.write_text(readme.replace(section(readme), table))
 
 

@@ -14,6 +14,17 @@ if [ -z "${PARTS_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export PARTS_DATA_DIR
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check parts tests benchmarks
+.venv/bin/ruff check parts tests benchmarks scripts/docs_hooks.py
 .venv/bin/mypy parts
+# The documentation site, strictly (a broken link, a missing reference or an undocumented public name fails);
+# tests/test_docs.py opens pages of this build in Chromium.
+SECONDS=0
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir site
+PARTS_DOCS_SITE="$PWD/site"
+export PARTS_DOCS_SITE
+echo "docs site built in ${SECONDS}s"
+# The wheel and sdist, the wheel installed in a fresh venv and run there (the quick start and `parts report`).
+SECONDS=0
+bash scripts/package_check.sh
+echo "package checked in ${SECONDS}s"
 .venv/bin/python -m pytest -q "$@"

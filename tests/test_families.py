@@ -5,7 +5,7 @@ dropped norm weight or bias shows) is decomposed by each engine. Either the comp
 remainder equal the Hugging Face model's own label-word logits (below 1e-4 in float32; for a
 final-logit soft-cap, capping the sum gives the model's logits), or `parts` refuses the model when
 the decomposer is built, with one line naming the feature. The observed status must equal the
-committed table docs/families.json, which the README's family table is rendered from
+committed table docs/families.json, which the family table of docs/concepts/models.md is rendered from
 (scripts/family_table.py); `PARTS_UPDATE_FAMILY_TABLE=1` rewrites that file from what is observed.
 """
 
@@ -118,10 +118,10 @@ def test_each_family_is_exact_or_refused_at_load(family, engine, tokenizer):
     assert table.get(family, {}).get(engine) == observed, "rerun with PARTS_UPDATE_FAMILY_TABLE=1 and commit the table"
 
 
-def test_the_readme_table_is_rendered_from_the_test_results():
+def test_the_docs_table_is_rendered_from_the_test_results():
     from scripts.family_table import render, section
 
-    readme = (TABLE.parents[1] / "README.md").read_text()
+    readme = (TABLE.parent / "concepts" / "models.md").read_text()
     assert section(readme) == render(json.loads(TABLE.read_text()))
     assert len(json.loads(TABLE.read_text())) >= 15
 

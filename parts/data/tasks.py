@@ -320,7 +320,7 @@ def get_task(name_or_file: str | Path) -> Task:
     if key.endswith(".json") or Path(key).is_file():
         return load_user_task(Path(key))
     known = ", ".join(list(PAPER_TASKS) + list(_EXTRA_TASKS))
-    raise PartsError(f"unknown task {key!r}: use one of {known}, or a task JSON file (see README)")
+    raise PartsError(f"unknown task {key!r}: use one of {known}, or a task JSON file (docs/guide/own-task.md)")
 
 
 def check_tasks(names: Sequence[str | Path], templates: Sequence[int] = (), shots: int | None = None,
@@ -361,7 +361,7 @@ def load_user_task(path: Path) -> Task:
         raise PartsError(f"task file {path} is not valid JSON: {err}") from err
     missing = [k for k in ("name", "data_dir", "template", "label_words") if k not in spec]
     if missing:
-        raise PartsError(f"task file {path} lacks {', '.join(missing)}: see the README's 'Your own task'")
+        raise PartsError(f"task file {path} lacks {', '.join(missing)}: see docs/guide/own-task.md")
     words = spec["label_words"]
     if not isinstance(words, list) or len(words) < 2 or not all(isinstance(w, str) for w in words):
         raise PartsError(f"task file {path}: label_words must be a list of at least two strings")
@@ -446,7 +446,7 @@ def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> li
     if not path.is_file():
         raise PartsError(
             f"{path} not found: the data directory must hold <task>/{split}.jsonl "
-            "(see the README's 'Data'); fix --data-dir or PARTS_DATA_DIR"
+            "(docs/guide/own-task.md); fix --data-dir or PARTS_DATA_DIR"
         )
     rows = _read_jsonl(path, task)
     needed = {f for t in task.templates.values() for f in t.fields}
