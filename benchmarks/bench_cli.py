@@ -31,6 +31,9 @@ CASES = {
     "unknown template (sweep --templates 9)": ["sweep", "--tasks", "sst2", "--templates", "9", "--out", "x"],
     "too few labels (evaluate --labels 4)": ["evaluate", "--tasks", "sst2", "--labels", "4", "--out", "x"],
     "bad pair (transfer --pairs sst2-yelp)": ["transfer", "--pairs", "sst2-yelp", "--out", "x"],
+    "device not here (decompose --device cuda, CPU-only torch)": ["decompose", "--task", "sst2", "--out", "x",
+                                                                  "--device", "cuda"],
+    "unknown device (decompose --device gpu)": ["decompose", "--task", "sst2", "--out", "x", "--device", "gpu"],
     "no such folder (analyze NO_SUCH_FOLDER)": ["analyze", "NO_SUCH_FOLDER"],
     "no such folder (report NO_SUCH_FOLDER --out x)": ["report", "NO_SUCH_FOLDER", "--out", "x"],
 }

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from parts import __version__
 from parts.cli import analyze, checkpoints, control, decompose, evaluate, figures, report, sweep, tables, transfer
+from parts.cli.common import check_device_option
 from parts.errors import PartsError
 
 COMMANDS = [decompose, sweep, evaluate, analyze, figures, report, control, transfer, checkpoints, tables]
@@ -33,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_device_option(args)  # every command that runs a model: a wrong --device is answered first
         return int(args.func(args) or 0)
     except PartsError as err:
         print(f"parts {args.command}: error: {err}", file=sys.stderr)

@@ -118,6 +118,15 @@ def add_model_options(
     add_data_options(group)
 
 
+def check_device_option(args: argparse.Namespace) -> None:
+    """`--device` names a device this machine has (with `--ray`: one parts knows; the workers have theirs),
+    checked before anything is imported or loaded (`parts.model.preflight.check_device`)."""
+    if getattr(args, "device", None) is not None:
+        from parts.model.preflight import check_device
+
+        check_device(args.device, here=getattr(args, "ray", None) is None)
+
+
 def run_options(args: argparse.Namespace, progress: bool = True) -> RunOptions:
     """The `RunOptions` of a command's parsed arguments (those `add_model_options` declared)."""
     from parts.experiments.options import RunOptions  # here, not at the top: `parts --help` stays fast

@@ -24,6 +24,7 @@ import torch
 from parts.errors import PartsError
 from parts.model.engines import ENGINES
 from parts.model.loading import DTYPES
+from parts.model.preflight import check_device
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -64,6 +65,7 @@ class RunOptions:
         if self.engine not in ENGINES:
             raise PartsError(f"unknown engine {self.engine!r}: use one of {', '.join(ENGINES)}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        check_device(self.device, here=False)  # a known kind; whether this machine has it is `load_model`'s check
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise PartsError(f"batch size {self.batch_size} must be at least 1 (or auto)")
 

@@ -25,6 +25,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from parts import io
 from parts.errors import PartsError
+from parts.model.preflight import check_device
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_ALIASES = {None, "", "embedded", "smollm2", EMBEDDED_MODEL.lower(), EMBEDDED_MODEL}
@@ -253,6 +254,7 @@ def load_model(
         seed: the seed of that re-draw.
         revision: a hub revision, e.g. Pythia's "step1000" training checkpoints.
     """
+    check_device(device)  # before anything loads
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
