@@ -30,6 +30,7 @@ EXPORTS = {
     "build_prompts": "parts.data.prompts",
     "sweep": "parts.experiments.sweep",
     "component_table": "parts.analysis.analyze",
+    "inspect_head": "parts.analysis.inspect_head",
     "PartsError": "parts.errors",
 }
 __all__ = ["__version__", *EXPORTS]

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from parts.analysis.inspect_head import demonstration_label_spans, inspect_head, spans_to_positions
+from parts.analysis.inspect_head import demonstration_label_spans, head_inspection, spans_to_positions
 from parts.cli import main
 from parts.errors import PartsError
 from parts.experiments.results import method_summary
@@ -248,7 +248,7 @@ def test_inspect_head_on_a_tiny_model(tiny_runs, tiny_llama):
     from parts.decomposition.runs import DecompositionRun
 
     run = DecompositionRun.load(tiny_runs[1][0])
-    inspection = inspect_head(run, "L2H3", tiny_llama, examples=(0, 5))
+    inspection = head_inspection(run, "L2H3", tiny_llama, examples=(0, 5))
     table = component_table(run)
     row = table[table["component"] == "L2H3"].iloc[0]
     assert (inspection.layer, inspection.head, inspection.accuracy) == (2, 3, row["accuracy"])
@@ -270,7 +270,7 @@ def test_inspect_head_on_a_tiny_model(tiny_runs, tiny_llama):
     assert bars[0].marker.color[view.label_positions[0]] == plotting.CATEGORY_COLORS["label-biased"]
     assert figure.layout.title.text.startswith(f"L2H3 up close: accuracy {row['accuracy']:.0%}")
     with pytest.raises(PartsError, match="MLP1 is an MLP and has no attention pattern"):
-        inspect_head(run, "MLP1", tiny_llama)
+        head_inspection(run, "MLP1", tiny_llama)
     with pytest.raises(PartsError, match="example 2 has no attention pattern: choose 0-1"):
         plotting.head_closeup(inspection, example=2)
 

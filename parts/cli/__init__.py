@@ -11,11 +11,23 @@ import sys
 from collections.abc import Sequence
 
 from parts import __version__
-from parts.cli import analyze, checkpoints, control, decompose, evaluate, figures, report, sweep, tables, transfer
+from parts.cli import (
+    analyze,
+    checkpoints,
+    control,
+    decompose,
+    evaluate,
+    figures,
+    inspect,
+    report,
+    sweep,
+    tables,
+    transfer,
+)
 from parts.cli.common import check_device_option
 from parts.errors import PartsError
 
-COMMANDS = [decompose, sweep, evaluate, analyze, figures, report, control, transfer, checkpoints, tables]
+COMMANDS = [decompose, sweep, evaluate, analyze, inspect, figures, report, control, transfer, checkpoints, tables]
 
 
 def build_parser() -> argparse.ArgumentParser:

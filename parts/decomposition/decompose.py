@@ -18,7 +18,7 @@ import copy
 import os
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -265,38 +265,13 @@ class Decomposer:
         if not prompts:
             raise PartsError("no prompts to decompose")
         token_lists = self.tokenize(prompts)
-        prefix_length = self.shared_prefix_length(token_lists) if prefix_reuse and len(prompts) > 1 else 0
-        config = plain_model(self.model).config
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        if prefix_length and isinstance(window, int) and max(len(t) for t in token_lists) > window:
-            # Pads between the prefix and a suffix would take key slots of a sliding window: not the model's
-            # own attention any more. Run every prompt in full.
-            prefix_length = 0
-        prefix_cache = self.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
-        if prefix_cache is None:
-            prefix_length = 0
-        batch_size = resolve_batch_size(batch_size, self.model, token_lists, prefix_length)
-        # Longest first so padding within a batch is small (and memory peaks at the start).
-        order = sorted(range(len(prompts)), key=lambda i: -len(token_lists[i]))
-        suffixes = [token_lists[i][prefix_length:] for i in order]
-        # Every suffix, left-padded to the longest, in one host tensor copied to the device once: a batch is
-        # then a slice of rows and of its last `width` columns (its own left padding).
-        longest = len(suffixes[0])
-        host_ids = torch.full((len(order), longest), self.pad_token_id, dtype=torch.long, device="cpu")
-        for row, tokens in enumerate(suffixes):
-            host_ids[row, longest - len(tokens):] = torch.tensor(tokens, dtype=torch.long, device="cpu")
-        all_ids = self._to_device(host_ids)
-        all_lengths = self._to_device(torch.tensor([len(t) for t in suffixes], dtype=torch.long, device="cpu"))
+        batches = PlannedBatches(self, token_lists, batch_size, prefix_reuse)
+        order, prefix_length, batch_size = batches.order, batches.prefix_length, batches.batch_size
         parts: list[Decomposition] = []
         with tqdm(total=len(prompts), desc=description, disable=not progress, unit="prompt") as bar:
-            for start in range(0, len(order), batch_size):
-                stop = min(start + batch_size, len(order))
-                width = len(suffixes[start])
-                logits, activations = self._forward(
-                    all_ids[start:stop, longest - width:], all_lengths[start:stop], prefix_cache, prefix_length
-                )
+            for rows, logits, activations in batches:
                 parts.append(self._split(logits, activations))
-                bar.update(stop - start)
+                bar.update(len(rows))
         inverse = torch.empty(len(order), dtype=torch.long, device="cpu")
         inverse[torch.tensor(order, device="cpu")] = torch.arange(len(order), device="cpu")
 
@@ -312,3 +287,48 @@ class Decomposer:
         check_reconstruction(result.component_logits, result.remainder, result.model_logits, self.dtype,
                              self.allow_inexact, example_names)
         return result
+
+
+class PlannedBatches:
+    """The batches a decomposer runs a list of tokenised prompts in, iterated as (rows, logits, activations).
+
+    Prefix reuse: the longest shared token prefix is run once and its keys and values copied into every
+    batch (off where a sliding window would see the padding, or where the engine keeps no cache). Prompts
+    run longest first, left-padded within their batch; `rows` are the batch's indices into the prompts.
+    In a batch, key `prefix_length + (width - suffix_length) + i` is the prompt's token `prefix_length + i`.
+    """
+
+    def __init__(self, decomposer: Decomposer, token_lists: Sequence[Sequence[int]], batch_size: int | str | None,
+                 prefix_reuse: bool):
+        self.decomposer = decomposer
+        prefix_length = decomposer.shared_prefix_length(token_lists) if prefix_reuse and len(token_lists) > 1 else 0
+        config = plain_model(decomposer.model).config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if prefix_length and isinstance(window, int) and max(len(t) for t in token_lists) > window:
+            # Pads between the prefix and a suffix would take key slots of a sliding window: not the model's
+            # own attention any more. Run every prompt in full.
+            prefix_length = 0
+        self.prefix_cache = decomposer.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
+        self.prefix_length = prefix_length if self.prefix_cache is not None else 0
+        self.batch_size = resolve_batch_size(batch_size, decomposer.model, token_lists, self.prefix_length)
+        # Longest first so padding within a batch is small (and memory peaks at the start).
+        self.order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        self.suffixes = [token_lists[i][self.prefix_length:] for i in self.order]
+
+    def __iter__(self) -> Iterator[tuple[list[int], Tensor, Activations]]:
+        decomposer, suffixes = self.decomposer, self.suffixes
+        # Every suffix, left-padded to the longest, in one host tensor copied to the device once: a batch is
+        # then a slice of rows and of its last `width` columns (its own left padding).
+        longest = len(suffixes[0])
+        host_ids = torch.full((len(suffixes), longest), decomposer.pad_token_id, dtype=torch.long, device="cpu")
+        for row, tokens in enumerate(suffixes):
+            host_ids[row, longest - len(tokens):] = torch.tensor(tokens, dtype=torch.long, device="cpu")
+        all_ids = decomposer._to_device(host_ids)
+        all_lengths = decomposer._to_device(torch.tensor([len(t) for t in suffixes], dtype=torch.long, device="cpu"))
+        for start in range(0, len(suffixes), self.batch_size):
+            stop = min(start + self.batch_size, len(suffixes))
+            width = len(suffixes[start])
+            logits, activations = decomposer._forward(
+                all_ids[start:stop, longest - width:], all_lengths[start:stop], self.prefix_cache, self.prefix_length
+            )
+            yield self.order[start:stop], logits, activations

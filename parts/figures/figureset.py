@@ -17,7 +17,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from parts.analysis.analyze import accuracy_correlation, component_table, correlation_matrix, group_runs, run_label
-from parts.analysis.inspect_head import inspect_head, pick_heads
+from parts.analysis.inspect_head import head_inspection, pick_heads
 from parts.data.tasks import get_task
 from parts.decomposition.runs import DecompositionRun, SavedRun, load_saved_runs
 from parts.errors import PartsError
@@ -108,7 +108,7 @@ def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None =
             names, weights, titled("Learned component weights (24 labelled examples)"))
     if model is not None:
         head = pick_heads(table)["good"]
-        inspection = inspect_head(reference, head, model, examples=(0,), table=table)  # type: ignore[arg-type]
+        inspection = head_inspection(reference, head, model, examples=(0,), table=table)  # type: ignore[arg-type]
         figures[f"{prefix}-head-{head}"] = plotting.head_closeup(inspection)
     return figures
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import einops
@@ -26,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
+from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
@@ -35,6 +38,16 @@ from parts.model.loading import plain_model
 from parts.model.readout import Activations, Layout, expert_count, experts_name
 
 ENGINES = ("hf", "bridge")
+
+
+def pattern_name(layer: int) -> str:
+    """Every head's attention from the last position over all keys: [batch head key] (source attribution only)."""
+    return f"blocks.{layer}.attn.parts_pattern"
+
+
+def values_name(layer: int) -> str:
+    """Every key/value head's value vectors at all keys, as attention reads them: [batch kv_head key d_head]."""
+    return f"blocks.{layer}.attn.parts_values"
 
 
 @runtime_checkable
@@ -47,6 +60,32 @@ class Engine(Protocol):
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch key"], prefix_length: int,
         cache: Any,
     ) -> tuple[Float[Tensor, "batch vocab"], Activations]: ...
+
+    def sources(self, layers: Sequence[int]) -> Any: ...
+
+
+def record_values(cache: Any, layers: Sequence[int], activations: Activations) -> Any:
+    """Make `cache` record, for `layers`, the value vectors attention reads at every key (the cached prefix's and
+    this forward's, as the cache's `update` returns them to the attention module)."""
+    update = cache.update
+
+    def recording_update(key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        keys, values = update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx in layers:
+            activations[values_name(layer_idx)] = values
+        return keys, values
+
+    cache.update = recording_update
+    return cache
+
+
+def last_query_pattern(weights: Any, batch: int, layer: int) -> Float[Tensor, "batch head key"]:
+    """The last query's row of an attention module's weights ([batch head query key]); a module that returns
+    none (an attention kernel that does not materialise them) cannot be split by source."""
+    if not isinstance(weights, Tensor) or weights.ndim != 4 or weights.shape[0] != batch:
+        raise PartsError(f"the attention of layer {layer} returned no attention pattern parts can read, so its heads "
+                         "cannot be split by source: this family is not supported by source attribution")
+    return weights[:, :, -1].clone()
 
 
 def suffix_position_ids(attention_mask: Int[Tensor, "batch key"], prefix_length: int) -> Int[Tensor, "batch pos"]:
@@ -122,20 +161,44 @@ class BridgeEngine:
             _, cache = self.model(prefix, return_type="logits_and_cache", logits_to_keep=1)
         return cache
 
+    @contextmanager
+    def sources(self, layers: Sequence[int]) -> Iterator[None]:
+        """While open, `run` also captures these layers' attention from the last position (`pattern_name`) and
+        their value vectors at every key (`values_name`)."""
+        fix_cache_keyword(self.model)  # the values are read from the cache the attention is handed
+        self._source_layers = tuple(layers)
+        try:
+            yield
+        finally:
+            self._source_layers = ()
+
     def run(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch key"], prefix_length: int,
         cache: Any,
     ) -> tuple[Float[Tensor, "batch vocab"], Activations]:
         """The last position's logits over the vocabulary, and the activations the decomposition reads
         (`input_ids` are the tokens after the cached prefix; `attention_mask` covers prefix and tokens)."""
+        layers = getattr(self, "_source_layers", ())
+        extra: Activations = {}
+        if layers and cache is None:  # the values are read where the cache hands them to attention
+            config: Any = plain_model(self.model).config
+            cache = DynamicCache(config=config)
+        if layers:
+            record_values(cache, layers, extra)
         # Without a prefix to extend, a KV cache would only cost memory (as much as the activations).
         kwargs: dict[str, Any] = {"use_cache": False} if cache is None else {"past_key_values": cache}
-        with torch.inference_mode():
+        batch = input_ids.shape[0]
+        hooks = [(f"blocks.{layer}.attn.hook_pattern",
+                  lambda pattern, hook, layer=layer: extra.__setitem__(pattern_name(layer),
+                                                                       last_query_pattern(pattern, batch, layer)))
+                 for layer in layers]
+        with torch.inference_mode(), self.model.hooks(fwd_hooks=hooks):
             logits, activations = self.model.run_with_cache(
                 input_ids, attention_mask=attention_mask, names_filter=lambda name: name in self.hooks,
                 pos_slice=-1, logits_to_keep=1, **kwargs,
             )
-        return logits[:, -1], {name: activations[name][:, -1] for name in self.hooks if name in activations}
+        captured = {name: activations[name][:, -1] for name in self.hooks if name in activations}
+        return logits[:, -1], {**captured, **extra}
 
 
 def fix_cache_keyword(model: TransformerBridge) -> None:
@@ -193,6 +256,26 @@ class HFEngine:
             self._experts = [(self.model.get_submodule(path), layer)
                              for layer, path in enumerate(layout.experts_paths) if path is not None]
         self._shape = (0, 0)  # batch, positions of the running forward
+        # Source attribution (`sources`): layers whose attention pattern and values are captured too.
+        self._source_layers: tuple[int, ...] = ()
+        self._attention_modules = [self.model.get_submodule(path.rsplit(".", 1)[0]) for path in layout.o_paths]
+
+    @contextmanager
+    def sources(self, layers: Sequence[int]) -> Iterator[None]:
+        """While open, `run` also captures these layers' attention from the last position (`pattern_name`) and
+        their value vectors at every key (`values_name`): the model runs its own eager attention, the one
+        implementation that returns its attention weights (soft-caps, ALiBi and sinks included)."""
+        try:
+            choose_attention(self.model, "eager")
+        except (ValueError, NotImplementedError) as err:
+            raise PartsError(f"this model cannot run eager attention ({err}), so its heads cannot be split by "
+                             "source") from err
+        self._source_layers = tuple(layers)
+        try:
+            yield
+        finally:
+            self._source_layers = ()
+            choose_attention(self.model, self.attention)
 
     def _attach(self, activations: Activations) -> list[Any]:
         handles = []
@@ -210,6 +293,11 @@ class HFEngine:
             def experts_hook(m: nn.Module, args: tuple, layer: int = layer) -> None:
                 activations[experts_name(layer)] = self._split_experts(m, *args[:3])
             handles.append(module.register_forward_pre_hook(experts_hook))
+        for layer in self._source_layers:
+            def pattern_hook(_m: nn.Module, _args: tuple, output: Any, layer: int = layer) -> None:
+                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                activations[pattern_name(layer)] = last_query_pattern(weights, self._shape[0], layer)
+            handles.append(self._attention_modules[layer].register_forward_hook(pattern_hook))
         return handles
 
     def _last(self, value: Tensor) -> Tensor:
@@ -245,6 +333,10 @@ class HFEngine:
         activations: Activations = {}
         self._shape = (input_ids.shape[0], input_ids.shape[1])
         handles = self._attach(activations)
+        if self._source_layers:  # the values are read where the cache hands them to attention
+            config: Any = self.model.config
+            cache = record_values(DynamicCache(config=config) if cache is None else cache,
+                                  self._source_layers, activations)
         kwargs: dict[str, Any] = {"use_cache": False} if cache is None else {"past_key_values": cache, "use_cache": True}
         try:
             with torch.inference_mode():

@@ -335,6 +335,38 @@ class Readout:
                    else torch.ones(batch, device=device) for name, norm in zip(names, norms, strict=True)]
         return torch.stack(columns, dim=1)
 
+    def attention_scales(self, activations: Activations) -> Float[Tensor, "batch layer"]:
+        """What divides each layer's attention output on its way to the logits: the final norm's frozen
+        scale times the layer's post-attention norm's (1 where it has none)."""
+        final_scale = self.final_norm.scale(_last(activations, FINAL_NORM_IN))
+        batch, device = final_scale.shape[0], final_scale.device
+        return self.post_scales(activations, self.layout.post_attn, self.post_attn, batch, device) * final_scale[:, None]
+
+    def source_logits(
+        self, activations: Activations, layer: int, heads: Sequence[int],
+        pattern: Float[Tensor, "batch head key"], values: Float[Tensor, "batch kv_head key d_head"],
+    ) -> Float[Tensor, "batch head key label"]:
+        """Heads' direct label-word logits split over the positions they read, at the last position.
+
+        A head's output there is `sum_key pattern[key] * values[key] @ W_O[head]`; read through the same
+        frozen scales as `split` reads the head's whole output, each key's term reaches the logits on its
+        own, and the terms sum to the head's entry of the component logits. `pattern` holds every head of
+        the layer (the last query's row); `values` every key/value head (grouped-query: head h reads group
+        h // (heads / key-value heads)).
+        """
+        n_kv = values.shape[1]
+        if self.layout.n_heads % n_kv:
+            raise PartsError(f"layer {layer} has {n_kv} key/value heads for {self.layout.n_heads} query heads: "
+                             "parts cannot tell which values a head reads")
+        index = torch.tensor(list(heads), dtype=torch.long, device=values.device)
+        head_values = values.float()[:, index // (self.layout.n_heads // n_kv)]  # batch head key d_head
+        weighted = pattern.float()[:, index, :, None] * head_values
+        scale = self.attention_scales(activations)[:, layer]
+        return einops.einsum(
+            weighted.to(self.unembed.device), self.head_unembed[layer, index.to(self.unembed.device)],
+            "batch head key d_head, head d_head label -> batch head key label",
+        ) / scale.to(self.unembed.device)[:, None, None, None]
+
     def split(self, activations: Activations, logits: Float[Tensor, "batch vocab"]) -> tuple[
         Float[Tensor, "batch component label"], Float[Tensor, "batch label"], Float[Tensor, "batch label"]
     ]:
@@ -349,7 +381,7 @@ class Readout:
         logits = logits.to(self.unembed.device)
         final_scale = self.final_norm.scale(_last(activations, FINAL_NORM_IN))  # batch
         batch, device = final_scale.shape[0], final_scale.device
-        attn_scale = self.post_scales(activations, layout.post_attn, self.post_attn, batch, device) * final_scale[:, None]
+        attn_scale = self.attention_scales(activations)
         mlp_scale = self.post_scales(activations, layout.post_mlp, self.post_mlp, batch, device) * final_scale[:, None]
         # The output projection's input, as that module sees it (the bridge may split it into heads by its own
         # d_head, which is not the value head size of every model: DeepSeek's): split by the model's heads here.
