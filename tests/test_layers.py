@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "parts"
 # Lowest first; a module may import from its own layer or a lower one.
 LAYERS = {
     "parts": 0, "parts.errors": 0, "parts.io": 0, "parts.components": 0, "parts.methods": 0,
+    "parts.progress": 0,
     "parts.data": 1, "parts.model": 1,
     "parts.decomposition": 2,
     "parts.analysis": 3, "parts.reweighting": 3,

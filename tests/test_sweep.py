@@ -106,3 +106,22 @@ def test_sweep_errors_are_one_line(argv, message, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sweep_logged_to_a_file_prints_one_plain_line_per_run(tiny_model_dir, tiny_task_file, tmp_path):
+    """Output that is not a terminal (a log file, CI) gets no bars (no carriage returns, no nested per-prompt
+    bars, no model-loading bar): one line per finished run."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "parts", "sweep", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file),
+            "--templates", "1,2", "--seeds", "0", "--limit", "6", "--device", "cpu", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with (tmp_path / "log.txt").open("w") as log:  # a file, as `parts sweep ... 2> log.txt` gives
+        assert subprocess.run(argv, stdout=log, stderr=log, env=env, stdin=subprocess.DEVNULL).returncode == 0
+    log = (tmp_path / "log.txt").read_text()
+    assert "\r" not in log and "it/s" not in log and "prompt/s" not in log and "%|" not in log, log
+    progress = [line for line in log.splitlines() if line.startswith("sweep ")]
+    assert [line.split(" (")[0] for line in progress] == ["sweep 1/2 runs: tiny t1 s0 done",
+                                                          "sweep 2/2 runs: tiny t2 s0 done"], log

@@ -34,6 +34,7 @@ from parts.errors import PartsError
 from parts.model.engines import BridgeEngine, make_engine
 from parts.model.loading import plain_model
 from parts.model.readout import Activations, Layout, Readout
+from parts.progress import bar_disabled
 
 MAX_AUTO_BATCH_SIZE = 64  # beyond this a batch saves no time on any device measured
 # On a CPU larger batches are slower, not faster: every batch copies the prefix's keys and values per prompt
@@ -268,7 +269,8 @@ class Decomposer:
         batches = PlannedBatches(self, token_lists, batch_size, prefix_reuse)
         order, prefix_length, batch_size = batches.order, batches.prefix_length, batches.batch_size
         parts: list[Decomposition] = []
-        with tqdm(total=len(prompts), desc=description, disable=not progress, unit="prompt") as bar:
+        # A bar on a terminal only: in a log it would print a line per redraw (the caller logs each run once).
+        with tqdm(total=len(prompts), desc=description, disable=bar_disabled(progress), unit="prompt") as bar:
             for rows, logits, activations in batches:
                 parts.append(self._split(logits, activations))
                 bar.update(len(rows))

@@ -7,7 +7,8 @@ Every experiment that runs many settings (`sweep`, `evaluate`, `transfer`, `cont
   (`is_done`), and how to run it (`run`, which computes only what is missing and writes its own run
   folders atomically, then returns a small result such as `results.csv` rows);
 - `drive` skips finished items, groups the rest by model so each model is loaded once (lazily: not
-  at all when everything is finished), runs them through an executor, shows one progress bar, and
+  at all when everything is finished), runs them through an executor, shows one progress bar (one plain
+  line per finished setting where output is not a terminal), and
   hands each result to `record` in the driver's process: the only writer of shared tables.
 
 The executor is where the settings run: `LocalExecutor` (this process, one model in memory at a
@@ -23,11 +24,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts.experiments.options import RunOptions
 from parts.experiments.runner import Loader, ModelSpec, load_spec
+from parts.progress import Progress
 
 Record = Callable[["Work", Any], None]
 SettingT = TypeVar("SettingT")
@@ -84,7 +85,7 @@ class Executor(Protocol):
     """Where a plan's pending settings run: in this process (`LocalExecutor`) or on Ray workers."""
 
     def run(self, pending: Sequence[Work], options: RunOptions, loader: Loader | None, done: Record,
-            bar: tqdm) -> None:
+            bar: Progress) -> None:
         """Run every item of `pending` (grouped by model) and call `done(work, result)` here as each finishes."""
         ...
 
@@ -93,7 +94,7 @@ class LocalExecutor:
     """Runs the settings one after another in this process, one model in memory at a time."""
 
     def run(self, pending: Sequence[Work], options: RunOptions, loader: Loader | None, done: Record,
-            bar: tqdm) -> None:
+            bar: Progress) -> None:
         spec: ModelSpec | None = None
         model: LazyModel | None = None
         for work in pending:
@@ -103,7 +104,7 @@ class LocalExecutor:
             assert model is not None
             bar.set_postfix_str(work.label)
             if work.is_done(options):  # another sweep sharing the output root did it meanwhile
-                bar.update(1)
+                bar.update(1, work.label, "finished by another process")
                 continue
             done(work, work.run(model, options))
 
@@ -134,13 +135,13 @@ def drive(
     pending = by_model([work for work in plan if not work.is_done(options)])
     if not pending:
         return 0
-    with tqdm(total=len(plan), initial=len(plan) - len(pending), desc=description, unit=unit,
-              disable=not options.progress) as bar:
+    # On a terminal one bar; in a log or a pipe one plain line per finished setting (`parts.progress`).
+    with Progress(len(plan), description, unit, options.progress, initial=len(plan) - len(pending)) as bar:
 
         def done(work: Work, result: Any) -> None:
             if record is not None:
                 record(work, result)
-            bar.update(1)
+            bar.update(1, work.label)
 
         (executor or LocalExecutor()).run(pending, options, loader, done, bar)
     return len(pending)

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import parts
 from parts.errors import PartsError
 from parts.experiments.driver import LazyModel, Record, Work, by_model
 from parts.experiments.options import RunOptions
 from parts.experiments.runner import Loader, ModelSpec, load_spec
+from parts.progress import Progress
 
 try:
     import ray
@@ -138,7 +138,7 @@ class RayExecutor:
         return max(1, min(self.workers or fits, n_settings)), per_worker
 
     def run(self, pending: Sequence[Work], options: RunOptions, loader: Loader | None, done: Record,
-            bar: tqdm) -> None:
+            bar: Progress) -> None:
         started = self._connect()
         actors: list[Any] = []
         try:
@@ -196,7 +196,7 @@ class RayExecutor:
                 if ran:
                     done(work, result)
                 else:
-                    bar.update(1)
+                    bar.update(1, work.label, "finished by another process")
                 start(actor)
         finally:
             for actor in actors:

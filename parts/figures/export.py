@@ -25,6 +25,7 @@ import plotly.io as pio
 
 from parts import io
 from parts.errors import PartsError
+from parts.progress import Progress
 
 CHROMIUM_INSTALL = "apt-get install -y chromium fonts-liberation"
 STATIC_FORMATS = ("png", "svg", "pdf")
@@ -148,8 +149,6 @@ def write_figures(
 ) -> list[Path]:
     """Write every figure in every format with one browser; `html_only` (names or shell patterns
     like '*-heatmap') limits HTML to the figures it matches."""
-    from tqdm.auto import tqdm
-
     formats = list(formats)
     patterns = None if html_only is None else list(html_only)
     plan = {name: [f for f in formats if f != "html" or patterns is None or any(fnmatch(name, p) for p in patterns)]
@@ -160,8 +159,10 @@ def write_figures(
     written: list[Path] = []
     needs_browser = any(fmt in STATIC_FORMATS for fmt in formats)
     with static_export() if needs_browser else _nothing():
-        for name, figure in tqdm(figures.items(), desc="figures", disable=not progress):
-            written += write_figure(figure, folder, name, plan[name], plotlyjs)
+        with Progress(len(figures), "figures", "figure", progress) as bar:
+            for name, figure in figures.items():
+                written += write_figure(figure, folder, name, plan[name], plotlyjs)
+                bar.update(1, name)
     return written
 
 

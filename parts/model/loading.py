@@ -8,6 +8,7 @@ loads take about two seconds instead of twenty.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -16,6 +17,7 @@ import os
 import types
 import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from parts import io
 from parts.errors import PartsError
 from parts.model.preflight import check_device
+from parts.progress import is_terminal
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_ALIASES = {None, "", "embedded", "smollm2", EMBEDDED_MODEL.lower(), EMBEDDED_MODEL}
@@ -129,15 +132,17 @@ def _embedded_checkpoint() -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _library_bars_on_terminal_only():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are de-quantised already; drop the GGUF marker so the model can be saved.
     model.hf_quantizer = None  # type: ignore[assignment]
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # Renamed into place (parts.io) so an interrupted conversion never looks complete.
-    with io.write_folder(target, legacy=lambda folder: (folder / "parts-stamp.json").is_file(), kind="model") as staging:
+    with io.write_folder(target, legacy=lambda folder: (folder / "parts-stamp.json").is_file(), kind="model") as staging, \
+            _library_bars_on_terminal_only():
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "parts-stamp.json").write_text(json.dumps(stamp))
@@ -212,6 +217,21 @@ def from_hf(
     return bridge
 
 
+@contextlib.contextmanager
+def _library_bars_on_terminal_only() -> Iterator[None]:
+    """transformers' own bars ("Loading weights") off while output is not a terminal (`parts.progress`)."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = not is_terminal() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
 def is_local_name(name: str) -> bool:
     """Whether a model name is a path (a folder saved with `save_pretrained`) rather than a hub name."""
     return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
@@ -277,8 +297,9 @@ def load_model(
     try:
         # The model first: its errors (an unknown architecture) say more than the tokenizer's.
         spread = {"device_map": "auto"} if device == "auto" else {}
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision, **spread)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        with _library_bars_on_terminal_only():
+            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision, **spread)
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError, KeyError) as err:
         # transformers reports a bad name, folder or config as any of these; all are the user's to fix.
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
