@@ -6,6 +6,10 @@ layer and head (-1 for an MLP); `component_order` sorts names into that same can
 Kinds are `HEAD`, `MLP` and `EXPERT`: with `--split-experts` a mixture-of-experts MLP is replaced,
 in its place, by its experts `MLP{layer}E{expert}` and, where the block has one, its shared expert
 `MLP{layer}S` (head field: the expert's index, `SHARED_EXPERT` for the shared one).
+
+`to_transformer_lens` and `from_transformer_lens` map names to TransformerLens's activation names and back:
+`L12H4` is head 4 of `blocks.12.attn.hook_z` (shape `batch pos head d_head`; the head's direct contribution is
+its z times its `W_O`), `MLP12` is `blocks.12.hook_mlp_out`. An expert has no hook of its own in TransformerLens.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ _PATTERN = re.compile(
     r"^L(?P<layer>\d+)H(?P<head>\d+)$|^MLP(?P<mlp_layer>\d+)$"
     r"|^MLP(?P<expert_layer>\d+)(?:E(?P<expert>\d+)|(?P<shared>S))$"
 )
+
+
+_TL_HOOK = re.compile(r"^blocks\.(?P<layer>\d+)\.(?:attn\.hook_(?P<head_hook>z|result)|hook_mlp_out)$")
+TL_HEAD_HOOK = "blocks.{layer}.attn.hook_z"  # batch pos head d_head: a head's output before W_O
+TL_MLP_HOOK = "blocks.{layer}.hook_mlp_out"  # batch pos d_model
 
 
 class Component(NamedTuple):
@@ -108,3 +117,35 @@ def component_summary(names: Iterable[str]) -> str:
 
     parts = [count(HEAD, "head"), count(MLP, "MLP"), count(EXPERT, "expert"), count(EXPERT, "shared expert", keep=False)]
     return f"{len(parsed)} ({' + '.join(p for p in parts if p)})"
+
+
+def to_transformer_lens(name: str) -> tuple[str, int | None]:
+    """A component's TransformerLens activation: 'L12H4' -> ('blocks.12.attn.hook_z', 4) (the head index in
+    that hook's `head` axis); 'MLP12' -> ('blocks.12.hook_mlp_out', None)."""
+    component = parse_component(name)
+    if component.kind == HEAD:
+        return TL_HEAD_HOOK.format(layer=component.layer), component.head
+    if component.kind == MLP:
+        return TL_MLP_HOOK.format(layer=component.layer), None
+    raise PartsError(f"{name} is one expert of layer {component.layer}'s mixture-of-experts MLP, which TransformerLens "
+                     f"hooks only whole ({TL_MLP_HOOK.format(layer=component.layer)}, component "
+                     f"{mlp_name(component.layer)}): decompose without --split-experts to compare with it")
+
+
+def from_transformer_lens(hook: str, head: int | None = None) -> str:
+    """A TransformerLens activation (and head) as a component name: ('blocks.12.attn.hook_z', 4) -> 'L12H4'
+    (`hook_result`, the per-head output, too); 'blocks.12.hook_mlp_out' -> 'MLP12'."""
+    match = _TL_HOOK.match(hook)
+    if match is None:
+        raise PartsError(f"{hook!r} is not a TransformerLens activation of one head or MLP: use "
+                         "blocks.L.attn.hook_z (with a head), blocks.L.attn.hook_result (with a head) or "
+                         "blocks.L.hook_mlp_out")
+    layer = int(match["layer"])
+    if match["head_hook"] is None:
+        if head is not None:
+            raise PartsError(f"{hook} is the whole MLP of layer {layer}, which has no heads: drop head={head}")
+        return mlp_name(layer)
+    if head is None or isinstance(head, bool) or not isinstance(head, int) or head < 0:
+        raise PartsError(f"{hook} holds every head of layer {layer}: say which, e.g. "
+                         f"from_transformer_lens({hook!r}, head=0) (got head={head!r})")
+    return head_name(layer, head)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from parts import __version__, io
-from parts.components import component_summary
+from parts.components import EXPERT, component_summary, head_name, mlp_name, parse_component
 from parts.data.prompts import PromptSet
 from parts.errors import PartsError
 
@@ -42,6 +42,40 @@ def reconstruction_error(
     """Per example, the largest |sum of components + remainder - model logit| over the label words."""
     total = einops.reduce(component_logits, "example component label -> example label", "sum")
     return (total + remainder - model_logits).abs().amax(-1)
+
+
+def layer_head_logits(
+    component_logits: Float[Tensor, "example component label"], component_names: list[str], n_layers: int,
+    n_heads: int,
+) -> Float[Tensor, "example layer head label"]:
+    """The heads' direct logits as a `layer x head` grid (TransformerLens's `blocks.{layer}.attn.hook_z` head
+    order): `[:, 12, 4]` is `L12H4`. The names must hold every head, layer-major, first (`component_names`)."""
+    heads = n_layers * n_heads
+    expected = [head_name(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    if list(component_names[:heads]) != expected or component_logits.shape[1] != len(component_names):
+        raise PartsError(f"these component logits do not start with every head of {n_layers} layers x {n_heads} heads "
+                         "in L0H0, L0H1, ... order: pass the component names that came with them")
+    return einops.rearrange(component_logits[:, :heads], "example (layer head) label -> example layer head label",
+                            layer=n_layers, head=n_heads)
+
+
+def layer_mlp_logits(
+    component_logits: Float[Tensor, "example component label"], component_names: list[str], n_layers: int,
+    n_heads: int,
+) -> Float[Tensor, "example layer label"]:
+    """The MLPs' direct logits by layer (TransformerLens's `blocks.{layer}.hook_mlp_out`): `[:, 12]` is `MLP12`.
+    A run with split experts has no one MLP per layer: refused (its `MLP{layer}E{expert}` columns hold them)."""
+    heads = n_layers * n_heads
+    mlps = list(component_names[heads:])
+    if mlps != [mlp_name(layer) for layer in range(n_layers)]:
+        split = [name for name in mlps if parse_component(name).kind == EXPERT]
+        if split:
+            raise PartsError(f"these components split mixture-of-experts MLPs into experts ({split[0]}, ...): there is "
+                             "no one MLP per layer to view; read the experts' columns by name (component_names), or "
+                             "decompose without --split-experts")
+        raise PartsError(f"these component logits do not end with MLP0 ... MLP{n_layers - 1} after the heads: pass the "
+                         "component names that came with them")
+    return component_logits[:, heads:]
 
 
 @dataclass
@@ -138,6 +172,16 @@ class DecompositionRun:
     @property
     def max_reconstruction_error(self) -> float:
         return float(self.reconstruction_error.max())
+
+    @property
+    def layer_head_logits(self) -> Float[Tensor, "example layer head label"]:
+        """Every head's direct logits as a `layer x head` grid: `[:, 12, 4]` is `L12H4` (`layer_head_logits`)."""
+        return layer_head_logits(self.component_logits, self.component_names, self.n_layers, self.n_heads)
+
+    @property
+    def layer_mlp_logits(self) -> Float[Tensor, "example layer label"]:
+        """Every MLP's direct logits by layer: `[:, 12]` is `MLP12` (refused for a run with split experts)."""
+        return layer_mlp_logits(self.component_logits, self.component_names, self.n_layers, self.n_heads)
 
     def top_components(self, k: int = 5) -> list[tuple[str, float]]:
         accuracy = self.component_accuracy
