@@ -326,7 +326,8 @@ def rewrite_text(path: str | Path, text: str) -> Path:
 
 
 @contextmanager
-def write_folder(path: str | Path, legacy: Legacy | None = None, kind: str | None = None) -> Iterator[Path]:
+def write_folder(path: str | Path, legacy: Legacy | None = None, kind: str | None = None,
+                 check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Fill the yielded staging folder; on leaving the block it replaces `path` in one rename.
 
     Every file and subfolder in the staging folder is recorded in its folder's marker, so the folder is parts' own
@@ -334,6 +335,9 @@ def write_folder(path: str | Path, legacy: Legacy | None = None, kind: str | Non
     at `path` may only hold what parts wrote (else PartsError before anything is written); it is moved aside,
     removed once the new folder stands, and put back if the block or the rename failed. `kind` ("run",
     "report"...) is recorded in the marker: a folder parts wrote as another kind is refused, not replaced.
+    `check(path)` (e.g. "is the run there one of other settings?") raises to refuse; it runs under `lock(path)`
+    together with the rename, so of two processes writing one folder at once the second sees the first's
+    folder, as it would have one after the other.
     """
     target = check_folder(path, legacy, kind)
     _make_folder(target.parent, path)
@@ -347,10 +351,13 @@ def write_folder(path: str | Path, legacy: Legacy | None = None, kind: str | Non
         for folder in [staging, *sorted(p for p in staging.rglob("*") if p.is_dir() and not p.is_symlink())]:
             names = [entry.name for entry in folder.iterdir()]
             (folder / MARKER).write_text(_marker_text(names, kind if folder == staging else None))
-        check_folder(path, legacy, kind)  # again: something may have been put there meanwhile
-        if target.exists():
-            os.replace(target, retired)  # one rename: never removed file by file in place
-        os.replace(staging, target)
+        with lock(target):  # the last check and the rename are one step
+            check_folder(path, legacy, kind)  # again: something may have been put there meanwhile
+            if check is not None:
+                check(Path(path))
+            if target.exists():
+                os.replace(target, retired)  # one rename: never removed file by file in place
+            os.replace(staging, target)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if retired.exists() and not target.exists():
@@ -399,7 +406,10 @@ def remove_stale_staging(path: str | Path) -> None:
 
 
 def lock(path: str | Path) -> FileLock:
-    """A lock for read-merge-write of `path` (a file `.NAME.parts-lock` beside it): `with io.lock(p): ...`."""
+    """A lock for read-merge-write of `path` (a file `.NAME.parts-lock` beside it): `with io.lock(p): ...`.
+
+    Re-entrant within a process (one lock object per lock file), so a caller may hold it around a write that
+    takes it again (a run being computed, then its folder renamed into place by `write_folder`)."""
     path = Path(path)
     _make_folder(path.parent, path)
-    return FileLock(str(path.parent / f".{path.name}{LOCK_SUFFIX}"))
+    return FileLock(os.path.join(os.path.realpath(path.parent), f".{path.name}{LOCK_SUFFIX}"), is_singleton=True)

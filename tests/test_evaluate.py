@@ -83,9 +83,9 @@ def test_write_results_merges_by_key_atomically(tmp_path):
     # parts' marker and locks beside it, no staging file left
     assert sorted(p.name for p in tmp_path.iterdir()) == [".parts", ".parts-lock", ".results.csv.parts-lock", "results.csv"]
     # The bytes the csv module wrote before the table was a DataFrame: CRLF lines, minimal quoting.
-    assert path.read_bytes() == (b"model,task,template,seed,shots,limit,method,labels,accuracy,n_test,note\r\n"
-                                 b"m,sst2,1,0,4,10,icl,4,0.5,10,\r\nm,sst2,1,1,4,10,icl,4,0.9,10,\r\n"
-                                 b"m,rte,1,0,4,10,icl,4,0.6,10,\r\n")
+    assert path.read_bytes() == (b"model,task,template,seed,shots,limit,method,labels,accuracy,n_test,note,fingerprint\r\n"
+                                 b"m,sst2,1,0,4,10,icl,4,0.5,10,,\r\nm,sst2,1,1,4,10,icl,4,0.9,10,,\r\n"
+                                 b"m,rte,1,0,4,10,icl,4,0.6,10,,\r\n")
 
 
 EXPECTED_METHODS = {("icl", 4), ("contextual", 4), ("batch", 4), ("oracle", 4), ("icl", 12), ("calib+", 12),

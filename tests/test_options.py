@@ -105,8 +105,9 @@ def test_a_float32_request_never_reuses_a_bfloat16_run_in_its_folder(tiny_llama,
     path = tmp_path / "run"
     ensure_run(path, tiny_llama, options=RunOptions(progress=False), **settings)
     summary = json.loads((path / "summary.json").read_text())
-    summary["info"]["dtype"] = "bfloat16"
+    summary["fingerprint"]["dtype"] = "bfloat16"
     (path / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(PartsError, match=r"holds a different run: dtype 'bfloat16' \(wanted 'float32'\)"):
+    with pytest.raises(PartsError, match=r"dtype differs from the run's \('bfloat16' there, now 'float32'\); "
+                                         r"pass --recompute-changed"):
         ensure_run(path, tiny_llama, **settings)
     assert ensure_run(path, tiny_llama, options=RunOptions(dtype="bfloat16"), **settings) is not None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parts import io
 from parts.cli import main
 from parts.cli.common import int_list
 from parts.data.prompts import PromptSet, build_prompts
@@ -336,13 +337,17 @@ def test_analyze_keeps_models_apart_and_refuses_damaged_or_old_runs(tmp_path, ca
 
 def test_ensure_run_refuses_a_folder_holding_another_run(tmp_path, tiny_task_file, tiny_llama):
     task = get_task(str(tiny_task_file))
-    path = small_run().save(tmp_path / "run")  # model 'm', task 'tiny', template 1, seed 0, 2 shots, test
-    with pytest.raises(PartsError, match=r"holds a different run: template 1 \(wanted 2\); choose another folder"):
-        ensure_run(path, None, task=task, template=2, seed=0, shots=2)
-    with pytest.raises(PartsError, match=r"holds a different run: model 'm' \(wanted 'tiny-llama'\), seed 0 \(wanted 3\), "
-                                         r"shots 2 \(wanted 4\)"):
-        ensure_run(path, tiny_llama, task=task, template=1, seed=3)
-    assert ensure_run(path, None, task=task, template=1, seed=0, shots=2) == small_run()
+    path = small_run().save(tmp_path / "run")  # saved without a fingerprint, as before parts recorded them
+    with pytest.raises(PartsError, match=r"run was made otherwise: the run's fingerprint is not recorded \(made before "
+                                         r"parts recorded fingerprints\); pass --recompute-changed to recompute it"):
+        ensure_run(path, None, task=task, template=1, seed=0, shots=2)
+    made = ensure_run(path, tiny_llama, task=task, template=1, seed=0, limit=4, recompute_changed=True, progress=False)
+    with pytest.raises(PartsError, match=r"template text differs from the run's \('review : \{text\} sentiment :' "
+                                         r"there, now 'review \{text\} \?'\); pass --recompute-changed"):
+        ensure_run(path, None, task=task, template=2, seed=0, limit=4)
+    with pytest.raises(PartsError, match=r"seed differs from the run's \(0 there, now 3\)"):
+        ensure_run(path, tiny_llama, task=task, template=1, seed=3, limit=4)
+    assert ensure_run(path, None, model_label="tiny-llama", task=task, template=1, seed=0, limit=4) == made
 
 
 def test_ensure_run_reruns_a_damaged_folder_to_the_same_result(tmp_path, tiny_task_file, tiny_llama):
@@ -472,7 +477,7 @@ def test_a_failed_save_leaves_no_run_and_keeps_the_old_one(tmp_path, monkeypatch
         new.save(target)
     monkeypatch.undo()
     assert DecompositionRun.load(target) == old  # the old run is back in place
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging or retired folder left
+    assert [p.name for p in tmp_path.iterdir() if not io.is_bookkeeping(p.name)] == ["run"]  # no staging or retired folder left
 
 
 KILLER = textwrap.dedent("""

@@ -9,6 +9,7 @@ import pytest
 
 import parts.experiments.runner
 import parts.model.loading
+from parts import io
 from parts.cli import main
 from parts.errors import PartsError
 from parts.experiments.runner import run_dir
@@ -79,7 +80,8 @@ def test_interrupted_sweep_resumes_to_identical_files(tiny_model_dir, tiny_task_
     resumed = tiny_sweep(tiny_model_dir, tiny_task_file, tmp_path / "resumed")
     assert [p.relative_to(tmp_path / "resumed") for p in resumed] == [p.relative_to(tmp_path / "whole") for p in whole]
     whole_files, resumed_files = file_hashes(tmp_path / "whole"), file_hashes(tmp_path / "resumed")
-    assert len(whole_files) == 4 * 4  # summary.json, prompts.jsonl, tensors.safetensors, .parts per run; no staging
+    # summary.json, prompts.jsonl, tensors.safetensors, .parts per run (and its lock file beside it); no staging
+    assert len([f for f in whole_files if not f.endswith(io.LOCK_SUFFIX)]) == 4 * 4
     assert resumed_files == whole_files
     assert len(count_loads) == 3  # the whole sweep, the interrupted one, the resumed one
 

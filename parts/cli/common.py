@@ -79,11 +79,13 @@ def add_model_options(
     revision: bool = True,
     batch_size_default: int | str = "auto",
     decomposes: bool = True,
+    reuses: bool = True,
 ) -> None:
     """The options of every command that runs the model, read back whole by `run_options`.
 
     `model_help` None: the command declares its own model arguments. `decomposes` False: only what
-    loading needs (device, dtype), for a command that loads a model without decomposing (figures).
+    loading needs (device, dtype), for a command that loads a model without decomposing (figures). `reuses`
+    False: the command never reuses a finished run or row, so it has no `--recompute-changed` (decompose).
     """
     group = parser.add_argument_group("running the model")
     if model_help is not None:
@@ -115,6 +117,12 @@ def add_model_options(
         "--allow-inexact", action="store_true",
         help="warn instead of failing when the components do not sum to the model's logits (experts only)",
     )
+    if reuses:
+        group.add_argument(
+            "--recompute-changed", action="store_true",
+            help="recompute a finished run or results row made otherwise (another template, label words, data, "
+                 "model files...; see docs/guide/reuse.md) instead of refusing",
+        )
     add_data_options(group)
 
 
@@ -141,6 +149,7 @@ def run_options(args: argparse.Namespace, progress: bool = True) -> RunOptions:
         progress=progress,
         split_experts=getattr(args, "split_experts", False),
         allow_inexact=getattr(args, "allow_inexact", False),
+        recompute_changed=getattr(args, "recompute_changed", False),
     )
 
 

@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, help="run folder to write (a run of the same settings there is replaced)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run of other settings at --out (never a folder holding files parts did not write)")
-    add_model_options(parser)
+    add_model_options(parser, reuses=False)
     parser.set_defaults(func=run)
 
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, args.data_dir)
 
     from parts.decomposition.runs import check_replaceable
-    from parts.experiments.runner import ModelSpec, load_spec, run_decomposition
+    from parts.experiments.runner import ModelSpec, expected_fingerprint, load_spec, run_decomposition
     from parts.model.loading import model_name
 
     options = run_options(args)
@@ -43,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_spec(ModelSpec(args.model, args.revision), options)
     check_replaceable(args.out, prompts, model_name(model), args.overwrite)
     start = time.perf_counter()
-    result = run_decomposition(model, prompts, options)
-    path = result.save(args.out)
+    fingerprint = expected_fingerprint(model_name(model), task, args.template, args.seed, args.shots, args.split,
+                                       args.limit, options)
+    result = run_decomposition(model, prompts, options, fingerprint)
+    # Checked again with the rename, under its lock: a run another command saved there meanwhile is judged too.
+    path = result.save(args.out, check=lambda out: check_replaceable(out, prompts, model_name(model), args.overwrite))
     print(result.describe())
     print(f"saved to {path} ({time.perf_counter() - start:.1f} s)")
     return 0

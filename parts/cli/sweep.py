@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     label = model_label(args.model, args.revision)
     planned = plan_sweep(label, args.tasks, args.templates, args.seeds, args.split, args.limit, args.shots, args.out,
                          options)
-    already = sum(run.finished for run in planned)
+    already = sum(run.is_done(options) for run in planned)  # a run made otherwise is refused here, before any work
     start = time.perf_counter()
     paths = sweep(args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit,
                   shots=args.shots, out=args.out, revision=args.revision, options=options, executor=executor(args))

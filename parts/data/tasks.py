@@ -368,6 +368,9 @@ def load_user_task(path: Path) -> Task:
     names = spec.get("label_names", [w.strip() for w in words])
     if len(names) != len(words):
         raise PartsError(f"task file {path}: label_names and label_words differ in length")
+    if str(spec["name"]) in PAPER_TASKS or str(spec["name"]) in _EXTRA_TASKS:
+        raise PartsError(f"task file {path} is named {spec['name']!r}, the name of a built-in task: rename it "
+                         "(its runs and results would be filed with the built-in task's)")
     data_dir = (path.parent / spec["data_dir"]).resolve()
     separator = spec.get("separator", "\n")
     if not isinstance(separator, str):
@@ -472,6 +475,14 @@ _HUB: dict[str, tuple[str, str | None, dict[str, str]]] = {
     "agnews": ("fancyzhx/ag_news", None, {}),
     "arc": ("allenai/ai2_arc", "ARC-Easy", {}),
 }
+
+
+def hub_source(task: Task, split: str) -> str:
+    """Where the hub serves a task's split from ("nyu-mll/glue sst2 train"), or "none"."""
+    if task.name not in _HUB:
+        return "none"
+    repo, config, _ = _HUB[task.name]
+    return " ".join(part for part in (repo, config, split) if part)
 
 
 def _load_from_hub(task: Task, split: str) -> list[Example]:

@@ -11,6 +11,7 @@ exists is complete.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,17 +109,19 @@ class DecompositionRun:
     info: dict[str, Any] = field(default_factory=dict)  # how it was run: batch size, timings...
     # What the model was given, token by token, per example (None: a run saved before parts recorded it).
     token_ids: list[list[int]] | None = None
+    # Everything that determined the run (`parts.decomposition.fingerprint`; None: saved before parts recorded it).
+    fingerprint: dict[str, Any] | None = None
 
     @classmethod
     def from_decomposition(
         cls, model: str, prompts: PromptSet, label_token_ids: list[int], component_names: list[str],
         n_layers: int, n_heads: int, decomposition: Decomposition, token_ids: list[list[int]] | None = None,
-        **info: Any,
+        fingerprint: dict[str, Any] | None = None, **info: Any,
     ) -> DecompositionRun:
         return cls(
             model, prompts, list(label_token_ids), n_layers, n_heads, list(component_names),
             decomposition.component_logits, decomposition.remainder, decomposition.model_logits, dict(info),
-            None if token_ids is None else [list(t) for t in token_ids],
+            None if token_ids is None else [list(t) for t in token_ids], fingerprint,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -219,6 +222,7 @@ class DecompositionRun:
             "max_reconstruction_error": self.max_reconstruction_error,
             "demonstrations": list(p.demonstrations),
             "info": self.info,
+            **({"fingerprint": self.fingerprint} if self.fingerprint is not None else {}),
         }
 
     def describe(self, k: int = 5) -> str:
@@ -243,13 +247,15 @@ class DecompositionRun:
         )
 
     # -- persistence ------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, check: Callable[[Path], None] | None = None) -> Path:
         """Write the run to the folder `path` atomically (a staging folder renamed into place).
 
         An old run at `path` is replaced (moved aside, removed once the new one stands); a folder holding
-        anything parts did not write is refused (`parts.io`). Which runs to redo is the caller's choice.
+        anything parts did not write is refused (`parts.io`). Which runs to redo is the caller's choice:
+        `check(path)` may refuse (raise) under the lock that makes it one step with the rename, so a run
+        another process saved meanwhile is judged as if it had been there from the start.
         """
-        with io.write_folder(path, legacy=is_legacy_run, kind=RUN_KIND) as staging:
+        with io.write_folder(path, legacy=is_legacy_run, kind=RUN_KIND, check=check) as staging:
             save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}, str(staging / TENSORS))
             p = self.prompts
             token_ids = self.token_ids if self.token_ids is not None else [None] * len(p.prompts)
@@ -300,6 +306,7 @@ class DecompositionRun:
             summary["component_names"], tensors["component_logits"], tensors["remainder"], tensors["model_logits"],
             summary.get("info", {}),
             [r["token_ids"] for r in rows] if rows and all("token_ids" in r for r in rows) else None,
+            summary.get("fingerprint"),
         )
 
 
@@ -338,6 +345,18 @@ def is_saved_run(path: str | Path) -> bool:
     finished, nor replaced."""
     summary = Path(path) / SUMMARY
     return summary.is_file() and io.is_parts_file(summary, is_legacy_run)
+
+
+def recorded_fingerprint(path: str | Path) -> dict[str, Any] | None:
+    """The fingerprint a saved run records (`parts.decomposition.fingerprint`), None for a run saved before parts
+    recorded one; a summary that cannot be read is a PartsError."""
+    summary_file = Path(path) / SUMMARY
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError) as err:
+        raise PartsError(f"{summary_file} cannot be read ({err}): delete {path} and rerun") from err
+    fingerprint = summary.get("fingerprint") if isinstance(summary, dict) else None
+    return fingerprint if isinstance(fingerprint, dict) else None
 
 
 def check_replaceable(path: str | Path, prompts: PromptSet, model: str | None = None, overwrite: bool = False) -> None:

@@ -27,7 +27,7 @@ from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 from parts.experiments.driver import Executor, drive
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.runner import Loader, ModelSpec, PlannedRun, ensure_run
+from parts.experiments.runner import Loader, ModelSpec, PlannedRun
 
 if TYPE_CHECKING:
     pass
@@ -117,9 +117,7 @@ def checkpoint_runs(
           unit="run")
     results = []
     for checkpoint, planned in plan:
-        run = ensure_run(planned.path, None, options=options, task=planned.task, template=planned.template,
-                         seed=planned.seed, split="test", limit=limit)
-        assert run is not None
+        run = planned.load(options)
         results.append((checkpoint, run))
     return results
 

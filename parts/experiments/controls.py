@@ -21,7 +21,7 @@ from parts.analysis.stats import chance_best_accuracy, check_correction, is_sign
 from parts.decomposition.runs import DecompositionRun
 from parts.experiments.driver import Executor, drive
 from parts.experiments.options import RunOptions, resolve
-from parts.experiments.runner import Loader, ModelSpec, PlannedRun, ensure_run
+from parts.experiments.runner import Loader, ModelSpec, PlannedRun
 
 if TYPE_CHECKING:
     pass
@@ -91,9 +91,7 @@ def random_init_control(
     drive(plan, options, loader=load, executor=executor, description="control", unit="run")
     rows = []
     for planned in plan:
-        run = ensure_run(planned.path, None, options=options, task=planned.task, template=planned.template,
-                         seed=planned.seed, split="test", limit=limit)
-        assert run is not None
+        run = planned.load(options)
         rows.append({"init": "random" if planned.model.random_init else "pretrained",
                      **control_row(run, alpha, correction)})
     return pd.DataFrame(rows)

@@ -39,7 +39,8 @@ from parts import io
 from parts.data.prompts import LABEL_BUDGET, many_shot_order, render_prompt
 from parts.data.tasks import Example, Task, Template, check_tasks, load_split
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import DecompositionRun, is_legacy_run, is_saved_run
+from parts.decomposition.fingerprint import digest
+from parts.decomposition.runs import DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.driver import Executor, SettingWork, Work, drive
 from parts.experiments.options import RunOptions, resolve
@@ -50,12 +51,21 @@ from parts.experiments.results import (
     read_results,
     result_row,
     results_table,
+    rows_reusable,
     setting_key,
     setting_keys,
     write_results,
     write_table,
 )
-from parts.experiments.runner import Loader, ModelSpec, ensure_run, model_slug, run_dir
+from parts.experiments.runner import (
+    Loader,
+    ModelSpec,
+    ensure_run,
+    expected_fingerprint,
+    model_slug,
+    reusable_run,
+    run_dir,
+)
 from parts.methods import MAIN_METHODS
 from parts.reweighting import calibration
 from parts.reweighting.reweight import load_weights, predict, save_weights, train_weights, weights_file
@@ -163,10 +173,11 @@ class Setting:
         return at_k | {(m.key, n) for n in self.labels for m in MAIN_METHODS if m.at_budget}
 
 
-def _row(model: str, setting: Setting, method: str, labels: int, accuracy: float, n_test: int, note: str = ""
-         ) -> dict[str, Any]:
-    return result_row(model, setting.task.name, setting.template, setting.seed, setting.k, setting.limit, method, labels,
-                      accuracy, n_test, note)
+def setting_fingerprint(model_arg: str | None, setting: Setting, options: RunOptions) -> dict[str, Any]:
+    """What a setting's rows are made of: its test run's fingerprint (which holds the training split's hash, so
+    the budget runs' too); `model_arg` is the model's label."""
+    return expected_fingerprint(ModelSpec(model_arg).label, setting.task, setting.template, setting.seed, setting.k,
+                                "test", setting.limit, options)
 
 
 def _accuracy(predictions: Tensor, run: DecompositionRun) -> float:
@@ -190,10 +201,14 @@ def evaluate_setting(
              "options": options}
     run_settings: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "options": options}
 
+    model_label = ModelSpec(model_arg).label
+
     def decomposition(split: str, limit: int | None) -> DecompositionRun:
         path = run_dir(root, split=split, limit=limit, **where)  # type: ignore[arg-type]
-        loaded = is_saved_run(path)
-        run = ensure_run(path, None if loaded else model(), task=task, split=split, limit=limit, **run_settings)
+        wanted = expected_fingerprint(model_label, task, setting.template, setting.seed, k, split, limit, options)
+        loaded = reusable_run(path, wanted, options)
+        run = ensure_run(path, None if loaded else model(), model_label=model_label, task=task, split=split, limit=limit,
+                         **run_settings)
         assert run is not None
         return run
 
@@ -201,6 +216,13 @@ def evaluate_setting(
     test_dir = run_dir(root, split="test", limit=setting.limit, **where)  # type: ignore[arg-type]
     name, n_test = model_slug(model_arg, options), test.n_examples
     label = f"{task.name} t{setting.template} s{setting.seed}"
+    made_of = digest(setting_fingerprint(model_arg, setting, options))
+
+    def _row(model: str, setting: Setting, method: str, labels: int, accuracy: float, n_test: int, note: str = ""
+             ) -> dict[str, Any]:
+        return result_row(model, setting.task.name, setting.template, setting.seed, setting.k, setting.limit, method,
+                          labels, accuracy, n_test, note, made_of)
+
     rows = [_row(name, setting, "icl", k, test.full_accuracy, n_test)]
 
     train_rows = load_split(task, "train", data_dir)
@@ -337,7 +359,18 @@ class EvaluateWork(SettingWork[Setting]):
         return f"{self.setting.task.name} t{self.setting.template} s{self.setting.seed}"
 
     def is_done(self, options: RunOptions) -> bool:
-        return finished(read_results(self.root / RESULTS_CSV), model_slug(self.model.label, options), self.setting)
+        """Every method's row is in `results.csv`, made of the same (`setting_fingerprint`); rows made otherwise
+        are refused, or with `options.recompute_changed` redone."""
+        results = read_results(self.root / RESULTS_CSV)
+        name = model_slug(self.model.label, options)
+        key = _setting_key(name, self.setting)
+        mine = results[setting_keys(results).map(lambda k: k == key).astype(bool)]
+        wanted = setting_fingerprint(self.model.label, self.setting, options)
+        return (rows_reusable(self.root / RESULTS_CSV, mine, wanted, options.recompute_changed, f"the rows of {self.label}")
+                and finished(results, name, self.setting))
+
+    def fingerprint(self, options: RunOptions) -> dict[str, Any]:
+        return setting_fingerprint(self.model.label, self.setting, options)
 
     def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> list[dict[str, Any]]:
         return evaluate_setting(model, self.model.label, self.setting, self.root, options)
@@ -390,7 +423,8 @@ def run_evaluation(plan: Sequence[EvaluateWork], options: RunOptions, executor: 
 
     def record(work: Work, rows: list[dict[str, Any]]) -> None:
         assert isinstance(work, EvaluateWork)
-        write_results(work.root / RESULTS_CSV, rows)
+        fingerprint = work.fingerprint(options)
+        write_results(work.root / RESULTS_CSV, rows, {digest(fingerprint): fingerprint})
         evaluation_table(plan, options)
 
     drive(plan, options, loader=loader, record=record, executor=executor)

@@ -49,6 +49,8 @@ class RunOptions:
     progress: show progress bars.
     split_experts: mixture-of-experts models: one component per expert (`MLP{layer}E{expert}`).
     allow_inexact: warn instead of failing when the components do not sum to the model's logits.
+    recompute_changed: recompute a finished run or results row made otherwise (its fingerprint differs from
+        these settings', or it predates fingerprints) instead of refusing (`parts.decomposition.fingerprint`).
     """
 
     engine: str = "hf"
@@ -60,6 +62,7 @@ class RunOptions:
     progress: bool = True
     split_experts: bool = False
     allow_inexact: bool = False
+    recompute_changed: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

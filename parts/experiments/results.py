@@ -9,6 +9,7 @@ table in markdown. Method names and their order come from `parts.methods`.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,19 +19,24 @@ from typing import Any
 import pandas as pd
 
 from parts import io
+from parts.decomposition.fingerprint import check_reuse, digest
 from parts.errors import PartsError
 from parts.methods import method_label, method_order
 
 RESULTS_CSV = "results.csv"
 TRANSFER_CSV = "transfer.csv"
-COLUMNS = ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy", "n_test", "note")
+# `fingerprint`: the digest of what made the row (`parts.decomposition.fingerprint`; "" before parts recorded it),
+# its fields in `<csv>.fingerprints.json` beside the table.
+COLUMNS = ("model", "task", "template", "seed", "shots", "limit", "method", "labels", "accuracy", "n_test", "note",
+           "fingerprint")
 KEY = COLUMNS[:8]  # a row with the same key replaces the old one
 SETTING = ("model", "task", "template", "seed", "shots", "limit")
 TABLE_HEAD = "| task | runs | "  # how a results table written by parts begins
-_IS_RESULTS = io.starts_with(",".join(COLUMNS))  # a results file written before parts recorded its files
+_IS_RESULTS = io.starts_with(",".join(COLUMNS[:11]))  # a results file written before parts recorded its files
 # `limit` is a number or "all", so it is kept as text.
 DTYPES = {"model": str, "task": str, "template": int, "seed": int, "shots": int, "limit": str, "method": str,
-          "labels": int, "accuracy": float, "n_test": int, "note": str}
+          "labels": int, "accuracy": float, "n_test": int, "note": str, "fingerprint": str}
+FINGERPRINTS = ".fingerprints.json"  # `results.fingerprints.json`: each row digest's fields
 ORACLE_NOTE = "optimistic reference, not a bound: trained on the test labels"
 _NUMBERS = r"(?: -?\d+\.\d+)+"
 _TRAINING = r"(?:perfect|plateau|max_epochs) after \d+ epochs"
@@ -57,21 +63,24 @@ def stale_note_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def result_row(model: str, task: str, template: int, seed: int, shots: int, limit: int | None, method: str,
-               labels: int, accuracy: float, n_test: int, note: str = "") -> dict[str, Any]:
-    """One row of the results table (accuracy rounded to 6 places, as written)."""
+               labels: int, accuracy: float, n_test: int, note: str = "", fingerprint: str = "") -> dict[str, Any]:
+    """One row of the results table (accuracy rounded to 6 places, as written); `fingerprint` is the digest
+    (`parts.decomposition.fingerprint.digest`) of what made it."""
     return {"model": model, "task": task, "template": template, "seed": seed, "shots": shots,
             "limit": "all" if limit is None else limit, "method": method, "labels": labels,
-            "accuracy": round(accuracy, 6), "n_test": n_test, "note": note}
+            "accuracy": round(accuracy, 6), "n_test": n_test, "note": note, "fingerprint": fingerprint}
 
 
 def results_frame(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Rows (dicts or a frame) as the results table: the columns in order, with their types."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(COLUMNS))
+    if "fingerprint" not in frame.columns:
+        frame = frame.assign(fingerprint="")  # a table written before parts recorded fingerprints
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise PartsError(f"the results table lacks columns {missing}: pass rows of `parts evaluate`'s results.csv")
     frame = frame[list(COLUMNS)].copy()
-    frame["note"] = frame["note"].fillna("")
+    frame[["note", "fingerprint"]] = frame[["note", "fingerprint"]].fillna("")
     return frame.astype(DTYPES)
 
 
@@ -104,8 +113,10 @@ def merge_results(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
         columns="_position").reset_index(drop=True)
 
 
-def write_results(path: str | Path, rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> Path:
-    """Merge `rows` into the CSV at `path` (a new row replaces one with the same key), atomically.
+def write_results(path: str | Path, rows: pd.DataFrame | Iterable[Mapping[str, Any]],
+                  fingerprints: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Merge `rows` into the CSV at `path` (a new row replaces one with the same key), atomically, and
+    `fingerprints` (digest -> fields, of the rows' `fingerprint` column) into its `.fingerprints.json`.
 
     A lock file serialises read-merge-write, so sweeps sharing one output root keep each other's rows.
     """
@@ -113,6 +124,8 @@ def write_results(path: str | Path, rows: pd.DataFrame | Iterable[Mapping[str, A
     io.check_file(path, _IS_RESULTS)  # before reading: a user's file of that name is neither merged nor replaced
     with io.lock(path):
         merged = merge_results(read_results(path), results_frame(rows))
+        if fingerprints:
+            io.write_json(fingerprints_path(path), {**read_fingerprints(path), **fingerprints})
 
         def write(staging: Path) -> None:
             with staging.open("w", newline="") as handle:
@@ -120,6 +133,36 @@ def write_results(path: str | Path, rows: pd.DataFrame | Iterable[Mapping[str, A
 
         io.write_file(path, write, legacy=_IS_RESULTS)
     return path
+
+
+def fingerprints_path(csv_path: str | Path) -> Path:
+    """Where the fields of a results table's row fingerprints are kept: `results.csv` -> `results.fingerprints.json`."""
+    path = Path(csv_path)
+    return path.with_name(path.stem + FINGERPRINTS)
+
+
+def read_fingerprints(csv_path: str | Path) -> dict[str, dict[str, Any]]:
+    """Digest -> fingerprint fields of a results table's rows (empty when none are recorded)."""
+    try:
+        recorded = json.loads(fingerprints_path(csv_path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(v, dict)} if isinstance(recorded, dict) else {}
+
+
+def rows_reusable(csv_path: str | Path, rows: pd.DataFrame, wanted: Mapping[str, Any], recompute: bool,
+                  what: str) -> bool:
+    """Whether a setting's rows already in the table (`rows`) may stand for a setting whose fingerprint is
+    `wanted`: False when there are none, or some were made otherwise and `recompute` says to redo them; a
+    one-line PartsError naming what changed when some were made otherwise (or before fingerprints) without it."""
+    if rows.empty:
+        return False
+    mine = digest(wanted)
+    other = [d for d in dict.fromkeys(rows["fingerprint"]) if d != mine]
+    if not other:
+        return True
+    recorded = read_fingerprints(csv_path).get(other[0]) if other[0] else None
+    return check_reuse(f"{what} in {csv_path}", recorded, wanted, recompute, whose="the rows'")
 
 
 def check_outputs(csv_path: str | Path, table: str | Path) -> None:

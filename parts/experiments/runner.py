@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from parts.components import HEAD, head_name, mlp_name, parse_component
 from parts.data.prompts import PromptSet, build_prompts, label_token_ids
 from parts.data.tasks import Task, get_task
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_legacy_run, is_saved_run
+from parts.decomposition.fingerprint import check_reuse, run_fingerprint
+from parts.decomposition.runs import RUN_KIND, DecompositionRun, is_legacy_run, is_saved_run, recorded_fingerprint
 from parts.errors import PartsError
 from parts.experiments.options import RunOptions, resolve
 from parts.model import loading
@@ -113,11 +113,14 @@ def run_decomposition(
     model: TransformerBridge,
     prompts: PromptSet,
     options: RunOptions | None = None,
+    fingerprint: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> DecompositionRun:
     """Decompose every prompt of a prompt set with a loaded model, run as `options` say.
 
-    `overrides` are `RunOptions` fields (`engine="bridge"`, `progress=False`...): a shorthand.
+    `overrides` are `RunOptions` fields (`engine="bridge"`, `progress=False`...): a shorthand. `fingerprint`
+    (`expected_fingerprint` of the settings that made `prompts`) is saved with the run, the label words' token
+    ids added; without it the run is never reused by a sweep.
     """
     options = resolve(options, **overrides)
     ids = label_token_ids(model.tokenizer, prompts.label_words)
@@ -139,7 +142,8 @@ def run_decomposition(
             "bos_prepended": bos is not None and all(t[0] == bos for t in token_ids)}
     run = DecompositionRun.from_decomposition(
         model_name(model), prompts, ids, decomposer.component_names, decomposer.n_layers,
-        decomposer.n_heads, decomposition, token_ids, **info,
+        decomposer.n_heads, decomposition, token_ids,
+        None if fingerprint is None else {**fingerprint, "label_token_ids": ids}, **info,
     )
     check_finite(run, model)
     return run
@@ -154,13 +158,17 @@ def decompose_task(
     split: str = "test",
     limit: int | None = None,
     options: RunOptions | None = None,
+    model_label: str | None = None,
     **overrides: Any,
 ) -> DecompositionRun:
-    """Build the prompts of (task, template, seed, split) and decompose them (`overrides`: `RunOptions` fields)."""
+    """Build the prompts of (task, template, seed, split) and decompose them (`overrides`: `RunOptions` fields;
+    `model_label`: the model's name in the run's fingerprint, if not its own)."""
     options = resolve(options, **overrides)
     task = get_task(task) if not isinstance(task, Task) else task
     prompts = build_prompts(task, template, seed, shots, split, limit, options.data_dir)
-    return run_decomposition(model, prompts, options)
+    fingerprint = expected_fingerprint(model_label or model_name(model), task, template, seed, shots, split, limit,
+                                       options)
+    return run_decomposition(model, prompts, options, fingerprint)
 
 
 def model_label(name: str | None, revision: str | None = None) -> str | None:
@@ -245,39 +253,88 @@ def run_folder_name(template: int, seed: int, shots: int, split: str, limit: int
     return f"t{template}-s{seed}-k{shots}-{split}-n{'all' if limit is None else limit}"
 
 
+def expected_fingerprint(
+    model: str | None,
+    task: Task,
+    template: int,
+    seed: int,
+    shots: int | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    options: RunOptions | None = None,
+    **more: Any,
+) -> dict[str, Any]:
+    """The fingerprint (`parts.decomposition.fingerprint.run_fingerprint`) of a run of these settings made with
+    `options`; `model` is the model's label (`ModelSpec.label`, or `model_name` of a loaded model)."""
+    options = options or RunOptions()
+    return run_fingerprint(model, task, template, seed, shots, split, limit, data_dir=options.data_dir,
+                           dtype=options.dtype, engine=options.engine, prefix_reuse=options.prefix_reuse,
+                           split_experts=options.split_experts, **more)
+
+
+def reusable_run(path: str | Path, fingerprint: dict[str, Any], options: RunOptions) -> bool:
+    """Whether the run saved at `path` may be reused where a run with `fingerprint` is wanted.
+
+    False when there is none (or its summary is damaged: it is redone), or it was made otherwise and
+    `options.recompute_changed` says to redo it; a one-line PartsError when it was made otherwise (or before
+    parts recorded fingerprints) without that flag. Fields missing from `fingerprint` are not compared.
+    """
+    if not is_saved_run(path):
+        return False
+    try:
+        recorded = recorded_fingerprint(path)
+    except PartsError:
+        return False  # damaged: run it again
+    return check_reuse(path, recorded, fingerprint, options.recompute_changed)
+
+
 def ensure_run(
     path: str | Path,
     model: TransformerBridge | None,
     load: bool = True,
     options: RunOptions | None = None,
+    model_label: str | None = None,
     **settings: Any,
 ) -> DecompositionRun | None:
     """The finished run at `path`, or run it now with `options` and save it.
 
     `settings` are `decompose_task`'s (task, template, seed, shots, split, limit), and may include
-    `RunOptions` fields as a shorthand. A folder counts as finished only if it loads (runs are saved
-    atomically), so an interrupted sweep reruns exactly what it had not finished. With `load=False` a
-    finished run is not read.
+    `RunOptions` fields as a shorthand. A finished run is reused only if its fingerprint matches these
+    settings and the model (`model_label`, the label its runs are filed under, else the loaded `model`'s name;
+    neither: the model is not compared): else it is
+    refused, or redone with `options.recompute_changed`. A folder counts as finished only if it loads (runs
+    are saved atomically), so an interrupted sweep reruns exactly what it had not finished. With `load=False`
+    a finished run is not read. One process at a time makes a run: another waits, then reuses it.
     """
     overrides, settings = RunOptions.split(settings)
     options = resolve(options, **overrides)
     path = Path(path)
-    if is_saved_run(path):
-        if not load:
-            return None
-        try:
-            finished = DecompositionRun.load(path)
-        except PartsError:
-            finished = None  # damaged or from another version: run it again
-        if finished is not None:
-            check_same_settings(path, finished, model, settings, options)
-            return finished
-    io.check_folder(path, legacy=is_legacy_run, kind=RUN_KIND)  # refuse before the work if a user's folder is in the way
-    if model is None:
-        raise ValueError("a model is needed to run a missing decomposition")
-    result = decompose_task(model, options=options, **settings)
-    io.remove_stale_staging(path)  # what a killed save of this run left behind: the run is being redone
-    result.save(path)
+    task = settings.get("task")
+    if task is None:
+        raise ValueError("ensure_run needs task=")
+    task = get_task(task) if not isinstance(task, Task) else task
+    settings = {**settings, "task": task}
+    label = model_label if model_label is not None else model_name(model) if model is not None else None
+    wanted = expected_fingerprint(label, task, settings.get("template", 1), settings.get("seed", 0),
+                                  settings.get("shots"), settings.get("split", "test"), settings.get("limit"), options)
+    if label is None:
+        del wanted["model"], wanted["model_files"]
+    if model is not None:
+        wanted["label_token_ids"] = label_token_ids(model.tokenizer, wanted["label_words"])
+    with io.lock(path):  # a second process making this run waits for the first, then reuses its run
+        if reusable_run(path, wanted, options):
+            if not load:
+                return None
+            try:
+                return DecompositionRun.load(path)
+            except PartsError:
+                pass  # damaged or from another version: run it again
+        io.check_folder(path, legacy=is_legacy_run, kind=RUN_KIND)  # refuse before the work if a user's folder is in the way
+        if model is None:
+            raise ValueError("a model is needed to run a missing decomposition")
+        result = decompose_task(model, options=options, model_label=label, **settings)
+        io.remove_stale_staging(path)  # what a killed save of this run left behind: the run is being redone
+        result.save(path)
     return result
 
 
@@ -302,15 +359,26 @@ class PlannedRun:
     def finished(self) -> bool:
         return is_saved_run(self.path)
 
+    def fingerprint(self, options: RunOptions) -> dict[str, Any]:
+        """What the run is made of (`expected_fingerprint`), the label words' token ids aside."""
+        return expected_fingerprint(self.model.label, self.task, self.template, self.seed, self.shots, self.split,
+                                    self.limit, options)
+
     def is_done(self, options: RunOptions) -> bool:
-        if not self.finished:
-            return False
-        check_recorded_options(self.path, options)
-        return True
+        """Finished, with the same fingerprint; a run made otherwise is refused (or, with
+        `options.recompute_changed`, not done)."""
+        return reusable_run(self.path, self.fingerprint(options), options)
 
     def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> None:
         ensure_run(self.path, model(), load=False, options=options, task=self.task, template=self.template,
                    seed=self.seed, shots=self.shots, split=self.split, limit=self.limit)
+
+    def load(self, options: RunOptions) -> DecompositionRun:
+        """The finished run (after the plan was driven), checked against this plan's fingerprint."""
+        run = ensure_run(self.path, None, options=options, model_label=self.model.label, task=self.task,
+                         template=self.template, seed=self.seed, shots=self.shots, split=self.split, limit=self.limit)
+        assert run is not None
+        return run
 
     @classmethod
     def of(cls, root: str | Path, model: ModelSpec, task: str | Task, template: int, seed: int, split: str = "test",
@@ -319,48 +387,3 @@ class PlannedRun:
         task = get_task(task) if not isinstance(task, Task) else task
         path = run_dir(root, model.label, task, template, seed, split, shots, limit, options)
         return cls(model, task, template, seed, path, shots, split, limit)
-
-
-def check_same_settings(path: Path, run: DecompositionRun, model: TransformerBridge | None, settings: dict[str, Any],
-                        options: RunOptions | None = None) -> None:
-    """A finished folder reused for other settings (another model, task, dtype...) is an error, never silently reused.
-
-    Runs record their dtype, engine and prefix reuse (older runs may lack some: those are not compared).
-    """
-    task = settings.get("task")
-    task = get_task(task) if task is not None and not isinstance(task, Task) else task
-    wanted: dict[str, Any] = {
-        "model": model_name(model) if model is not None else None,
-        "task": task.name if task is not None else None,
-        "template": settings.get("template", 1),
-        "seed": settings.get("seed", 0),
-        "split": settings.get("split", "test"),
-        "shots": settings.get("shots") if settings.get("shots") is not None or task is None else task.default_shots,
-    }
-    found = {"model": run.model, **{k: getattr(run.prompts, k) for k in wanted if k != "model"}}
-    wrong = [f"{k} {found[k]!r} (wanted {wanted[k]!r})" for k in wanted if wanted[k] is not None and wanted[k] != found[k]]
-    wrong += option_mismatches(run.info, options) if options is not None else []
-    if wrong:
-        raise PartsError(f"{path} holds a different run: {', '.join(wrong)}; choose another folder or delete it")
-
-
-def option_mismatches(info: dict[str, Any], options: RunOptions) -> list[str]:
-    """How a run's recorded options (its `info`) differ from `options`, as "dtype 'bfloat16' (wanted 'float32')".
-
-    Older runs may lack some records: those are not compared. The hf engine falls back to the bridge
-    for architectures it cannot map (and records "bridge"): that is not a difference.
-    """
-    wanted = {"dtype": options.dtype, "engine": options.engine, "prefix_reuse": options.prefix_reuse}
-    return [f"{key} {info[key]!r} (wanted {value!r})" for key, value in wanted.items()
-            if key in info and info[key] != value and not (key == "engine" and (value, info[key]) == ("hf", "bridge"))]
-
-
-def check_recorded_options(path: Path, options: RunOptions) -> None:
-    """A finished folder (reading only its summary) run with other options is an error, never silently reused."""
-    try:
-        info = json.loads((path / SUMMARY).read_text()).get("info", {})
-    except ValueError:
-        return  # damaged: `ensure_run` reruns it when it is read
-    wrong = option_mismatches(info, options)
-    if wrong:
-        raise PartsError(f"{path} holds a different run: {', '.join(wrong)}; choose another folder or delete it")

@@ -35,7 +35,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from parts import io
 from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_prompt, sample_test
 from parts.data.tasks import Task, get_task, load_split
-from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_legacy_run, is_saved_run
+from parts.decomposition.fingerprint import digest, split_hash
+from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.driver import Executor, SettingWork, Work, drive
 from parts.experiments.options import RunOptions, resolve
@@ -45,6 +46,7 @@ from parts.experiments.results import (
     read_results,
     result_row,
     results_table,
+    rows_reusable,
     setting_key,
     setting_keys,
     text_records,
@@ -55,7 +57,9 @@ from parts.experiments.runner import (
     Loader,
     ModelSpec,
     ensure_run,
+    expected_fingerprint,
     model_slug,
+    reusable_run,
     run_decomposition,
     run_dir,
     transfer_run_dir,
@@ -134,6 +138,19 @@ class TransferSetting:
     def k(self) -> int:
         return self.source.default_shots if self.shots is None else self.shots
 
+    def target_fingerprint(self, model: str, options: RunOptions) -> dict[str, Any]:
+        """The target run's fingerprint: the target's test rows after the source's template and demonstrations."""
+        return expected_fingerprint(model, self.target, self.template, self.seed, self.k, "test", self.target_limit,
+                                    options, template_task=self.source)
+
+    def fingerprint(self, model: str, options: RunOptions) -> dict[str, Any]:
+        """What the setting's rows are made of: the source test run's fingerprint (its training split's hash
+        covers the weights' training examples) and the target's task, test rows and sample size."""
+        return {**expected_fingerprint(model, self.source, self.template, self.seed, self.k, "test", self.source_limit,
+                                       options),
+                "target_task": self.target.name, "target_data": split_hash(self.target, "test", options.data_dir),
+                "target_sample": "all" if self.target_limit is None else self.target_limit}
+
 
 def method_predictions(
     source_train: DecompositionRun, **recipe: Any
@@ -187,10 +204,13 @@ def evaluate_transfer(
     source, target, k = setting.source, setting.target, setting.k
     common: dict[str, Any] = {"template": setting.template, "seed": setting.seed, "shots": k, "options": options}
 
+    label = ModelSpec(model_arg).label
+
     def source_run(split: str, limit: int | None) -> DecompositionRun:
         path = run_dir(root, model_arg, source, setting.template, setting.seed, split, k, limit, options)
-        run = ensure_run(path, None if is_saved_run(path) else model(), task=source, split=split,
-                         limit=limit, **common)
+        wanted = expected_fingerprint(label, source, setting.template, setting.seed, k, split, limit, options)
+        run = ensure_run(path, None if reusable_run(path, wanted, options) else model(), model_label=label,
+                         task=source, split=split, limit=limit, **common)
         assert run is not None
         return run
 
@@ -198,24 +218,27 @@ def evaluate_transfer(
     source_train = source_run("train", LABEL_BUDGET - k)
     target_path = transfer_run_dir(root, model_arg, source, target, setting.template, setting.seed, k,
                                    setting.target_limit, options)
-    if is_saved_run(target_path):
-        target_test = DecompositionRun.load(target_path)
-    else:
-        io.check_folder(target_path, legacy=is_legacy_run, kind=RUN_KIND)  # refuse before the work
-        prompts = transfer_prompts(source, target, setting.template, setting.seed, k, setting.target_limit,
-                                   options.data_dir)
-        target_test = run_decomposition(model(), prompts, options)
-        target_test.info["demonstrations_from"] = source.name
-        target_test.save(target_path)
+    wanted = setting.target_fingerprint(label, options)
+    with io.lock(target_path):  # a second process making this run waits for the first, then reuses its run
+        if reusable_run(target_path, wanted, options):
+            target_test = DecompositionRun.load(target_path)
+        else:
+            io.check_folder(target_path, legacy=is_legacy_run, kind=RUN_KIND)  # refuse before the work
+            prompts = transfer_prompts(source, target, setting.template, setting.seed, k, setting.target_limit,
+                                       options.data_dir)
+            target_test = run_decomposition(model(), prompts, options, wanted)
+            target_test.info["demonstrations_from"] = source.name
+            target_test.save(target_path)
 
     name = model_slug(model_arg, options)
+    made_of = digest(setting.fingerprint(label, options))
     rows = []
     for method, (predictions_of, note) in method_predictions(source_train, **recipe).items():
         for task_name, run, limit in ((source.name, source_test, setting.source_limit),
                                       (transfer_name(source, target), target_test, setting.target_limit)):
             accuracy = float((predictions_of(run) == run.labels).float().mean())
             rows.append(result_row(name, task_name, setting.template, setting.seed, k, limit, method,
-                                   method_labels(method, k, LABEL_BUDGET), accuracy, run.n_examples, note))
+                                   method_labels(method, k, LABEL_BUDGET), accuracy, run.n_examples, note, made_of))
     target_name = transfer_name(source, target)
     for method, (component, predictions) in single_component_transfer(source_test, target_test).items():
         if method == "full":
@@ -223,7 +246,7 @@ def evaluate_transfer(
         accuracy = float((predictions == target_test.labels).float().mean())
         note = f"{component}, chosen on the {'source' if method == 'transfer-1' else 'target (upper bound)'} test set"
         rows.append(result_row(name, target_name, setting.template, setting.seed, k, setting.target_limit, method,
-                               method_labels(method, k, LABEL_BUDGET), accuracy, target_test.n_examples, note))
+                               method_labels(method, k, LABEL_BUDGET), accuracy, target_test.n_examples, note, made_of))
     return rows
 
 
@@ -301,8 +324,13 @@ class TransferWork(SettingWork[TransferSetting]):
         return f"{transfer_name(self.setting.source, self.setting.target)} t{self.setting.template} s{self.setting.seed}"
 
     def is_done(self, options: RunOptions) -> bool:
+        """Every row is in `transfer.csv`, made of the same (`TransferSetting.fingerprint`); rows made otherwise
+        are refused, or with `options.recompute_changed` redone."""
         have = transfer_rows_of(read_results(self.root / TRANSFER_CSV), model_slug(self.model.label, options),
                                 self.setting)
+        if not rows_reusable(self.root / TRANSFER_CSV, have, self.setting.fingerprint(self.model.label, options),
+                             options.recompute_changed, f"the rows of {self.label}"):
+            return False
         target = transfer_name(self.setting.source, self.setting.target)
         wanted = {(self.setting.source.name, m) for m in SIDE_METHODS}
         wanted |= {(target, m) for m in SIDE_METHODS + TARGET_ONLY_METHODS}
@@ -334,7 +362,10 @@ def run_transfer(model: ModelSpec, settings: Sequence[TransferSetting], root: st
         return [row for setting in settings for row in text_records(transfer_rows_of(everything, name, setting))]
 
     def record(work: Work, rows: list[dict[str, Any]]) -> None:
-        write_results(root / TRANSFER_CSV, rows)  # merged by key: a resumed sweep rewrites the same rows
+        assert isinstance(work, TransferWork)
+        fingerprint = work.setting.fingerprint(model.label, options)
+        # merged by key: a resumed sweep rewrites the same rows
+        write_results(root / TRANSFER_CSV, rows, {digest(fingerprint): fingerprint})
         write_table(table, results_table(settings_rows()), header)
 
     drive(plan, options, loader=loader, record=record, executor=executor, description="transfer settings")
