@@ -24,7 +24,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--top", type=positive_int, default=5, help="sources shown per example (default 5)")
     parser.add_argument("--limit", type=positive_int, default=None, help="attribute only the first N examples")
     add_model_options(parser, model_help="the run's model (default: the one the run records)", revision=False,
-                      batch_size_default=8)
+                      batch_size_default=8, reuses=False)
     parser.set_defaults(func=run)
 
 
