@@ -126,3 +126,22 @@ def test_bad_heads_get_one_line_errors_naming_the_range(tokenizer):
         with pytest.raises(PartsError, match=message) as caught:
             attribute_sources(decomposer, PROMPTS, [head])
         assert "\n" not in str(caught.value)
+
+
+@pytest.mark.integration
+def test_the_embedded_model_splits_exactly_over_sources(embedded_model, data_dir):
+    """SmolLM2-135M (grouped-query attention) on 4-shot sst2 prompts: the sources of two late heads sum to their
+    direct effects in the run, with the demonstrations' keys and values reused and in full."""
+    from parts.experiments.runner import decompose_task
+
+    run = decompose_task(embedded_model, "sst2", template=1, seed=0, limit=4, data_dir=data_dir, progress=False)
+    decomposer = Decomposer(embedded_model, run.label_token_ids)
+    heads = ["L21H1", "L23H2"]
+    direct = run.component_logits[:, [run.component_index(h) for h in heads]]
+    results = [attribute_sources(decomposer, run.prompts.prompts, heads, prefix_reuse=reuse) for reuse in (True, False)]
+    for result in results:
+        assert result.token_ids == run.token_ids
+        total = einops.reduce(result.logits, "example head source label -> example head label", "sum")
+        torch.testing.assert_close(total, result.direct, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.direct, direct, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0].logits, results[1].logits, atol=1e-5, rtol=1e-4)

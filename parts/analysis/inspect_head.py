@@ -417,7 +417,7 @@ def top_sources(sources: pd.DataFrame, examples: Sequence[int], k: int = 5, cont
 class HeadCard:
     """What `parts inspect` prints about one head, as DataFrames (the card is formatted from them alone)."""
 
-    summary: pd.DataFrame  # one row: run, head, accuracy, category, direct effect (mean and sd of the votes)
+    summary: pd.DataFrame  # one row: run, head, accuracy and category (whole run), direct effect (mean, sd of votes)
     profile: pd.DataFrame  # `source_profile`: attention and vote per prompt segment
     scores: pd.DataFrame  # `head_scores`: copy and class-matching scores
     top_sources: pd.DataFrame  # `top_sources` of the shown examples
@@ -440,7 +440,7 @@ def inspect_head(model: TransformerBridge, run: DecompositionRun, head: str, exa
     p = run.prompts
     summary = pd.DataFrame([{
         "model": run.model, "task": p.task, "template": p.template, "seed": p.seed, "n_examples": len(chosen),
-        "head": head, "accuracy": float(row["accuracy"]), "category": str(row["category"]),
+        "head": head, "run_examples": run.n_examples, "accuracy": float(row["accuracy"]), "category": str(row["category"]),
         "label_bias": float(row["label_bias"]),
         "direct_vote_gold": float(per_example["head_vote_gold"].mean()),
         "direct_vote_gold_sd": float(per_example["head_vote_gold"].std(ddof=1)) if len(chosen) > 1 else 0.0,
@@ -457,7 +457,8 @@ def format_card(card: HeadCard, label_names: Sequence[str]) -> str:
     scores = card.scores.iloc[0]
     lines = [
         f"{s['head']} | {s['model']} | {s['task']} template {s['template']} seed {s['seed']} | n = {s['n_examples']}",
-        f"accuracy {s['accuracy']:.1%}   category {s['category']}   label bias {s['label_bias']:.1%}",
+        f"accuracy {s['accuracy']:.1%}   category {s['category']}   label bias {s['label_bias']:.1%}   "
+        f"(over the run's {s['run_examples']} examples)",
         f"direct effect: vote for the gold label {s['direct_vote_gold']:+.3f} logits (mean, sd {s['direct_vote_gold_sd']:.3f}); "
         f"for its own prediction {s['direct_vote_predicted']:+.3f}",
         f"   (a vote is the head's label-word logit minus its mean over the labels; sources sum to it within "

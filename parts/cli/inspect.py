@@ -31,9 +31,11 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from parts.analysis.inspect_head import format_card, inspect_head
     from parts.decomposition.runs import DecompositionRun
+    from parts.decomposition.sources import check_heads
     from parts.model.loading import load_model, recorded_model
 
     saved = DecompositionRun.load(args.run)
+    check_heads([args.head], saved.n_layers, saved.n_heads)  # before the model loads
     options = run_options(args, progress=False)
     source = {"name": args.model} if args.model else recorded_model(saved.model)
     model = load_model(**source, device=options.device, dtype=options.dtype)

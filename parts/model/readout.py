@@ -344,7 +344,7 @@ class Readout:
 
     def source_logits(
         self, activations: Activations, layer: int, heads: Sequence[int],
-        pattern: Float[Tensor, "batch head key"], values: Float[Tensor, "batch kv_head key d_head"],
+        pattern: Float[Tensor, "batch layer_head key"], values: Float[Tensor, "batch kv_head key d_head"],
     ) -> Float[Tensor, "batch head key label"]:
         """Heads' direct label-word logits split over the positions they read, at the last position.
 
