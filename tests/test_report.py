@@ -425,6 +425,36 @@ def test_attention_view_marks_the_demonstrations_label_words(browser, attention_
     page.close()
 
 
+def test_a_clicked_head_shows_its_tokens_coloured_by_contribution(browser, attention_report, tiny_sweep):
+    """The stored contributions are the head's exact source split (they sum to its vote for the label it predicts,
+    from the run's own component logits), and the page colours every token: blue for, red against, white at zero."""
+    root, _, _ = tiny_sweep
+    task = next(t for t in report_data.collect_tasks(root)[0] if t.key == "tiny")
+    run = task.reference
+    data = task_json(attention_report, "tiny")
+    head = data["attention"]["heads"][0]
+    _, stored = call_json(attention_report / "data" / "tiny" / "attention.js")
+    logits = run.component_logits[:, run.component_index(head)]
+    for k, example in enumerate(stored["examples"]):
+        votes, own = stored["contributions"][head][k], logits[example["example"]]
+        assert len(votes) == len(example["tokens"]) == len(run.token_ids[example["example"]])
+        label = int(own.argmax())
+        assert stored["predicted"][head][k] == run.prompts.label_names[label]
+        # Stored to 4 significant digits each.
+        assert sum(votes) == pytest.approx(float(own[label] - own.mean()), abs=1e-3 * sum(map(abs, votes)) + 1e-7)
+    page = Page(browser, attention_report, f"task-tiny.html#component={head}")
+    page.page.wait_for_selector("#token-colours-1 .token")
+    spans = page.page.locator("#token-colours-0 .token")
+    assert spans.count() == len(stored["examples"][0]["tokens"])
+    votes = stored["contributions"][head][0]
+    strongest = max(range(len(votes)), key=lambda p: abs(votes[p]))
+    colour = spans.nth(strongest).evaluate("e => getComputedStyle(e).backgroundColor")
+    assert colour == ("rgb(0, 0, 255)" if votes[strongest] > 0 else "rgb(255, 0, 0)")  # the scale's end
+    assert spans.nth(strongest).text_content() == stored["examples"][0]["tokens"][strongest].replace("\n", "\u21b5")
+    assert page.problems == [] and page.outside() == []
+    page.close()
+
+
 def test_split_experts_fill_their_own_grid_in_every_run(browser, tokenizer, tiny_task_file, tmp_path):
     """A --split-experts model (DeepSeek-V3's layout: a dense first MLP, then routed and shared experts): each run's
     view draws every expert in the experts grid, at the accuracy that run measured."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts.analysis.inspect_head import attention_view
+from parts.analysis.inspect_head import attention_view, run_sources
 from parts.components import parse_component
 from parts.decomposition.runs import DecompositionRun
 from parts.report.data import DIGITS, TaskRuns
@@ -32,9 +32,22 @@ def example_choice(run: DecompositionRun, examples: int) -> list[int]:
 
 def attention_data(model: TransformerBridge, task: TaskRuns, heads: Sequence[str], examples: int = 3) -> dict[str, Any]:
     """The attention of `heads` from the last token of a few of the task's reference run's prompts:
-    {run, examples: [{example, gold, tokens, label_positions}], heads: {head: [pattern per example]}}."""
+    {run, examples: [{example, gold, tokens, label_positions}], heads: {head: [pattern per example]}}, and, where the
+    run records its token ids, each token's contribution to each head's vote for the label it predicts
+    (`contributions: {head: [votes per example]}`, exact source attribution: the votes sum to the head's own)."""
     run = task.reference
     chosen = example_choice(run, examples)
+    contributions: dict[str, list[list[float]]] = {}
+    predicted: dict[str, list[str]] = {}
+    if run.token_ids is not None:
+        attribution = run_sources(model, run, heads, chosen)
+        votes = attribution.logits - attribution.logits.mean(-1, keepdim=True)  # example head source label
+        for column, head in enumerate(heads):
+            labels = attribution.direct[:, column].argmax(-1).tolist()
+            predicted[head] = [run.prompts.label_names[label] for label in labels]
+            # Four significant digits: contributions are small logits, far below DIGITS' fixed decimals.
+            contributions[head] = [[float(f"{float(v):.4g}") for v in votes[row, column, : len(ids), label]]
+                                   for row, (ids, label) in enumerate(zip(attribution.token_ids, labels, strict=True))]
     shown: list[dict[str, Any]] = []
     patterns: dict[str, list[list[float]]] = {head: [] for head in heads}
     for example in chosen:
@@ -44,4 +57,7 @@ def attention_data(model: TransformerBridge, task: TaskRuns, heads: Sequence[str
             patterns[head].append([round(float(a), DIGITS) for a in view.pattern])
         shown.append({"example": example, "gold": run.prompts.label_names[view.gold], "tokens": view.tokens,
                       "label_positions": view.label_positions})
-    return {"run": 0, "examples": shown, "heads": patterns}
+    data: dict[str, Any] = {"run": 0, "examples": shown, "heads": patterns}
+    if contributions:
+        data["contributions"], data["predicted"] = contributions, predicted
+    return data

@@ -237,6 +237,26 @@
       Plotly.react(target, traces, layout("Reweighting weight (clipped to [0, 1])", {
         barmode: "group", yaxis: {range: [0, 1.05]}, xaxis: {type: "category"}}), CONFIG);
     }
+    // The prompt's tokens coloured by their contribution to the head's vote for the label it predicts: blue for,
+    // red against, white at zero, the scale set by the example's largest |contribution|.
+    function tokenColours(example, votes, label, k) {
+      var box = document.createElement("div");
+      box.className = "token-colours";
+      box.id = "token-colours-" + k;
+      var scale = Math.max.apply(null, votes.map(Math.abs).concat([1e-12]));
+      var html = '<p class="note">Each token\'s contribution to this head\'s vote for <b>' + esc(label) +
+        "</b> (its logit minus the labels' mean; contributions sum to the head's vote): blue for, red against, " +
+        "strongest \u00b1" + scale.toPrecision(2) + ".</p><p class=\"tokens\">";
+      example.tokens.forEach(function (token, p) {
+        var v = votes[p] / scale, w = Math.round(255 * (1 - Math.min(1, Math.abs(v))));
+        var colour = v >= 0 ? "rgb(" + w + "," + w + ",255)" : "rgb(255," + w + "," + w + ")";
+        var shown = token.replace(/\n/g, "\u21b5");
+        html += '<span class="token" data-vote="' + votes[p] + '" style="background:' + colour + '" title="position ' + p +
+          ": " + esc(votes[p].toPrecision(3)) + '">' + esc(shown) + "</span>" + (token.indexOf("\n") >= 0 ? "<br>" : "");
+      });
+      box.innerHTML = html + "</p>";
+      return box;
+    }
     function plotAttention(c) {
       var target = document.getElementById("component-attention");
       var name = T.components[c];
@@ -283,6 +303,7 @@
                 return {x: p, y: Math.min(pattern[p], sink ? 1.2 * rest : pattern[p]), text: esc(example.tokens[p].trim() || "␣"),
                         showarrow: true, arrowhead: 0, ay: -20, font: {size: 10, color: "#7b3294"}};
               })}), CONFIG);
+          if (data.contributions) { target.appendChild(tokenColours(example, data.contributions[name][k], data.predicted[name][k], k)); }
         });
       });
     }
