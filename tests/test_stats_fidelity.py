@@ -7,7 +7,15 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from parts.analysis.stats import bootstrap_intervals, bootstrap_replicates, chance_extremes, correctness_arrays
+from parts.analysis.stats import (
+    bootstrap_intervals,
+    bootstrap_replicates,
+    chance_extremes,
+    correctness_arrays,
+    correctness_runs,
+    rounded,
+    spread,
+)
 from parts.errors import PartsError
 
 
@@ -95,3 +103,48 @@ def test_correctness_arrays_align_runs_across_methods():
         correctness_arrays(frame.drop(columns="correct"))
     with pytest.raises(PartsError, match="one shape"):
         bootstrap_intervals({"t": {"a": np.ones((2, 3)), "b": np.ones((2, 4))}})
+
+
+def test_nested_bootstrap_draws_templates_then_seeds():
+    # template 1's two runs always right, template 2's always wrong: runs as exchangeable give the mean of 4 draws
+    # (0, .25, ..., 1); nested draws 2 templates, so only 0, .5, 1 with probability 1/4, 1/2, 1/4
+    correct = {"t": {"a": np.array([[1, 1], [1, 1], [0, 0], [0, 0]])}}
+    groups = {"t": [1, 1, 2, 2]}
+    nested = bootstrap_replicates(correct, n_resamples=4000, seed=2, resample="nested", groups=groups)["t"]["a"]
+    assert [np.mean(nested == v) for v in (0.0, 0.5, 1.0)] == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    flat = bootstrap_replicates(correct, n_resamples=4000, seed=2)["t"]["a"]
+    assert np.mean(flat == 0.25) == pytest.approx(4 / 16, abs=0.03)  # binomial(4, 1/2) / 4
+    # seeds within a template: template 1 has one right and one wrong run, template 2 two wrong ones;
+    # a drawn template 1 averages two seed draws (0, .5, 1 w.p. 1/4, 1/2, 1/4), each template weighs 1/2
+    mixed = {"t": {"a": np.array([[1, 1], [0, 0], [0, 0], [0, 0]])}}
+    draws = bootstrap_replicates(mixed, n_resamples=8000, seed=3, resample="nested", groups=groups)["t"]["a"]
+    assert draws.mean() == pytest.approx(0.25, abs=0.01)
+    # 1 only when template 1 is drawn twice (1/4) and each time its right run twice ((1/4)^2)
+    assert np.mean(draws == 1.0) == pytest.approx(1 / 4 * (1 / 4) ** 2, abs=0.004)
+    assert set(np.unique(draws)) <= {0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0}
+    table = bootstrap_intervals(correct, n_resamples=2000, resample="nested", groups=groups).iloc[0]
+    assert (table.estimate, table.low, table.high) == (0.5, 0.0, 1.0)
+    with pytest.raises(PartsError, match="each of its 4 runs' template"):
+        bootstrap_replicates(correct, resample="nested")
+    with pytest.raises(PartsError, match="unknown resample 'templates'"):
+        bootstrap_intervals(correct, resample="templates")
+
+
+def test_correctness_runs_give_the_arrays_run_order():
+    frame = pd.DataFrame([{"task": "t", "method": m, "template": t, "seed": s, "correct": "10"}
+                          for m in ("a", "b") for t, s in ((2, 0), (1, 1), (1, 0))])
+    assert correctness_runs(frame) == {"t": [(1, 0), (1, 1), (2, 0)]}
+    assert correctness_arrays(frame)["t"]["a"].shape == (3, 2)
+
+
+def test_one_rounding_rule_and_the_spread_with_its_ddof():
+    # 45.85% exactly (11004 of 24000 answers right), however the float comes out: half away from zero
+    assert {rounded(v) for v in (100 * 11004 / 24000, 45.85, 45.849999999999994, 45.85000000000001)} == {"45.9"}
+    assert f"{45.85:.1f}" == "45.9" and f"{45.849999999999994:.1f}" == "45.8"  # what one rule replaces
+    assert (rounded(0.125, 2), rounded(-2.5, 0), rounded(-0.04), rounded(float("nan"))) == ("0.13", "-3", "0.0", "nan")
+    assert spread([1, 2, 3, 4]) == pytest.approx((5 / 3) ** 0.5)  # the sample std by default
+    assert spread([1, 2, 3, 4], ddof=0) == pytest.approx(1.25 ** 0.5)  # the authors' code (numpy's default)
+    with pytest.raises(PartsError, match="ddof must be 0"):
+        spread([1, 2], ddof=2)
+    with pytest.raises(PartsError, match="needs more than 1 value"):
+        spread([1.0])

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from parts.analysis import paper
+from parts.analysis.stats import rounded
 from parts.cli import main
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
@@ -241,3 +242,65 @@ def test_check_fails_on_a_stale_note(evaluated, tmp_path, capsys):
                        "(`parts tables --from-runs ROOT`) or correct the note"]
     committed = pd.read_csv(Path(__file__).resolve().parents[1] / "results" / "main.csv")
     assert stale_note_rows(committed).empty and len(committed[committed["method"] == "oracle"]) == 120
+
+
+def test_table2_keeps_template_4_for_the_contrastive_pairs_only():
+    """Demonstration and template pairs among the paper's templates 1-3; template 4 only in its contrastive pairs."""
+    runs = pd.DataFrame([{"task": "sst2", "template": t, "seed": s, "accuracies": f"0.{t}{s} 0.5 0.{9 - t}"}
+                         for t in (1, 2, 4) for s in (0, 1)])
+    pairs = paper.agreement_pairs(runs)
+    by_relation = paper.agreement_table(pairs).set_index("runs differ in")["pairs"]
+    # seeds: t1 and t2 (t4's pair left out); templates: t1-t2 at each seed (t1-t4 left out); perturbed: t2-t4
+    assert by_relation.to_dict() == {"demonstrations": 2, "perturbed template": 2, "templates": 2}
+    every = paper.agreement_table(pairs, templates=None).set_index("runs differ in")["pairs"]
+    assert every.to_dict() == {"demonstrations": 3, "perturbed template": 2, "templates": 4}
+
+
+def test_spreads_follow_ddof():
+    runs = pd.DataFrame([{"task": "sst2", "template": 1, "seed": s, "n_examples": 10, "n_labels": 2, "full": full,
+                          "label_biased": 0, "accuracies": "0.5 0.5"} for s, full in ((0, 0.5), (1, 0.7))])
+    measures = paper.run_measures(runs, ["L0H0", "MLP0"])
+    assert paper.component_table_1(measures).loc[0, "FULL"] == "60.0 ± 14.1"  # sample std: 20 / sqrt(2)
+    assert paper.component_table_1(measures, ddof=0).loc[0, "FULL"] == "60.0 ± 10.0"  # the authors' ddof = 0
+
+
+def test_transfer_differences_are_each_method_minus_full_paired():
+    rows = []
+    for seed, (full, one, oracle) in enumerate((("0101", "1101", "1111"), ("0011", "0111", "0111"))):
+        for method, correct in (("icl", full), ("transfer-1", one), ("oracle-1", oracle)):
+            rows.append({"kind": "transfer", "task": "sst2 -> yelp", "template": 1, "seed": seed, "method": method,
+                         "labels": 4, "correct": correct})
+    row = paper.transfer_differences(pd.DataFrame(rows), n_resamples=500).set_index("shift").loc["sst2 -> yelp"]
+    assert row["runs"] == 2 and row["n"] == 4
+    assert row["TRANSFER-1 minus FULL"].startswith("25.0 [") and row["ORACLE-1 minus FULL"].startswith("37.5 [")
+    low = float(row["TRANSFER-1 minus FULL"].split("[")[1].split(",")[0])
+    assert low >= 0  # paired: TRANSFER-1 is right wherever FULL is, so no replicate favours FULL
+
+
+def test_paired_differences_and_both_resampling_schemes(evaluated, tmp_path, capsys):
+    _, results, _ = evaluated
+    loaded = load_results(results)
+    many_shot = paper.main_intervals(loaded.predictions, loaded.main, n_resamples=300, reference="24-shot ICL")
+    table = paper.one_difference_table(many_shot, "24-shot ICL - k-shot ICL").set_index("task")
+    by_hand = {m: 100 * loaded.main[(loaded.main.method == "icl") & (loaded.main.labels == n)]["accuracy"].mean()
+               for m, n in (("24", 24), ("k", 4))}
+    cell = table.loc["tiny", "24-shot ICL minus k-shot ICL"]
+    assert float(cell.split(" [")[0]) == pytest.approx(by_hand["24"] - by_hand["k"], abs=0.051)
+    assert table.loc["tiny", "runs"] == 4 and table.loc["tiny", "n"] == 8
+    runs = paper.main_intervals(loaded.predictions, loaded.main, n_resamples=300)
+    nested = paper.main_intervals(loaded.predictions, loaded.main, n_resamples=300, resample="nested")
+    assert np.allclose(runs["estimate"], nested["estimate"])  # one estimate, two intervals
+    both = paper.resampling_table(runs, nested).set_index("quantity")
+    average = runs.set_index(["task", "method"]).loc[("average", "CompRW 24"), "estimate"]
+    assert both.loc["CompRW 24", "estimate"] == rounded(average)
+    assert "CompRW 24 minus 24-shot ICL" in both.index and (both["runs"] == 4).all()
+    # the options of `parts tables`: docs made with them are stale for the defaults, and the other way round
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "page.md").write_text(PAGE.replace("parts-tables:main", "parts-tables:resampling"))
+    argv = ["tables", "--results", str(results), "--docs", str(docs), "--no-figures", "--resamples", "200"]
+    assert main([*argv, "--ddof", "0", "--resample", "nested"]) == 0
+    assert main([*argv, "--ddof", "0", "--resample", "nested", "--check"]) == 0
+    assert main([*argv, "--check"]) == 1
+    assert "interval, nested: templates, seeds, examples" in (docs / "page.md").read_text()
+    capsys.readouterr()

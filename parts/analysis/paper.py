@@ -27,7 +27,15 @@ import pandas as pd
 import torch
 
 from parts.analysis.analyze import relation_between, top_k
-from parts.analysis.stats import bootstrap_intervals, chance_extremes, correctness_arrays
+from parts.analysis.stats import (
+    DDOF,
+    bootstrap_intervals,
+    chance_extremes,
+    correctness_arrays,
+    correctness_runs,
+    rounded,
+    spread,
+)
 from parts.methods import label_order, method_label
 
 PAPER_TASK_ORDER = ("sst2", "boolq", "qqp", "wic", "rte", "mnli", "agnews", "arc")
@@ -71,22 +79,58 @@ def _with_columns(predictions: pd.DataFrame, main: pd.DataFrame) -> pd.DataFrame
     return frame
 
 
-def main_intervals(predictions: pd.DataFrame, main: pd.DataFrame, n_resamples: int = 2000, seed: int = 0
-                   ) -> pd.DataFrame:
-    """Every method's accuracy and CompRW 24 minus every other method, per task and for the average,
-    with 95% hierarchical bootstrap intervals (percent). Only tasks with at least one finished run."""
-    arrays = correctness_arrays(_with_columns(predictions, main))
+def main_intervals(predictions: pd.DataFrame, main: pd.DataFrame, n_resamples: int = 2000, seed: int = 0,
+                   resample: str = "runs", reference: str | None = None) -> pd.DataFrame:
+    """Every method's accuracy and CompRW 24 (or `reference`) minus every other method, per task and for the
+    average, with 95% hierarchical bootstrap intervals (percent; `resample`: "runs" or "nested", see
+    `parts.analysis.stats.bootstrap_replicates`). Only tasks with at least one finished run. The same `seed`
+    draws the same replicates whatever the reference, so differences from two calls are paired alike."""
+    frame = _with_columns(predictions, main)
+    arrays = correctness_arrays(frame)
     ordered = {t: arrays[t] for t in ordered_tasks(list(arrays))}
-    comprw = sorted({m for per_task in ordered.values() for m in per_task if m.startswith("CompRW ")},
-                    key=lambda m: int(m.split()[1]))
-    reference = REFERENCE if REFERENCE in comprw else (comprw[-1] if comprw else None)
-    table = bootstrap_intervals(ordered, reference=reference, n_resamples=n_resamples, seed=seed)
+    templates = {task: [key[0] for key in keys] for task, keys in correctness_runs(frame).items()}
+    if reference is None:
+        comprw = sorted({m for per_task in ordered.values() for m in per_task if m.startswith("CompRW ")},
+                        key=lambda m: int(m.split()[1]))
+        reference = REFERENCE if REFERENCE in comprw else (comprw[-1] if comprw else None)
+    table = bootstrap_intervals(ordered, reference=reference, n_resamples=n_resamples, seed=seed, resample=resample,
+                                groups=templates)
     table[["estimate", "low", "high"]] *= 100
     return table
 
 
 def _cell(row: pd.Series) -> str:
-    return f"{row['estimate']:.1f} [{row['low']:.1f}, {row['high']:.1f}]"
+    return f"{rounded(row['estimate'])} [{rounded(row['low'])}, {rounded(row['high'])}]"
+
+
+def _interval(row: pd.Series) -> str:
+    return f"[{rounded(row['low'])}, {rounded(row['high'])}]"
+
+
+def one_difference_table(intervals: pd.DataFrame, difference: str) -> pd.DataFrame:
+    """One paired difference of `main_intervals` ('24-shot ICL - k-shot ICL') per task and for the average:
+    runs, n, and 'diff [low, high]' percentage points."""
+    rows = intervals[(intervals["quantity"] == "difference") & (intervals["method"] == difference)]
+    return pd.DataFrame({"task": rows["task"], "runs": rows["runs"].astype(int), "n": rows["examples"].astype(int),
+                         difference.replace(" - ", " minus "): [_cell(r) for _, r in rows.iterrows()]})
+
+
+def resampling_table(runs: pd.DataFrame, nested: pd.DataFrame, task: str = "average") -> pd.DataFrame:
+    """The `task` row of two `main_intervals` tables side by side, one per resampling scheme: every method's
+    accuracy and every difference, the estimate, and the 95% interval with runs resampled as exchangeable
+    and with templates, then seeds, then examples resampled (nested)."""
+    merged = runs[runs["task"] == task].merge(nested[nested["task"] == task], on=["task", "quantity", "method"],
+                                              suffixes=("", " nested"))
+    accuracy = merged[merged["quantity"] == "accuracy"]
+    accuracy = accuracy.iloc[sorted(range(len(accuracy)), key=lambda i: label_order(accuracy["method"].iloc[i]))]
+    ordered = pd.concat([accuracy, merged[merged["quantity"] == "difference"]])
+    return pd.DataFrame({
+        "quantity": ordered["method"].str.replace(" - ", " minus "), "runs": ordered["runs"].astype(int),
+        "n": ordered["examples"].astype(int), "estimate": ordered["estimate"].map(rounded),
+        "interval, runs exchangeable (default)": [_interval(r) for _, r in ordered.iterrows()],
+        "interval, nested: templates, seeds, examples": [
+            _interval(pd.Series({"low": r["low nested"], "high": r["high nested"]})) for _, r in ordered.iterrows()],
+    })
 
 
 def main_table(intervals: pd.DataFrame) -> pd.DataFrame:
@@ -122,7 +166,7 @@ def paper_comparison(intervals: pd.DataFrame) -> pd.DataFrame:
         for column in ("24-shot ICL", "CompRW 24"):
             row[f"{column} (here)"] = _cell(accuracy.loc[(task, column)]) if (task, column) in accuracy.index else ""
             paper = PAPER_MAIN_AVERAGE.get(column) if task == "average" else PAPER_MAIN[column].get(task)
-            row[f"{column} (paper)"] = "" if paper is None else f"{paper:.1f}"
+            row[f"{column} (paper)"] = "" if paper is None else rounded(paper)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -151,35 +195,38 @@ def run_measures(runs: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     })
 
 
-def _mean_std(values: pd.Series, digits: int = 1) -> str:
-    """'mean ± sample std' over runs; the mean alone for a single run (no spread to show); '' for none."""
+def _mean_std(values: pd.Series, digits: int = 1, ddof: int = DDOF) -> str:
+    """'mean ± std' over runs (`parts.analysis.stats.spread`, ddof 1 by default); the mean alone for a single
+    run (no spread to show); '' for none."""
     if not len(values):
         return ""
-    mean = f"{values.mean():.{digits}f}"
-    return f"{mean} ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else mean
+    mean = rounded(values.mean(), digits)
+    return f"{mean} ± {rounded(spread(values, ddof), digits)}" if len(values) > 1 else mean
 
 
-def component_table_1(measures: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 per task (mean ± std over runs, %), each beside its chance yardstick, and the average."""
+def component_table_1(measures: pd.DataFrame, ddof: int = DDOF) -> pd.DataFrame:
+    """The paper's Table 1 per task (mean ± std over runs, %, std with `ddof`), each beside its chance
+    yardstick, and the average."""
     # the paper's runs: templates 1-3 (template 4, the minimal perturbation, is for Table 2 only)
     main = measures[~measures["task"].str.contains(" -> ") & measures["template"].isin(PAPER_TEMPLATES)]
     rows = []
     for task in ordered_tasks(list(main["task"])):
         group = main[main["task"] == task]
-        rows.append({"task": task, "runs": len(group), "n": int(group["n"].iloc[0]), "chance": f"{group['chance'].iloc[0]:.1f}",
-                     "FULL": _mean_std(group["full"]), "ORACLE-T1": _mean_std(group["best"]),
-                     "best of N at chance": f"{group['chance_best'].mean():.1f}",
-                     "ORACLE-B1": _mean_std(group["worst"]), "worst of N at chance": f"{group['chance_worst'].mean():.1f}"})
+        rows.append({"task": task, "runs": len(group), "n": int(group["n"].iloc[0]), "chance": rounded(group["chance"].iloc[0]),
+                     "FULL": _mean_std(group["full"], ddof=ddof), "ORACLE-T1": _mean_std(group["best"], ddof=ddof),
+                     "best of N at chance": rounded(group["chance_best"].mean()),
+                     "ORACLE-B1": _mean_std(group["worst"], ddof=ddof),
+                     "worst of N at chance": rounded(group["chance_worst"].mean())})
     means = main.groupby("task")[["full", "best", "worst", "chance_best", "chance_worst", "chance"]].mean()
     if len(means):
-        rows.append({"task": "average", "runs": len(main), "n": "", "chance": f"{means['chance'].mean():.1f}",
-                     "FULL": f"{means['full'].mean():.1f}", "ORACLE-T1": f"{means['best'].mean():.1f}",
-                     "best of N at chance": f"{means['chance_best'].mean():.1f}",
-                     "ORACLE-B1": f"{means['worst'].mean():.1f}", "worst of N at chance": f"{means['chance_worst'].mean():.1f}"})
+        rows.append({"task": "average", "runs": len(main), "n": "", "chance": rounded(means["chance"].mean()),
+                     "FULL": rounded(means["full"].mean()), "ORACLE-T1": rounded(means["best"].mean()),
+                     "best of N at chance": rounded(means["chance_best"].mean()),
+                     "ORACLE-B1": rounded(means["worst"].mean()), "worst of N at chance": rounded(means["chance_worst"].mean())})
     return pd.DataFrame(rows)
 
 
-def label_biased_table(measures: pd.DataFrame) -> pd.DataFrame:
+def label_biased_table(measures: pd.DataFrame, ddof: int = DDOF) -> pd.DataFrame:
     """Share (%) of components that predict one label on the entire test set, per task, beside the paper's."""
     # the paper's runs: templates 1-3 (template 4, the minimal perturbation, is for Table 2 only)
     main = measures[~measures["task"].str.contains(" -> ") & measures["template"].isin(PAPER_TEMPLATES)]
@@ -188,8 +235,8 @@ def label_biased_table(measures: pd.DataFrame) -> pd.DataFrame:
         group = main[main["task"] == task]
         paper = PAPER_LABEL_BIASED.get(task)
         rows.append({"task": task, "runs": len(group), "n (here)": int(group["n"].iloc[0]),
-                     "label-biased % (here)": _mean_std(group["label_biased_share"]),
-                     "label-biased % (paper, n = 2,000)": "" if paper is None else f"{paper:.1f}"})
+                     "label-biased % (here)": _mean_std(group["label_biased_share"], ddof=ddof),
+                     "label-biased % (paper, n = 2,000)": "" if paper is None else rounded(paper)})
     return pd.DataFrame(rows)
 
 
@@ -212,27 +259,35 @@ def agreement_pairs(runs: pd.DataFrame, k: int = 5) -> pd.DataFrame:
             top_a = top_k(torch.from_numpy(accuracies[i]), k)
             top_b = top_k(torch.from_numpy(accuracies[j]), k)
             rows.append({"task": task, "run_a": f"t{a['template']} s{a['seed']}", "run_b": f"t{b['template']} s{b['seed']}",
+                         "template_a": int(a["template"]), "template_b": int(b["template"]),
                          "relation": relation_between(str(task), (int(a["template"]), int(a["seed"])),
                                                       (int(b["template"]), int(b["seed"]))),
                          "pearson": _pearson(accuracies[i], accuracies[j]),
                          "top_k_iou": len(top_a & top_b) / len(top_a | top_b)})
-    return pd.DataFrame(rows, columns=["task", "run_a", "run_b", "relation", "pearson", "top_k_iou"])
+    return pd.DataFrame(rows, columns=["task", "run_a", "run_b", "template_a", "template_b", "relation", "pearson",
+                                       "top_k_iou"])
 
 
-def agreement_table(pairs: pd.DataFrame) -> pd.DataFrame:
+def agreement_table(pairs: pd.DataFrame, ddof: int = DDOF, templates: tuple[int, ...] | None = PAPER_TEMPLATES
+                    ) -> pd.DataFrame:
     """Per task and relation: Pearson r and top-5 IoU, mean ± std over the pairs (how many), beside the paper's.
-    The pairs of a task share runs, so the std describes their spread, not the mean's uncertainty."""
+    As in the paper, the demonstration and template pairs are among `templates` (1-3; None: every template);
+    template 4 enters only the minimally contrastive pairs. The pairs of a task share runs, so the std describes
+    their spread, not the mean's uncertainty."""
+    among = (pd.Series(True, index=pairs.index) if templates is None
+             else pairs["template_a"].isin(templates) & pairs["template_b"].isin(templates))
     rows = []
     for task in ordered_tasks(list(pairs["task"])):
         for relation in ("seeds", "perturbed template", "templates"):
-            group = pairs[(pairs["task"] == task) & (pairs["relation"] == relation)]
+            kept = among | (relation == "perturbed template")
+            group = pairs[(pairs["task"] == task) & (pairs["relation"] == relation) & kept]
             paper = PAPER_AGREEMENT[relation].get(task)
             rows.append({"task": task, "runs differ in": {"seeds": "demonstrations"}.get(relation, relation),
                          "pairs": len(group),
-                         "pearson r (here)": _mean_std(group["pearson"].dropna(), 2),
-                         "pearson r (paper)": "" if paper is None else f"{paper[0]:.2f}",
-                         "top-5 IoU (here)": _mean_std(group["top_k_iou"], 2),
-                         "top-5 IoU (paper)": "" if paper is None else f"{paper[1]:.2f}"})
+                         "pearson r (here)": _mean_std(group["pearson"].dropna(), 2, ddof),
+                         "pearson r (paper)": "" if paper is None else rounded(paper[0], 2),
+                         "top-5 IoU (here)": _mean_std(group["top_k_iou"], 2, ddof),
+                         "top-5 IoU (paper)": "" if paper is None else rounded(paper[1], 2)})
     return pd.DataFrame(rows)
 
 
@@ -241,7 +296,7 @@ TRANSFER_METHODS = {"icl": "FULL", "transfer-1": "TRANSFER-1", "oracle-1": "ORAC
                     "comprw": "CompRW 24 (extension)", "calib+": "Calib+ 24 (extension)", "batch": "BatchCal (extension)"}
 
 
-def transfer_table(transfer: pd.DataFrame) -> pd.DataFrame:
+def transfer_table(transfer: pd.DataFrame, ddof: int = DDOF) -> pd.DataFrame:
     """The paper's Table 3 on each shifted test set (mean ± std over runs, %), the paper's values beside,
     then parts' reweighting-under-shift extension."""
     rows = []
@@ -251,23 +306,34 @@ def transfer_table(transfer: pd.DataFrame) -> pd.DataFrame:
                                   "n": int(group["n_test"].iloc[0])}
         for method, column in TRANSFER_METHODS.items():
             values = 100 * group.loc[group["method"] == method, "accuracy"].astype(float)
-            row[column] = _mean_std(values) if len(values) else ""
+            row[column] = _mean_std(values, ddof=ddof) if len(values) else ""
         paper = PAPER_TRANSFER.get(str(task))
-        row["paper FULL / TRANSFER-1 / ORACLE-1"] = "" if paper is None else " / ".join(f"{p:.1f}" for p in paper)
+        row["paper FULL / TRANSFER-1 / ORACLE-1"] = "" if paper is None else " / ".join(rounded(p) for p in paper)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def transfer_intervals(predictions: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Table 3 on each shifted test set with 95% bootstrap intervals (examples and runs resampled), and
-    TRANSFER-1 minus FULL and minus each other method: one row per shift, 'mean [low, high]' cells (%)."""
+def _shift_intervals(predictions: pd.DataFrame, reference: str, n_resamples: int, seed: int, resample: str
+                     ) -> pd.DataFrame:
+    """`bootstrap_intervals` (percent) of every method on each shifted test set, `reference` minus each other."""
     shifted = predictions[(predictions["kind"] == "transfer") & predictions["task"].str.contains(" -> ")].copy()
     if shifted.empty:
         return pd.DataFrame()
     shifted["method"] = shifted["method"].map(lambda m: TRANSFER_METHODS.get(m, m))
-    table = bootstrap_intervals(correctness_arrays(shifted), reference="TRANSFER-1", n_resamples=n_resamples,
-                                seed=seed, average="average of the shifts")
+    templates = {task: [key[0] for key in keys] for task, keys in correctness_runs(shifted).items()}
+    table = bootstrap_intervals(correctness_arrays(shifted), reference=reference, n_resamples=n_resamples, seed=seed,
+                                average="average of the shifts", resample=resample, groups=templates)
     table[["estimate", "low", "high"]] *= 100
+    return table
+
+
+def transfer_intervals(predictions: pd.DataFrame, n_resamples: int = 2000, seed: int = 0, resample: str = "runs"
+                       ) -> pd.DataFrame:
+    """Table 3 on each shifted test set with 95% bootstrap intervals (examples and runs resampled), and
+    TRANSFER-1 minus FULL and minus each other method: one row per shift, 'mean [low, high]' cells (%)."""
+    table = _shift_intervals(predictions, "TRANSFER-1", n_resamples, seed, resample)
+    if table.empty:
+        return table
     rows = []
     for task, group in table.groupby("task", sort=False):
         by_method = group.set_index("method")
@@ -335,3 +401,24 @@ def coverage_table(main: pd.DataFrame, runs: pd.DataFrame, transfer: pd.DataFram
                      f"test runs (Tables 1, 2; of {test_design})": "",
                      f"transfer runs (Table 3; of {design})": listed(done, design)})
     return pd.DataFrame(rows).fillna("")
+
+
+def transfer_differences(predictions: pd.DataFrame, n_resamples: int = 2000, seed: int = 0, resample: str = "runs"
+                         ) -> pd.DataFrame:
+    """Every method minus FULL on each shifted test set, paired (the same resampled examples and runs for both),
+    'diff [low, high]' percentage points: one row per shift, one column per method."""
+    table = _shift_intervals(predictions, "FULL", n_resamples, seed, resample)
+    if table.empty:
+        return table
+    rows = []
+    for task, group in table[table["quantity"] == "difference"].groupby("task", sort=False):
+        first = group.iloc[0]
+        row: dict[str, object] = {"shift": task, "runs": int(first["runs"]), "n": int(first["examples"])}
+        by_method = group.set_index("method")
+        for column in TRANSFER_METHODS.values():
+            if f"FULL - {column}" in by_method.index:  # FULL minus the method, turned round
+                r = by_method.loc[f"FULL - {column}"]
+                row[f"{column.split(' (')[0]} minus FULL"] = _cell(pd.Series(
+                    {"estimate": -r["estimate"], "low": -r["high"], "high": -r["low"]}))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -19,14 +19,24 @@ task (templates x seeds) share one set of test examples and one model, so they a
 samples: each bootstrap replicate resamples the task's test examples AND its runs (with
 replacement, the same draw for every method, so differences are paired), tasks independently of
 each other. The 8-task average is the mean of the per-task means. No p-value treats the settings
-of a task as independent.
+of a task as independent. That resample ("runs") treats a task's runs as exchangeable, though they
+are templates x seeds; `resample="nested"` is the stricter choice: templates with replacement, then
+seeds within each drawn template, then (as before) the test examples.
+
+Spreads over runs (`spread`) are sample standard deviations, ddof = 1 (`DDOF`); the paper's authors'
+code uses numpy's default, ddof = 0, smaller by sqrt((n - 1) / n) (0.966 at 15 runs): pass ddof=0 to
+compare like with like.
+
+Every number parts prints is rounded by one rule (`rounded`): half away from zero on the decimal value,
+so 45.85 is 45.9 whichever way the float came out.
 
 Plain numbers in, plain numbers out: nothing here reads runs or loads a model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import einops
@@ -40,6 +50,30 @@ from torch import Tensor
 from parts.errors import PartsError
 
 CORRECTIONS = ("holm", "bh", "none")
+RESAMPLES = ("runs", "nested")  # what a bootstrap replicate draws besides the test examples
+DDOF = 1  # spreads over runs: the sample standard deviation (the authors' code: ddof = 0)
+
+
+# -- the rounding rule and the spread ----------------------------------------------------------------
+def rounded(value: float, digits: int = 1) -> str:
+    """`value` to `digits` decimals by the one rule every table uses: half away from zero on the decimal
+    value, after dropping float noise below 1e-9 (45.85 -> '45.9', whether computed as 45.8499999999 or
+    45.8500000001; Python's format rounds the binary value, half to even); zero unsigned; NaN stays 'nan'."""
+    if not np.isfinite(value):
+        return str(value)
+    result = Decimal(f"{value:.9f}").quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return str(abs(result) if result == 0 else result)  # no '-0.0
+
+
+def spread(values: Sequence[float] | np.ndarray | pd.Series, ddof: int = DDOF) -> float:
+    """Standard deviation of `values` with `ddof` delta degrees of freedom: 1 (the default) for the sample
+    standard deviation, 0 for numpy's default, as in the paper's authors' code."""
+    if ddof not in (0, 1):
+        raise PartsError(f"ddof must be 0 (the authors' code) or 1 (the sample standard deviation), got {ddof}")
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) <= ddof:
+        raise PartsError(f"a standard deviation with ddof = {ddof} needs more than {ddof} value(s), got {len(values)}")
+    return float(np.std(values, ddof=ddof))
 
 
 # -- the significance rule ------------------------------------------------------------------------
@@ -196,33 +230,68 @@ def _check_correct(task: str, correct: Mapping[str, np.ndarray]) -> tuple[int, i
     return runs, examples
 
 
+def check_resample(resample: str) -> None:
+    """Refuse an unknown resampling scheme."""
+    if resample not in RESAMPLES:
+        raise PartsError(f"unknown resample {resample!r}: use one of {', '.join(RESAMPLES)}")
+
+
+def _nested_draw(rng: np.random.Generator, groups: Sequence[Hashable], n_resamples: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Templates with replacement, then within each drawn template as many of its runs (seeds) with replacement:
+    the drawn runs [resample draw] and their weights [resample draw] (each drawn template weighs 1 / n_templates,
+    shared among its drawn seeds)."""
+    members = [np.flatnonzero([g == group for g in groups]) for group in dict.fromkeys(groups)]
+    sizes = np.array([len(m) for m in members])
+    padded = np.stack([np.pad(m, (0, sizes.max() - len(m))) for m in members])  # [template seed]
+    template_draw = rng.integers(0, len(members), size=(n_resamples, len(members)))
+    drawn_sizes = sizes[template_draw][..., None]  # [resample template 1]
+    position = np.floor(rng.random((n_resamples, len(members), sizes.max())) * drawn_sizes).astype(np.int64)
+    runs = padded[template_draw[..., None], position]  # [resample template seed]
+    weights = (np.arange(sizes.max()) < drawn_sizes) / drawn_sizes / len(members)
+    return runs.reshape(n_resamples, -1), weights.reshape(n_resamples, -1)
+
+
 def bootstrap_replicates(
     correct: Mapping[str, Mapping[str, np.ndarray]], n_resamples: int = 2000, seed: int = 0,
-    resample_runs: bool = True,
+    resample_runs: bool = True, resample: str = "runs", groups: Mapping[str, Sequence[Hashable]] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Bootstrap distributions of every method's mean accuracy, per task.
 
     `correct[task][method]` is a 0/1 array [run, example]: run r and example e are the same
     (template, seed) and the same test example for every method of the task. A replicate draws
-    runs and examples with replacement (once per task, shared by its methods) and takes the mean
-    over the drawn run x example grid. Returns `[task][method] -> [n_resamples]` arrays.
+    examples with replacement and, with `resample="runs"`, runs with replacement (once per task,
+    shared by its methods), and takes the mean over the drawn run x example grid. With
+    `resample="nested"`, `groups[task]` gives each run's template: a replicate draws templates, then
+    seeds within each drawn template, then examples. `resample_runs=False` keeps every run once.
+    Returns `[task][method] -> [n_resamples]` arrays.
     """
     if n_resamples < 1:
         raise PartsError(f"n_resamples must be at least 1, got {n_resamples}")
+    check_resample(resample)
     rng = np.random.default_rng(seed)
     replicates: dict[str, dict[str, np.ndarray]] = {}
     for task, methods in correct.items():
         n_runs, n_examples = _check_correct(task, methods)
         example_draw = rng.integers(0, n_examples, size=(n_resamples, n_examples))
-        run_draw = (rng.integers(0, n_runs, size=(n_resamples, n_runs)) if resample_runs
-                    else np.broadcast_to(np.arange(n_runs), (n_resamples, n_runs)))
+        run_weights: np.ndarray | None = None
+        if not resample_runs:
+            run_draw = np.broadcast_to(np.arange(n_runs), (n_resamples, n_runs))
+        elif resample == "runs":
+            run_draw = rng.integers(0, n_runs, size=(n_resamples, n_runs))
+        else:
+            if groups is None or task not in groups or len(groups[task]) != n_runs:
+                raise PartsError(f"task {task}: the nested bootstrap needs each of its {n_runs} runs' template "
+                                 "(groups[task], one per run, in the arrays' run order)")
+            run_draw, run_weights = _nested_draw(rng, groups[task], n_resamples)
         # how often each example is drawn in each replicate: [resample example]
         counts = np.stack([np.bincount(row, minlength=n_examples) for row in example_draw]).astype(np.float64)
         replicates[task] = {}
         for method, values in methods.items():
             # per replicate and run, the mean over the drawn examples; then the mean over the drawn runs
             per_run = counts @ np.asarray(values, dtype=np.float64).T / n_examples  # [resample run]
-            replicates[task][method] = np.take_along_axis(per_run, run_draw, axis=1).mean(axis=1)
+            drawn = np.take_along_axis(per_run, run_draw, axis=1)
+            replicates[task][method] = drawn.mean(axis=1) if run_weights is None else (drawn * run_weights).sum(axis=1)
     return replicates
 
 
@@ -233,15 +302,17 @@ def _interval(point: float, draws: np.ndarray, level: float) -> dict[str, float]
 
 def bootstrap_intervals(
     correct: Mapping[str, Mapping[str, np.ndarray]], reference: str | None = None, n_resamples: int = 2000,
-    seed: int = 0, level: float = 0.95, average: str = "average",
+    seed: int = 0, level: float = 0.95, average: str = "average", resample: str = "runs",
+    groups: Mapping[str, Sequence[Hashable]] | None = None,
 ) -> pd.DataFrame:
     """Percentile intervals of every method's accuracy, and of `reference` minus every other method,
     per task and for the average over tasks (a row with task == `average`, only over tasks that
     have the method). Columns: task, quantity ('accuracy' or 'difference'), method, estimate, low,
-    high, runs, examples. Accuracies are fractions (0-1)."""
+    high, runs, examples. Accuracies are fractions (0-1). `resample` and `groups`: as
+    `bootstrap_replicates` ("nested" needs each run's template)."""
     if not 0 < level < 1:
         raise PartsError(f"level must be between 0 and 1, got {level}")
-    replicates = bootstrap_replicates(correct, n_resamples, seed)
+    replicates = bootstrap_replicates(correct, n_resamples, seed, resample=resample, groups=groups)
     rows: list[dict[str, object]] = []
     methods = list(dict.fromkeys(m for per_task in correct.values() for m in per_task))
     if reference is not None and reference not in methods:
@@ -277,6 +348,22 @@ def bootstrap_intervals(
     return pd.DataFrame(rows, columns=["task", "quantity", "method", "estimate", "low", "high", "runs", "examples"])
 
 
+def _common_runs(frame: pd.DataFrame, run_keys: Sequence[str]
+                 ) -> dict[str, tuple[dict[str, dict[tuple[Any, ...], str]], list[tuple[Any, ...]]]]:
+    """Per task: each method's correctness strings by run key, and the run keys every method has (sorted)."""
+    missing = [c for c in ("task", "method", "correct", *run_keys) if c not in frame.columns]
+    if missing:
+        raise PartsError(f"the predictions table lacks column(s) {', '.join(missing)}")
+    runs: dict[str, tuple[dict[str, dict[tuple[Any, ...], str]], list[tuple[Any, ...]]]] = {}
+    for task, rows in frame.groupby("task", sort=False):
+        per_method = {str(m): {tuple(r[k] for k in run_keys): r["correct"] for _, r in g.iterrows()}
+                      for m, g in rows.groupby("method", sort=False)}
+        common = sorted(set.intersection(*(set(v) for v in per_method.values())))
+        if common:
+            runs[str(task)] = (per_method, common)
+    return runs
+
+
 def correctness_arrays(frame: pd.DataFrame, run_keys: Sequence[str] = ("template", "seed")
                        ) -> dict[str, dict[str, np.ndarray]]:
     """`bootstrap_intervals`' input from a long table with columns task, method, the `run_keys`,
@@ -284,18 +371,13 @@ def correctness_arrays(frame: pd.DataFrame, run_keys: Sequence[str] = ("template
 
     Only runs that every method of the task has are kept, in one order for all methods, so run r
     is the same (template, seed) for every method."""
-    missing = [c for c in ("task", "method", "correct", *run_keys) if c not in frame.columns]
-    if missing:
-        raise PartsError(f"the predictions table lacks column(s) {', '.join(missing)}")
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    for task, rows in frame.groupby("task", sort=False):
-        per_method = {m: {tuple(r[k] for k in run_keys): r["correct"] for _, r in g.iterrows()}
-                      for m, g in rows.groupby("method", sort=False)}
-        common = sorted(set.intersection(*(set(v) for v in per_method.values())))
-        if not common:
-            continue
-        arrays[str(task)] = {
-            str(m): np.array([[int(ch) for ch in runs[key]] for key in common], dtype=np.int8)
-            for m, runs in per_method.items()
-        }
-    return arrays
+    return {task: {m: np.array([[int(ch) for ch in by_run[key]] for key in common], dtype=np.int8)
+                   for m, by_run in per_method.items()}
+            for task, (per_method, common) in _common_runs(frame, run_keys).items()}
+
+
+def correctness_runs(frame: pd.DataFrame, run_keys: Sequence[str] = ("template", "seed")
+                     ) -> dict[str, list[tuple[Any, ...]]]:
+    """The run keys of `correctness_arrays`' rows, per task, in its order (the first key of each is the
+    template: the groups of the nested bootstrap)."""
+    return {task: common for task, (_, common) in _common_runs(frame, run_keys).items()}

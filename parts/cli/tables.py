@@ -27,6 +27,12 @@ def add_parser(subparsers: Any) -> None:
                         help="export the result files from this output root first (needs its run folders)")
     parser.add_argument("--limit", type=positive_int, default=200, help="test examples of the runs to export (default 200)")
     parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--ddof", type=int, choices=(0, 1), default=1,
+                        help="delta degrees of freedom of every spread over runs: 1, the sample std (default); 0, as "
+                             "the paper's authors' code")
+    parser.add_argument("--resample", choices=("runs", "nested"), default="runs",
+                        help="what the bootstrap resamples besides the test examples: the runs as exchangeable "
+                             "(default), or nested: templates, then seeds within each (docs/concepts/statistics.md)")
     parser.add_argument("--check", action="store_true", help="write nothing; fail if a docs table is out of date")
     parser.set_defaults(func=run)
 
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
         for path in export_results(args.from_runs, args.results, args.limit).values():
             print(f"wrote {path}")
-    stale = rebuild(args.results, args.docs, None if args.no_figures else args.figures, args.check, args.resamples)
+    stale = rebuild(args.results, args.docs, None if args.no_figures else args.figures, args.check, args.resamples,
+                    ddof=args.ddof, resample=args.resample)
     if args.check:
         for item in stale:
             print(f"out of date: {item}")

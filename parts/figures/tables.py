@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 
 from parts import io
 from parts.analysis import paper
-from parts.analysis.stats import chance_table
+from parts.analysis.stats import DDOF, chance_table, check_resample, rounded
 from parts.errors import PartsError
 from parts.experiments.checkpoints import checkpoint_lines, checkpoint_summary
 from parts.experiments.results import markdown_table, stale_note_rows
@@ -73,7 +73,7 @@ def load_results(folder: str | Path) -> Results:
 
 
 def _percent(value: float) -> str:
-    return f"{100 * value:.1f}"
+    return rounded(100 * value)
 
 
 def control_table(controls: pd.DataFrame, correction: str = "holm") -> pd.DataFrame:
@@ -107,7 +107,7 @@ def control_checkpoints(controls: pd.DataFrame, components: list[str], k: int = 
     summary = checkpoint_summary(checkpoint_lines(runs, k))
     table = summary.pivot_table(index=["task", "step", "checkpoint"], columns="line", values="accuracy", sort=False)
     lines = ["full model", *(f"best #{i}" for i in range(1, k + 1)), *(f"final top-{i}" for i in range(1, k + 1))]
-    table = (100 * table[lines]).round(1).reset_index().drop(columns="step")
+    table = (100 * table[lines]).reset_index().drop(columns="step")  # percent, unrounded (`rounded` prints them)
     order = {task: i for i, task in enumerate(paper.ordered_tasks(list(dict.fromkeys(table["task"]))))}
     return table.sort_values("task", key=lambda column: column.map(order), kind="stable", ignore_index=True)
 
@@ -116,11 +116,11 @@ def chance_rule_table(n_components: int, alpha: float = 0.05) -> pd.DataFrame:
     """What an uncorrected one-sided binomial test calls "good" among `n_components` chance-level components."""
     table = chance_table(CHANCE_RULE_SIZES, (0.5, 0.25), n_components, alpha)
     return pd.DataFrame({
-        "n examples": table["n_examples"], "chance": table["chance"].map("{:.2f}".format),
-        "size of the test": table["test_size"].map("{:.4f}".format),
-        f"expected false \"good\" of {n_components}": table["expected_false_good"].map("{:.1f}".format),
-        "P(at least one)": table["p_any_false_good"].map("{:.3f}".format),
-        f"expected best accuracy of {n_components} (%)": (100 * table["expected_best_accuracy"]).map("{:.1f}".format),
+        "n examples": table["n_examples"], "chance": table["chance"].map(lambda v: rounded(v, 2)),
+        "size of the test": table["test_size"].map(lambda v: rounded(v, 4)),
+        f"expected false \"good\" of {n_components}": table["expected_false_good"].map(rounded),
+        "P(at least one)": table["p_any_false_good"].map(lambda v: rounded(v, 3)),
+        f"expected best accuracy of {n_components} (%)": (100 * table["expected_best_accuracy"]).map(rounded),
     })
 
 
@@ -130,33 +130,49 @@ def _records(frame: pd.DataFrame) -> list[dict[str, object]]:
              for k, v in row.items()} for row in frame.to_dict("records")]
 
 
-def build_tables(results: Results, n_resamples: int = 2000) -> tuple[dict[str, str], dict[str, object]]:
-    """Every generated docs block (name -> markdown) and the analysis JSON (plain data)."""
+def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, resample: str = "runs"
+                 ) -> tuple[dict[str, str], dict[str, object]]:
+    """Every generated docs block (name -> markdown) and the analysis JSON (plain data). `ddof`: of every
+    spread over runs (1, the sample std; 0 as the paper's authors' code); `resample`: the bootstrap's scheme
+    ("runs" exchangeable, or "nested": templates, then seeds, then examples; `parts.analysis.stats`)."""
+    check_resample(resample)
     blocks: dict[str, str] = {"coverage": markdown(paper.coverage_table(results.main, results.runs, results.transfer))}
     analysis: dict[str, object] = {}
     if not results.predictions.empty and (results.predictions["kind"] == "main").any():
-        intervals = paper.main_intervals(results.predictions, results.main, n_resamples)
+        intervals = paper.main_intervals(results.predictions, results.main, n_resamples, resample=resample)
         blocks["main"] = markdown(paper.main_table(intervals))
         blocks["differences"] = markdown(paper.difference_table(intervals))
         blocks["paper-comparison"] = markdown(paper.paper_comparison(intervals))
+        many_shot = paper.main_intervals(results.predictions, results.main, n_resamples, resample=resample,
+                                         reference="24-shot ICL")
+        if (many_shot["method"] == "24-shot ICL - k-shot ICL").any():
+            blocks["shots-difference"] = markdown(paper.one_difference_table(many_shot, "24-shot ICL - k-shot ICL"))
+        schemes = {scheme: intervals if scheme == resample else
+                   paper.main_intervals(results.predictions, results.main, n_resamples, resample=scheme)
+                   for scheme in ("runs", "nested")}
+        blocks["resampling"] = markdown(paper.resampling_table(schemes["runs"], schemes["nested"]))
         analysis["intervals"] = _records(intervals)
     if not results.runs.empty:
         measures = paper.run_measures(results.runs, results.components)
-        blocks["table1"] = markdown(paper.component_table_1(measures))
-        blocks["label-biased"] = markdown(paper.label_biased_table(measures))
+        blocks["table1"] = markdown(paper.component_table_1(measures, ddof))
+        blocks["label-biased"] = markdown(paper.label_biased_table(measures, ddof))
         pairs = paper.agreement_pairs(results.runs)
-        blocks["table2"] = markdown(paper.agreement_table(pairs))
+        blocks["table2"] = markdown(paper.agreement_table(pairs, ddof))
         analysis["runs"] = _records(measures)
         analysis["pairs"] = _records(pairs)
     if results.components:
         blocks["chance-rule"] = markdown(chance_rule_table(len(results.components)))
     if not results.controls.empty:
         blocks["random-init"] = markdown(control_table(results.controls))
-        blocks["control-checkpoints"] = markdown(control_checkpoints(results.controls, results.components))
+        checkpoints = control_checkpoints(results.controls, results.components)
+        numbers = checkpoints.columns[2:]  # after task and checkpoint: accuracies (%)
+        blocks["control-checkpoints"] = markdown(checkpoints.assign(**{c: checkpoints[c].map(rounded) for c in numbers}))
     if not results.transfer.empty:
-        blocks["table3"] = markdown(paper.transfer_table(results.transfer))
+        blocks["table3"] = markdown(paper.transfer_table(results.transfer, ddof))
     if not results.predictions.empty and (results.predictions["kind"] == "transfer").any():
-        blocks["table3-intervals"] = markdown(paper.transfer_intervals(results.predictions, n_resamples))
+        blocks["table3-intervals"] = markdown(paper.transfer_intervals(results.predictions, n_resamples, resample=resample))
+        blocks["table3-differences"] = markdown(paper.transfer_differences(results.predictions, n_resamples,
+                                                                           resample=resample))
     return blocks, analysis
 
 
@@ -216,13 +232,14 @@ def stale_notes(results_dir: str | Path, main: pd.DataFrame) -> list[str]:
 
 
 def rebuild(results_dir: str | Path, docs_dir: str | Path, figures_dir: str | Path | None, check: bool = False,
-            n_resamples: int = 2000, formats: tuple[str, ...] = ("png", "svg")) -> list[str]:
+            n_resamples: int = 2000, formats: tuple[str, ...] = ("png", "svg"), ddof: int = DDOF,
+            resample: str = "runs") -> list[str]:
     """Rewrite the docs blocks and figures and return the pages rewritten; with `check`, write nothing and
     return what is out of date: each stale page (with the fix) and each results row with a stale note."""
     results = load_results(results_dir)
-    blocks, analysis = build_tables(results, n_resamples)
+    blocks, analysis = build_tables(results, n_resamples, ddof, resample)
     stale: list[str] = []
-    for page in sorted(Path(docs_dir).glob("*.md")):
+    for page in sorted(Path(docs_dir).rglob("*.md")):  # the docs site's pages in folders too
         text = page.read_text()
         new = rewrite_blocks(text, blocks)
         if new != text:

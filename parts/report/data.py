@@ -319,7 +319,8 @@ def task_data(
     frame = runs_frame(reference.prompts.task, run_rows, accuracy, reference.n_examples, len(label_names))
     pairs = paper.agreement_pairs(frame)
     matrices = stability_matrices(pairs, run_rows) if len(runs) > 1 else {}
-    agreement = paper.agreement_table(pairs).drop(columns="task") if len(runs) > 1 else pd.DataFrame()
+    # every template the user ran (the docs' Table 2 keeps the paper's templates 1-3)
+    agreement = paper.agreement_table(pairs, templates=None).drop(columns="task") if len(runs) > 1 else pd.DataFrame()
     groups = histogram_groups(runs)
     group_of_run = [0] * len(runs)
     for g, group in enumerate(groups):
