@@ -139,12 +139,18 @@ def test_agreement_pairs_name_the_relation():
     assert seeds["pairs"] == 1 and seeds["pearson r (paper)"] == "0.81"
 
 
-def test_transfer_intervals_table3():
-    rows = []
+def _shift_rows() -> list[dict[str, object]]:
+    """Two runs on a shifted set of 4 examples: FULL 50%, TRANSFER-1 75%, ORACLE-1 87.5%, each right where FULL is."""
+    rows: list[dict[str, object]] = []
     for seed, (full, one, oracle) in enumerate((("0101", "1101", "1111"), ("0011", "0111", "0111"))):
         for method, correct in (("icl", full), ("transfer-1", one), ("oracle-1", oracle)):
             rows.append({"kind": "transfer", "task": "sst2 -> yelp", "template": 1, "seed": seed, "method": method,
                          "labels": 4, "correct": correct})
+    return rows
+
+
+def test_transfer_intervals_table3():
+    rows = _shift_rows()
     rows.append({"kind": "transfer", "task": "sst2", "template": 1, "seed": 0, "method": "icl", "labels": 4,
                  "correct": "0000"})  # the source side: not a shift
     table = paper.transfer_intervals(pd.DataFrame(rows), n_resamples=500)
@@ -265,11 +271,7 @@ def test_spreads_follow_ddof():
 
 
 def test_transfer_differences_are_each_method_minus_full_paired():
-    rows = []
-    for seed, (full, one, oracle) in enumerate((("0101", "1101", "1111"), ("0011", "0111", "0111"))):
-        for method, correct in (("icl", full), ("transfer-1", one), ("oracle-1", oracle)):
-            rows.append({"kind": "transfer", "task": "sst2 -> yelp", "template": 1, "seed": seed, "method": method,
-                         "labels": 4, "correct": correct})
+    rows = _shift_rows()
     row = paper.transfer_differences(pd.DataFrame(rows), n_resamples=500).set_index("shift").loc["sst2 -> yelp"]
     assert row["runs"] == 2 and row["n"] == 4
     assert row["TRANSFER-1 minus FULL"].startswith("25.0 [") and row["ORACLE-1 minus FULL"].startswith("37.5 [")

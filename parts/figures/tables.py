@@ -143,9 +143,9 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
         blocks["main"] = markdown(paper.main_table(intervals))
         blocks["differences"] = markdown(paper.difference_table(intervals))
         blocks["paper-comparison"] = markdown(paper.paper_comparison(intervals))
-        many_shot = paper.main_intervals(results.predictions, results.main, n_resamples, resample=resample,
-                                         reference="24-shot ICL")
-        if (many_shot["method"] == "24-shot ICL - k-shot ICL").any():
+        if {"24-shot ICL", "k-shot ICL"} <= set(intervals["method"]):  # both shot counts were evaluated
+            many_shot = paper.main_intervals(results.predictions, results.main, n_resamples, resample=resample,
+                                             reference="24-shot ICL")
             blocks["shots-difference"] = markdown(paper.one_difference_table(many_shot, "24-shot ICL - k-shot ICL"))
         schemes = {scheme: intervals if scheme == resample else
                    paper.main_intervals(results.predictions, results.main, n_resamples, resample=scheme)
