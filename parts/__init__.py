@@ -31,6 +31,8 @@ EXPORTS = {
     "sweep": "parts.experiments.sweep",
     "component_table": "parts.analysis.analyze",
     "inspect_head": "parts.analysis.inspect_head",
+    "total_effects": "parts.decomposition.effects",
+    "TotalEffects": "parts.decomposition.effect_data",
     "PartsError": "parts.errors",
 }
 __all__ = ["__version__", *EXPORTS]

@@ -40,6 +40,7 @@ from torch import Tensor
 from parts.analysis.stats import adjust_pvalues, binomial_p_values, chance_accuracy, chance_extremes, is_significant
 from parts.components import parse_component
 from parts.data.tasks import get_task
+from parts.decomposition.effect_data import TotalEffects
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 
@@ -85,9 +86,13 @@ def categorize(
 
 
 def component_table(
-    run: DecompositionRun, label_bias_threshold: float = 0.9, alpha: float = 0.05, correction: str = "holm"
+    run: DecompositionRun, label_bias_threshold: float = 0.9, alpha: float = 0.05, correction: str = "holm",
+    effects: TotalEffects | None = None,
 ) -> pd.DataFrame:
-    """One row per component (in `run.component_names` order) with its statistics and category."""
+    """One row per component (in `run.component_names` order) with its statistics and category; with the run's
+    total effects (`parts.decomposition.effects`), also its total-effect classifier's accuracy (`total_accuracy`),
+    chance (`total_chance`), corrected p-value above chance (`total_p_above_adjusted`) and whether it is above that
+    yardstick (`total_above_chance`)."""
     if not 0 < label_bias_threshold <= 1:
         raise PartsError(f"label_bias_threshold must be in (0, 1], got {label_bias_threshold}")
     if not 0 < alpha < 1:
@@ -123,7 +128,51 @@ def component_table(
         table[f"p_{side}_adjusted"] = adjust_pvalues(raw, correction).numpy()
     adjusted = table.assign(p_above=table["p_above_adjusted"], p_below=table["p_below_adjusted"])
     table["category"] = categorize(adjusted, run.full_accuracy, label_bias_threshold, alpha)
+    if effects is not None:
+        add_total_effect_columns(table, run, effects, alpha, correction)
     return table
+
+
+def add_total_effect_columns(table: pd.DataFrame, run: DecompositionRun, effects: TotalEffects, alpha: float,
+                             correction: str) -> None:
+    """The total-effect classifier of every component beside its direct one (same chance and test as direct)."""
+    if effects.component_names != run.component_names or effects.total_effects.shape[0] != run.n_examples:
+        raise PartsError("the total effects do not belong to this run (other components or examples): "
+                         "rerun `parts effects` on it")
+    predictions, labels = effects.predictions, run.labels
+    shares = label_shares(predictions, len(run.prompts.label_names))
+    chance = chance_accuracy(shares, labels)
+    n_correct = (predictions == einops.rearrange(labels, "example -> example 1")).sum(0)
+    p_above, _ = binomial_p_values(n_correct.tolist(), run.n_examples, chance.tolist())
+    adjusted = adjust_pvalues(torch.tensor(p_above, dtype=torch.float64), correction).numpy()
+    table["total_accuracy"] = effects.accuracy(labels).double().numpy()
+    table["total_chance"] = chance.double().numpy()
+    table["total_p_above_adjusted"] = adjusted
+    table["total_above_chance"] = is_significant(pd.Series(adjusted, index=table.index), alpha)
+
+
+def total_effect_report(run: DecompositionRun, table: pd.DataFrame, effects: TotalEffects) -> dict[str, Any]:
+    """Direct against total effects in one run: their agreement, ORACLE-T1 by total effect beside its chance
+    yardstick, and what becomes of the direct "good" components (stay above chance by total effect, or not:
+    self-repair candidates) and which components only the total effect puts above chance (they gain)."""
+    direct, total = torch.tensor(table["accuracy"].to_numpy()), torch.tensor(table["total_accuracy"].to_numpy())
+    best = int(torch.argsort(total, descending=True, stable=True)[0])
+    chance_best, _ = chance_extremes(run.n_examples, len(run.prompts.label_names), len(table))
+    good = table["category"] == "good"
+    above = table["total_above_chance"].astype(bool)
+    settings = {key: effects.info.get(key) for key in ("method", "positions", "ablation", "freeze_norm")}
+    return {
+        "settings": settings,
+        "pearson": _finite(_correlation(direct, total, "pearson")),
+        "spearman": _finite(_correlation(direct, total, "spearman")),
+        "oracle_t1": float(total[best]), "oracle_t1_component": run.component_names[best],
+        "chance_best_of_n": chance_best,
+        "direct_good": int(good.sum()), "stay_good": int((good & above).sum()),
+        "stay_good_components": table.loc[good & above, "component"].tolist(),
+        "lose": table.loc[good & ~above, "component"].tolist(),
+        "gain": table.loc[~good & above & (table["category"] != "label-biased"), "component"].tolist(),
+        "above_chance_by_total": int(above.sum()),
+    }
 
 
 def category_counts(table: pd.DataFrame) -> dict[str, int]:
@@ -276,9 +325,11 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def run_report(
-    run: DecompositionRun, table: pd.DataFrame, k: int = 5, path: str | Path | None = None
+    run: DecompositionRun, table: pd.DataFrame, k: int = 5, path: str | Path | None = None,
+    effects: TotalEffects | None = None,
 ) -> dict[str, Any]:
-    """One run's headline numbers: accuracies, category counts, best and worst components."""
+    """One run's headline numbers: accuracies, category counts, best and worst components (and, with its total
+    effects, `total_effect_report` under "total_effects")."""
     p = run.prompts
     ranked = table.sort_values("accuracy", ascending=False, kind="stable")
     top = [{"component": row.component, "accuracy": float(row.accuracy), "category": row.category}
@@ -303,6 +354,7 @@ def run_report(
         "top_components": top, "best_accuracy": top[0]["accuracy"],
         "worst_component": {"component": worst["component"], "accuracy": float(worst["accuracy"])},
         "components": _records(table),
+        **({"total_effects": total_effect_report(run, table, effects)} if effects is not None else {}),
     }
 
 
@@ -339,13 +391,16 @@ def analysis_report(
     alpha: float = 0.05,
     k: int = 5,
     correction: str = "holm",
+    effects: Sequence[TotalEffects | None] | None = None,
 ) -> dict[str, Any]:
-    """Everything `parts analyze` prints and saves, as plain JSON-ready data."""
+    """Everything `parts analyze` prints and saves, as plain JSON-ready data (`effects`: each run's total
+    effects, or None where it has none)."""
     if not runs:
         raise PartsError("no runs to analyse")
+    effects = list(effects) if effects is not None else [None] * len(runs)
     reports = [
-        run_report(run, component_table(run, label_bias_threshold, alpha, correction), k,
-                   None if paths is None else paths[i])
+        run_report(run, component_table(run, label_bias_threshold, alpha, correction, effects[i]), k,
+                   None if paths is None else paths[i], effects[i])
         for i, run in enumerate(runs)
     ]
     groups = []
@@ -385,6 +440,9 @@ def format_report(report: dict[str, Any], top: int = 3) -> str:
                          f"{measures['chance_worst_of_n']:10.1%} {measures['label_biased']:5d}/{measures['n_components']:<5d} "
                          f"| {'':>10} {counts['good']:4d} {counts['bad']:4d} {counts['label-biased']:6d} "
                          f"{counts['neutral']:7d}  {best}")
+        for r in members:
+            if "total_effects" in r:
+                lines.append(format_total_effects(r))
         if group["stability"]:
             lines.append(f"{'agreement of component accuracies':<36} {'pairs':>5} {'pearson':>8} {'spearman':>8} "
                          f"{'top-' + str(settings['k']) + ' IoU':>9}")
@@ -396,6 +454,18 @@ def format_report(report: dict[str, Any], top: int = 3) -> str:
                      f"(mean best {versus['mean_best']:.1%} vs full {versus['mean_full']:.1%}; "
                      f"mean worst {versus['mean_worst']:.1%})")
     return "\n".join(lines)
+
+
+def format_total_effects(report: dict[str, Any]) -> str:
+    """One run's direct-vs-total line of `parts analyze`."""
+    t = report["total_effects"]
+    how = f"{t['settings']['ablation']} ablation, {t['settings']['positions']} position(s), {t['settings']['method']}"
+    lose = ", ".join(t["lose"][:5]) or "none"
+    gain = ", ".join(t["gain"][:5]) or "none"
+    return (f"  {report['label']} total effects ({how}): direct vs total accuracy pearson {_fmt(t['pearson'])}, "
+            f"spearman {_fmt(t['spearman'])}; T1 by total {t['oracle_t1']:.1%} ({t['oracle_t1_component']}; "
+            f"{t['chance_best_of_n']:.1%} at chance); direct-good {t['direct_good']}, above chance by total "
+            f"{t['stay_good']}; lose (self-repair candidates): {lose}; gain: {gain}")
 
 
 def _fmt(value: float | None) -> str:

@@ -16,6 +16,7 @@ from parts.cli import (
     checkpoints,
     control,
     decompose,
+    effects,
     evaluate,
     figures,
     inspect,
@@ -27,7 +28,8 @@ from parts.cli import (
 from parts.cli.common import check_device_option
 from parts.errors import PartsError
 
-COMMANDS = [decompose, sweep, evaluate, analyze, inspect, figures, report, control, transfer, checkpoints, tables]
+COMMANDS = [decompose, sweep, evaluate, effects, analyze, inspect, figures, report, control, transfer, checkpoints,
+            tables]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,13 +39,15 @@ def run(args: argparse.Namespace) -> int:
     io.existing_folder(args.root, "runs folder", RUNS_FOLDER_FIX)  # before the slow imports: answered at once
 
     from parts.analysis.analyze import analysis_report, format_report
+    from parts.decomposition.effect_data import TotalEffects, has_effects
     from parts.decomposition.runs import find_runs, load_runs
 
     out = Path(args.out) if args.out else Path(args.root) / "analysis.json"
     io.check_file(out, legacy=io.contains('"label_bias_threshold"'))  # before the work: a user's file there is refused
     paths = find_runs(args.root)
     runs = load_runs(args.root)
-    report = analysis_report(runs, paths, args.label_bias, args.alpha, args.top_k, args.correction)
+    effects = [TotalEffects.load(path) if has_effects(path) else None for path in paths]  # `parts effects` wrote them
+    report = analysis_report(runs, paths, args.label_bias, args.alpha, args.top_k, args.correction, effects)
     io.write_json(out, report, legacy=io.contains('"label_bias_threshold"'))
     print(format_report(report))
     print(f"\nwrote {out}")

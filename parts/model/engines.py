@@ -304,7 +304,7 @@ class HFEngine:
         """The last position of a [batch pos ...] activation (left padding puts every prompt's last token
         there), also when a module sees the tokens flattened to [(batch pos) ...] (OPT's MLP)."""
         batch, positions = self._shape
-        if value.shape[0] != batch and value.shape[0] == batch * positions:
+        if value.ndim == 2 and value.shape[0] == batch * positions:  # flattened tokens (also at one position)
             value = value.view(batch, positions, *value.shape[1:])
         return value[:, -1].clone()  # a view would keep the whole [batch pos ...] tensor alive
 

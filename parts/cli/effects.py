@@ -1,0 +1,95 @@
+"""`parts effects`: total (causal) effects of every component of every run under a folder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from parts.cli.common import count, positive_int
+from parts.errors import PartsError
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "effects",
+        help="total effects: each component ablated, the change in the model's own label-word logits",
+        description=(
+            "For every finished run under RUN_OR_RUNS, ablate each component (head, MLP or expert) and record "
+            "clean minus ablated label-word logits per example in the run folder's effects.safetensors. A run "
+            "that already has effects of the same settings is skipped. See docs/guide/effects.md."
+        ),
+    )
+    parser.add_argument("root", metavar="RUN_OR_RUNS", help="a run folder, or a folder of runs (a sweep's --out)")
+    parser.add_argument("--ablation", choices=("mean", "zero", "resample"), default="mean",
+                        help="what replaces a component's output: its mean over the run's examples at the same "
+                             "position (default), zero, or its output on another example (resample)")
+    parser.add_argument("--positions", choices=("last", "all"), default="last",
+                        help="last (default): ablate at the last token only (the earlier keys and values stay "
+                             "clean; cheap and exact); all: at every position (one full run per component)")
+    parser.add_argument("--method", choices=("exact", "attribution"), default="exact",
+                        help="exact (default): rerun the ablated model; attribution: gradient times the ablation's "
+                             "change (one forward and backward pass per example; an approximation)")
+    parser.add_argument("--freeze-norm", action="store_true",
+                        help="keep the clean final-norm scale (and the component's own post-norm's), so total minus "
+                             "direct is what later components do")
+    parser.add_argument("--yes", action="store_true",
+                        help="run --positions all even where it is estimated to take long")
+    parser.add_argument("--force", action="store_true", help="recompute effects already there with the same settings")
+    group = parser.add_argument_group("running the model")
+    group.add_argument("--model", default=None, help="the model to load (default: the one each run records; "
+                                                     "a different one is refused)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the run's own)")
+    group.add_argument("--engine", choices=("hf", "bridge"), default=None,
+                       help="the engine the runs were made with (refused if a run says otherwise)")
+    group.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass (default 4)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parts.decomposition.effect_data import TotalEffects, has_effects
+    from parts.decomposition.effects import check_run_matches, total_effects
+    from parts.decomposition.runs import DecompositionRun, find_runs
+    from parts.model.loading import load_model, recorded_model, resolve_model_name
+
+    paths = find_runs(args.root)
+    if not paths:
+        raise PartsError(f"no finished runs under {args.root}: make them with `parts decompose` or `parts sweep`")
+    settings = {"method": args.method, "positions": args.positions, "ablation": args.ablation,
+                "freeze_norm": args.freeze_norm}
+    models: dict[tuple[str, str], Any] = {}
+    done = skipped = 0
+    for path in paths:
+        run_ = DecompositionRun.load(path)
+        if args.model is not None and resolve_model_name(args.model) != run_.model:
+            raise PartsError(f"{path} was made with model {run_.model!r}, not {args.model!r}: drop --model or "
+                             "give that run's model")
+        dtype = args.dtype or run_.info.get("dtype", "float32")
+        if args.engine is not None or args.dtype is not None:
+            recorded_dtype, recorded_engine = run_.info.get("dtype"), run_.info.get("engine")
+            if args.dtype is not None and recorded_dtype not in (None, args.dtype):
+                raise PartsError(f"{path} was made in {recorded_dtype}, not {args.dtype}: use --dtype {recorded_dtype}")
+            if args.engine is not None and recorded_engine not in (None, args.engine):
+                raise PartsError(f"{path} was made with the {recorded_engine} engine, not {args.engine}: "
+                                 f"use --engine {recorded_engine}")
+        if has_effects(path) and not args.force:
+            old = TotalEffects.load(path).info
+            if all(old.get(key) == value for key, value in settings.items()):
+                skipped += 1
+                continue
+        key = (run_.model, dtype)
+        if key not in models:
+            models[key] = load_model(**recorded_model(run_.model), device=args.device, dtype=dtype)
+        model = models[key]
+        check_run_matches(model, run_)
+        started = time.perf_counter()
+        effects = total_effects(model, run_, args.ablation, args.positions, args.method, args.freeze_norm,
+                                batch_size=args.batch_size, progress=True, yes=args.yes)
+        effects.save(path)
+        done += 1
+        print(f"{path}: {count(len(run_.component_names), 'component')} x {count(run_.n_examples, 'example')} "
+              f"in {time.perf_counter() - started:.0f} s -> {Path(path) / 'effects.safetensors'}")
+    print(f"total effects: {done} computed, {skipped} already there")
+    return 0
