@@ -79,4 +79,5 @@ class TotalEffects:
 
 
 def has_effects(run_folder: str | Path) -> bool:
+    """Whether `parts effects` has written total effects into the run folder."""
     return (Path(run_folder) / EFFECTS).is_file()

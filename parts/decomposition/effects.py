@@ -145,6 +145,7 @@ class TotalEffectRunner:
         self.blocks: nn.ModuleList = getattr(self.blocks_parent, self.blocks_attr)
         self.mode: str | None = None  # "positions" or "batch", settled on the first batch
         self.prefix_reuse = True
+        self.model_type = str(getattr(self.hf.config, "model_type", type(self.hf).__name__))
         self._rows_shape = (0, 0)  # examples, rows per example of the running forward
 
     # -- tokens and the clean pass ----------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class TotalEffectRunner:
         token_lists = self.token_lists()
         reuse = self.prefix_reuse and len(token_lists) > 1
         prefix_length = self.decomposer.shared_prefix_length(token_lists) if reuse else 0
-        config = self.hf.config
+        config: Any = self.hf.config
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if prefix_length and isinstance(window, int) and max(len(t) for t in token_lists) > window:
             prefix_length = 0  # padding after a prefix would take a sliding window's key slots (as in decompose)
@@ -389,7 +390,7 @@ class TotalEffectRunner:
         if first == 0:
             yield
             return
-        config = self.hf.config
+        config: Any = self.hf.config
         layer_types = getattr(config, "layer_types", None)
         setattr(self.blocks_parent, self.blocks_attr, nn.ModuleList(list(self.blocks)[first:]))
         if isinstance(layer_types, list) and len(layer_types) == self.n_layers:
@@ -473,12 +474,12 @@ class TotalEffectRunner:
         try:
             reference = self.ablated_final(batch, clean, layer, rows, replacement, "batch", False)
         except Exception as err:  # noqa: BLE001 - whatever the family's forward raises, the answer is a refusal
-            raise PartsError(f"parts cannot ablate {self.hf.config.model_type} models exactly: its forward refuses a "
+            raise PartsError(f"parts cannot ablate {self.model_type} models exactly: its forward refuses a "
                              f"cached last token ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from err
         error = float((self.label_logits(reference[:, 0]) - clean_logits).abs().max()
                       / clean_logits.abs().max().clamp(min=1.0))
         if error > reconstruction_tolerance(self.dtype):
-            raise PartsError(f"parts cannot ablate {self.hf.config.model_type} models exactly: recomputing the last "
+            raise PartsError(f"parts cannot ablate {self.model_type} models exactly: recomputing the last "
                              f"token from its cached keys and values does not give the model's logits (relative "
                              f"error {error:.1e})")
         try:
