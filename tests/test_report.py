@@ -296,9 +296,9 @@ def browser():
 class Page:
     """A page of a report, with every console message, page error and request it made."""
 
-    def __init__(self, browser, folder: Path, name: str):
+    def __init__(self, browser, folder: Path, name: str, width: int = 1280):
         self.folder = folder
-        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.page = browser.new_page(viewport={"width": width, "height": 900})
         self.problems: list[str] = []
         self.requests: list[str] = []
         self.page.on("console", lambda m: self.problems.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
@@ -385,6 +385,33 @@ def test_the_run_selector_changes_the_heatmap(browser, report):
     assert value == pytest.approx(max(data["accuracy"][0]), abs=1e-9)
     assert page.problems == []
     page.close()
+
+
+PHONE_WIDTH = 420  # CSS pixels: a phone held upright
+
+
+def test_every_page_reads_on_a_phone_without_sideways_scrolling(browser, report, attention_report):
+    """At 420 px the page does not scroll sideways: nothing is wider than the window but what sits in a box of its
+    own that scrolls (a wide table), and the figures are drawn at the window's width."""
+    for folder, name in ((report, "index.html"), (report, "task-tiny.html"), (report, "task-tiny2.html"),
+                         (report, "task-tiny.html#run=1&component=L1H2"), (attention_report, "task-tiny.html")):
+        page = Page(browser, folder, name, width=PHONE_WIDTH)
+        if "component" in name:
+            page.page.wait_for_selector("#component[data-ready='L1H2']")
+        page.page.wait_for_timeout(300)  # plotly redraws figures at the window's width
+        sizes = page.page.evaluate("""() => {
+          const inScrollBox = e => { for (let a = e.parentElement; a; a = a.parentElement) {
+              if (['auto', 'scroll', 'hidden'].includes(getComputedStyle(a).overflowX)) return true; } return false; };
+          return {scroll: document.documentElement.scrollWidth, inner: innerWidth,
+            wide: [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > innerWidth + 1
+                   && !inScrollBox(e)).map(e => e.tagName + '#' + e.id + '.' + e.className).slice(0, 5),
+            figures: [...document.querySelectorAll('.main-svg')].map(e => e.getBoundingClientRect().width)}; }""")
+        assert sizes["inner"] == PHONE_WIDTH
+        assert sizes["scroll"] <= sizes["inner"], (name, sizes)
+        assert sizes["wide"] == [], (name, sizes)
+        assert sizes["figures"] and max(sizes["figures"]) <= PHONE_WIDTH, (name, sizes)
+        assert page.problems == [], name
+        page.close()
 
 
 def test_a_screenshot_of_the_task_page_is_not_blank(browser, report):

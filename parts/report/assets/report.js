@@ -41,6 +41,21 @@
                 margin: {l: 55, r: 15, t: 60, b: 60}, legend: {orientation: "h", y: -0.25}};
     return Object.assign(base, extra || {});
   }
+  // On a phone a long figure title would run off the figure's edge: break its first line into lines that fit.
+  function fitTitle(figureLayout) {
+    var title = figureLayout.title, text = title && (typeof title === "string" ? title : title.text);
+    var limit = Math.floor((window.innerWidth - 40) / 9);  // characters of a ~16 px title per line
+    if (!text || window.innerWidth > 700) { return figureLayout; }
+    var pieces = text.split("<br>"), lines = [""];
+    pieces[0].split(" ").forEach(function (word) {
+      var last = lines[lines.length - 1];
+      if (last && (last + " " + word).length > limit) { lines.push(word); } else { lines[lines.length - 1] = last ? last + " " + word : word; }
+    });
+    pieces[0] = lines.join("<br>");
+    figureLayout.title = Object.assign(typeof title === "string" ? {} : title, {text: pieces.join("<br>")});
+    if (figureLayout.margin && figureLayout.margin.t !== undefined) { figureLayout.margin.t += 18 * (lines.length - 1); }
+    return figureLayout;
+  }
   function hline(y, color, dash) {
     return {type: "line", xref: "paper", x0: 0, x1: 1, y0: y, y1: y, line: {color: color, width: 1, dash: dash}};
   }
@@ -49,7 +64,7 @@
   function overview() {
     var data = window.PARTS_OVERVIEW;
     if (data && data.figure) {
-      Plotly.newPlot("overview-figure", data.figure.data, data.figure.layout, CONFIG);
+      Plotly.newPlot("overview-figure", data.figure.data, fitTitle(data.figure.layout), CONFIG);
     }
   }
 
@@ -371,7 +386,7 @@
     Object.keys(T.stability.figures).forEach(function (name) {
       var figure = T.stability.figures[name];
       figure.layout.width = undefined;
-      Plotly.newPlot("stability-" + name, figure.data, figure.layout, CONFIG);
+      Plotly.newPlot("stability-" + name, figure.data, fitTitle(figure.layout), CONFIG);
     });
     apply();
     heatmap.on("plotly_click", function (event) {
