@@ -15,7 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   $PIP install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
 if [ "${1:-}" = "--dev" ]; then
-  $PIP install -q -e ".[dev,docs,ray]"
+  $PIP install -q -e ".[dev,docs,ray,notebook]"
 else
   $PIP install -q -e .
 fi

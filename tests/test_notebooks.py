@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def figures(notebook: nbformat.NotebookNode) -> list[dict]:
     return [output["data"][PLOTLY] for output in outputs(notebook) if PLOTLY in output.get("data", {})]
 
 
+def assert_figures_have_static_images(notebook: nbformat.NotebookNode) -> None:
+    """Every figure is stored as plotly JSON and as a PNG beside it (what GitHub shows), and nothing complained on
+    stderr (the ipywidgets warning of tqdm in a notebook: ipywidgets is in the notebook extra)."""
+    shown = [output["data"] for output in outputs(notebook) if PLOTLY in output.get("data", {})]
+    assert shown
+    for data in shown:
+        png = base64.b64decode(data["image/png"])
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000  # a drawn figure, not an empty image
+    assert [o for o in outputs(notebook) if o.get("name") == "stderr"] == []
+
+
 @pytest.fixture
 def small_slices(monkeypatch, data_dir, tmp_path):
     """The notebooks' size parameters, set small; the kernel inherits the environment."""
@@ -50,6 +62,7 @@ def test_explore_components(small_slices):
     heatmap = figures(notebook)[0]
     assert [trace["type"] for trace in heatmap["data"]] == ["heatmap", "heatmap"]
     assert len(heatmap["data"][0]["z"]) == 30 and len(heatmap["data"][0]["z"][0]) == 9  # SmolLM2: 30 layers x 9 heads
+    assert_figures_have_static_images(notebook)
 
 
 @pytest.mark.integration
@@ -69,6 +82,7 @@ def test_inspect_head(small_slices):
     assert len(closeups) >= 1
     assert {trace["type"] for trace in closeups[0]["data"]} == {"box", "bar"}
     assert any("demonstration_label_word" in o.get("data", {}).get("text/html", "") for o in outputs(notebook))
+    assert_figures_have_static_images(notebook)
 
 
 @pytest.mark.parametrize("name", ["01_explore_components.ipynb", "02_paper_figures.ipynb", "03_inspect_head.ipynb"])
@@ -80,3 +94,23 @@ def test_committed_notebooks_are_small_and_call_the_library(name):
     assert 'os.environ.get("PARTS_NB_LIMIT"' in source  # the size parameter CI sets
     assert "def " not in source  # the library does the work
     assert "plotly.min.js" not in json.dumps(notebook)
+    assert "notebook_figures()" in source  # figures stored with a PNG (parts.figures.export)
+    if name != "02_paper_figures.ipynb":  # committed with its outputs: GitHub shows the PNGs
+        assert_figures_have_static_images(notebook)
+
+
+def test_notebook_figures_store_plotly_json_and_a_png():
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from parts.figures.export import notebook_figures
+
+    before = pio.renderers.default
+    try:
+        assert notebook_figures(static=False) == "plotly_mimetype"
+        assert notebook_figures() == "plotly_mimetype+png"
+        bundle = pio.renderers._build_mime_bundle(go.Figure(go.Bar(x=[1, 2], y=[3, 1])).to_dict())
+        assert set(bundle) == {PLOTLY, "image/png"}
+        assert base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
+    finally:
+        pio.renderers.default = before

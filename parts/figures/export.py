@@ -44,9 +44,8 @@ def find_chromium() -> str:
     return str(path)
 
 
-@contextmanager
-def static_export() -> Iterator[None]:
-    """One headless browser for every static image written inside the block."""
+def _start_browser() -> None:
+    """Start kaleido's headless browser (the system's Chromium), kept for every image until stopped."""
     import kaleido
 
     find_chromium()
@@ -54,10 +53,43 @@ def static_export() -> Iterator[None]:
     # ignores with a warning; they only matter for map tiles.
     pio.defaults.headers = None
     kaleido.start_sync_server(mathjax=False, silence_warnings=True)
+
+
+@contextmanager
+def static_export() -> Iterator[None]:
+    """One headless browser for every static image written inside the block."""
+    import kaleido
+
+    _start_browser()
     try:
         yield
     finally:
         kaleido.stop_sync_server(silence_warnings=True)
+
+
+NOTEBOOK_PNG_SCALE = 1  # a notebook's stored PNG at the figure's own size: the notebook stays small
+
+
+def notebook_figures(static: bool = True) -> str:
+    """How a notebook stores the figures it shows; returns plotly's renderer name.
+
+    Always as plotly JSON, which JupyterLab, VS Code and the docs site draw interactively. With `static`, also
+    as a PNG beside it, which is what GitHub and nbviewer show (they do not run plotly). The PNG is drawn by
+    kaleido with the system's Chromium, one browser kept for the session; with no Chromium, a PartsError
+    names the install.
+    """
+    if not static:
+        pio.renderers.default = "plotly_mimetype"
+        return pio.renderers.default
+    import atexit
+
+    import kaleido
+
+    _start_browser()
+    atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+    pio.renderers.default = "plotly_mimetype+png"
+    pio.renderers["png"].scale = NOTEBOOK_PNG_SCALE
+    return pio.renderers.default
 
 
 def figure_html(figure: go.Figure, plotlyjs: str = "directory", div_id: str | None = None) -> str:
