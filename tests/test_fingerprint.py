@@ -20,6 +20,7 @@ from parts.data.tasks import get_task
 from parts.decomposition.fingerprint import RECOMPUTE_FLAG, check_reuse, differences, digest, run_fingerprint
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
+from parts.experiments.results import read_results, result_row, rows_reusable, write_results
 from parts.model.identity import folder_hash, model_identity
 
 SPEC = {"name": "fp", "data_dir": ".", "template": "review : {text} sentiment :",
@@ -150,6 +151,29 @@ def test_a_user_task_cannot_take_a_built_in_name(tiny_task_file, tmp_path):
         get_task(str(path))
 
 
+def test_results_rows_are_reused_only_with_their_fingerprint(tmp_path):
+    csv = tmp_path / "results.csv"
+    # A table written before parts recorded fingerprints still reads, its rows without one.
+    csv.write_text("model,task,template,seed,shots,limit,method,labels,accuracy,n_test,note\r\n"
+                   "m,fp,1,0,4,4,icl,4,0.5,4,\r\n")
+    old = read_results(csv)
+    assert list(old["fingerprint"]) == [""]
+    made = {"template_text": "review : {text} sentiment :", "seed": 0}
+    with pytest.raises(PartsError, match=r"^the rows of fp t1 s0 in .*results.csv were made otherwise: the rows' "
+                                         r"fingerprint is not recorded .*; pass --recompute-changed to recompute them"):
+        rows_reusable(csv, old, made, False, "the rows of fp t1 s0")
+    assert rows_reusable(csv, old, made, True, "the rows of fp t1 s0") is False
+    assert rows_reusable(csv, old.iloc[:0], made, False, "the rows of fp t1 s0") is False  # none there: make them
+
+    write_results(csv, [result_row("m", "fp", 1, 0, 4, 4, "icl", 4, 0.5, 4, fingerprint=digest(made))], {digest(made): made})
+    rows = read_results(csv)
+    assert rows_reusable(csv, rows, made, False, "the rows of fp t1 s0") is True
+    edited = {**made, "template_text": "review {text} sentiment :"}
+    with pytest.raises(PartsError, match=r"were made otherwise: template text differs from the rows' \('review : "
+                                         r"\{text\} sentiment :' there, now 'review \{text\} sentiment :'\)"):
+        rows_reusable(csv, rows, edited, False, "the rows of fp t1 s0")
+
+
 # -- every command that reuses: refuses an edited task in one line, recomputes with the flag -------------------
 def one_line_error(argv: list[str], capsys) -> str:
     capsys.readouterr()
@@ -202,7 +226,7 @@ def test_an_edited_template_is_refused_then_recomputed_never_reused(command, tin
 
     task.write_text(json.dumps({**SPEC, "template": "review {text} sentiment :"}))
     err = one_line_error(argv, capsys)
-    assert "was made otherwise: template text differs from the" in err and RECOMPUTE_FLAG in err
+    assert "made otherwise: template text differs from the" in err and RECOMPUTE_FLAG in err
     assert stamps(out) == first  # refused before any work: nothing changed
 
     assert main([*argv, RECOMPUTE_FLAG]) == 0

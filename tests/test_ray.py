@@ -17,6 +17,7 @@ import torch
 import parts.experiments.ray_executor
 from parts.cli import main
 from parts.data.tasks import get_task
+from parts.decomposition.fingerprint import digest
 from parts.errors import PartsError
 from parts.experiments.driver import drive
 from parts.experiments.evaluate import evaluation_plan, run_evaluation, sweep_settings
@@ -107,7 +108,8 @@ def test_an_interrupted_driver_resumes_to_the_same_rows(cluster, tiny_model_dir,
     plan = evaluation(tiny_model_dir, tiny_task_file, tmp_path / "ray")
 
     def record_then_interrupt(work, rows):  # Ctrl-C in the driver once the first setting is recorded
-        write_results(tmp_path / "ray" / RESULTS_CSV, rows)
+        made_of = work.fingerprint(OPTIONS)  # as `run_evaluation` records it
+        write_results(tmp_path / "ray" / RESULTS_CSV, rows, {digest(made_of): made_of})
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -184,5 +184,6 @@ def check_reuse(what: str | Path, recorded: Mapping[str, Any] | None, wanted: Ma
     if recompute:
         return False
     more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-    raise PartsError(f"{what} was made otherwise: {changed[0]}{more}; pass {RECOMPUTE_FLAG} to recompute it, "
-                     "or choose another --out")
+    plural = whose.endswith("s'")  # "the rows'"
+    raise PartsError(f"{what} {'were' if plural else 'was'} made otherwise: {changed[0]}{more}; pass {RECOMPUTE_FLAG} "
+                     f"to recompute {'them' if plural else 'it'}, or choose another --out")

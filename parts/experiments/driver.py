@@ -3,9 +3,11 @@
 Every experiment that runs many settings (`sweep`, `evaluate`, `transfer`, `controls`,
 `checkpoints`, notebook 02) is a plan of `Work` items handed to `drive`:
 
-- a `Work` item is one setting: which model it needs (`ModelSpec`), whether it is already on disk
-  (`is_done`), and how to run it (`run`, which computes only what is missing and writes its own run
-  folders atomically, then returns a small result such as `results.csv` rows);
+- a `Work` item is one setting: which model it needs (`ModelSpec`), whether it is already on disk, made
+  exactly as now (`is_done`: its fingerprint matches, `parts.decomposition.fingerprint`; one made otherwise
+  is refused, or with `RunOptions.recompute_changed` not done), and how to run it (`run`, which computes
+  only what is missing and writes its own run folders atomically, then returns a small result such as
+  `results.csv` rows);
 - `drive` skips finished items, groups the rest by model so each model is loaded once (lazily: not
   at all when everything is finished), runs them through an executor, shows one progress bar (one plain
   line per finished setting where output is not a terminal), and
@@ -49,7 +51,9 @@ class Work(Protocol):
         ...
 
     def is_done(self, options: RunOptions) -> bool:
-        """Whether everything this setting produces is already on disk."""
+        """Whether everything this setting produces is already on disk, with the fingerprint these settings give
+        (`parts.experiments.runner.reusable_run` for a run, `parts.experiments.results.rows_reusable` for rows):
+        made otherwise, a one-line PartsError, or False with `options.recompute_changed`."""
         ...
 
     def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> Any:

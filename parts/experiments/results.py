@@ -124,8 +124,10 @@ def write_results(path: str | Path, rows: pd.DataFrame | Iterable[Mapping[str, A
     io.check_file(path, _IS_RESULTS)  # before reading: a user's file of that name is neither merged nor replaced
     with io.lock(path):
         merged = merge_results(read_results(path), results_frame(rows))
-        if fingerprints:
-            io.write_json(fingerprints_path(path), {**read_fingerprints(path), **fingerprints})
+        if fingerprints or fingerprints_path(path).is_file():
+            # The fields of the digests the table's rows hold, in digest order: equal tables, equal files.
+            known = {**read_fingerprints(path), **(fingerprints or {})}
+            io.write_json(fingerprints_path(path), {d: known[d] for d in sorted(set(merged["fingerprint"])) if d in known})
 
         def write(staging: Path) -> None:
             with staging.open("w", newline="") as handle:

@@ -370,8 +370,8 @@ class PlannedRun:
         return reusable_run(self.path, self.fingerprint(options), options)
 
     def run(self, model: Callable[[], TransformerBridge], options: RunOptions) -> None:
-        ensure_run(self.path, model(), load=False, options=options, task=self.task, template=self.template,
-                   seed=self.seed, shots=self.shots, split=self.split, limit=self.limit)
+        ensure_run(self.path, model(), load=False, options=options, model_label=self.model.label, task=self.task,
+                   template=self.template, seed=self.seed, shots=self.shots, split=self.split, limit=self.limit)
 
     def load(self, options: RunOptions) -> DecompositionRun:
         """The finished run (after the plan was driven), checked against this plan's fingerprint."""

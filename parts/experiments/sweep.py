@@ -2,7 +2,8 @@
 
 A sweep is a plan of `parts.experiments.runner.PlannedRun`s (one run folder each, from `run_dir`)
 handed to the driver (`parts.experiments.driver.drive`): finished folders are skipped (a run folder
-is written atomically, so one with a `summary.json` is complete), the model is loaded once if
+is written atomically, so one with a `summary.json` is complete) if their fingerprint says they were made
+exactly as asked now (else refused, or redone with `RunOptions.recompute_changed`), the model is loaded once if
 anything is left to do, and the rest run in this process or on Ray workers. Interrupt it at any
 point and run it again: it redoes only the unfinished runs, and since a run depends only on its
 settings the files come out byte-identical to an uninterrupted sweep.
@@ -84,7 +85,7 @@ def sweep(
     planned = plan_sweep(spec, tasks, templates, seeds, split, limit, shots, out, options)
     # Build every missing run's prompts first: a data problem surfaces before the model load.
     for run in planned:
-        if not run.finished:
+        if not run.is_done(options):  # (a run made otherwise is refused here, or redone with recompute_changed)
             build_prompts(run.task, run.template, run.seed, shots, split, limit, options.data_dir)
     drive(planned, options, loader=loader, executor=executor, description="sweep", unit="run")
     return [run.path for run in planned]
