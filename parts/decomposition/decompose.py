@@ -122,6 +122,12 @@ def resolve_batch_size(
 class Decomposer:
     """Runs prompts through the model and returns their `Decomposition`.
 
+    Any prompts and label words, not only a task's (docs/guide/transformerlens.md):
+    `Decomposer(model, label_token_ids)(prompts)` gives `component_logits` of shape `example component label`,
+    the component axis in `self.component_names` order (`L{layer}H{head}` layer-major, then `MLP{layer}`);
+    `parts.decomposition.runs.layer_head_logits` / `layer_mlp_logits` view it as `layer x head` / `layer`, and
+    `parts.components.to_transformer_lens` names each component's TransformerLens hook.
+
     Built once per (model, label words); `__call__` handles batching, padding and prefix reuse, and
     fails when the components do not sum to the model's logits (`allow_inexact`: warn instead).
     `engine` runs the batches: "hf" (default) the model's own modules with torch hooks, "bridge"

@@ -35,6 +35,7 @@ from parts.errors import PartsError
 from parts.model.engines import pattern_name, values_name
 from parts.model.loading import plain_model
 from parts.model.readout import Activations
+from parts.progress import bar_disabled
 
 # Largest |sum over sources - direct effect| / max(1, |logit|) accepted in float32 (measured below 1e-6);
 # other dtypes: the decomposition's own tolerance.
@@ -115,7 +116,7 @@ def attribute_sources(
     head_columns = [decomposer.component_names.index(head_name(layer, head)) for layer, head in located]
     batches = PlannedBatches(decomposer, token_lists, batch_size, prefix_reuse)
     prefix = batches.prefix_length
-    with decomposer.engine.sources(layers), tqdm(total=n, desc="attributing", disable=not progress,
+    with decomposer.engine.sources(layers), tqdm(total=n, desc="attributing", disable=bar_disabled(progress),
                                                  unit="prompt") as bar:
         for rows, batch_logits, activations in _checked(batches):
             component_logits, _, batch_model_logits = readout.split(activations, batch_logits)
