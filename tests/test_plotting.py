@@ -470,3 +470,15 @@ def test_heatmap_and_scatters_draw_split_experts():
     for (trace, layer, column), accuracy, name in zip(plotting.heatmap_cells(experts), experts["accuracy"],
                                                       experts["component"], strict=True):
         assert figure.data[trace].z[layer][column] == accuracy and figure.data[trace].customdata[layer][column][0] == name
+
+
+def test_head_sources_figure_draws_each_heads_segment_shares_and_copy_score():
+    rows = pd.DataFrame({"task": ["sst2", "sst2"], "head": ["L21H1", "L23H2"], "copy_score": [0.36, 0.25],
+                         "share_BOS": [0.02, 0.05], "share_demo_text": [0.0, 0.17], "share_demo_label_word": [0.63, 0.77],
+                         "share_separator": [0.0, 0.0], "share_query": [0.34, 0.01]})
+    figure = plotting.head_sources_figure(rows)
+    bars = {trace.name: list(trace.x) for trace in figure.data if trace.name}
+    assert bars["demonstration label words"] == [0.63, 0.77] and bars["query"] == [0.34, 0.01]
+    assert list(figure.data[-1].x) == [0.36, 0.25] and list(figure.data[-1].y) == ["sst2 L21H1", "sst2 L23H2"]
+    with pytest.raises(PartsError, match="copy_score"):
+        plotting.head_sources_figure(rows.drop(columns=["copy_score"]))

@@ -429,3 +429,28 @@ def _attention_panel(figure: go.Figure, view: AttentionView, row: int) -> None:
                               xanchor="left", font=dict(size=10), row=row, col=1)
     figure.update_xaxes(title_text="prompt position (demonstrations' label words marked)", row=row, col=1)
     figure.update_yaxes(title_text="attention", row=row, col=1)
+
+
+SOURCE_SEGMENTS = {"BOS": "BOS", "demo_text": "demonstration text", "demo_label_word": "demonstration label words",
+                   "separator": "separators", "query": "query"}
+SOURCE_COLORS = {"BOS": "#969696", "demo_text": "#9ecae1", "demo_label_word": "#08519c", "separator": "#fdae6b",
+                 "query": "#d94801"}
+
+
+def head_sources_figure(rows: pd.DataFrame, title: str = "") -> go.Figure:
+    """Where the best heads' votes come from (scripts/head_sources.py's CSV, one row per task and head): left, each
+    head's share of its vote for its prediction by prompt segment (stacked, signed); right, each head's copy score
+    (logits toward a label word's own label per unit of attention on it)."""
+    _check_columns(rows, ["task", "head", "copy_score", *(f"share_{k}" for k in SOURCE_SEGMENTS)], "head sources")
+    names = [f"{task} {head}" for task, head in zip(rows["task"], rows["head"], strict=True)]
+    figure = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], shared_yaxes=True, horizontal_spacing=0.03,
+                           subplot_titles=("share of the vote for its prediction", "copy score (logit per attention)"))
+    for key, label in SOURCE_SEGMENTS.items():
+        figure.add_trace(go.Bar(y=names, x=rows[f"share_{key}"], name=label, orientation="h",
+                                marker_color=SOURCE_COLORS[key]), row=1, col=1)
+    figure.add_trace(go.Bar(y=names, x=rows["copy_score"], orientation="h", marker_color="#08519c", showlegend=False),
+                     row=1, col=2)
+    figure.update_layout(barmode="relative", legend={"orientation": "h", "y": -0.06})
+    figure.update_yaxes(autorange="reversed")
+    return _style(figure, title or "The 5 most accurate heads per task: where their vote comes from",
+                  1000, 200 + 18 * len(rows))
