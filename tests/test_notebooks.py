@@ -82,6 +82,9 @@ def test_inspect_head(small_slices):
     assert len(closeups) >= 1
     assert {trace["type"] for trace in closeups[0]["data"]} == {"box", "bar"}
     assert any("demonstration_label_word" in o.get("data", {}).get("text/html", "") for o in outputs(notebook))
+    printed = "".join(o.get("text", "") for o in outputs(notebook) if o.get("output_type") == "stream")
+    assert "copy score" in printed and "class matching" in printed  # parts.inspect_head's card
+    assert any("copy_score" in o.get("data", {}).get("text/html", "") for o in outputs(notebook))
     assert_figures_have_static_images(notebook)
 
 
