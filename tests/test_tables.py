@@ -306,3 +306,17 @@ def test_paired_differences_and_both_resampling_schemes(evaluated, tmp_path, cap
     assert main([*argv, "--check"]) == 1
     assert "interval, nested: templates, seeds, examples" in (docs / "page.md").read_text()
     capsys.readouterr()
+
+
+def test_oracle_differences_are_paired_over_runs():
+    runs = pd.DataFrame([{"task": "sst2", "template": t, "seed": 0, "n_examples": 10, "n_labels": 2, "full": full,
+                          "label_biased": 0, "accuracies": acc}
+                         for t, full, acc in ((1, 0.5, "0.5 0.3"), (2, 0.7, "0.6 0.4"), (4, 0.9, "1.0 0.0"))])
+    measures = paper.run_measures(runs, ["L0H0", "MLP0"])
+    row = paper.oracle_differences(measures, n_resamples=2000).set_index("task").loc["sst2"]
+    assert row["runs"] == 2 and row["n"] == 10  # template 4 left out, as in Table 1
+    # best - full per run: 0 and -10 points; two runs resampled: -10, -5 or 0 points
+    assert row["ORACLE-T1 minus FULL"] == "-5.0 [-10.0, 0.0]"
+    best_yardstick, worst_yardstick = (100 * y for y in paper.chance_extremes(10, 2, 2))
+    assert row["ORACLE-T1 minus best of N at chance"].startswith(f"{rounded(55 - best_yardstick)} [")
+    assert row["ORACLE-B1 minus worst of N at chance"].startswith(f"{rounded(35 - worst_yardstick)} [")

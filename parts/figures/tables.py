@@ -155,6 +155,7 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
     if not results.runs.empty:
         measures = paper.run_measures(results.runs, results.components)
         blocks["table1"] = markdown(paper.component_table_1(measures, ddof))
+        blocks["table1-differences"] = markdown(paper.oracle_differences(measures, n_resamples))
         blocks["label-biased"] = markdown(paper.label_biased_table(measures, ddof))
         pairs = paper.agreement_pairs(results.runs)
         blocks["table2"] = markdown(paper.agreement_table(pairs, ddof))
