@@ -119,3 +119,23 @@ def test_the_source_table_matches_the_attribution(tiny_llama, tiny_run):
     frame = table[(table["example"] == 5) & (table["head"] == "L0H1")]
     assert frame["attention"].to_numpy() == pytest.approx(attribution.attention[1, 0, : len(frame)].numpy())
     assert frame["token"].tolist() == [tiny_llama.tokenizer.decode([t]) for t in run.token_ids[5]]
+
+
+def test_the_card_shows_the_total_effect_where_parts_effects_ran(tiny_run, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from parts.decomposition.effect_data import TotalEffects
+
+    run, folder = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(folder, copy)
+    generator = torch.Generator().manual_seed(0)
+    total = torch.randn(8, len(run.component_names), 2, generator=generator)
+    TotalEffects(total, run.model_logits, list(run.component_names), {"ablation": "mean"}).save(copy)
+    assert main(["inspect", str(copy), "L1H0", "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    head = total[:, run.component_index("L1H0")]
+    votes = (head - head.mean(-1, keepdim=True))[torch.arange(8), run.labels]
+    accuracy = float((head.argmax(-1) == run.labels).float().mean())
+    assert (f"total effect (mean ablation, all 8 examples): vote for the gold label {float(votes.mean()):+.3f} "
+            f"(sd {float(votes.std()):.3f}); accuracy {accuracy:.1%}") in out

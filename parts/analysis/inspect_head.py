@@ -25,6 +25,7 @@ from parts.analysis.analyze import component_table
 from parts.components import MLP, parse_component
 from parts.data.tasks import get_task
 from parts.decomposition.decompose import Decomposer
+from parts.decomposition.effect_data import EFFECTS, TotalEffects
 from parts.decomposition.runs import DecompositionRun
 from parts.decomposition.sources import SourceAttribution, attribute_sources, check_heads
 from parts.errors import PartsError
@@ -427,9 +428,11 @@ class HeadCard:
 
 def inspect_head(model: TransformerBridge, run: DecompositionRun, head: str, examples: int = 3, top: int = 5,
                  limit: int | None = None, engine: str = "hf", batch_size: int | str | None = 8,
-                 table: pd.DataFrame | None = None, progress: bool = False) -> HeadCard:
+                 table: pd.DataFrame | None = None, progress: bool = False,
+                 effects: TotalEffects | None = None) -> HeadCard:
     """Where one head's vote comes from, token by token, over a run's examples (the first `limit`, default all),
-    as DataFrames; `examples`: how many examples' top `top` sources to list (the first ones)."""
+    as DataFrames; `examples`: how many examples' top `top` sources to list (the first ones). `effects`: the run's
+    total effects (`parts effects`; `TotalEffects.load(run_folder)`), summarised beside the direct effect."""
     check_heads([head], run.n_layers, run.n_heads)
     chosen = list(range(run.n_examples if limit is None else min(limit, run.n_examples)))
     attribution = run_sources(model, run, [head], chosen, engine, batch_size, progress)
@@ -446,9 +449,23 @@ def inspect_head(model: TransformerBridge, run: DecompositionRun, head: str, exa
         "direct_vote_gold_sd": float(per_example["head_vote_gold"].std(ddof=1)) if len(chosen) > 1 else 0.0,
         "direct_vote_predicted": float(per_example["head_vote_predicted"].mean()),
         "max_source_error": attribution.max_error,
+        **(total_effect_summary(effects, run, head) if effects is not None else {}),
     }])
     return HeadCard(summary, source_profile(sources), head_scores(sources),
                     top_sources(sources, chosen[:examples], top), example_shares(sources), sources)
+
+
+def total_effect_summary(effects: TotalEffects, run: DecompositionRun, head: str) -> dict[str, Any]:
+    """A head's total effect (`parts effects`) over the run: its vote for the gold label (mean, sd) and the
+    accuracy of its total-effect classifier, with the ablation that measured it."""
+    if head not in effects.component_names or effects.total_effects.shape[0] != run.n_examples:
+        raise PartsError(f"the run's {EFFECTS} does not cover {head} on its {run.n_examples} examples: rerun `parts effects`")
+    column = effects.component_names.index(head)
+    total = effects.total_effects[:, column]
+    votes = (total - total.mean(-1, keepdim=True))[torch.arange(run.n_examples), run.labels]
+    return {"total_vote_gold": float(votes.mean()), "total_vote_gold_sd": float(votes.std()),
+            "total_accuracy": float(effects.accuracy(run.labels)[column]),
+            "total_ablation": str(effects.info.get("ablation", "?"))}
 
 
 def format_card(card: HeadCard, label_names: Sequence[str]) -> str:
@@ -463,6 +480,9 @@ def format_card(card: HeadCard, label_names: Sequence[str]) -> str:
         f"for its own prediction {s['direct_vote_predicted']:+.3f}",
         f"   (a vote is the head's label-word logit minus its mean over the labels; sources sum to it within "
         f"{s['max_source_error']:.0e})",
+        *([f"total effect ({s['total_ablation']} ablation, all {s['run_examples']} examples): vote for the gold label "
+           f"{s['total_vote_gold']:+.3f} (sd {s['total_vote_gold_sd']:.3f}); accuracy {s['total_accuracy']:.1%}"]
+          if "total_vote_gold" in card.summary else []),
         "",
         "where the vote for its prediction comes from (mean per example):",
         f"   {'segment':<26}{'attention':>10}{'vote':>10}{'share':>8}",

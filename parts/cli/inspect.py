@@ -30,6 +30,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parts.analysis.inspect_head import format_card, inspect_head
+    from parts.decomposition.effect_data import TotalEffects, has_effects
     from parts.decomposition.runs import DecompositionRun
     from parts.decomposition.sources import check_heads
     from parts.model.loading import load_model, recorded_model
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     options = run_options(args, progress=False)
     source = {"name": args.model} if args.model else recorded_model(saved.model)
     model = load_model(**source, device=options.device, dtype=options.dtype)
+    effects = TotalEffects.load(args.run) if has_effects(args.run) else None  # from `parts effects`, when it ran
     card = inspect_head(model, saved, args.head, args.examples, args.top, args.limit, options.engine,
-                        options.batch_size)
+                        options.batch_size, effects=effects)
     print(format_card(card, saved.prompts.label_names))
     return 0
