@@ -17,7 +17,7 @@ from parts.analysis.stats import (
 from parts.data.prompts import PromptSet
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.controls import control_row, corrected_component_table, random_init_control
+from parts.experiments.controls import chance_yardsticks, control_row, corrected_component_table, random_init_control
 
 
 def test_holm_and_bh_adjusted_pvalues_by_hand():
@@ -126,6 +126,34 @@ def test_random_init_control_runs_both_models_on_the_same_prompts(tiny_task_file
                                 model="tiny", load=load)
     assert loads == [False, True]
     assert again.equals(table)
+
+
+def test_chance_yardsticks_follow_each_tasks_label_count():
+    """Chance is 1 / labels of each task at its own n: a 3-label task is not measured against 2 or 4 labels."""
+    import pandas as pd
+
+    counts = {f"{category} (uncorrected)": count for category, count in zip(CATEGORIES, (1, 2, 3, 9), strict=True)}
+    table = pd.DataFrame([{"task": "two", "n_examples": 10, "n_labels": 2, **counts},
+                          {"task": "three", "n_examples": 12, "n_labels": 3, **counts},
+                          {"task": "two", "n_examples": 10, "n_labels": 2, **counts}])
+    yardsticks = chance_yardsticks(table, alpha=0.05)
+    assert yardsticks[["tasks", "labels", "n_examples"]].values.tolist() == [["two", 2, 10], ["three", 3, 12]]
+    assert yardsticks["chance"].tolist() == pytest.approx([1 / 2, 1 / 3])
+    # n = 10 at 1/2: 9 or 10 correct pass, probability 11/1024; 15 components each may pass.
+    assert yardsticks["test_size"][0] == pytest.approx(11 / 1024)
+    assert yardsticks["expected_false_good"][0] == pytest.approx(15 * 11 / 1024)
+    assert yardsticks["expected_best_accuracy"][1] == pytest.approx(chance_best_accuracy(15, 12, 1 / 3))
+
+
+def test_control_command_prints_the_tasks_own_yardsticks(tiny_model_dir, tiny_task_file, tmp_path, capsys):
+    from parts.cli import main
+
+    argv = ["control", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1",
+            "--limit", "10", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.split("chance alone (1 / labels) over 15 components, alpha=0.05")[1]
+    rows = [line.split() for line in printed.strip().splitlines()[2:]]  # after the title and the header
+    assert [row[:4] for row in rows] == [["tiny", "2", "10", "0.500"]]  # one task of 2 labels: no 4-label row
 
 
 def test_control_exports_to_the_docs_tables(tiny_task_file, tokenizer, tmp_path):

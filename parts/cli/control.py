@@ -54,16 +54,15 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         io.check_file(args.csv)  # refuse before the work if a user's file is in the way
 
-    from parts.analysis.stats import chance_table
-    from parts.experiments.controls import random_init_control
+    from parts.experiments.controls import chance_yardsticks, random_init_control
     table = random_init_control(args.tasks, args.templates, args.seeds, args.limit, args.out, args.model, args.init_seed,
                                 args.alpha, args.correction, run_options(args), executor=executor(args))
     if args.csv:
         io.write_file(args.csv, lambda staging: table.to_csv(staging, index=False))
     shown = table.drop(columns=["model"])
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    yardsticks = chance_yardsticks(table, args.alpha)
     n_components = int(table[[f"{c} (uncorrected)" for c in ("good", "bad", "label-biased", "neutral")]].iloc[0].sum())
-    yardstick = chance_table([args.limit], [0.5, 0.25], n_components, args.alpha)
-    print(f"\nchance alone over {n_components} components at n={args.limit}, alpha={args.alpha} (uncorrected test):")
-    print(yardstick.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\nchance alone (1 / labels) over {n_components} components, alpha={args.alpha} (uncorrected test):")
+    print(yardsticks.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     return 0

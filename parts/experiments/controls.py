@@ -12,19 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from parts.analysis.analyze import CATEGORIES, categorize, component_table
-from parts.analysis.stats import chance_best_accuracy, check_correction, is_significant
+from parts.analysis.stats import chance_best_accuracy, chance_table, check_correction, is_significant
 from parts.decomposition.runs import DecompositionRun
 from parts.experiments.driver import Executor, drive
 from parts.experiments.options import RunOptions, resolve
 from parts.experiments.runner import Loader, ModelSpec, PlannedRun
 
-if TYPE_CHECKING:
-    pass
 
 # -- categories with and without correction ---------------------------------------------------------
 def corrected_component_table(
@@ -47,6 +45,7 @@ def control_row(run: DecompositionRun, alpha: float = 0.05, correction: str = "h
         "template": run.prompts.template,
         "seed": run.prompts.seed,
         "n_examples": run.n_examples,
+        "n_labels": len(run.prompts.label_names),
         "full_accuracy": run.full_accuracy,
         "best_component": best_name,
         "best_accuracy": best_accuracy,
@@ -95,3 +94,14 @@ def random_init_control(
         rows.append({"init": "random" if planned.model.random_init else "pretrained",
                      **control_row(run, alpha, correction)})
     return pd.DataFrame(rows)
+
+
+def chance_yardsticks(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """What chance alone gives over all components, for each (test examples, labels) pair of a control table:
+    chance is 1 / labels of each run's task, so a 2-label and a 14-label task get their own yardsticks."""
+    counts = table[[f"{category} (uncorrected)" for category in CATEGORIES]].sum(axis=1)
+    n_components = int(counts.iloc[0])
+    settings = table.groupby(["n_examples", "n_labels"], sort=True)["task"].unique()
+    frames = [chance_table([int(n)], [1 / int(labels)], n_components, alpha).assign(
+        labels=int(labels), tasks=",".join(map(str, tasks))) for (n, labels), tasks in settings.items()]
+    return pd.concat(frames, ignore_index=True)[["tasks", "labels", *frames[0].columns[:-2]]]
