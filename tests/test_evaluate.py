@@ -65,6 +65,20 @@ def test_results_table_is_mean_and_std_per_task_then_the_average():
     ]
 
 
+def test_a_transfer_table_averages_sources_and_shifts_apart():
+    """A transfer table holds the source task and its shift: one average over both would mix a test set the
+    weights were chosen on with one they were not."""
+    rows = [
+        _row("sst2", 0, "icl", 4, 4, 0.9), _row("sst2 -> yelp", 0, "icl", 4, 4, 0.6),
+        _row("agnews", 0, "icl", 4, 4, 0.7), _row("agnews -> news", 0, "icl", 4, 4, 0.3),
+        _row("sst2 -> yelp", 0, "transfer-1", 4, 4, 0.5), _row("agnews -> news", 0, "transfer-1", 4, 4, 0.4),
+    ]
+    assert results_table(rows).splitlines()[-2:] == [
+        "| **average of the sources** | 2 | **80.0** |  |",
+        "| **average of the shifts** | 2 | **45.0** | **45.0** |",
+    ]
+
+
 def test_results_table_orders_columns_as_the_paper():
     methods = [("oracle", 4), ("comprw", 12), ("calib+", 24), ("icl", 12), ("batch", 4), ("comprw", 24),
                ("icl", 24), ("contextual", 4), ("icl", 4), ("calib+", 12)]

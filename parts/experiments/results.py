@@ -31,6 +31,7 @@ COLUMNS = ("model", "task", "template", "seed", "shots", "limit", "method", "lab
            "fingerprint")
 KEY = COLUMNS[:8]  # a row with the same key replaces the old one
 SETTING = ("model", "task", "template", "seed", "shots", "limit")
+TRANSFER_ARROW = " -> "  # in a transfer's target task name: 'sst2 -> yelp'
 TABLE_HEAD = "| task | runs | "  # how a results table written by parts begins
 _IS_RESULTS = io.starts_with(",".join(COLUMNS[:11]))  # a results file written before parts recorded its files
 # `limit` is a number or "all", so it is kept as text.
@@ -214,7 +215,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def mean_std_table(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """The main table as a frame: accuracy (%) per task and method, 'mean ± std' over templates x seeds, then a
-    row 'average' of the per-task means (for methods every task has)."""
+    row 'average' of the per-task means (for methods every task has). A transfer table, holding source tasks and
+    shifts ("source -> target"), averages like with like: a row 'average of the sources' and one 'average of the
+    shifts', never the two together."""
     frame = results_frame(results)
     summary = method_summary(frame, include_oracle=True, scale=100)
     tasks = list(dict.fromkeys(frame["task"]))
@@ -226,20 +229,26 @@ def mean_std_table(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.Da
     for column in columns:
         table[column] = ["" if pd.isna(cells.at[t, column]) else f"{cells.at[t, column]:.1f} ± {spread.at[t, column]:.1f}"
                          for t in tasks]
-    complete = [column for column in columns if cells[column].notna().all()]
-    average = {"task": "average", "runs": int(runs.sum()),
-               **{c: f"{statistics.fmean(cells.loc[tasks, c]):.1f}" if c in complete else "" for c in columns}}
-    return pd.concat([table, pd.DataFrame([average])], ignore_index=True)
+    shifts = [t for t in tasks if TRANSFER_ARROW in t]
+    sources = [t for t in tasks if TRANSFER_ARROW not in t]
+    groups = {"average of the sources": sources, "average of the shifts": shifts} if shifts and sources else \
+        {"average": tasks}
+    averages = []
+    for name, group in groups.items():
+        complete = [column for column in columns if cells.loc[group, column].notna().all()]
+        averages.append({"task": name, "runs": int(runs[group].sum()),
+                         **{c: f"{statistics.fmean(cells.loc[group, c]):.1f}" if c in complete else "" for c in columns}})
+    return pd.concat([table, pd.DataFrame(averages)], ignore_index=True)
 
 
 def results_table(results: pd.DataFrame | Iterable[Mapping[str, Any]]) -> str:
-    """`mean_std_table` in markdown, its average row in bold."""
+    """`mean_std_table` in markdown, its average rows in bold."""
     frame = results_frame(results)
     if frame.empty:
         return "(no results)"
     table = mean_std_table(frame)
-    last = table.index[-1]
-    table.loc[last] = [f"**{v}**" if v != "" and column != "runs" else v for column, v in table.loc[last].items()]
+    for row in table.index[table["task"].str.startswith("average")]:
+        table.loc[row] = [f"**{v}**" if v != "" and column != "runs" else v for column, v in table.loc[row].items()]
     return markdown_table(table)
 
 

@@ -41,6 +41,7 @@ from parts.errors import PartsError
 from parts.experiments.driver import Executor, SettingWork, Work, drive
 from parts.experiments.options import RunOptions, resolve
 from parts.experiments.results import (
+    TRANSFER_ARROW,
     TRANSFER_CSV,
     check_outputs,
     read_results,
@@ -77,7 +78,7 @@ TARGET_ONLY_METHODS = ("transfer-1", "oracle-1")
 
 def transfer_name(source: Task, target: Task) -> str:
     """How the target side of a transfer is named in tables: 'sst2 -> yelp'."""
-    return f"{source.name} -> {target.name}"
+    return f"{source.name}{TRANSFER_ARROW}{target.name}"
 
 
 def check_compatible(source: Task, target: Task, template: int) -> None:
