@@ -197,6 +197,27 @@ def test_overview_measures_are_the_papers_by_hand(tiny_sweep):
     assert data["yardsticks"] == pytest.approx({"best": best, "worst": worst})
 
 
+def test_chance_is_one_over_the_labels_on_every_page(tiny_sweep, tmp_path):
+    """One definition of chance (1 / labels) on the overview and the task page; the majority rate, which differs
+    on an unbalanced test sample, is named as what it is."""
+    import dataclasses
+
+    _, paths, runs = tiny_sweep
+    run = runs[0]
+    labels = tuple([0] * (run.n_examples - 3) + [1] * 3)  # 9 of 12 examples negative
+    unbalanced = dataclasses.replace(run, prompts=dataclasses.replace(run.prompts, labels=labels))
+    unbalanced.save(tmp_path / "runs" / "t1")
+    build_report(tmp_path / "runs", tmp_path / "site")
+    data = task_json(tmp_path / "site", "tiny")
+    assert data["chance"] == 0.5 and data["majority_rate"] == pytest.approx(9 / 12)
+    page = (tmp_path / "site" / "task-tiny.html").read_text()
+    assert "chance (1 / 2 labels) 50.0% · most frequent gold label\n75.0% of the examples" in page
+    assert "majority rate" not in page and "majority rate" not in (Path(report_data.__file__).parent / "assets" /
+                                                                   "report.js").read_text()
+    assert data["mean"]["colorbar"]["ticktext"][data["mean"]["colorbar"]["tickvals"].index(0.5)] == "chance 50%"
+    assert "(1 / number of labels)" in (tmp_path / "site" / "index.html").read_text()
+
+
 def test_main_table_without_intervals_is_mean_and_sd_over_runs(tiny_sweep):
     root, _, _ = tiny_sweep
     (table,) = report_data.main_tables(root, root / "results.csv")
@@ -448,6 +469,20 @@ def test_attention_view_marks_the_demonstrations_label_words(browser, attention_
     page = Page(browser, attention_report, f"task-tiny.html#component={heads[0]}")
     page.page.wait_for_selector("#attention-1 .main-svg")
     assert page.page.locator("#component-attention .figure").count() == 2
+    title = f"Attention of {heads[0]} from the last token, run t1 s0 (template 1, seed 0)"
+    assert page.page.inner_text("#attention-title") == title
+    # Another run chosen: the panel still shows run t1 s0, and says so.
+    page.page.select_option("#run-select", "3")
+    page.page.wait_for_function("location.hash.indexOf('run=3') >= 0")
+    page.page.wait_for_selector("#attention-1 .main-svg")
+    note = page.page.inner_text("#component-attention .note")
+    assert note.startswith("Attention is stored for run t1 s0 only; the run chosen above (template 2, seed 1) "
+                           "does not change it.")
+    other = next(h for h in data["components"] if h.startswith("L") and h not in heads)
+    page.page.evaluate(f"location.hash = 'run=3&component={other}'")
+    page.page.wait_for_selector(f"#component[data-ready='{other}']")
+    assert page.page.inner_text("#component-attention .note").startswith(
+        f"No attention stored for {other}: it is stored for the 2 heads most accurate on average, in run t1 s0 only")
     assert page.problems == [] and page.outside() == []
     page.close()
 

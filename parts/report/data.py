@@ -307,7 +307,7 @@ def task_data(
     share_columns = [f"share_{name}" for name in label_names]
     shares = np.stack([t[share_columns].to_numpy() for t in tables])  # [run component label]
     codes = np.array([_category_codes(t) for t in tables])  # [run component]
-    chance = reference.chance
+    chance = 1 / len(label_names)  # as the overview and the paper's yardsticks: the majority rate is named apart
     mean_full = float(np.mean([r.full_accuracy for r in runs]))
     mean_table = first[["component", "kind", "layer", "head"]].assign(
         accuracy=accuracy.mean(0), label_bias=shares.mean(0).max(-1), category=_mode_category(codes))
@@ -332,7 +332,8 @@ def task_data(
         "key": task.key, "task": reference.prompts.task, "model": reference.model, "split": reference.prompts.split,
         "shots": reference.prompts.shots, "n_examples": reference.n_examples, "label_names": label_names,
         "label_words": list(reference.prompts.label_words), "n_layers": reference.n_layers, "n_heads": reference.n_heads,
-        "chance": chance, "categories": list(CATEGORIES), "category_colors": plotting.CATEGORY_COLORS,
+        "chance": chance, "majority_rate": reference.chance,
+        "categories": list(CATEGORIES), "category_colors": plotting.CATEGORY_COLORS,
         "components": list(reference.component_names),
         "kind": first["kind"].tolist(), "layer": first["layer"].tolist(), "head": first["head"].tolist(),
         "cell": plotting.heatmap_cells(mean_table),  # [heatmap trace, layer, column] per component

@@ -229,7 +229,8 @@ def task_html(data: Mapping[str, Any]) -> str:
 <h1>{e(data["task"])} <span class=sub>{e(data["model"])}</span></h1>
 <p class=lead>{count(len(runs), "run")} ({e(data["split"])} split, {data["n_examples"]} examples each, {data["shots"]}-shot) ·
 labels {labels} · {e(component_summary(names).replace(" (", " components (", 1))} ·
-majority rate {_pct(data["chance"])}</p>
+chance (1 / {len(data["label_names"])} labels) {_pct(data["chance"])} · most frequent gold label
+{_pct(data["majority_rate"])} of the examples</p>
 <div class=controls><label for="run-select">Run</label> <select id="run-select">{options}</select>
 <span class=hint>Hover a cell for its numbers; click it, or a row below, to open the component.</span></div>
 <div id="heatmap" class="figure"></div>
@@ -253,7 +254,7 @@ majority rate {_pct(data["chance"])}</p>
   <th>accuracy</th><th>mean ± sd over runs</th><th>every run</th><th>category</th></tr></thead><tbody></tbody></table>
 </div>
 <p class=note>Every run: the component's accuracy in each run in the order of the run selector (template, then seed),
-on one scale for the whole task (its lowest to highest component accuracy), the dashed line at the majority rate,
+on one scale for the whole task (its lowest to highest component accuracy), the dashed line at chance (1 / labels),
 the selected run dotted; hover for the numbers.</p>
 <h2>Stability across demonstrations and templates</h2>
 <p class=note>Agreement of the component accuracies of two runs (the paper's Table 2): Pearson r and the IoU of their

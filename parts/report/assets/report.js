@@ -197,7 +197,7 @@
         shapes.push({type: "rect", xref: "x", yref: "paper", x0: state.view - 0.45, x1: state.view + 0.45, y0: 0, y1: 1,
                      fillcolor: "#fdd835", opacity: 0.25, line: {width: 0}, layer: "below"});
       }
-      Plotly.react("component-runs", traces, layout("Accuracy in every run (dotted: majority rate)", {
+      Plotly.react("component-runs", traces, layout("Accuracy in every run (dotted: chance, 1 / labels)", {
         shapes: shapes, yaxis: {range: [0, 1.02], tickformat: ".0%"},
         xaxis: {type: "category", categoryorder: "array", categoryarray: T.runs.map(function (run) { return run.label; })}}), CONFIG);
     }
@@ -280,9 +280,11 @@
         target.innerHTML = '<p class="note">Build the report with <code>--attention</code> to see where the top heads look.</p>';
         return;
       }
+      var stored = T.runs[T.attention.run];
       if (T.attention.heads.indexOf(name) < 0) {
-        target.innerHTML = '<p class="note">Attention is stored for the ' + T.attention.heads.length +
-          " heads most accurate on average: " + T.attention.heads.map(function (h) {
+        target.innerHTML = '<p class="note">No attention stored for ' + esc(name) + ": it is stored for the " +
+          T.attention.heads.length + " heads most accurate on average, in run " + esc(stored.label) + " only: " +
+          T.attention.heads.map(function (h) {
             return '<a href="#component=' + esc(h) + (state.view >= 0 ? "&run=" + state.view : "") + '">' + esc(h) + "</a>";
           }).join(", ") + ".</p>";
         return;
@@ -290,8 +292,12 @@
       loadScript("data/" + T.key + "/attention.js", function () { return attention[T.key] !== undefined; }, function () {
         if (state.component !== name) { return; }
         var data = attention[T.key], run = T.runs[data.run];
-        target.innerHTML = "<h3>Attention from the last token (" + esc(run.label) + ")</h3>" +
-          '<p class="note">Bars: attention weight per prompt token. Demonstrations alternate blue shades, the test ' +
+        // Attention is stored for one run: say so whenever another run (or the mean) is chosen above.
+        var elsewhere = state.view === data.run ? "" : "Attention is stored for run " + esc(run.label) +
+          " only; the run chosen above (" + esc(viewName(state.view)) + ") does not change it. ";
+        target.innerHTML = '<h3 id="attention-title">Attention of ' + esc(name) + " from the last token, run " +
+          esc(run.label) + " (template " + run.template + ", seed " + run.seed + ")</h3>" +
+          '<p class="note">' + elsewhere + 'Bars: attention weight per prompt token. Demonstrations alternate blue shades, the test ' +
           "example is orange, the demonstrations' label words are purple and named.</p>";
         data.examples.forEach(function (example, k) {
           var div = document.createElement("div");
