@@ -140,7 +140,13 @@ def _embedded_checkpoint() -> Path:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # Renamed into place (parts.io) so an interrupted conversion never looks complete.
+    return save_checkpoint(model, tokenizer, target, stamp)
+
+
+def save_checkpoint(model: Any, tokenizer: Any, target: Path, stamp: dict[str, Any]) -> Path:
+    """Save a converted model and its tokenizer to `target` in the cache, with `stamp` (what it was made from)
+    in `parts-stamp.json`. Renamed into place (parts.io) so an interrupted conversion never looks complete; its
+    files follow the umask, so a cache shared by a group is readable by the group."""
     with io.write_folder(target, legacy=lambda folder: (folder / "parts-stamp.json").is_file(), kind="model") as staging, \
             _library_bars_on_terminal_only():
         model.save_pretrained(staging)
