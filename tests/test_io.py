@@ -220,7 +220,7 @@ def test_a_folder_of_one_kind_never_replaces_one_of_another(tmp_path):
 
 
 def test_every_file_parts_writes_follows_the_umask(tmp_path, umask_022, tiny_model_dir, tiny_task_file, tokenizer):
-    """Run folders (summary, prompts, tensors), reweighting weights and cached logits, results.csv and its table,
+    """Run folders (summary, prompts, tensors, effects), reweighting weights and cached logits, results.csv and its table,
     the exported result tables, figures, a report, and the converted model in the cache: under umask 022 every file
     is 0644 and every folder 0755, so a group sharing runs or a cache can read them (safetensors alone made 0600)."""
     from conftest import make_hf_model
@@ -233,6 +233,8 @@ def test_every_file_parts_writes_follows_the_umask(tmp_path, umask_022, tiny_mod
     runs = out / "runs"
     assert main(["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1",
                  "--seeds", "0", "--labels", "12", "--limit", "8", "--out", str(runs), "--device", "cpu"]) == 0
+    (test_run,) = runs.rglob("t1-s0-k4-test-n8")
+    assert main(["effects", str(test_run), "--device", "cpu", "--yes"]) == 0
     export_results(runs, out / "results", limit=8, tasks={"tiny": tiny_task_file})
     assert main(["figures", str(runs), "--out", str(out / "figures"), "--formats", "html", "--no-model",
                  "--examples", "8"]) == 0
@@ -240,12 +242,12 @@ def test_every_file_parts_writes_follows_the_umask(tmp_path, umask_022, tiny_mod
     save_checkpoint(make_hf_model("llama"), tokenizer, out / "cache" / "tiny-f32", {"format": 1})
 
     files = [p for p in out.rglob("*") if p.is_file()]
-    written = {p.relative_to(out).parts[0] for p in files}
+    written = {p.relative_to(out).parts[0] for p in files if not io.is_bookkeeping(p.relative_to(out).parts[0])}
     assert written == {"runs", "results", "figures", "report", "cache"}
     suffixes = {p.suffix for p in files}
     assert {".safetensors", ".json", ".jsonl", ".csv", ".md", ".html", ".js", ".css"} <= suffixes
-    assert {p.name for p in files} >= {"tensors.safetensors", "reweight-labels12.safetensors", "content-free.safetensors",
-                                       "results.csv", "model.safetensors", "parts-stamp.json"}
+    assert {p.name for p in files} >= {"tensors.safetensors", "effects.safetensors", "reweight-labels12.safetensors",
+                                       "content-free.safetensors", "results.csv", "model.safetensors", "parts-stamp.json"}
     wrong = {str(p.relative_to(out)): oct(mode(p)) for p in files if mode(p) != 0o644}
     wrong |= {str(p.relative_to(out)): oct(mode(p)) for p in out.rglob("*") if p.is_dir() and mode(p) != 0o755}
     assert wrong == {}
