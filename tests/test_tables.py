@@ -320,3 +320,17 @@ def test_oracle_differences_are_paired_over_runs():
     best_yardstick, worst_yardstick = (100 * y for y in paper.chance_extremes(10, 2, 2))
     assert row["ORACLE-T1 minus best of N at chance"].startswith(f"{rounded(55 - best_yardstick)} [")
     assert row["ORACLE-B1 minus worst of N at chance"].startswith(f"{rounded(35 - worst_yardstick)} [")
+
+
+def test_resampling_changes_lists_the_verdicts_that_differ():
+    def intervals(low: float, high: float) -> pd.DataFrame:
+        return pd.DataFrame([{"task": "sst2", "quantity": "difference", "method": "a - b", "estimate": 3.0, "low": low,
+                              "high": high, "runs": 15, "examples": 200},
+                             {"task": "sst2", "quantity": "difference", "method": "a - c", "estimate": 5.0, "low": 1.0,
+                              "high": 9.0, "runs": 15, "examples": 200}])
+
+    changes = paper.resampling_changes(intervals(0.2, 6.4), intervals(-1.0, 7.8))
+    assert changes.to_dict("records") == [{"task": "sst2", "difference": "a minus b", "runs": 15, "n": 200,
+                                           "estimate": "3.0", "interval, runs exchangeable (default)": "[0.2, 6.4]",
+                                           "interval, nested": "[-1.0, 7.8]"}]
+    assert paper.resampling_changes(intervals(0.2, 6.4), intervals(0.1, 7.0)).empty

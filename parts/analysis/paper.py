@@ -171,6 +171,24 @@ def paper_comparison(intervals: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def resampling_changes(runs: pd.DataFrame, nested: pd.DataFrame) -> pd.DataFrame:
+    """The differences of two `main_intervals` tables (runs exchangeable, nested) whose 95% interval excludes
+    zero under one scheme and not under the other, per task and for the average: where the choice matters."""
+    merged = runs.merge(nested, on=["task", "quantity", "method"], suffixes=("", " nested"))
+    merged = merged[merged["quantity"] == "difference"]
+    excludes = (merged["low"] > 0) | (merged["high"] < 0)
+    nested_excludes = (merged["low nested"] > 0) | (merged["high nested"] < 0)
+    changed = merged[excludes != nested_excludes]
+    return pd.DataFrame({
+        "task": changed["task"], "difference": changed["method"].str.replace(" - ", " minus "),
+        "runs": changed["runs"].astype(int), "n": changed["examples"].astype(int),
+        "estimate": changed["estimate"].map(rounded),
+        "interval, runs exchangeable (default)": [_interval(r) for _, r in changed.iterrows()],
+        "interval, nested": [_interval(pd.Series({"low": r["low nested"], "high": r["high nested"]}))
+                             for _, r in changed.iterrows()],
+    })
+
+
 # -- Table 1 and label bias -------------------------------------------------------------------------
 def component_accuracies(runs: pd.DataFrame) -> np.ndarray:
     """[run component] accuracies from `runs.csv`'s space-separated `accuracies` column."""

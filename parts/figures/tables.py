@@ -151,6 +151,8 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
                    paper.main_intervals(results.predictions, results.main, n_resamples, resample=scheme)
                    for scheme in ("runs", "nested")}
         blocks["resampling"] = markdown(paper.resampling_table(schemes["runs"], schemes["nested"]))
+        changes = paper.resampling_changes(schemes["runs"], schemes["nested"])
+        blocks["resampling-changes"] = "(none)" if changes.empty else markdown(changes)
         analysis["intervals"] = _records(intervals)
     if not results.runs.empty:
         measures = paper.run_measures(results.runs, results.components)
