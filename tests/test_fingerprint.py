@@ -277,3 +277,37 @@ def test_a_run_saved_before_fingerprints_loads_but_is_never_reused(tiny_model_di
     assert "the run's fingerprint is not recorded (made before parts recorded fingerprints)" in err
     assert main([*argv, RECOMPUTE_FLAG]) == 0
     assert DecompositionRun.load(summary_file.parent).fingerprint is not None
+
+
+def test_effects_are_reused_only_with_their_fingerprint(tiny_model_dir, tiny_task_file, tmp_path, capsys):
+    from conftest import make_hf_model
+
+    from parts.decomposition.effect_data import TotalEffects
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "out"
+    assert main(command_line("sweep", str(model), tiny_task_file, tiny_task_file, out)) == 0
+    (run_folder,) = [p.parent for p in out.rglob("summary.json")]
+    effects = ["effects", str(out), "--device", "cpu"]
+    assert main(effects) == 0
+    first = TotalEffects.load(run_folder)
+    run = DecompositionRun.load(run_folder)
+    assert run.fingerprint is not None
+    assert first.info["fingerprint"]["run"] == digest(run.fingerprint)
+    assert first.info["fingerprint"]["model_files"] == model_identity(str(model))["model_files"]
+    capsys.readouterr()
+    assert main(effects) == 0 and "0 computed, 1 already there" in capsys.readouterr().out
+
+    # Effects saved before parts recorded fingerprints: refused, then recomputed with the flag.
+    legacy = {key: value for key, value in first.info.items() if key != "fingerprint"}
+    TotalEffects(first.total_effects, first.clean_logits, first.component_names, legacy).save(run_folder)
+    err = one_line_error(effects, capsys)
+    assert "the effects in" in err and "were made otherwise: the effects' fingerprint is not recorded" in err
+    assert main([*effects, RECOMPUTE_FLAG]) == 0
+    assert TotalEffects.load(run_folder).info["fingerprint"] == first.info["fingerprint"]
+
+    # Other weights in the model folder: the run itself is stale, so its effects are not computed from them.
+    make_hf_model("llama", seed=1).save_pretrained(model)
+    err = one_line_error(effects, capsys)
+    assert f"{run_folder} was made with other model files than {model} has now" in err

@@ -37,6 +37,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--yes", action="store_true",
                         help="run --positions all even where it is estimated to take long")
     parser.add_argument("--force", action="store_true", help="recompute effects already there with the same settings")
+    parser.add_argument("--recompute-changed", action="store_true",
+                        help="recompute effects made otherwise (of another run, model files or dtype, or before parts "
+                             "recorded fingerprints) instead of refusing; see docs/guide/reuse.md")
     group = parser.add_argument_group("running the model")
     group.add_argument("--model", default=None, help="the model to load (default: the one each run records; "
                                                      "a different one is refused)")
@@ -51,7 +54,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from parts.decomposition.effect_data import TotalEffects, has_effects
     from parts.decomposition.effects import check_run_matches, total_effects
+    from parts.decomposition.fingerprint import check_reuse, digest
     from parts.decomposition.runs import DecompositionRun, find_runs
+    from parts.model.identity import model_identity
     from parts.model.loading import load_model, recorded_model, resolve_model_name
 
     paths = find_runs(args.root)
@@ -74,9 +79,20 @@ def run(args: argparse.Namespace) -> int:
             if args.engine is not None and recorded_engine not in (None, args.engine):
                 raise PartsError(f"{path} was made with the {recorded_engine} engine, not {args.engine}: "
                                  f"use --engine {recorded_engine}")
+        # What the effects are made of (docs/guide/reuse.md): the run, the model's files now, the dtype, the settings.
+        identity = model_identity(run_.model)
+        made_with = (run_.fingerprint or {}).get("model_files")
+        if made_with is not None and made_with != identity["model_files"]:
+            raise PartsError(f"{path} was made with other model files than {run_.model} has now ({made_with} then, "
+                             f"{identity['model_files']} now): recompute the run first (parts sweep ... "
+                             "--recompute-changed), or point at the model it was made with")
+        wanted = {"run": None if run_.fingerprint is None else digest(run_.fingerprint), **identity, "dtype": dtype,
+                  **settings}
         if has_effects(path) and not args.force:
             old = TotalEffects.load(path).info
-            if all(old.get(key) == value for key, value in settings.items()):
+            if all(old.get(key) == value for key, value in settings.items()) and check_reuse(
+                    f"the effects in {path}", old.get("fingerprint"), wanted, args.recompute_changed,
+                    whose="the effects'"):
                 skipped += 1
                 continue
         key = (run_.model, dtype)
@@ -87,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         effects = total_effects(model, run_, args.ablation, args.positions, args.method, args.freeze_norm,
                                 batch_size=args.batch_size, progress=True, yes=args.yes)
+        effects.info["fingerprint"] = wanted
         effects.save(path)
         done += 1
         print(f"{path}: {count(len(run_.component_names), 'component')} x {count(run_.n_examples, 'example')} "
