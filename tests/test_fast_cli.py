@@ -29,9 +29,10 @@ print(json.dumps({"code": code, "heavy": heavy, "err": err.getvalue()}))
 """
 
 
-def probe(argv: list[str]) -> dict:
+def probe(argv: list[str], env: dict[str, str] | None = None) -> dict:
+    """What `parts ARGV` returns, prints to stderr and imports of HEAVY (`env`: its whole environment)."""
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv), json.dumps(HEAVY)], cwd=REPO,
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout)
 
 

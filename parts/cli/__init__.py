@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from parts import __version__
 from parts.cli import (
@@ -44,9 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+_PLAIN_FORMAT = warnings.formatwarning
+
+
+def one_line_warnings(command: str) -> None:
+    """Show parts' own warnings as `parts COMMAND: warning: ...`, one line as its errors are (not a file
+    name, a line number and the source line); other libraries' warnings keep their usual form."""
+
+    def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                       line: str | None = None) -> str:
+        if Path(filename).resolve().is_relative_to(PACKAGE):
+            return f"parts {command}: warning: {message}\n"
+        return _PLAIN_FORMAT(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    one_line_warnings(args.command)
     try:
         check_device_option(args)  # every command that runs a model: a wrong --device is answered first
         return int(args.func(args) or 0)

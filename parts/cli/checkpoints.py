@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import add_executor_options, add_model_options, executor, int_list, name_list, positive_int, run_options
+from parts.cli.common import (
+    add_executor_options,
+    add_model_options,
+    check_task_data,
+    executor,
+    int_list,
+    name_list,
+    positive_int,
+    run_options,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -39,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from parts import io
     from parts.data.tasks import check_tasks
 
-    check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
+    tasks = check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
+    check_task_data(args, tasks, args.templates[0], args.seeds[0], "test", args.limit)
     from parts.experiments.checkpoints import (
         checkpoint_figure,
         checkpoint_runs,

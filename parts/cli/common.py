@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from parts.data.tasks import Task
     from parts.experiments.options import RunOptions
 
 
@@ -133,6 +134,30 @@ def check_device_option(args: argparse.Namespace) -> None:
         from parts.model.preflight import check_device
 
         check_device(args.device, here=getattr(args, "ray", None) is None)
+
+
+def check_task_data(args: argparse.Namespace, tasks: Sequence[Task], template: int, seed: int, split: str = "test",
+                    limit: int | None = None, shots: int | None = None) -> None:
+    """Each task's prompts of one setting, built now from its local data: a template field the data lacks, a
+    bad label or too few examples of a class is answered before the slow imports, not after the model load.
+    Tasks read from the hub are read when they run; here only whether the hub can be reached, if they are not cached."""
+    from parts.data.prompts import build_prompts
+    from parts.data.tasks import check_hub_data, reads_local_data
+
+    for task in tasks:
+        if reads_local_data(task, args.data_dir):
+            build_prompts(task, template, seed, shots, split, limit, args.data_dir)
+        else:
+            check_hub_data(task)
+
+
+def check_label_words(args: argparse.Namespace, tasks: Sequence[Task], templates: Sequence[int]) -> None:
+    """Every label word of these tasks' templates is one token for `--model`'s tokenizer, checked with the
+    tokenizer alone before the weights load (`parts.model.preflight.check_label_words`)."""
+    from parts.model.preflight import check_label_words as check
+
+    check(getattr(args, "model", None), getattr(args, "revision", None),
+          {f"task {task.name!r} template {n}": task.template(n).label_words for task in tasks for n in templates})
 
 
 def run_options(args: argparse.Namespace, progress: bool = True) -> RunOptions:

@@ -8,6 +8,8 @@ from typing import Any
 from parts.cli.common import (
     add_executor_options,
     add_model_options,
+    check_label_words,
+    check_task_data,
     executor,
     int_list,
     name_list,
@@ -50,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     # Before torch is imported: a mistake is reported at once.
     if not 0 < args.alpha < 1:
         raise PartsError(f"--alpha must be between 0 and 1, got {args.alpha}")
-    check_tasks(args.tasks, args.templates)
+    tasks = check_tasks(args.tasks, args.templates)
+    check_task_data(args, tasks, args.templates[0], args.seeds[0], "test", args.limit)
+    check_label_words(args, tasks, args.templates)  # a re-initialised model keeps its tokenizer
     if args.csv:
         io.check_file(args.csv)  # refuse before the work if a user's file is in the way
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from parts.cli.common import add_model_options, add_run_options, non_negative_int, positive_int, run_options
+from parts.cli.common import add_model_options, add_run_options, check_label_words, non_negative_int, positive_int, run_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     # Build (and validate) the task and prompts first: a mistake is reported before torch is even imported.
     task = get_task(args.task)
     prompts = build_prompts(task, args.template, args.seed, args.shots, args.split, args.limit, args.data_dir)
+    check_label_words(args, [task], [args.template])  # with the tokenizer alone: before the model loads
 
     from parts.decomposition.runs import check_replaceable
     from parts.experiments.runner import ModelSpec, expected_fingerprint, load_spec, run_decomposition

@@ -9,6 +9,8 @@ from typing import Any
 from parts.cli.common import (
     add_executor_options,
     add_model_options,
+    check_label_words,
+    check_task_data,
     executor,
     int_list,
     name_list,
@@ -46,7 +48,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks
 
-    check_tasks(args.tasks, args.templates, args.shots, args.labels)  # before torch is imported: reported at once
+    checked = check_tasks(args.tasks, args.templates, args.shots, args.labels)  # before torch is imported: at once
+    check_task_data(args, checked, args.templates[0], args.seeds[0], "test", args.limit, args.shots)
+    check_label_words(args, checked, args.templates)
 
     from parts.errors import PartsError
     from parts.experiments.evaluate import (

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     io.existing_folder(args.root, "runs folder", RUNS_FOLDER_FIX)  # before the slow imports: answered at once
     from parts.figures.export import FORMATS, write_figures
-    from parts.figures.figureset import figure_set
+    from parts.figures.figureset import figure_set, no_figure_reason
     from parts.model.loading import load_model
 
     unknown = [f for f in args.formats if f not in FORMATS]
@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     loader = (lambda name: load_model(name, device=options.device, dtype=options.dtype)) if args.use_model else None
     figures = figure_set(args.root, loader, args.tasks, args.results, args.examples, args.only)
     if not figures:
-        raise PartsError(f"no figure to draw from the runs under {args.root} with these filters: "
-                         "check --tasks, --examples and --only, or decompose some test runs first")
+        raise PartsError(no_figure_reason(args.root, args.tasks, args.examples))
     written = write_figures(figures, args.out, args.formats, args.plotlyjs, args.html_only)
     for name in figures:
         print(name)

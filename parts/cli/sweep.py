@@ -10,6 +10,8 @@ from parts.cli.common import (
     add_executor_options,
     add_model_options,
     add_run_options,
+    check_label_words,
+    check_task_data,
     count,
     executor,
     int_list,
@@ -42,7 +44,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks
 
-    check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
+    tasks = check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
+    check_task_data(args, tasks, args.templates[0], args.seeds[0], args.split, args.limit, args.shots)
+    check_label_words(args, tasks, args.templates)
 
     from parts.experiments.runner import model_label
     from parts.experiments.sweep import plan_sweep, sweep

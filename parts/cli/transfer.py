@@ -9,6 +9,8 @@ from typing import Any
 from parts.cli.common import (
     add_executor_options,
     add_model_options,
+    check_label_words,
+    check_task_data,
     executor,
     int_list,
     non_negative_int,
@@ -48,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     pairs = parse_pairs(args.pairs)  # before torch is imported: a mistake is reported at once
     check_tasks([task for pair in pairs for task in pair], args.templates)
+    sources = check_tasks(list(dict.fromkeys(source for source, _ in pairs)))  # the targets take their words and shots
+    check_task_data(args, sources, args.templates[0], args.seeds[0], "test", args.limit, args.shots)
+    check_label_words(args, sources, args.templates)
 
     from parts.experiments.results import TRANSFER_CSV, results_table
     from parts.experiments.runner import ModelSpec

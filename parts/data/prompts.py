@@ -11,6 +11,7 @@ sorted by label, so the first N rows would be a biased sample.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,26 @@ def sample_test(task: Task, labels: Sequence[int], split: str, limit: int | None
     return balanced_sample(labels, limit, task.n_labels, rng)
 
 
+def check_classes(task: Task, labels: Sequence[int], split: str, sample: Sequence[int]) -> None:
+    """Test examples of one class only make every component that always answers that class score 100%.
+
+    Data of one class is refused (no accuracy on it means anything); a sample that misses classes the data has
+    (a --limit below the number of classes) is the user's choice, and is warned about."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=task.n_labels)
+    per_label = ", ".join(f"{name} {int(n)}" for name, n in zip(task.label_names, counts, strict=True))
+    if len(labels) and np.count_nonzero(counts) == 1:
+        only = task.label_names[int(counts.argmax())]
+        raise PartsError(
+            f"the {split} split of {task.name} has {len(labels)} examples, all labelled {only} (per label: {per_label}):"
+            f" every component that always answers {only} would score 100%; add examples of the other labels"
+        )
+    shown = {labels[i] for i in sample}
+    if len(shown) < np.count_nonzero(counts):
+        warnings.warn(f"the {len(sample)} {split} examples of {task.name} show {len(shown)} of its "
+                      f"{np.count_nonzero(counts)} labels: a component that always answers one they show scores "
+                      f"high by default; use --limit {np.count_nonzero(counts)} or more to show every label", stacklevel=3)
+
+
 def render_prompt(template: Template, demonstrations: Sequence[Example], example: Example) -> str:
     """Demonstrations, each `{filled template}{label word}{template.separator}`, then the query,
     ending where its label goes (the authors' code: one newline after each demonstration)."""
@@ -157,9 +178,15 @@ class PromptSet:
     example_indices: tuple[int, ...]  # indices into `split`
     prompts: tuple[str, ...]
     labels: tuple[int, ...]
+    limit: int | None = None  # the examples asked for (None: all); more than the split holds gives all it holds
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def capped(self) -> bool:
+        """Whether `limit` asked for more examples than the split holds (the run holds them all)."""
+        return self.limit is not None and self.limit > len(self.prompts)
 
 
 def build_prompts(
@@ -201,6 +228,10 @@ def build_prompts(
         if not rows:
             raise PartsError(f"the {split} split of {task.name} is empty: check the data directory")
         indices = sample_test(task, [row["label"] for row in rows], split, limit)
+        check_classes(task, [row["label"] for row in rows], split, indices)
+        if limit is not None and limit > len(rows):
+            warnings.warn(f"--limit {limit} is more than the {len(rows)} examples of the {split} split of {task.name}: "
+                          f"the run holds all {len(rows)} (its summary records both)", stacklevel=2)
     demo_rows = [train[i] for i in demos]
     prompts = tuple(render_prompt(chosen_template, demo_rows, rows[i]) for i in indices)
     return PromptSet(
@@ -215,4 +246,5 @@ def build_prompts(
         example_indices=tuple(indices),
         prompts=prompts,
         labels=tuple(rows[i]["label"] for i in indices),
+        limit=limit,
     )

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from parts import io
 from parts.errors import PartsError
@@ -310,6 +312,11 @@ def data_dir_from_env(data_dir: str | Path | None = None) -> Path | None:
     return io.existing_folder(chosen, "data directory", "fix --data-dir or PARTS_DATA_DIR")
 
 
+def reads_local_data(task: Task, data_dir: str | Path | None = None) -> bool:
+    """Whether the task's examples come from files here (its own data_dir, --data-dir or PARTS_DATA_DIR), not the hub."""
+    return task.data_dir is not None or data_dir_from_env(data_dir) is not None
+
+
 def get_task(name_or_file: str | Path) -> Task:
     """A paper task by name, a further task of the data directory, or a user task JSON file."""
     key = str(name_or_file)
@@ -485,9 +492,56 @@ def hub_source(task: Task, split: str) -> str:
     return " ".join(part for part in (repo, config, split) if part)
 
 
-def _load_from_hub(task: Task, split: str) -> list[Example]:
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, decided at once (None: it may be reached).
+
+    Offline mode is read as `datasets` reads it (HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE). Otherwise one TCP
+    connection to the hub's host, a few seconds at most, stands in for the half minute of retries `datasets`
+    spends before it gives up; behind a proxy that connection proves nothing, so nothing is decided there."""
+    from huggingface_hub import constants
+
+    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        value = os.environ.get(variable)
+        if value is not None:
+            if value.strip().upper() in {"1", "ON", "YES", "TRUE"}:
+                return f"{variable} is set"
+            break
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        return f"{host} cannot be reached ({err.strerror or type(err).__name__})"
+    return None
+
+
+def check_hub_data(task: Task) -> None:
+    """A task read from the hub (no data directory set) fails at once, with what to set, when the hub cannot be
+    reached and its dataset is not in the Hugging Face caches; otherwise `datasets` is left to read it."""
     if task.name not in _HUB:
-        raise PartsError(f"task {task.name!r} has no hub source: set --data-dir or PARTS_DATA_DIR")
+        raise PartsError(f"task {task.name!r} has no hub source: set --data-dir or PARTS_DATA_DIR to a folder holding "
+                         f"{task.name}/train.jsonl and {task.name}/test.jsonl")
+    from huggingface_hub import constants
+
+    repo = _HUB[task.name][0]
+    org, _, name = repo.partition("/")
+    cached = [Path(constants.HF_HUB_CACHE) / f"datasets--{org}--{name}",
+              Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets")) / f"{org}___{name}"]
+    if any(folder.is_dir() for folder in cached):
+        return
+    why = _hub_unreachable()
+    if why is not None:
+        raise PartsError(
+            f"no data directory is set and {task.name} must come from the Hugging Face hub, but {why} and {repo} is "
+            f"not in its cache: pass --data-dir FOLDER or set PARTS_DATA_DIR=FOLDER, a folder holding "
+            f"{task.name}/train.jsonl and {task.name}/test.jsonl"
+        )
+
+
+def _load_from_hub(task: Task, split: str) -> list[Example]:
+    check_hub_data(task)  # before `datasets` is imported (seconds) and retries the hub (half a minute)
     try:
         import datasets
     except ImportError as err:

@@ -210,6 +210,7 @@ class DecompositionRun:
             "shots": p.shots,
             "split": p.split,
             "n_examples": self.n_examples,
+            "limit": p.limit,  # asked for: more than n_examples when the split held fewer
             "label_names": list(p.label_names),
             "label_words": list(p.label_words),
             "label_token_ids": self.label_token_ids,
@@ -231,7 +232,7 @@ class DecompositionRun:
         return "\n".join(
             [
                 f"{self.model} | {p.task} template {p.template} seed {p.seed} | {p.shots}-shot | "
-                f"{p.split} n={self.n_examples}",
+                f"{p.split} n={self.n_examples}" + (f" (--limit {p.limit}: the split holds only these)" if p.capped else ""),
                 f"full model accuracy  {self.full_accuracy:.1%}   (majority class {self.chance:.1%})",
                 f"best components      {best}",
                 f"components           {component_summary(self.component_names)}",
@@ -300,6 +301,7 @@ class DecompositionRun:
             example_indices=tuple(r["index"] for r in rows),
             prompts=tuple(r["prompt"] for r in rows),
             labels=tuple(r["label"] for r in rows),
+            limit=summary.get("limit"),
         )
         return cls(
             summary["model"], prompts, summary["label_token_ids"], summary["n_layers"], summary["n_heads"],

@@ -110,19 +110,23 @@ def overflow_origin(model: TransformerBridge, prompt: str) -> str | None:
 
 
 def run_decomposition(
-    model: TransformerBridge,
+    model: TransformerBridge | Any,
     prompts: PromptSet,
     options: RunOptions | None = None,
     fingerprint: dict[str, Any] | None = None,
+    tokenizer: Any = None,
     **overrides: Any,
 ) -> DecompositionRun:
     """Decompose every prompt of a prompt set with a loaded model, run as `options` say.
 
+    `model`: a bridge from `parts.load_model`, or a plain Hugging Face causal LM (wrapped by
+    `parts.model.loading.as_bridge`, with `tokenizer` or the one saved under its name).
     `overrides` are `RunOptions` fields (`engine="bridge"`, `progress=False`...): a shorthand. `fingerprint`
     (`expected_fingerprint` of the settings that made `prompts`) is saved with the run, the label words' token
     ids added; without it the run is never reused by a sweep.
     """
     options = resolve(options, **overrides)
+    model = loading.as_bridge(model, tokenizer)
     ids = label_token_ids(model.tokenizer, prompts.label_words)
     check_fits_context(model.tokenizer, prompts, int(model.cfg.n_ctx))
     decomposer = Decomposer(model, ids, options.engine, split_experts=options.split_experts,
@@ -150,7 +154,7 @@ def run_decomposition(
 
 
 def decompose_task(
-    model: TransformerBridge,
+    model: TransformerBridge | Any,
     task: str | Path | Task,
     template: int = 1,
     seed: int = 0,
@@ -159,11 +163,16 @@ def decompose_task(
     limit: int | None = None,
     options: RunOptions | None = None,
     model_label: str | None = None,
+    tokenizer: Any = None,
     **overrides: Any,
 ) -> DecompositionRun:
     """Build the prompts of (task, template, seed, split) and decompose them (`overrides`: `RunOptions` fields;
-    `model_label`: the model's name in the run's fingerprint, if not its own)."""
+    `model_label`: the model's name in the run's fingerprint, if not its own).
+
+    `model` is a bridge from `parts.load_model` or a plain Hugging Face causal LM, with its `tokenizer` unless
+    the one saved under its name is the one to use (`run_decomposition`)."""
     options = resolve(options, **overrides)
+    model = loading.as_bridge(model, tokenizer)
     task = get_task(task) if not isinstance(task, Task) else task
     prompts = build_prompts(task, template, seed, shots, split, limit, options.data_dir)
     fingerprint = expected_fingerprint(model_label or model_name(model), task, template, seed, shots, split, limit,

@@ -21,6 +21,7 @@ root); the target's are `root/<model>/transfer/<source>-to-<target>/t{template}-
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts import io
-from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, render_prompt, sample_test
+from parts.data.prompts import LABEL_BUDGET, PromptSet, build_prompts, check_classes, render_prompt, sample_test
 from parts.data.tasks import Task, get_task, load_split
 from parts.decomposition.fingerprint import digest, split_hash
 from parts.decomposition.runs import RUN_KIND, SUMMARY, DecompositionRun, is_legacy_run
@@ -104,13 +105,16 @@ def transfer_prompts(
 ) -> PromptSet:
     """The target's test examples (the usual balanced sample) after the source's demonstrations and template."""
     check_compatible(source, target, template)
-    shown = build_prompts(source, template, seed, shots, "test", 1, data_dir)  # its demonstrations
+    with warnings.catch_warnings():  # one test example, built for its demonstrations only: no warning about it
+        warnings.simplefilter("ignore")
+        shown = build_prompts(source, template, seed, shots, "test", 1, data_dir)
     source_train = load_split(source, "train", data_dir)
     demonstrations = [source_train[i] for i in shown.demonstrations]
     rows = load_split(target, "test", data_dir)
     if not rows:
         raise PartsError(f"the test split of {target.name} is empty: check the data directory")
     indices = sample_test(target, [row["label"] for row in rows], "test", limit)
+    check_classes(target, [row["label"] for row in rows], "test", indices)
     chosen_template = source.template(template)
     try:
         prompts = tuple(render_prompt(chosen_template, demonstrations, rows[i]) for i in indices)
@@ -119,7 +123,7 @@ def transfer_prompts(
     return PromptSet(
         task=target.name, template=template, seed=seed, shots=shown.shots, split="test",
         label_names=source.label_names, label_words=shown.label_words, demonstrations=shown.demonstrations,
-        example_indices=tuple(indices), prompts=prompts, labels=tuple(rows[i]["label"] for i in indices),
+        example_indices=tuple(indices), prompts=prompts, labels=tuple(rows[i]["label"] for i in indices), limit=limit,
     )
 
 

@@ -10,6 +10,7 @@ run by `parts evaluate` the weights heatmap. A figure whose inputs are absent is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
@@ -19,7 +20,7 @@ import plotly.graph_objects as go
 from parts.analysis.analyze import accuracy_correlation, component_table, correlation_matrix, group_runs, run_label
 from parts.analysis.inspect_head import head_inspection, pick_heads
 from parts.data.tasks import get_task
-from parts.decomposition.runs import DecompositionRun, SavedRun, load_saved_runs
+from parts.decomposition.runs import SUMMARY, DecompositionRun, SavedRun, find_runs, load_saved_runs
 from parts.errors import PartsError
 from parts.experiments.results import RESULTS_CSV, read_results
 from parts.figures import plotting
@@ -132,6 +133,36 @@ def results_figures(
         return {"reweighting-accuracy": plotting.method_bars(results)}
     return {f"reweighting-accuracy-{str(m).replace('/', '--')}": plotting.method_bars(rows, f"Accuracy by method, {m}")
             for m, rows in results.groupby("model", sort=False)}
+
+
+def test_run_sizes(root: str | Path) -> dict[str, list[int]]:
+    """Per task, the numbers of test examples (`--examples` values) of the finished runs under `root`, read from
+    their summaries alone (what a `--tasks` or `--examples` filter can keep)."""
+    sizes: dict[str, set[int]] = {}
+    for path in find_runs(root):
+        try:
+            summary = json.loads((path / SUMMARY).read_text())
+        except (OSError, ValueError):
+            continue  # damaged: loading it says so
+        if isinstance(summary, dict) and summary.get("split") == "test":
+            sizes.setdefault(str(summary.get("task")), set()).add(int(summary.get("n_examples", 0)))
+    return {task: sorted(n) for task, n in sizes.items()}
+
+
+def no_figure_reason(root: str | Path, tasks: Sequence[str] | None, examples: int | None) -> str:
+    """Why the filters left no figure, and the values that would draw some (for the one-line error)."""
+    sizes = test_run_sizes(root)
+    if not sizes:
+        return f"no finished test run under {root}: decompose some test runs first (parts sweep --out {root})"
+    kept = {task: n for task, n in sizes.items() if not tasks or task in tasks}
+    if not kept:
+        return f"no test run under {root} is of --tasks {','.join(tasks or [])}: its tasks are {', '.join(sizes)}"
+    if examples is not None and not any(examples in n for n in kept.values()):
+        every = sorted({size for n in kept.values() for size in n})
+        per_task = "; ".join(f"{task} {', '.join(map(str, n))}" for task, n in kept.items())
+        return (f"no test run under {root} has {examples} examples: use --examples "
+                f"{' or '.join(map(str, every))} (runs per task: {per_task}), or drop --examples to draw every size")
+    return f"no figure to draw from the runs under {root} with these filters: check --only"
 
 
 def figure_set(

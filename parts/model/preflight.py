@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import sys
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from parts.data.prompts import label_token_ids
 from parts.errors import PartsError
+from parts.model.sources import files_on_disk
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")  # the kinds of device parts runs a model on, besides "auto"
 DEVICE_FORMS = "cpu, cuda, cuda:N (one GPU), mps, xpu or auto (spread over every GPU)"
@@ -98,3 +102,59 @@ def check_device(device: Any, here: bool = True) -> None:
 def _one_of(names: list[str]) -> str:
     """'cpu', 'cpu or auto', 'cpu, cuda:0 or auto'."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# -- the label words ------------------------------------------------------------------------------------
+# Tokenizer classes transformers builds from tokenizer.json unchanged (others may rebuild it from the vocabulary).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class FileTokenizer:
+    """A tokenizer.json read by the `tokenizers` library alone, called as a transformers tokenizer is called
+    by `label_token_ids` (a fraction of a second, where importing transformers takes seconds)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.core = Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.core.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.core.decode(list(ids)))
+
+
+def early_tokenizer(name: str | None, revision: str | None = None) -> Any | None:
+    """The model's tokenizer without its weights, if its files are on this disk (`files_on_disk`): read by the
+    `tokenizers` library when transformers would build it unchanged from tokenizer.json, else by transformers'
+    AutoTokenizer; None when it cannot be read now (loading the model then says why)."""
+    folder = files_on_disk(name, revision)
+    if folder is None:
+        return None
+    try:
+        tokenizer_class = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        tokenizer_class = None
+    if tokenizer_class in GENERIC_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        return FileTokenizer(folder / "tokenizer.json")
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - whatever stops it here stops the model load too, which explains it
+        return None
+
+
+def check_label_words(name: str | None, revision: str | None, label_words: Mapping[str, Sequence[str]]) -> None:
+    """Each set of label words (keyed by whose they are: "task 'mine' template 1") is one token per word and
+    distinct for the model's tokenizer, checked before the weights load. Nothing is checked when the tokenizer
+    is not on disk yet (a model still to download or convert): the loaded model's tokenizer checks it then."""
+    tokenizer = early_tokenizer(name, revision) if label_words else None
+    if tokenizer is None:
+        return
+    for whose, words in label_words.items():
+        try:
+            label_token_ids(tokenizer, words)
+        except PartsError as err:
+            raise PartsError(f"{whose}: {err}") from None
