@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from parts.data.prompts import label_token_ids
 from parts.errors import PartsError
 from parts.model.sources import files_on_disk
 
@@ -152,8 +153,6 @@ def check_label_words(name: str | None, revision: str | None, label_words: Mappi
     tokenizer = early_tokenizer(name, revision) if label_words else None
     if tokenizer is None:
         return
-    from parts.data.prompts import label_token_ids  # (numpy: not for the device check)
-
     for whose, words in label_words.items():
         try:
             label_token_ids(tokenizer, words)
