@@ -42,9 +42,12 @@ CASES = {
     # Issue 28 section 3: user tasks written by `user_tasks` into a temporary folder (TASKS), the embedded model's
     # tokenizer read from its converted copy in the cache.
     "label word of 5 tokens (decompose, user task)": ["decompose", "--task", "TASKS/longword.json", "--out", "x"],
-    "label word of 5 tokens (sweep, user task)": ["sweep", "--tasks", "TASKS/longword.json", "--out", "x"],
-    "template field the data lacks (evaluate, user task)": ["evaluate", "--tasks", "TASKS/nofield.json", "--out", "x"],
-    "test split of one class (sweep, user task)": ["sweep", "--tasks", "TASKS/oneclass.json", "--out", "x"],
+    "label word of 5 tokens (sweep, user task)": ["sweep", "--tasks", "TASKS/longword.json", "--templates", "1",
+                                                  "--out", "x"],
+    "template field the data lacks (evaluate, user task)": ["evaluate", "--tasks", "TASKS/nofield.json",
+                                                            "--templates", "1", "--out", "x"],
+    "test split of one class (sweep, user task)": ["sweep", "--tasks", "TASKS/oneclass.json", "--templates", "1",
+                                                   "--out", "x"],
     "no data folder, offline (decompose --task sst2, PARTS_DATA_DIR unset)": ["decompose", "--task", "sst2", "--out", "x"],
 }
 WITHOUT_DATA_DIR = {"no data folder, offline (decompose --task sst2, PARTS_DATA_DIR unset)"}
@@ -68,11 +71,13 @@ def user_tasks(folder: Path) -> None:
         (folder / f"{name}.json").write_text(json.dumps(spec))
 
 
-def wall(command: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """(seconds, exit status) of one fresh process."""
+def wall(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """(seconds, what it answered: the exit status and its last line on stderr, shortened) of one fresh process."""
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, env=env, timeout=300)
-    return time.perf_counter() - start, done.returncode
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    seconds = time.perf_counter() - start
+    last = (done.stderr.strip().splitlines() or [""])[-1].replace("|", "/")
+    return seconds, f"{done.returncode}" + (f": {last[:90]}{'...' if len(last) > 90 else ''}" if done.returncode else "")
 
 
 def main() -> None:
@@ -89,12 +94,12 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     bare = {k: v for k, v in env.items() if k != "PARTS_DATA_DIR"} | {"HF_HOME": str(folder / "hf")}
     times: dict[str, list[float]] = {name: [] for name in commands}
-    status: dict[str, set[int]] = {name: set() for name in commands}
+    answers: dict[str, set[str]] = {name: set() for name in commands}
     for _ in range(args.repeats):
         for name, command in commands.items():
-            seconds, code = wall(command, bare if name in WITHOUT_DATA_DIR else env)
+            seconds, answer = wall(command, bare if name in WITHOUT_DATA_DIR else env)
             times[name].append(seconds)
-            status[name].add(code)
+            answers[name].add(answer)
     shutil.rmtree(folder)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
@@ -104,12 +109,12 @@ def main() -> None:
         f"benchmarks/bench_cli.py: wall time of a fresh `python -m parts ...` process, median (min-max) of "
         f"{args.repeats} interleaved rounds. The machine was shared with other engineers' tests and runs.",
         "",
-        "| case | wall time (s) | exit status |",
+        "| case | wall time (s) | exit status: answer |",
         "|---|---|---|",
     ]
     for name, values in times.items():
         lines.append(f"| {name} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) | "
-                     f"{', '.join(map(str, sorted(status[name])))} |")
+                     f"{' / '.join(f'`{a}`' for a in sorted(answers[name]))} |")
     text = "\n".join(lines)
     print(text)
     if not args.no_save:
