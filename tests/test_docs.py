@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,17 +37,29 @@ def beside_the_data(tmp_path, data_dir, monkeypatch):
     return work
 
 
+SHELL = {"&&", "||", "|", ";", ">", ">>", "<", "&"}
+
+
 def run_blocks(blocks: list[tuple[str, str]], work: Path) -> dict:
-    """Run the blocks in order: bash in a shell (the set-up `parts` first on PATH), python in one namespace."""
+    """Run the blocks in order, python in one namespace, bash a command at a time: a plain `parts ...` line
+    through the command's entry point in this process (what the `parts` script calls, without paying the
+    imports again), any other line in a shell with the set-up `parts` first on PATH."""
+    from parts.cli import main
+
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     namespace: dict = {}
     for language, code in blocks:
-        if language == "bash":
-            done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=work, env=env, capture_output=True,
-                                  text=True)
-            assert done.returncode == 0, f"{code}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        else:
+        if language == "python":
             exec(compile(code, "<docs>", "exec"), namespace)
+            continue
+        for line in code.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["parts"] and not SHELL & set(words):
+                assert main(words[1:]) == 0, line
+            elif words:
+                done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=work, env=env, capture_output=True,
+                                      text=True)
+                assert done.returncode == 0, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return namespace
 
 
