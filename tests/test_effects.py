@@ -8,6 +8,7 @@ prompt's keys and values: both must agree to 1e-5 (float32).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ from parts.errors import PartsError
 from parts.experiments.runner import run_decomposition
 from parts.model.loading import plain_model
 from parts.model.readout import FINAL_NORM_IN, z_name
+from tests.conftest import WORDS
 from tests.families import FAMILIES
 from tests.test_families import LABELS, PROMPTS, build
 
@@ -274,3 +276,49 @@ def test_embedded_model_last_mlp_and_a_full_rerun(embedded_model, data_dir):
         got = effects.total_effects[:, run.component_index(component)]
         scale = float(run.model_logits.abs().max())
         assert (got - expected).abs().max() <= TOL * scale, component
+
+
+def test_analysis_columns_summary_row_and_tables(tiny_llama, tmp_path):
+    """component_table's total-effect columns, the run report, the results/effects.csv row and the docs tables,
+    each against numbers recomputed by hand."""
+    import pandas as pd
+    from scipy import stats
+
+    from parts.analysis.analyze import analysis_report, component_table
+    from parts.analysis.total import EFFECT_COLUMNS, effects_row, effects_table, layer_table, wilson
+
+    prompts = [PROMPTS[i % 3].replace("fun", WORDS[5 + i % 8]) for i in range(12)]
+    run = tiny_run(tiny_llama, prompts)
+    effects = total_effects(tiny_llama, run, ablation="zero")
+    table = component_table(run, effects=effects)
+    by_hand = (effects.total_effects.argmax(-1) == run.labels[:, None]).float().mean(0)
+    assert torch.allclose(torch.tensor(table["total_accuracy"].to_numpy(), dtype=torch.float32), by_hand)
+    report = analysis_report([run], effects=[effects])["runs"][0]["total_effects"]
+    direct, total = table["accuracy"].to_numpy(), table["total_accuracy"].to_numpy()
+    if direct.std() > 0 and total.std() > 0:
+        assert report["pearson"] == pytest.approx(stats.pearsonr(direct, total)[0])
+    assert report["oracle_t1"] == pytest.approx(float(by_hand.max()))
+    good = set(table.loc[table["category"] == "good", "component"])
+    assert set(report["stay_good_components"]) | set(report["lose"]) == good
+    row = effects_row(run, effects, n_resamples=50)
+    assert list(row) == list(EFFECT_COLUMNS)
+    assert row["t1_total"] == pytest.approx(float(by_hand.max()))
+    low, high = wilson(round(row["t1_total"] * run.n_examples), run.n_examples)
+    assert (row["t1_total_low"], row["t1_total_high"]) == pytest.approx((low, high))
+    assert low <= row["t1_total"] <= high
+    frame = pd.DataFrame([row, {**row, "template": 2}])
+    assert len(effects_table(frame)) == 2
+    assert len(layer_table(frame)) == run.n_layers
+
+
+def test_effects_of_a_remade_run_are_refused(tiny_llama):
+    from parts.decomposition.effects import check_effects_match, run_digest
+
+    run = tiny_run(tiny_llama)
+    effects = total_effects(tiny_llama, run, ablation="zero")
+    effects.info["fingerprint"] = {"run": run_digest(run)}  # as `parts effects` records it
+    check_effects_match("here", run, effects)  # the same run: accepted
+    remade = copy.copy(run)
+    remade.fingerprint = {**(run.fingerprint or {}), "template_text": "another {text}"}
+    with pytest.raises(PartsError, match="computed for another version of that run: rerun `parts effects here`"):
+        check_effects_match("here", remade, effects)

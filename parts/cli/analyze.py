@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from parts.analysis.analyze import analysis_report, format_report
     from parts.decomposition.effect_data import TotalEffects, has_effects
+    from parts.decomposition.effects import check_effects_match
     from parts.decomposition.runs import find_runs, load_runs
 
     out = Path(args.out) if args.out else Path(args.root) / "analysis.json"
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     paths = find_runs(args.root)
     runs = load_runs(args.root)
     effects = [TotalEffects.load(path) if has_effects(path) else None for path in paths]  # `parts effects` wrote them
+    for path, run, found in zip(paths, runs, effects, strict=True):
+        if found is not None:
+            check_effects_match(path, run, found)
     report = analysis_report(runs, paths, args.label_bias, args.alpha, args.top_k, args.correction, effects)
     io.write_json(out, report, legacy=io.contains('"label_bias_threshold"'))
     print(format_report(report))

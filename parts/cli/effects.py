@@ -40,6 +40,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--recompute-changed", action="store_true",
                         help="recompute effects made otherwise (of another run, model files or dtype, or before parts "
                              "recorded fingerprints) instead of refusing; see docs/guide/reuse.md")
+    parser.add_argument("--summary", metavar="CSV", default=None,
+                        help="compute nothing: write one row per run that has effects (direct vs total: ORACLE-T1, "
+                             "correlations with intervals, good components kept) to CSV, e.g. results/effects.csv, "
+                             "which `parts tables` turns into docs/effects.md")
     group = parser.add_argument_group("running the model")
     group.add_argument("--model", default=None, help="the model to load (default: the one each run records; "
                                                      "a different one is refused)")
@@ -62,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     paths = find_runs(args.root)
     if not paths:
         raise PartsError(f"no finished runs under {args.root}: make them with `parts decompose` or `parts sweep`")
+    if args.summary is not None:
+        return write_summary(paths, args.summary)
     settings = {"method": args.method, "positions": args.positions, "ablation": args.ablation,
                 "freeze_norm": args.freeze_norm}
     models: dict[tuple[str, str], Any] = {}
@@ -109,4 +115,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"{path}: {count(len(run_.component_names), 'component')} x {count(run_.n_examples, 'example')} "
               f"in {time.perf_counter() - started:.0f} s -> {Path(path) / 'effects.safetensors'}")
     print(f"total effects: {done} computed, {skipped} already there")
+    return 0
+
+
+def write_summary(paths: list[Any], out: str) -> int:
+    """`--summary`: the rows of results/effects.csv for every run under the root that has effects."""
+    import pandas as pd
+
+    from parts import io
+    from parts.analysis.total import EFFECT_COLUMNS, effects_row
+    from parts.decomposition.effect_data import TotalEffects, has_effects
+    from parts.decomposition.effects import check_effects_match
+    from parts.decomposition.runs import DecompositionRun
+
+    rows = []
+    for path in paths:
+        if has_effects(path):
+            run, effects = DecompositionRun.load(path), TotalEffects.load(path)
+            check_effects_match(path, run, effects)
+            rows.append(effects_row(run, effects))
+    if not rows:
+        raise PartsError("no run there has total effects: run `parts effects` on them first")
+    frame = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS)).sort_values(["task", "template", "seed"], kind="stable")
+    io.write_text(out, frame.to_csv(index=False, float_format="%.6g"), legacy=io.starts_with("model,task,template"))
+    print(f"wrote {out} ({count(len(rows), 'run')})")
     return 0

@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import einops
@@ -53,6 +54,7 @@ from parts.components import HEAD, MLP, SHARED_EXPERT, parse_component
 from parts.decomposition.decompose import Decomposer
 from parts.decomposition.effect_data import TotalEffects
 from parts.decomposition.exactness import reconstruction_tolerance
+from parts.decomposition.fingerprint import digest
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
 from parts.model.engines import suffix_position_ids
@@ -754,6 +756,20 @@ def _layer_copies(cache: Any, repeats: int = 1, detach: bool = False) -> Any:
         for layer in new.layers:
             layer.batch_repeat_interleave(repeats)
     return new
+
+
+def run_digest(run: DecompositionRun) -> str | None:
+    """The digest of the run's fingerprint (None: a run saved before parts recorded one): effects record it, so
+    effects of a run that was since remade are recognised as stale."""
+    return None if run.fingerprint is None else digest(run.fingerprint)
+
+
+def check_effects_match(path: str | Path, run: DecompositionRun, effects: TotalEffects) -> None:
+    """Effects computed for another version of the run (its fingerprint changed since) are refused in one line."""
+    recorded = (effects.info.get("fingerprint") or {}).get("run")  # what `parts effects` records (its fingerprint)
+    if recorded != run_digest(run) or effects.component_names != run.component_names:
+        raise PartsError(f"the total effects in {path} were computed for another version of that run: rerun "
+                         f"`parts effects {path}`")
 
 
 def resample_order(n: int, seed: int = RESAMPLE_SEED) -> Int[Tensor, " example"]:

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from parts import io
-from parts.analysis import paper
+from parts.analysis import paper, total
 from parts.analysis.stats import DDOF, chance_table, check_resample, rounded
+from parts.components import parse_component
 from parts.errors import PartsError
 from parts.experiments.checkpoints import checkpoint_lines, checkpoint_summary
 from parts.experiments.results import markdown_table, stale_note_rows
@@ -51,6 +53,7 @@ class Results:
     runs: pd.DataFrame
     components: list[str]
     controls: pd.DataFrame
+    effects: pd.DataFrame  # results/effects.csv (`parts effects --summary`); empty where no run has total effects
 
 
 def load_results(folder: str | Path) -> Results:
@@ -69,7 +72,7 @@ def load_results(folder: str | Path) -> Results:
             return pd.DataFrame()
 
     return Results(read("main.csv"), read("transfer.csv"), read("predictions.csv"), read("runs.csv"),
-                   (folder / "components.txt").read_text().split(), read("controls.csv"))
+                   (folder / "components.txt").read_text().split(), read("controls.csv"), read("effects.csv"))
 
 
 def _percent(value: float) -> str:
@@ -170,6 +173,9 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
         checkpoints = control_checkpoints(results.controls, results.components)
         numbers = checkpoints.columns[2:]  # after task and checkpoint: accuracies (%)
         blocks["control-checkpoints"] = markdown(checkpoints.assign(**{c: checkpoints[c].map(rounded) for c in numbers}))
+    if not results.effects.empty:
+        blocks["effects"] = markdown(total.effects_table(results.effects))
+        blocks["effects-layers"] = markdown(total.layer_table(results.effects))
     if not results.transfer.empty:
         blocks["table3"] = markdown(paper.transfer_table(results.transfer, ddof))
     if not results.predictions.empty and (results.predictions["kind"] == "transfer").any():
@@ -177,6 +183,30 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
         blocks["table3-differences"] = markdown(paper.transfer_differences(results.predictions, n_resamples,
                                                                            resample=resample))
     return blocks, analysis
+
+
+def direct_vs_total_figure(rows: pd.DataFrame, components: list[str]) -> go.Figure:
+    """Direct against total accuracy per task (first template of each task), one point per component, coloured
+    by layer: points below the diagonal lose accuracy once later layers respond (self-repair candidates)."""
+    rows = rows.sort_values(["task", "template"], kind="stable").drop_duplicates("task")
+    columns = min(4, len(rows))
+    figure = make_subplots(rows=math.ceil(len(rows) / columns), cols=columns, subplot_titles=list(rows["task"]),
+                           horizontal_spacing=0.05, vertical_spacing=0.12)
+    layers = [parse_component(name).layer for name in components]
+    for i, row in enumerate(rows.itertuples()):
+        direct = [100 * float(x) for x in str(row.direct_accuracies).split()]
+        total = [100 * float(x) for x in str(row.total_accuracies).split()]
+        where = {"row": i // columns + 1, "col": i % columns + 1}
+        figure.add_scatter(x=direct, y=total, mode="markers", text=components, showlegend=False,
+                           marker={"color": layers, "colorscale": "Viridis", "size": 5, "showscale": i == 0,
+                                   "colorbar": {"title": "layer"}}, **where)
+        figure.add_scatter(x=[0, 100], y=[0, 100], mode="lines", line={"dash": "dot", "color": "grey"},
+                           showlegend=False, **where)
+    figure.update_xaxes(title_text="direct accuracy (%)", range=[0, 100])
+    figure.update_yaxes(title_text="total accuracy (%)", range=[0, 100])
+    figure.update_layout(title="Each component's accuracy by direct and by total effect (mean ablation, last token)",
+                         width=1200, height=330 * math.ceil(len(rows) / columns), template="plotly_white")
+    return figure
 
 
 def result_figures(results: Results, analysis: Mapping[str, object]) -> dict[str, go.Figure]:
@@ -209,6 +239,8 @@ def result_figures(results: Results, analysis: Mapping[str, object]) -> dict[str
         figure.update_layout(title="Single components against the full model and against chance (mean over runs)",
                              yaxis_title="accuracy (%)", barmode="group", width=1000, height=450, template="plotly_white")
         figures["table1-components"] = figure
+    if not results.effects.empty and results.components:
+        figures["effects-direct-vs-total"] = direct_vs_total_figure(results.effects, results.components)
     return figures
 
 

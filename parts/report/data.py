@@ -47,6 +47,7 @@ from parts.analysis.analyze import (
     group_runs,
 )
 from parts.analysis.stats import chance_extremes
+from parts.decomposition.effect_data import TotalEffects, has_effects
 from parts.decomposition.runs import DecompositionRun, load_saved_runs
 from parts.errors import PartsError
 from parts.experiments.export import interval_tables
@@ -360,6 +361,10 @@ def task_data(
         "yardsticks": dict(zip(("best", "worst"), chance_extremes(reference.n_examples, len(label_names),
                                                                    len(reference.component_names)), strict=True)),
     }
+    totals = [TotalEffects.load(path).accuracy(run.labels) if has_effects(path) else None
+              for path, run in zip(task.paths, runs, strict=True)]
+    if any(t is not None for t in totals):  # the component view plots them beside the direct accuracy
+        data["total_accuracy"] = [None if t is None else _rounded(t) for t in totals]
     return data, layer_details(runs, first["layer"].tolist(), weights, group_of_run)
 
 

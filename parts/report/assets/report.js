@@ -189,6 +189,12 @@
                      line: {color: templateColors[k % 8], width: 1},
                      hovertemplate: "%{x}: %{y:.1%}<extra>" + T.components[c] + "</extra>"});
       });
+      if (T.total_accuracy) {  // runs with total effects (parts effects): the component ablated, beside its direct vote
+        var ablated = T.runs.map(function (run, r) { return r; }).filter(function (r) { return T.total_accuracy[r] !== null; });
+        traces.push({x: ablated.map(function (r) { return T.runs[r].label; }), y: ablated.map(function (r) { return T.total_accuracy[r][c]; }),
+                     mode: "markers", name: "total effect (ablated)", marker: {symbol: "diamond-open", size: 10, color: "#d62728"},
+                     hovertemplate: "%{x}: total effect %{y:.1%}<extra>" + T.components[c] + "</extra>"});
+      }
       traces.push({x: T.runs.map(function (run) { return run.label; }), y: T.runs.map(function (run) { return run.full_accuracy; }),
                    mode: "markers", name: "full model", marker: {symbol: "line-ew-open", size: 14, color: "#000"},
                    hovertemplate: "%{x}: full model %{y:.1%}<extra></extra>"});

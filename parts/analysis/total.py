@@ -1,0 +1,129 @@
+"""Direct against total effects across runs: the rows of `results/effects.csv` and the tables `parts tables`
+builds from them (docs/effects.md).
+
+One row per run with total effects (`parts effects`): the full model's accuracy, ORACLE-T1 by direct and by total
+effect (each with a Wilson 95% interval over the run's examples) beside the expected best of as many chance-level
+classifiers, the Pearson and Spearman correlation of direct and total accuracy over components (95% bootstrap
+intervals over examples), how many direct "good" components stay above chance by total effect, and per layer the
+mean of total minus direct accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import einops
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from parts.analysis.analyze import component_table, total_effect_report
+from parts.analysis.stats import chance_extremes
+from parts.components import parse_component
+from parts.decomposition.effect_data import TotalEffects
+from parts.decomposition.runs import DecompositionRun
+from parts.errors import PartsError
+
+EFFECT_COLUMNS = ("model", "task", "template", "seed", "n_examples", "n_components", "ablation", "positions", "method",
+                  "full", "t1_direct", "t1_direct_component", "t1_total", "t1_total_low", "t1_total_high",
+                  "t1_total_component", "chance_best_of_n", "pearson", "pearson_low", "pearson_high", "spearman",
+                  "spearman_low", "spearman_high", "direct_good", "stay_good", "lose", "gain", "layer_difference",
+                  "direct_accuracies", "total_accuracies")
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion `correct / n`."""
+    if n == 0:
+        return math.nan, math.nan
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def correlation_interval(direct: torch.Tensor, total: torch.Tensor, method: str, n_resamples: int = 1000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(value, low, high): the correlation over components of direct and total accuracy, with a 95% percentile
+    bootstrap interval resampling the run's examples (`direct`, `total`: [example component] correct or not)."""
+    generator = np.random.default_rng(seed)
+    correlate = stats.pearsonr if method == "pearson" else stats.spearmanr
+    d, t = direct.double().numpy(), total.double().numpy()
+
+    def value(rows: np.ndarray) -> float:
+        a, b = d[rows].mean(0), t[rows].mean(0)
+        return math.nan if a.std() == 0 or b.std() == 0 else float(correlate(a, b)[0])
+    n = d.shape[0]
+    draws = [value(generator.integers(0, n, n)) for _ in range(n_resamples)]
+    draws = [x for x in draws if not math.isnan(x)]
+    low, high = (np.percentile(draws, [2.5, 97.5]) if draws else (math.nan, math.nan))
+    return value(np.arange(n)), float(low), float(high)
+
+
+def effects_row(run: DecompositionRun, effects: TotalEffects, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """One run's row of results/effects.csv (see the module docstring)."""
+    if effects.component_names != run.component_names:
+        raise PartsError("the total effects do not belong to this run: rerun `parts effects` on it")
+    table = component_table(run, effects=effects)
+    report = total_effect_report(run, table, effects)
+    labels = einops.rearrange(run.labels, "example -> example 1")
+    direct_correct, total_correct = run.component_predictions == labels, effects.predictions == labels
+    best_total = run.component_names.index(report["oracle_t1_component"])
+    low, high = wilson(int(total_correct[:, best_total].sum()), run.n_examples)
+    best_direct = int(torch.argsort(run.component_accuracy, descending=True, stable=True)[0])
+    pearson = correlation_interval(direct_correct, total_correct, "pearson", n_resamples, seed)
+    spearman = correlation_interval(direct_correct, total_correct, "spearman", n_resamples, seed)
+    layers = [parse_component(name).layer for name in run.component_names]
+    difference = (table["total_accuracy"] - table["accuracy"]).groupby(layers).mean()
+    chance_best, _ = chance_extremes(run.n_examples, len(run.prompts.label_names), len(run.component_names))
+    p = run.prompts
+    return {
+        "model": run.model, "task": p.task, "template": p.template, "seed": p.seed, "n_examples": run.n_examples,
+        "n_components": len(run.component_names), "ablation": effects.info.get("ablation"),
+        "positions": effects.info.get("positions"), "method": effects.info.get("method"),
+        "full": run.full_accuracy, "t1_direct": float(run.component_accuracy[best_direct]),
+        "t1_direct_component": run.component_names[best_direct], "t1_total": report["oracle_t1"],
+        "t1_total_low": low, "t1_total_high": high, "t1_total_component": report["oracle_t1_component"],
+        "chance_best_of_n": chance_best, "pearson": pearson[0], "pearson_low": pearson[1], "pearson_high": pearson[2],
+        "spearman": spearman[0], "spearman_low": spearman[1], "spearman_high": spearman[2],
+        "direct_good": report["direct_good"], "stay_good": report["stay_good"], "lose": " ".join(report["lose"]),
+        "gain": " ".join(report["gain"]), "layer_difference": " ".join(f"{x:.4f}" for x in difference.to_numpy()),
+        "direct_accuracies": " ".join(f"{x:.4f}" for x in table["accuracy"]),
+        "total_accuracies": " ".join(f"{x:.4f}" for x in table["total_accuracy"]),
+    }
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def effects_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per run: full model, ORACLE-T1 by direct and by total effect (with its interval) beside chance, and the
+    direct-vs-total correlations with their intervals (docs/effects.md)."""
+    out = pd.DataFrame({
+        "task": rows["task"], "template": rows["template"], "n": rows["n_examples"],
+        "FULL (%)": rows["full"].map(_pct),
+        "T1 direct (%)": rows["t1_direct"].map(_pct) + " " + rows["t1_direct_component"],
+        "T1 total (%) [95% CI]": [f"{_pct(t)} [{_pct(lo)}, {_pct(hi)}] {c}" for t, lo, hi, c in
+                                  zip(rows["t1_total"], rows["t1_total_low"], rows["t1_total_high"],
+                                      rows["t1_total_component"], strict=True)],
+        "best of N at chance (%)": rows["chance_best_of_n"].map(_pct),
+        "pearson [95% CI]": [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
+                             zip(rows["pearson"], rows["pearson_low"], rows["pearson_high"], strict=True)],
+        "spearman [95% CI]": [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
+                              zip(rows["spearman"], rows["spearman_low"], rows["spearman_high"], strict=True)],
+        "direct good -> stay above chance by total": [f"{g} -> {s}" for g, s in
+                                                      zip(rows["direct_good"], rows["stay_good"], strict=True)],
+    })
+    return out.sort_values(["task", "template"], kind="stable").reset_index(drop=True)
+
+
+def layer_table(rows: pd.DataFrame, top: int = 5) -> pd.DataFrame:
+    """The layers whose components' total accuracy differs most from their direct accuracy, averaged over runs."""
+    matrix = np.array([[float(x) for x in str(text).split()] for text in rows["layer_difference"]])
+    mean = matrix.mean(0)
+    order = np.argsort(-np.abs(mean), kind="stable")[:top]
+    return pd.DataFrame({"layer": order, "mean total - direct accuracy (points)": [f"{100 * mean[i]:+.1f}" for i in order],
+                         "runs": len(rows)})
+
