@@ -55,7 +55,7 @@ def correlation_interval(direct: torch.Tensor, total: torch.Tensor, method: str,
         a, b = d[rows].mean(0), t[rows].mean(0)
         return math.nan if a.std() == 0 or b.std() == 0 else float(correlate(a, b)[0])
     n = d.shape[0]
-    draws = [value(generator.integers(0, n, n)) for _ in range(n_resamples)]
+    draws = [value(np.asarray(generator.integers(0, n, size=n))) for _ in range(n_resamples)]
     draws = [x for x in draws if not math.isnan(x)]
     low, high = (np.percentile(draws, [2.5, 97.5]) if draws else (math.nan, math.nan))
     return value(np.arange(n)), float(low), float(high)
