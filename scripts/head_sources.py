@@ -1,6 +1,6 @@
 """Where the best heads' votes come from: source profiles and copy scores of the 5 most accurate heads per task.
 
-    python scripts/head_sources.py RUNS [--out results/head-sources.csv] [--figure docs/figures] [--limit N]
+    python scripts/head_sources.py RUNS [--out results/head-sources.csv] [--figure figures] [--limit N]
 
 For every run under RUNS (one per task: the n = 200 runs of template 1, seed 0), the run's five most accurate heads
 are split over their sources on every example, or the first `--limit` (`parts.analysis.inspect_head.run_sources`,
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs")
     parser.add_argument("--out", default="results/head-sources.csv")
-    parser.add_argument("--figure", default="docs/figures")
+    parser.add_argument("--figure", default="figures")
     parser.add_argument("--heads", type=int, default=5)
     parser.add_argument("--limit", type=int, default=None,
                         help="attribute the first N examples of each run (label-balanced: runs sample in class rotation)")
