@@ -575,16 +575,11 @@ class TotalEffectRunner:
             raise _Stop
         handles.append(self.hf.get_submodule(self.layout.taps[FINAL_NORM_IN][0]).register_forward_pre_hook(
             capture, with_kwargs=True))
-        try:
-            with torch.enable_grad():
-                self.hf(batch.ids[:, -1:], attention_mask=batch.mask, position_ids=self._last_positions(batch),
-                        past_key_values=_layer_copies(batch.cache, detach=True), use_cache=batch.cache is not None,
-                        logits_to_keep=1)
-        except _Stop:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        with torch.enable_grad():
+            _until_final_norm(lambda: self.hf(
+                batch.ids[:, -1:], attention_mask=batch.mask, position_ids=self._last_positions(batch),
+                past_key_values=_layer_copies(batch.cache, detach=True), use_cache=batch.cache is not None,
+                logits_to_keep=1), handles)
         n_labels = len(self.run.label_token_ids)
         effects = torch.zeros((size, len(self.targets), n_labels), device=self.device)
         z_delta, mlp_delta = self._deltas(batch, clean, replacement)
@@ -660,15 +655,9 @@ class TotalEffectRunner:
                 raise _Stop
             handles.append(self.hf.get_submodule(self.layout.taps[FINAL_NORM_IN][0]).register_forward_pre_hook(
                 capture, with_kwargs=True))
-            try:
-                with torch.inference_mode():
-                    self.hf(ids, attention_mask=mask, position_ids=suffix_position_ids(mask, 0), use_cache=False,
-                            logits_to_keep=1)
-            except _Stop:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
+            with torch.inference_mode():
+                _until_final_norm(lambda: self.hf(ids, attention_mask=mask, position_ids=suffix_position_ids(mask, 0),
+                                                  use_cache=False, logits_to_keep=1), handles)
             return captured["final"]
 
         def by_distance(value: Tensor, mask: Tensor) -> Tensor:
@@ -738,6 +727,17 @@ class TotalEffectRunner:
         info = self._info("exact", "all", started, cpu_started)
         info["mean_position"] = "the same distance from the end of the prompt"
         return TotalEffects(effects, clean_logits, list(self.run.component_names), info)
+
+
+def _until_final_norm(forward: Any, handles: list[Any]) -> None:
+    """Run `forward()` until the final norm's capturing hook stops it (`_Stop`), then remove `handles`."""
+    try:
+        forward()
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _layer_copies(cache: Any, repeats: int = 1, detach: bool = False) -> Any:
