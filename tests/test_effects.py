@@ -300,7 +300,7 @@ def test_analysis_columns_summary_row_and_tables(tiny_llama, tmp_path):
     assert report["oracle_t1"] == pytest.approx(float(by_hand.max()))
     good = set(table.loc[table["category"] == "good", "component"])
     assert set(report["stay_good_components"]) | set(report["lose"]) == good
-    row = effects_row(run, effects, n_resamples=50)
+    row = effects_row(run, effects)
     assert list(row) == list(EFFECT_COLUMNS)
     assert row["t1_total"] == pytest.approx(float(by_hand.max()))
     low, high = wilson(round(row["t1_total"] * run.n_examples), run.n_examples)

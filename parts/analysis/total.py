@@ -3,8 +3,8 @@ builds from them (docs/effects.md).
 
 One row per run with total effects (`parts effects`): the full model's accuracy, ORACLE-T1 by direct and by total
 effect (each with a Wilson 95% interval over the run's examples) beside the expected best of as many chance-level
-classifiers, the Pearson and Spearman correlation of direct and total accuracy over components (95% bootstrap
-intervals over examples), how many direct "good" components stay above chance by total effect, and per layer the
+classifiers, the Pearson and Spearman correlation of direct and total accuracy over components (Fisher-z 95%
+intervals over components), how many direct "good" components stay above chance by total effect, and per layer the
 mean of total minus direct accuracy.
 """
 
@@ -43,25 +43,23 @@ def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def correlation_interval(direct: torch.Tensor, total: torch.Tensor, method: str, n_resamples: int = 1000,
-                         seed: int = 0) -> tuple[float, float, float]:
-    """(value, low, high): the correlation over components of direct and total accuracy, with a 95% percentile
-    bootstrap interval resampling the run's examples (`direct`, `total`: [example component] correct or not)."""
-    generator = np.random.default_rng(seed)
+def correlation_interval(direct: torch.Tensor, total: torch.Tensor, method: str) -> tuple[float, float, float]:
+    """(value, low, high): the correlation over components of direct and total accuracy (`direct`, `total`:
+    [example component] correct or not), with a Fisher-z 95% interval over the components. It treats the
+    components as independent draws, which they are not (a layer's heads move together): read it as a lower
+    bound on the uncertainty. (A bootstrap over examples is biased here: resampling moves the many components
+    stuck at one label off their constant accuracy in both classifiers alike.)"""
     correlate = stats.pearsonr if method == "pearson" else stats.spearmanr
-    d, t = direct.double().numpy(), total.double().numpy()
-
-    def value(rows: np.ndarray) -> float:
-        a, b = d[rows].mean(0), t[rows].mean(0)
-        return math.nan if a.std() == 0 or b.std() == 0 else float(correlate(a, b)[0])
-    n = d.shape[0]
-    draws = [value(np.asarray(generator.integers(0, n, size=n))) for _ in range(n_resamples)]
-    draws = [x for x in draws if not math.isnan(x)]
-    low, high = (np.percentile(draws, [2.5, 97.5]) if draws else (math.nan, math.nan))
-    return value(np.arange(n)), float(low), float(high)
+    a, b = direct.double().mean(0).numpy(), total.double().mean(0).numpy()
+    if a.std() == 0 or b.std() == 0:
+        return math.nan, math.nan, math.nan
+    r, n = float(correlate(a, b)[0]), a.shape[0]
+    half = 1.959964 / math.sqrt(max(n - 3, 1))
+    return r, math.tanh(math.atanh(max(min(r, 0.999999), -0.999999)) - half), \
+        math.tanh(math.atanh(max(min(r, 0.999999), -0.999999)) + half)
 
 
-def effects_row(run: DecompositionRun, effects: TotalEffects, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+def effects_row(run: DecompositionRun, effects: TotalEffects) -> dict[str, Any]:
     """One run's row of results/effects.csv (see the module docstring)."""
     if effects.component_names != run.component_names:
         raise PartsError("the total effects do not belong to this run: rerun `parts effects` on it")
@@ -72,8 +70,8 @@ def effects_row(run: DecompositionRun, effects: TotalEffects, n_resamples: int =
     best_total = run.component_names.index(report["oracle_t1_component"])
     low, high = wilson(int(total_correct[:, best_total].sum()), run.n_examples)
     best_direct = int(torch.argsort(run.component_accuracy, descending=True, stable=True)[0])
-    pearson = correlation_interval(direct_correct, total_correct, "pearson", n_resamples, seed)
-    spearman = correlation_interval(direct_correct, total_correct, "spearman", n_resamples, seed)
+    pearson = correlation_interval(direct_correct, total_correct, "pearson")
+    spearman = correlation_interval(direct_correct, total_correct, "spearman")
     layers = [parse_component(name).layer for name in run.component_names]
     difference = (table["total_accuracy"] - table["accuracy"]).groupby(layers).mean()
     chance_best, _ = chance_extremes(run.n_examples, len(run.prompts.label_names), len(run.component_names))
