@@ -482,3 +482,20 @@ def test_head_sources_figure_draws_each_heads_segment_shares_and_copy_score():
     assert list(figure.data[-1].x) == [0.36, 0.25] and list(figure.data[-1].y) == ["sst2 L21H1", "sst2 L23H2"]
     with pytest.raises(PartsError, match="copy_score"):
         plotting.head_sources_figure(rows.drop(columns=["copy_score"]))
+
+
+def test_figures_draw_chance_as_one_over_the_labels(tiny_runs):
+    """Chance is 1 / labels in the figures as in the report, not the gold labels' majority rate (issue 28 §4)."""
+    import dataclasses
+
+    from parts.decomposition.runs import DecompositionRun, SavedRun
+    from parts.figures.figureset import group_figures
+
+    path = tiny_runs[1][0]
+    run = DecompositionRun.load(path)
+    n_labels = len(run.prompts.label_names)
+    run.prompts = dataclasses.replace(run.prompts, labels=(0,) * (run.n_examples - 1) + (1,))  # unbalanced gold labels
+    assert run.chance > 1 / n_labels
+    figures = group_figures("tiny", [SavedRun(path, run)])
+    ticks = figures["tiny-accuracy-heatmap"].layout.coloraxis.colorbar.ticktext
+    assert f"chance {1 / n_labels:.0%}" in ticks and f"chance {run.chance:.0%}" not in ticks

@@ -81,7 +81,8 @@ def group_figures(prefix: str, group: Sequence[SavedRun], model: object | None =
     reference = group[0].run
     table = component_table(reference)
     where = _describe(reference)
-    full, chance = reference.full_accuracy, reference.chance
+    # chance is 1 / labels wherever parts shows it (the report too); run.chance is the majority rate
+    full, chance = reference.full_accuracy, 1 / len(reference.prompts.label_names)
     def titled(heading: str) -> str:
         return f"{heading}<br><sup>{where}</sup>"
 
