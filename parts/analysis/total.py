@@ -125,3 +125,89 @@ def layer_table(rows: pd.DataFrame, top: int = 5) -> pd.DataFrame:
     return pd.DataFrame({"layer": order, "mean total - direct accuracy (points)": [f"{100 * mean[i]:+.1f}" for i in order],
                          "runs": len(rows)})
 
+
+
+AGREEMENT_COLUMNS = ("model", "task", "template", "seed", "n_examples", "n_components", "reference", "variant",
+                     "spearman", "pearson", "accuracy_spearman", "largest_accuracy_difference", "largest_error",
+                     "largest_error_component", "largest_reference_effect", "relative_difference",
+                     "t1_reference", "t1_variant", "cpu_seconds_reference", "cpu_seconds_variant")
+
+
+def settings_label(info: dict[str, Any]) -> str:
+    """How effects were computed, in the CLI's words: 'exact, last, mean' (+ ', freeze-norm')."""
+    label = f"{info.get('method')}, {info.get('positions')}, {info.get('ablation')}"
+    return label + (", freeze-norm" if info.get("freeze_norm") else "")
+
+
+def agreement_row(run: DecompositionRun, reference: TotalEffects, variant: TotalEffects) -> dict[str, Any]:
+    """How far one way of computing a run's total effects (`variant`: attribution patching, `--positions all`,
+    `--freeze-norm`) is from another (`reference`) on the same run: rank and linear correlation of the effects
+    (example x component x label), of the components' accuracies, the largest error (logits) and where, and the
+    mean absolute difference as a share of the reference's mean absolute effect (for `--freeze-norm` against the
+    default, the final norm's share of the total effects)."""
+    for effects in (reference, variant):
+        if effects.component_names != run.component_names or effects.total_effects.shape[0] != run.n_examples:
+            raise PartsError("the total effects compared do not belong to this run: compare effects of one run folder "
+                             "and its copy")
+    a, b = reference.total_effects.double(), variant.total_effects.double()
+    error = (a - b).abs()
+    worst = int(error.amax(dim=(0, 2)).argmax())
+    accuracy_a, accuracy_b = reference.accuracy(run.labels), variant.accuracy(run.labels)
+    p = run.prompts
+    return {
+        "model": run.model, "task": p.task, "template": p.template, "seed": p.seed, "n_examples": run.n_examples,
+        "n_components": len(run.component_names), "reference": settings_label(reference.info),
+        "variant": settings_label(variant.info),
+        "spearman": float(stats.spearmanr(a.flatten().numpy(), b.flatten().numpy())[0]),
+        "pearson": float(stats.pearsonr(a.flatten().numpy(), b.flatten().numpy())[0]),
+        "accuracy_spearman": float(stats.spearmanr(accuracy_a.numpy(), accuracy_b.numpy())[0]),
+        "largest_accuracy_difference": float((accuracy_a - accuracy_b).abs().max()),
+        "largest_error": float(error.max()), "largest_error_component": run.component_names[worst],
+        "largest_reference_effect": float(a.abs().max()),
+        "relative_difference": float(error.mean() / a.abs().mean()),
+        "t1_reference": float(accuracy_a.max()), "t1_variant": float(accuracy_b.max()),
+        "cpu_seconds_reference": reference.info.get("cpu_seconds"), "cpu_seconds_variant": variant.info.get("cpu_seconds"),
+    }
+
+
+def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """docs/effects.md's comparison of the ways to compute total effects, one row per (run, variant)."""
+    def seconds(value: Any) -> str:
+        return "n/a" if pd.isna(value) else f"{float(value):.0f}"
+
+    return pd.DataFrame({
+        "task": rows["task"], "template": rows["template"], "n": rows["n_examples"],
+        "reference": rows["reference"], "variant": rows["variant"],
+        "spearman (effects)": rows["spearman"].map(lambda r: f"{r:.3f}"),
+        "spearman (accuracies)": rows["accuracy_spearman"].map(lambda r: f"{r:.3f}"),
+        "largest accuracy difference (points)": rows["largest_accuracy_difference"].map(_pct),
+        "largest error (logits) at": [f"{e:.2f} {c} (largest effect {m:.2f})" for e, c, m in
+                                      zip(rows["largest_error"], rows["largest_error_component"],
+                                          rows["largest_reference_effect"], strict=True)],
+        "mean abs difference / mean abs effect": rows["relative_difference"].map(lambda r: f"{r:.3f}"),
+        "T1 reference -> variant (%)": [f"{_pct(a)} -> {_pct(b)}" for a, b in
+                                        zip(rows["t1_reference"], rows["t1_variant"], strict=True)],
+        "CPU s reference / variant": [f"{seconds(a)} / {seconds(b)}" for a, b in
+                                      zip(rows["cpu_seconds_reference"], rows["cpu_seconds_variant"], strict=True)],
+    })
+
+
+def task_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per task over its runs (templates): does "parts > sums" hold by total effect (in how many runs ORACLE-T1 by
+    total effect is above both the full model and the best-of-N-at-chance yardstick), the mean accuracies, the
+    direct-vs-total Pearson correlation per run, and how many direct "good" components stay above chance."""
+    out = []
+    for task, group in rows.groupby("task", sort=True):
+        group = group.sort_values("template", kind="stable")
+        above = int(((group["t1_total"] > group["full"]) & (group["t1_total"] > group["chance_best_of_n"])).sum())
+        out.append({
+            "task": task, "runs (templates)": f"{len(group)} ({', '.join(str(t) for t in group['template'])})",
+            "n per run": ", ".join(sorted({str(n) for n in group["n_examples"]})),
+            "FULL (%)": _pct(group["full"].mean()), "T1 direct (%)": _pct(group["t1_direct"].mean()),
+            "T1 total (%)": _pct(group["t1_total"].mean()),
+            "best of N at chance (%)": _pct(group["chance_best_of_n"].mean()),
+            "runs with T1 total > FULL and > chance best": f"{above} of {len(group)}",
+            "pearson per run": ", ".join(f"{r:.2f}" for r in group["pearson"]),
+            "direct good -> stay": f"{int(group['direct_good'].sum())} -> {int(group['stay_good'].sum())}",
+        })
+    return pd.DataFrame(out)

@@ -44,6 +44,10 @@ def add_parser(subparsers: Any) -> None:
                         help="compute nothing: write one row per run that has effects (direct vs total: ORACLE-T1, "
                              "correlations with intervals, good components kept) to CSV, e.g. results/effects.csv, "
                              "which `parts tables` turns into docs/effects.md")
+    parser.add_argument("--against", metavar="RUN", default=None,
+                        help="with --summary: compare the effects of every run under RUN_OR_RUNS (copies of one run "
+                             "folder with effects computed otherwise: --method attribution, --positions all, "
+                             "--freeze-norm) with RUN's, one row each, e.g. to results/effects-variants.csv")
     group = parser.add_argument_group("running the model")
     group.add_argument("--model", default=None, help="the model to load (default: the one each run records; "
                                                      "a different one is refused)")
@@ -66,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     paths = find_runs(args.root)
     if not paths:
         raise PartsError(f"no finished runs under {args.root}: make them with `parts decompose` or `parts sweep`")
+    if args.against is not None and args.summary is None:
+        raise PartsError("--against compares effects already computed: give --summary CSV too")
     if args.summary is not None:
-        return write_summary(paths, args.summary)
+        return write_summary(paths, args.summary, args.against)
     settings = {"method": args.method, "positions": args.positions, "ablation": args.ablation,
                 "freeze_norm": args.freeze_norm}
     models: dict[tuple[str, str], Any] = {}
@@ -118,25 +124,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_summary(paths: list[Any], out: str) -> int:
-    """`--summary`: the rows of results/effects.csv for every run under the root that has effects."""
+def write_summary(paths: list[Any], out: str, against: str | None = None) -> int:
+    """`--summary`: the rows of results/effects.csv for every run under the root that has effects; with `against`,
+    the rows of results/effects-variants.csv (each run's effects against `against`'s, the same run's)."""
     import pandas as pd
 
     from parts import io
-    from parts.analysis.total import EFFECT_COLUMNS, effects_row
+    from parts.analysis.total import AGREEMENT_COLUMNS, EFFECT_COLUMNS, agreement_row, effects_row
     from parts.decomposition.effect_data import TotalEffects, has_effects
     from parts.decomposition.effects import check_effects_match
     from parts.decomposition.runs import DecompositionRun
 
+    reference = None
+    if against is not None:
+        reference_run, reference = DecompositionRun.load(against), TotalEffects.load(against)
+        check_effects_match(against, reference_run, reference)
     rows = []
     for path in paths:
-        if has_effects(path):
+        if has_effects(path) and (against is None or Path(path).resolve() != Path(against).resolve()):
             run, effects = DecompositionRun.load(path), TotalEffects.load(path)
             check_effects_match(path, run, effects)
-            rows.append(effects_row(run, effects))
+            if reference is None:
+                rows.append(effects_row(run, effects))
+                continue
+            if run != reference_run:
+                raise PartsError(f"{path} is not a copy of the run {against}: --against compares effects of one run")
+            rows.append(agreement_row(run, reference, effects))
     if not rows:
         raise PartsError("no run there has total effects: run `parts effects` on them first")
-    frame = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS)).sort_values(["task", "template", "seed"], kind="stable")
+    columns = EFFECT_COLUMNS if reference is None else AGREEMENT_COLUMNS
+    frame = pd.DataFrame(rows, columns=list(columns))
+    if reference is not None and Path(out).is_file():  # comparisons against other references accumulate in one file
+        key = ["model", "task", "template", "seed", "n_examples", "reference", "variant"]
+        old = pd.read_csv(out)
+        kept = old.merge(frame[key], on=key, how="left", indicator=True)["_merge"] == "left_only"
+        frame = pd.concat([old[kept.to_numpy()], frame], ignore_index=True)
+    frame = frame.sort_values(["task", "template", "seed"], kind="stable")
     io.write_text(out, frame.to_csv(index=False, float_format="%.6g"), legacy=io.starts_with("model,task,template"))
     print(f"wrote {out} ({count(len(rows), 'run')})")
     return 0

@@ -54,6 +54,7 @@ class Results:
     components: list[str]
     controls: pd.DataFrame
     effects: pd.DataFrame  # results/effects.csv (`parts effects --summary`); empty where no run has total effects
+    effect_variants: pd.DataFrame  # results/effects-variants.csv (`parts effects --summary --against`); may be empty
 
 
 def load_results(folder: str | Path) -> Results:
@@ -72,7 +73,8 @@ def load_results(folder: str | Path) -> Results:
             return pd.DataFrame()
 
     return Results(read("main.csv"), read("transfer.csv"), read("predictions.csv"), read("runs.csv"),
-                   (folder / "components.txt").read_text().split(), read("controls.csv"), read("effects.csv"))
+                   (folder / "components.txt").read_text().split(), read("controls.csv"), read("effects.csv"),
+                   read("effects-variants.csv"))
 
 
 def _percent(value: float) -> str:
@@ -176,6 +178,9 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
     if not results.effects.empty:
         blocks["effects"] = markdown(total.effects_table(results.effects))
         blocks["effects-layers"] = markdown(total.layer_table(results.effects))
+        blocks["effects-tasks"] = markdown(total.task_table(results.effects))
+    if not results.effect_variants.empty:
+        blocks["effects-variants"] = markdown(total.agreement_table(results.effect_variants))
     if not results.transfer.empty:
         blocks["table3"] = markdown(paper.transfer_table(results.transfer, ddof))
     if not results.predictions.empty and (results.predictions["kind"] == "transfer").any():
