@@ -213,6 +213,23 @@ def test_grouped_query_attention_is_not_copied_per_head_on_cpu(tiny_llama, monke
         assert (getattr(fast, name) - getattr(reference, name)).abs().max() < 1e-5, name
 
 
+def test_the_unembedding_gets_a_contiguous_last_position(tiny_llama, monkeypatch):
+    """The unembedding is handed [batch 1 d_model] contiguous, not a strided view of [batch pos d_model]: torch's
+    matmul of such a view copies the weight once per prompt ([batch d_model vocab]: 2 GiB at batch 8 at
+    Llama-2-7B's shape, benchmarks/scale_check.py), and the numbers stay the model's own."""
+    unembed = plain_model(tiny_llama).lm_head
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    forward = unembed.forward
+    monkeypatch.setattr(unembed, "forward", lambda x: seen.append((tuple(x.shape), x.is_contiguous())) or forward(x))
+    ids = label_ids(tiny_llama)
+    out = Decomposer(tiny_llama, ids, "hf")(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    assert (1, 1, tiny_llama.cfg.d_model) in [shape for shape, _ in seen]  # the prefix's forward
+    assert (2, 1, tiny_llama.cfg.d_model) in [shape for shape, _ in seen]  # a batch's
+    assert all(contiguous for _, contiguous in seen)
+    reference = torch.stack([reference_logits(tiny_llama, p)[ids] for p in PROMPTS])
+    assert (out.model_logits - reference).abs().max() < 1e-4
+
+
 def test_hf_engine_prefix_cache_guard(tiny_llama, monkeypatch):
     """A forward that does not extend the prefix cache it is given fails loudly."""
     original = HFEngine.run

@@ -235,6 +235,19 @@ def choose_attention(model: nn.Module, attention: str | None = None) -> str:
     return str(config._attn_implementation)
 
 
+def contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
+    """A forward pre-hook handing a module a contiguous copy of its input.
+
+    The unembedding gets the last position as a strided view ([batch 1 d_model] of [batch pos d_model], from
+    `logits_to_keep=1`); torch's matmul multiplies such a view by the weight as a batched product over a
+    [batch d_model vocab] copy of the weight: 2 GiB at batch 8 at Llama-2-7B's shape in bfloat16 (benchmarks/
+    scale_check.py). The copy of the input is [batch 1 d_model].
+    """
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 class HFEngine:
     """The model's own Hugging Face modules with torch hooks at the last position.
 
@@ -259,6 +272,7 @@ class HFEngine:
         # Source attribution (`sources`): layers whose attention pattern and values are captured too.
         self._source_layers: tuple[int, ...] = ()
         self._attention_modules = [self.model.get_submodule(path.rsplit(".", 1)[0]) for path in layout.o_paths]
+        self._unembed = self.model.get_submodule(layout.unembed_path)
 
     @contextmanager
     def sources(self, layers: Sequence[int]) -> Iterator[None]:
@@ -278,7 +292,7 @@ class HFEngine:
             choose_attention(self.model, self.attention)
 
     def _attach(self, activations: Activations) -> list[Any]:
-        handles = []
+        handles = [self._unembed.register_forward_pre_hook(contiguous_input)]
         for module, name, where in self._taps:
             if where == "input":
                 def pre_hook(_m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
@@ -321,8 +335,12 @@ class HFEngine:
         return torch.stack(outputs, dim=1).clone()
 
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
-        with torch.inference_mode():
-            return self.model(prefix, use_cache=True, logits_to_keep=1).past_key_values
+        handle = self._unembed.register_forward_pre_hook(contiguous_input)
+        try:
+            with torch.inference_mode():
+                return self.model(prefix, use_cache=True, logits_to_keep=1).past_key_values
+        finally:
+            handle.remove()
 
     def run(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch key"], prefix_length: int,
