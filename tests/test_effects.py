@@ -230,7 +230,7 @@ def test_bad_input_gets_one_line_errors(tiny_llama, tmp_path, monkeypatch, capsy
     import copy as copy_
 
     from parts.cli import main
-    from parts.decomposition import effects as effects_module
+    from parts.decomposition.effects import all_positions as all_positions_module
 
     run = tiny_run(tiny_llama)
     other = copy_.copy(run)
@@ -245,7 +245,7 @@ def test_bad_input_gets_one_line_errors(tiny_llama, tmp_path, monkeypatch, capsy
     tampered.model_logits = run.model_logits + 1.0
     with pytest.raises(PartsError, match="differ from the run's"):
         total_effects(tiny_llama, tampered, ablation="zero")
-    monkeypatch.setattr(effects_module, "ALL_POSITIONS_LIMIT", 5)
+    monkeypatch.setattr(all_positions_module, "ALL_POSITIONS_LIMIT", 5)
     with pytest.raises(PartsError, match=r"would take about .* h here.*--yes") as caught:
         total_effects(tiny_llama, run, positions="all")
     assert "\n" not in str(caught.value)
