@@ -213,16 +213,17 @@ def test_grouped_query_attention_is_not_copied_per_head_on_cpu(tiny_llama, monke
         assert (getattr(fast, name) - getattr(reference, name)).abs().max() < 1e-5, name
 
 
-def test_the_unembedding_gets_a_contiguous_last_position(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_unembedding_gets_a_contiguous_last_position(tiny_llama, monkeypatch, engine):
     """The unembedding is handed [batch 1 d_model] contiguous, not a strided view of [batch pos d_model]: torch's
     matmul of such a view copies the weight once per prompt ([batch d_model vocab]: 2 GiB at batch 8 at
     Llama-2-7B's shape, benchmarks/scale_check.py), and the numbers stay the model's own."""
-    unembed = plain_model(tiny_llama).lm_head
+    unembed = plain_model(tiny_llama).lm_head if engine == "hf" else tiny_llama.unembed.original_component
     seen: list[tuple[tuple[int, ...], bool]] = []
     forward = unembed.forward
     monkeypatch.setattr(unembed, "forward", lambda x: seen.append((tuple(x.shape), x.is_contiguous())) or forward(x))
     ids = label_ids(tiny_llama)
-    out = Decomposer(tiny_llama, ids, "hf")(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
+    out = Decomposer(tiny_llama, ids, engine)(PROMPTS, batch_size=2, prefix_reuse=True, progress=False)
     assert (1, 1, tiny_llama.cfg.d_model) in [shape for shape, _ in seen]  # the prefix's forward
     assert (2, 1, tiny_llama.cfg.d_model) in [shape for shape, _ in seen]  # a batch's
     assert all(contiguous for _, contiguous in seen)

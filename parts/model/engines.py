@@ -128,6 +128,29 @@ AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
 AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 
+def contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
+    """A forward pre-hook handing a module a contiguous copy of its input.
+
+    The unembedding gets the last position as a strided view ([batch 1 d_model] of [batch pos d_model], from
+    `logits_to_keep=1`); torch's matmul multiplies such a view by the weight as a batched product over a
+    [batch d_model vocab] copy of the weight: 2 GiB at batch 8 at Llama-2-7B's shape in bfloat16 (benchmarks/
+    scale_check.py). The copy of the input is [batch 1 d_model].
+    """
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+@contextmanager
+def contiguous_inputs(module: nn.Module) -> Iterator[None]:
+    """While open, `module` is handed its input contiguous (`contiguous_input`)."""
+    handle = module.register_forward_pre_hook(contiguous_input)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class BridgeEngine:
     """TransformerLens's `run_with_cache`, filtered to the layout's hooks at the last position."""
 
@@ -157,7 +180,7 @@ class BridgeEngine:
         return cache
 
     def _prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
-        with torch.inference_mode():
+        with torch.inference_mode(), contiguous_inputs(self.model.unembed):
             _, cache = self.model(prefix, return_type="logits_and_cache", logits_to_keep=1)
         return cache
 
@@ -192,7 +215,7 @@ class BridgeEngine:
                   lambda pattern, hook, layer=layer: extra.__setitem__(pattern_name(layer),
                                                                        last_query_pattern(pattern, batch, layer)))
                  for layer in layers]
-        with torch.inference_mode(), self.model.hooks(fwd_hooks=hooks):
+        with torch.inference_mode(), self.model.hooks(fwd_hooks=hooks), contiguous_inputs(self.model.unembed):
             logits, activations = self.model.run_with_cache(
                 input_ids, attention_mask=attention_mask, names_filter=lambda name: name in self.hooks,
                 pos_slice=-1, logits_to_keep=1, **kwargs,
@@ -233,19 +256,6 @@ def choose_attention(model: nn.Module, attention: str | None = None) -> str:
         attention = GQA_SDPA if getattr(model, "_supports_sdpa", False) and not softcapped else "eager"
     model.set_attn_implementation(attention)  # type: ignore[operator]
     return str(config._attn_implementation)
-
-
-def contiguous_input(_module: nn.Module, args: tuple) -> tuple | None:
-    """A forward pre-hook handing a module a contiguous copy of its input.
-
-    The unembedding gets the last position as a strided view ([batch 1 d_model] of [batch pos d_model], from
-    `logits_to_keep=1`); torch's matmul multiplies such a view by the weight as a batched product over a
-    [batch d_model vocab] copy of the weight: 2 GiB at batch 8 at Llama-2-7B's shape in bfloat16 (benchmarks/
-    scale_check.py). The copy of the input is [batch 1 d_model].
-    """
-    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(), *args[1:])
-    return None
 
 
 class HFEngine:
@@ -335,12 +345,8 @@ class HFEngine:
         return torch.stack(outputs, dim=1).clone()
 
     def prefix_cache(self, prefix: Int[Tensor, "1 pos"]) -> Any:
-        handle = self._unembed.register_forward_pre_hook(contiguous_input)
-        try:
-            with torch.inference_mode():
-                return self.model(prefix, use_cache=True, logits_to_keep=1).past_key_values
-        finally:
-            handle.remove()
+        with torch.inference_mode(), contiguous_inputs(self._unembed):
+            return self.model(prefix, use_cache=True, logits_to_keep=1).past_key_values
 
     def run(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch key"], prefix_length: int,
