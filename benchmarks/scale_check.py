@@ -57,6 +57,7 @@ from parts.decomposition.decompose import ESTIMATE_MARGIN, free_memory_bytes, pr
 from parts.decomposition.exactness import reconstruction_tolerance, relative_reconstruction_error
 from parts.errors import PartsError
 from parts.model.loading import DTYPES, _embedded_checkpoint, from_hf
+from parts.model.preflight import check_device
 
 RESULTS = Path(__file__).with_name("results.md")
 GIB = 2**30
@@ -283,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    check_device(args.device)  # `cuda` on a machine without one: refused in one line, as parts does
     device = torch.device(args.device)
     if device.type not in ("cpu", "cuda"):
         raise PartsError(f"--device {args.device}: the scale check runs on cpu or cuda")

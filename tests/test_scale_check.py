@@ -91,3 +91,9 @@ def test_unknown_shape_is_refused(capsys):
     with pytest.raises(SystemExit):
         scale_check.main(["--shape", "llama-3-70b"])
     assert "invalid choice: 'llama-3-70b'" in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(scale_check, "check_device", lambda device: (_ for _ in ()).throw(PartsError(f"no {device}")))
+    with pytest.raises(PartsError, match="no cuda"):
+        scale_check.main(["--shape", "tiny", "--device", "cuda"])
