@@ -5,6 +5,9 @@ examples it used (`labels`): k, the demonstrations alone, or a label budget L (k
 L - k training examples). `method_label` is the one name a method has in tables and figures;
 `method_order` the one order they are shown in (the paper's: the k-shot methods, then per budget,
 largest first, L-shot ICL, Calib+ and CompRW, then the references fitted on the test set).
+
+Methods beyond the paper (`beyond_paper`: published since, or obvious variants; docs/guide/methods.md) carry
+`BEYOND_PAPER_MARK` after their name in every table, and come after the paper's methods of the same budget.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ class Method:
     upper_bound: bool = False  # not a method: fitted or chosen on the test labels, an optimistic reference
     main: bool = True  # in the paper's main table (`parts evaluate`); else in the transfer table only
     description: str = ""
+    beyond_paper: bool = False  # not in the paper: marked with BEYOND_PAPER_MARK in tables
+
+    @property
+    def heading(self) -> str:
+        """The name as tables show it: marked when the method is beyond the paper."""
+        return self.name + BEYOND_PAPER_MARK if self.beyond_paper else self.name
+
+
+BEYOND_PAPER_MARK = "†"  # after a method's name in tables: not in the paper (docs/guide/methods.md)
 
 
 METHODS = (
@@ -36,6 +48,17 @@ METHODS = (
            description="per-class weights on the k-shot probabilities, trained on the L - k others"),
     Method("comprw", "CompRW", at_k=False, at_budget=True,
            description="per-component weights, trained on the L - k others (parts.reweighting.reweight)"),
+    # Beyond the paper (issue 24): each sees exactly the labelled examples CompRW sees, never the test labels.
+    Method("comprw-signed", "SignedRW", at_k=False, at_budget=True, beyond_paper=True,
+           description="CompRW with weights clipped to [-1, 1] instead of [0, 1]: a bad component can be flipped"),
+    Method("probe-logits", "LogitProbe", at_k=False, at_budget=True, beyond_paper=True,
+           description="logistic regression on the components x labels logits (unconstrained CompRW), L2 by "
+                       "leave-one-out on the L - k others"),
+    Method("calib-affine", "SupCal", at_k=False, at_budget=True, beyond_paper=True,
+           description="a scale and a bias per class on the k-shot label logits, L2 by leave-one-out on the L - k others"),
+    Method("mask-biased", "BiasMask", at_k=False, at_budget=True, beyond_paper=True,
+           description="the sum of the components that do not predict one label on all L - k training prompts "
+                       "(no weights learned; after UniBias, Zhou et al. 2024)"),
     Method("oracle", "Oracle RW (fit on test)", at_k=True, at_budget=False, upper_bound=True,
            description="per-component weights fitted on the test set itself: an optimistic reference, not a bound"),
     # The paper's Table 3 (transfer): one component's own predictions on the target test set.
@@ -60,7 +83,7 @@ def method_label(key: str, labels: int, shots: int) -> str:
         return key
     if key == "icl":
         return "k-shot ICL" if labels == shots else f"{labels}-shot ICL"
-    return f"{method.name} {labels}" if method.at_budget else method.name
+    return f"{method.heading} {labels}" if method.at_budget else method.heading
 
 
 def label_order(label: str) -> tuple[int, int, int]:
@@ -71,9 +94,9 @@ def label_order(label: str) -> tuple[int, int, int]:
         return method_order("icl", int(label.removesuffix("-shot ICL")), 0)
     name, _, budget = label.rpartition(" ")
     for method in METHODS:
-        if method.at_budget and method.name == name and budget.isdigit():
+        if method.at_budget and method.heading == name and budget.isdigit():
             return method_order(method.key, int(budget), 0)
-        if not method.at_budget and method.name == label:
+        if not method.at_budget and method.heading == label:
             return method_order(method.key, 0, 0)
     return method_order(label, 0, 0)
 

@@ -10,6 +10,7 @@ from parts.decomposition.runs import DecompositionRun
 from parts.experiments.evaluate import many_shot_prompts
 from parts.experiments.results import read_results, results_table, write_results
 from parts.experiments.runner import run_dir
+from parts.methods import MAIN_METHODS
 from parts.reweighting.reweight import load_weights
 
 TEMPLATE = Template("review : {text} sentiment :", (" negative", " positive"))
@@ -103,7 +104,7 @@ def test_write_results_merges_by_key_atomically(tmp_path):
 
 
 EXPECTED_METHODS = {("icl", 4), ("contextual", 4), ("batch", 4), ("oracle", 4), ("icl", 12), ("calib+", 12),
-                    ("comprw", 12)}
+                    ("comprw", 12)} | {(m.key, 12) for m in MAIN_METHODS if m.beyond_paper}
 
 
 def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model_dir, tiny_task_file, capsys,
@@ -115,7 +116,7 @@ def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model
     assert "0 of 2 settings already evaluated; 2 to go" in printed
     assert "| tiny | 2 |" in printed and "CompRW 12" in printed
     rows = read_results(tmp_path / "results.csv")
-    assert len(rows) == 2 * 7
+    assert len(rows) == 2 * len(EXPECTED_METHODS)
     for template in (1, 2):
         mine = rows[rows["template"] == template]
         assert set(zip(mine["method"], mine["labels"], strict=True)) == EXPECTED_METHODS

@@ -22,5 +22,16 @@ def test_one_order_k_shot_then_budgets_largest_first_then_upper_bounds():
 
 def test_labels_used_and_the_main_table():
     assert [method_labels(m, 4, 24) for m in ("icl", "batch", "calib+", "comprw", "oracle")] == [4, 4, 24, 24, 4]
-    assert [m.key for m in MAIN_METHODS] == ["icl", "contextual", "batch", "calib+", "comprw", "oracle"]
+    assert [m.key for m in MAIN_METHODS if not m.beyond_paper] == ["icl", "contextual", "batch", "calib+", "comprw",
+                                                                   "oracle"]
     assert [k for k, m in BY_KEY.items() if m.upper_bound] == ["oracle", "oracle-1"]
+
+
+def test_methods_beyond_the_paper_are_marked_and_follow_the_papers_of_their_budget():
+    beyond = [m.key for m in MAIN_METHODS if m.beyond_paper]
+    assert {"comprw-signed", "mask-biased"} <= set(beyond)
+    assert method_label("comprw-signed", 24, 4) == "SignedRW\N{DAGGER} 24" and method_label("comprw", 24, 4) == "CompRW 24"
+    names = [method_label(m, 24, 4) for m in ("mask-biased", "comprw", "icl", "comprw-signed", "calib+")]
+    assert sorted(names, key=label_order) == ["24-shot ICL", "Calib+ 24", "CompRW 24", "SignedRW\N{DAGGER} 24",
+                                              "BiasMask\N{DAGGER} 24"]
+    assert all(not BY_KEY[key].at_k and BY_KEY[key].at_budget for key in beyond)  # each sees the L labelled examples

@@ -16,6 +16,7 @@ from parts.errors import PartsError
 from parts.experiments.export import export_results
 from parts.experiments.runner import run_dir
 from parts.figures.tables import load_results, rewrite_blocks
+from parts.methods import MAIN_METHODS
 
 PAGE = """# Results
 
@@ -56,7 +57,8 @@ def test_evaluate_prints_the_intervals(evaluated, capsys):
 def test_export_recomputes_every_accuracy_per_example(evaluated, tiny_model_dir, tiny_task_file):
     root, results, _ = evaluated
     loaded = load_results(results)
-    assert len(loaded.main) == 4 * 7 and len(loaded.predictions) == 4 * 7
+    per_setting = 7 + sum(m.beyond_paper for m in MAIN_METHODS)  # the paper's 7 rows and those beyond it
+    assert len(loaded.main) == 4 * per_setting and len(loaded.predictions) == 4 * per_setting
     merged = loaded.predictions.merge(loaded.main, on=["task", "template", "seed", "method", "labels"])
     hits = merged["correct"].map(lambda text: text.count("1") / len(text))
     np.testing.assert_allclose(hits, merged["accuracy"], atol=1e-6)

@@ -12,6 +12,16 @@ For one setting, on the same test examples and the same labelled examples:
 | `batch` | k | k-shot probabilities minus the test batch's mean |
 | `oracle` | k | per-component weights trained on the test set itself: an optimistic reference, not a method and not a bound |
 
+and the methods beyond the paper (`beyond_paper_predictions`, docs/guide/methods.md), each trained on the same
+L - k training examples as CompRW, never on the test labels:
+
+| method | labels | what |
+|---|---|---|
+| `comprw-signed` | L | CompRW with weights clipped to [-1, 1] |
+| `probe-logits` | L | logistic regression on the components x labels logits, L2 by leave-one-out |
+| `calib-affine` | L | a scale and a bias per class on the k-shot label logits, L2 by leave-one-out |
+| `mask-biased` | L | the sum of the components not label-biased on the training prompts |
+
 Decompositions are `parts.experiments.runner.ensure_run` folders (reused when finished); the L-shot and
 content-free logits and the learned weights are saved beside the test run. Rows go to
 `results.csv` (merged with rows already there, written atomically), so a sweep resumes
@@ -67,7 +77,7 @@ from parts.experiments.runner import (
     run_dir,
 )
 from parts.methods import MAIN_METHODS
-from parts.reweighting import calibration
+from parts.reweighting import calibration, masking, supervised
 from parts.reweighting.reweight import load_weights, predict, save_weights, train_weights, weights_file
 
 
@@ -184,6 +194,28 @@ def _accuracy(predictions: Tensor, run: DecompositionRun) -> float:
     return float((predictions == run.labels).float().mean())
 
 
+def beyond_paper_predictions(train: DecompositionRun, test: DecompositionRun, **recipe: Any
+                             ) -> dict[str, tuple[Int[Tensor, " example"], str]]:
+    """Each method beyond the paper (`parts.methods`, `beyond_paper`): its predictions on the test examples and
+    the note of its results row. Trained on `train` (the L - k labelled examples: their labels and
+    decompositions) and applied to `test`'s decompositions; `test`'s labels are never read. `recipe` goes to
+    `train_weights` (signed CompRW's)."""
+    out: dict[str, tuple[Tensor, str]] = {}
+    signed = train_weights(train.component_logits, train.labels, **{**recipe, "signed": True})
+    out["comprw-signed"] = (predict(signed.weights, test.component_logits, signed=True),
+                            f"train acc {signed.train_accuracy:.3f}; {signed.stopped_because} after {signed.epochs} "
+                            f"epochs; {int((signed.weights < 0).sum())} weights below 0")
+    n_labels = test.component_logits.shape[-1]
+    probe = supervised.fit_probe("probe-logits", train.component_logits, train.labels, n_labels)
+    out["probe-logits"] = (probe.predict(test.component_logits), probe.note)
+    calibrated = supervised.fit_affine_calibration(train.model_logits, train.labels, method="calib-affine")
+    out["calib-affine"] = (calibrated.predict(test.model_logits), calibrated.note)
+    keep = masking.mask_biased(train.component_logits)
+    out["mask-biased"] = (masking.mask_predict(keep, test.component_logits),
+                          f"masked {int((~keep).sum())} of {len(keep)} components")
+    return out
+
+
 def evaluate_setting(
     model: Callable[[], TransformerBridge], model_arg: str | None, setting: Setting, root: str | Path,
     options: RunOptions | None = None, **recipe: Any,
@@ -260,6 +292,8 @@ def evaluate_setting(
         rows.append(_row(name, setting, "calib+", budget,
                          _accuracy(calibration.calib_plus_predict(class_weights.weights, test.model_logits), test), n_test,
                          "class weights " + " ".join(f"{w:.3f}" for w in class_weights.weights.tolist())))
+        for method, (predicted, note) in beyond_paper_predictions(train, test, **recipe).items():
+            rows.append(_row(name, setting, method, budget, _accuracy(predicted, test), n_test, note))
 
         def compute_many_shot(train: DecompositionRun = train, budget: int = budget) -> tuple[Tensor, dict[str, str]]:
             drawn = demonstrations + [train_rows[i] for i in train.prompts.example_indices]
@@ -309,6 +343,8 @@ def setting_predictions(root: str | Path, model_arg: str | None, setting: Settin
         predictions[("comprw", budget)] = predict(load_weights(test_dir, budget)[1], test.component_logits)
         class_weights = calibration.train_calib_plus(train.model_logits, train.labels)
         predictions[("calib+", budget)] = calibration.calib_plus_predict(class_weights.weights, test.model_logits)
+        for method, (predicted, _) in beyond_paper_predictions(train, test).items():
+            predictions[(method, budget)] = predicted
         many, _ = _cached_logits(test_dir / f"icl-labels{budget}.safetensors", lambda: (torch.empty(0), {}))
         predictions[("icl", budget)] = many.argmax(-1)
     return test.labels, predictions

@@ -50,6 +50,10 @@ NOTE_PATTERNS = {
     "oracle": rf"{re.escape(ORACLE_NOTE)}; {_TRAINING}",
     "comprw": rf"train acc \d+\.\d+; {_TRAINING}",
     "calib+": rf"class weights{_NUMBERS}",
+    "comprw-signed": rf"train acc \d+\.\d+; {_TRAINING}; \d+ weights below 0",
+    "mask-biased": r"masked \d+ of \d+ components",
+    "probe-logits": r"C \S+ by leave-one-out; train acc \d+\.\d+",
+    "calib-affine": r"C \S+ by leave-one-out; train acc \d+\.\d+",
 }
 
 

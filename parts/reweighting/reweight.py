@@ -18,6 +18,9 @@ loss = cross-entropy + l1 * ||w||_1 (on the raw, unclipped w), full-batch SGD wi
 
 The L1 term shrinks every weight, so the cross-entropy typically stops improving after a few
 hundred epochs and "plateau" ends most runs. The weights after the last update are returned.
+
+Signed CompRW (`signed=True`, beyond the paper) is the same recipe with every weight clipped to [-1, 1]
+instead of [0, 1], so a component that is reliably wrong can be flipped rather than only switched off.
 """
 
 from __future__ import annotations
@@ -63,22 +66,23 @@ class ReweightResult:
 
 
 def combine(weights: Float[Tensor, " component"], component_logits: Float[Tensor, "example component label"],
-            clip: bool = True) -> Float[Tensor, "example label"]:
-    """The reweighted logits: sum over components of clip(w, 0, 1) * g (w itself with `clip=False`)."""
-    used = weights.clamp(0.0, 1.0) if clip else weights
+            clip: bool = True, signed: bool = False) -> Float[Tensor, "example label"]:
+    """The reweighted logits: sum over components of clip(w, 0, 1) * g (clip(w, -1, 1) with `signed`; w itself with
+    `clip=False`)."""
+    used = weights.clamp(-1.0 if signed else 0.0, 1.0) if clip else weights
     return einops.einsum(used, component_logits, "component, example component label -> example label")
 
 
 def predict(weights: Float[Tensor, " component"], component_logits: Float[Tensor, "example component label"],
-            clip: bool = True) -> Int[Tensor, " example"]:
+            clip: bool = True, signed: bool = False) -> Int[Tensor, " example"]:
     """Each example's label under the reweighted sum (ties go to the lower label index)."""
-    return combine(weights, component_logits, clip).argmax(-1)
+    return combine(weights, component_logits, clip, signed).argmax(-1)
 
 
 def accuracy(weights: Float[Tensor, " component"], component_logits: Float[Tensor, "example component label"],
-             labels: Int[Tensor, " example"], clip: bool = True) -> float:
+             labels: Int[Tensor, " example"], clip: bool = True, signed: bool = False) -> float:
     """The share of examples `predict` gets right with these weights."""
-    return float((predict(weights, component_logits, clip) == labels).float().mean())
+    return float((predict(weights, component_logits, clip, signed) == labels).float().mean())
 
 
 def _check_inputs(component_logits: Tensor, labels: Tensor) -> None:
@@ -115,8 +119,10 @@ def train_weights(
     patience: int = PATIENCE,
     init: float = 1.0,
     clip: bool = True,
+    signed: bool = False,
 ) -> ReweightResult:
-    """Learn one weight per component on labelled examples (the recipe in the module docstring)."""
+    """Learn one weight per component on labelled examples (the recipe in the module docstring; `signed`: clipped to
+    [-1, 1] instead of [0, 1])."""
     _check_inputs(component_logits, labels)
     if max_epochs < 1 or check_every < 1 or patience < 1 or learning_rate <= 0:
         raise PartsError("max_epochs, check_every, patience and learning_rate must all be positive")
@@ -130,12 +136,12 @@ def train_weights(
     epoch = 0
     with torch.enable_grad(), _one_thread():
         for epoch in range(1, max_epochs + 1):
-            classification = F.cross_entropy(combine(weights, logits, clip), labels)
+            classification = F.cross_entropy(combine(weights, logits, clip, signed), labels)
             (gradient,) = torch.autograd.grad(classification + l1_penalty * weights.abs().sum(), weights)
             with torch.no_grad():  # plain SGD, as torch.optim.SGD without momentum (whose first use costs seconds)
                 weights -= learning_rate * gradient
             losses.append(float(classification.detach()))
-            if (epoch - 1) % check_every == 0 and accuracy(weights.detach(), logits, labels, clip) == 1.0:
+            if (epoch - 1) % check_every == 0 and accuracy(weights.detach(), logits, labels, clip, signed) == 1.0:
                 stopped_because = "perfect"
                 break
             if losses[-1] < best_loss:
@@ -146,7 +152,7 @@ def train_weights(
                 stopped_because = "plateau"
                 break
     final = weights.detach()
-    return ReweightResult(final, epoch, stopped_because, accuracy(final, logits, labels, clip), losses)
+    return ReweightResult(final, epoch, stopped_because, accuracy(final, logits, labels, clip, signed), losses)
 
 
 # -- Saved weights -----------------------------------------------------------------------------
