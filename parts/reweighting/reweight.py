@@ -26,7 +26,7 @@ instead of [0, 1], so a component that is reliably wrong can be flipped rather t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,24 +124,43 @@ def train_weights(
     """Learn one weight per component on labelled examples (the recipe in the module docstring; `signed`: clipped to
     [-1, 1] instead of [0, 1])."""
     _check_inputs(component_logits, labels)
+    logits = component_logits.detach().float()
+    with _one_thread():
+        return descend(lambda weights: combine(weights, logits, clip, signed), logits.shape[1], labels.long().to(logits.device),
+                       learning_rate, l1_penalty, max_epochs, check_every, patience, init, logits.device)
+
+
+def descend(
+    logits_of: Callable[[Float[Tensor, " component"]], Float[Tensor, "example label"]],
+    n_weights: int,
+    labels: Int[Tensor, " example"],
+    learning_rate: float = LEARNING_RATE,
+    l1_penalty: float = L1_PENALTY,
+    max_epochs: int = MAX_EPOCHS,
+    check_every: int = CHECK_EVERY,
+    patience: int = PATIENCE,
+    init: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> ReweightResult:
+    """The recipe's descent (module docstring) for any differentiable `logits_of(weights)`: the labelled
+    examples' label logits under raw weights `w` (CompRW: the clipped weighted sum of component logits;
+    the in-forward gates of `parts.reweighting.gates`: the gated model's own logits)."""
     if max_epochs < 1 or check_every < 1 or patience < 1 or learning_rate <= 0:
         raise PartsError("max_epochs, check_every, patience and learning_rate must all be positive")
-    logits = component_logits.detach().float()
-    labels = labels.long().to(logits.device)
-    weights = torch.full((logits.shape[1],), float(init), device=logits.device, requires_grad=True)
+    weights = torch.full((n_weights,), float(init), device=device, requires_grad=True)
     best_loss = float("inf")
     failures = 0
     losses: list[float] = []
     stopped_because = "max_epochs"
     epoch = 0
-    with torch.enable_grad(), _one_thread():
+    with torch.enable_grad():
         for epoch in range(1, max_epochs + 1):
-            classification = F.cross_entropy(combine(weights, logits, clip, signed), labels)
+            classification = F.cross_entropy(logits_of(weights), labels)
             (gradient,) = torch.autograd.grad(classification + l1_penalty * weights.abs().sum(), weights)
             with torch.no_grad():  # plain SGD, as torch.optim.SGD without momentum (whose first use costs seconds)
                 weights -= learning_rate * gradient
             losses.append(float(classification.detach()))
-            if (epoch - 1) % check_every == 0 and accuracy(weights.detach(), logits, labels, clip, signed) == 1.0:
+            if (epoch - 1) % check_every == 0 and _accuracy_of(logits_of, weights, labels) == 1.0:
                 stopped_because = "perfect"
                 break
             if losses[-1] < best_loss:
@@ -152,7 +171,12 @@ def train_weights(
                 stopped_because = "plateau"
                 break
     final = weights.detach()
-    return ReweightResult(final, epoch, stopped_because, accuracy(final, logits, labels, clip, signed), losses)
+    return ReweightResult(final, epoch, stopped_because, _accuracy_of(logits_of, final, labels), losses)
+
+
+def _accuracy_of(logits_of: Callable[[Tensor], Tensor], weights: Tensor, labels: Tensor) -> float:
+    with torch.no_grad():
+        return float((logits_of(weights.detach()).argmax(-1) == labels).float().mean())
 
 
 # -- Saved weights -----------------------------------------------------------------------------
