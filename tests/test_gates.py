@@ -182,15 +182,15 @@ def test_refusals_are_one_line(tiny_llama, tokenizer, monkeypatch):
         for layer in copied.layers:
             layer.values = layer.values * 2.0
         return copied
-    original = gates_module._layer_copies
-    monkeypatch.setattr(gates_module, "_layer_copies", corrupt)
+    original = gates_module.layer_copies
+    monkeypatch.setattr(gates_module, "layer_copies", corrupt)
     with pytest.raises(PartsError, match="cannot gate llama models in the forward pass: recomputing") as caught:
         GatedForward(tiny_llama, run).check_exact()
     assert "\n" not in str(caught.value)
 
     def refuse(cache, repeats=1, detach=False):
         raise TypeError("past_key_values is not supported\nsecond line")
-    monkeypatch.setattr(gates_module, "_layer_copies", refuse)
+    monkeypatch.setattr(gates_module, "layer_copies", refuse)
     with pytest.raises(PartsError, match=r"its forward refuses a cached last token \(TypeError: past_key_values") as caught:
         gated_logits(tiny_llama, run, torch.ones(len(run.component_names)))
     assert "\n" not in str(caught.value)

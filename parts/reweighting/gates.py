@@ -20,7 +20,7 @@ one-token forward and backward over the labelled examples from those cached keys
 
 The one-token forward, its hooks (a head's `z` slice at the output projection's input, the MLP's output)
 and the capture at the final norm's input are the total-effect runner's
-(`parts.decomposition.effects`). A family whose cached last token does not reproduce the run's logits,
+(`parts.decomposition.effects.runner`). A family whose cached last token does not reproduce the run's logits,
 or whose forward refuses a cached last token, is refused in one line; so is a run with split experts
 (one gate per MLP).
 """
@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
 from parts.components import HEAD
-from parts.decomposition.effects import TotalEffectRunner, _Batch, _layer_copies, _Stop, _until_final_norm
+from parts.decomposition.effects.common import Batch, StopAtFinalNorm, layer_copies, until_final_norm
+from parts.decomposition.effects.runner import RunnerBase
 from parts.decomposition.exactness import reconstruction_tolerance
 from parts.decomposition.runs import DecompositionRun
 from parts.errors import PartsError
@@ -73,7 +74,7 @@ class GatedForward:
                  keep: bool = False):
         if run.info.get("split_experts"):
             raise PartsError("in-forward gates take one gate per MLP: use a run decomposed without --split-experts")
-        self.runner = TotalEffectRunner(model, run, "zero", batch_size=batch_size, progress=False)
+        self.runner = RunnerBase(model, run, "zero", batch_size=batch_size, progress=False)
         self.run, self.hf = run, self.runner.hf
         runner = self.runner
         # where each component's gate goes: [layer, head] for heads, [layer] for MLPs
@@ -82,14 +83,14 @@ class GatedForward:
         runner.settle_batching()
         # Training reruns the same examples every epoch: their caches are kept, as ordinary tensors (a backward
         # pass cannot save inference-mode ones).
-        self.kept: list[_Batch] | None = None
+        self.kept: list[Batch] | None = None
         if keep:
             self.kept = []
             for batch in runner.batches():
-                batch.cache = _layer_copies(batch.cache, detach=True)
+                batch.cache = layer_copies(batch.cache, detach=True)
                 self.kept.append(batch)
 
-    def batches(self) -> list[_Batch] | Any:
+    def batches(self) -> list[Batch] | Any:
         return self.kept if self.kept is not None else self.runner.batches()
 
     def grids(self, gates: Float[Tensor, " component"]) -> tuple[Float[Tensor, "layer head"], Float[Tensor, " layer"]]:
@@ -105,7 +106,7 @@ class GatedForward:
             mlps = mlps.index_put((layer,), used[c])
         return heads, mlps
 
-    def final_in(self, batch: _Batch, gates: Float[Tensor, " component"]) -> Float[Tensor, "batch d_model"]:
+    def final_in(self, batch: Batch, gates: Float[Tensor, " component"]) -> Float[Tensor, "batch d_model"]:
         """The final norm's input at the last token with every component's output there multiplied by its gate
         (differentiable in `gates` where grad is enabled; float32, or float64 for a float64 model)."""
         runner = self.runner
@@ -132,12 +133,12 @@ class GatedForward:
         def capture(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             value = runner._rows(args[0] if args else kwargs["hidden_states"])[:, 0]
             captured["final"] = value if value.dtype == torch.float64 else value.float()  # float64 kept: gradient checks
-            raise _Stop
+            raise StopAtFinalNorm
         handles.append(self.hf.get_submodule(runner.layout.taps[FINAL_NORM_IN][0]).register_forward_pre_hook(
             capture, with_kwargs=True))
-        _until_final_norm(lambda: self.hf(
+        until_final_norm(lambda: self.hf(
             batch.ids[:, -1:], attention_mask=batch.mask, position_ids=runner._last_positions(batch),
-            past_key_values=_layer_copies(batch.cache), use_cache=batch.cache is not None, logits_to_keep=1), handles)
+            past_key_values=layer_copies(batch.cache), use_cache=batch.cache is not None, logits_to_keep=1), handles)
         if "final" not in captured:
             raise RuntimeError("the final norm was never reached: the model's forward does not end in its final norm")
         return captured["final"]
