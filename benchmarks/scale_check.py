@@ -201,10 +201,11 @@ def check_fits(shape: str, weights: int, batches: dict[int, int], base: int, ava
     fitting = [size for size, extra in sorted(batches.items()) if base + weights + extra <= available]
     where = "free GPU memory" if device.startswith("cuda") else "available memory"
     smallest = (base + weights + batches[1]) / GIB
+    on_gpu = (RUNTIME_BYTES + weights + batches[1]) / GIB  # the process's own memory stays on the host
     if fitting:
         fix = f"--batch-size {max(fitting)} fits"
     elif device == "cpu":
-        fix = f"--device cuda on a GPU with {smallest:.1f} GiB free (or a machine with that much memory free)"
+        fix = f"--device cuda on a GPU with {on_gpu:.1f} GiB free, or --batch-size 1 with {smallest:.1f} GiB free here"
     else:
         fix = f"a GPU with {smallest:.1f} GiB free"
     raise PartsError(
