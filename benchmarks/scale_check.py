@@ -263,6 +263,11 @@ def recording_batch_size(chosen: list[dict[str, Any]]) -> Iterator[None]:
         decompose.resolve_batch_size = plan
 
 
+def say(message: str) -> None:
+    """Progress on stderr (the table goes to stdout)."""
+    print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -312,12 +317,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     estimate = check_fits(args.shape, weights, batches, start + RUNTIME_BYTES, available, args.device, batch_size)
 
     # 2. The model, in the dtype from the start.
+    say(f"{args.shape}: {weights / GIB:.1f} GiB of {args.dtype} weights, about {estimate / GIB:.1f} GiB in all "
+        f"({available / GIB:.1f} GiB available); building")
     reset_peak(device)
     started = time.perf_counter()
     model = build_model(args.shape, config, tokenizer, dtype, device, args.seed)
     build_seconds = time.perf_counter() - started
     build_peak = peak_bytes(device)
     n_params = sum(p.numel() for p in model.parameters())
+    say(f"built in {build_seconds:.0f} s, peak {build_peak / GIB:.2f} GiB")
 
     # 3. The prompt sets, decomposed and saved as a sweep would.
     from parts.experiments.runner import decompose_task
@@ -325,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = []
     for label, prompts in prompt_sets:
         chosen: list[dict[str, Any]] = []
+        say(f"decomposing {label} ({len(prompts)} prompts)")
         reset_peak(device)
         started = time.perf_counter()
         with recording_batch_size(chosen):
