@@ -29,12 +29,17 @@ def trained_checkpoints(tmp_path_factory, tokenizer, tiny_task_file):
     """Folders step0, step30, step80: a tiny Llama after that many Adam steps on the task's labelled lines."""
     from conftest import make_hf_model
 
+    import parts.data.prompts as prompts_module
     from parts.data.prompts import build_prompts
     from parts.data.tasks import get_task
 
     task = get_task(str(tiny_task_file))
-    # In-context prompts of training examples (four demonstration sets), each followed by its label word.
-    prompt_sets = [build_prompts(task, 1, seed, split="train") for seed in range(4)]
+    # In-context prompts of training examples (four demonstration sets), each followed by its label word. The 40
+    # training examples hold one of the seeds' disjoint labelled sets of 24, so the lines are made with the sets
+    # overlapping (nothing excluded), as before: the checkpoints need varied lines, not disjoint sets.
+    with pytest.MonkeyPatch.context() as overlapping:
+        overlapping.setattr(prompts_module, "_taken_before", lambda *args: frozenset())
+        prompt_sets = [build_prompts(task, 1, seed, split="train") for seed in range(4)]
     lines = [p + ps.label_words[y] for ps in prompt_sets for p, y in zip(ps.prompts, ps.labels, strict=True)]
     batch = tokenizer(lines, return_tensors="pt", padding=True)
     # Loss on the label word only (the last real token of each right-padded line).

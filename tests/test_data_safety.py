@@ -186,7 +186,7 @@ def test_a_run_of_other_settings_under_a_root_is_refused_or_left(command, argv_f
     the seed it was made with) and changes nothing."""
     _, runs = reference[command]
     out = tmp_path / "out"
-    assert main(argv_for("decompose", tmp_path / "other") + ["--seed", "3"]) == 0
+    assert main(argv_for("decompose", tmp_path / "other") + ["--seed", "1"]) == 0
     (out / runs[0]).parent.mkdir(parents=True)
     shutil.copytree(tmp_path / "other" / "run", out / runs[0])
     before = snapshot(out)

@@ -53,7 +53,7 @@ EDITS = {
     "train_data": ({"train_edit": True}, ["train_data"]),
     "split_data": ({"test_edit": True}, ["split_data"]),
     "shots": ({"shots": 2}, ["shots"]),
-    "seed": ({"seed": 1}, ["seed"]),
+    "seed": ({"seed": 1}, ["seed", "labelled_sets"]),  # seeds 1 and up: drawn disjoint from the lower seeds' sets
     "split": ({"split": "train"}, ["split_data", "split"]),  # a train run reads the train split's rows
     "sample": ({"limit": 8}, ["sample"]),
     "model": ({"model": "tiny-gpt2"}, ["model"]),
@@ -82,12 +82,13 @@ def test_each_field_edited_alone_is_the_one_difference_named(field, tiny_task_fi
     edit, changed = EDITS[field]
     before = fingerprint_of(tmp_path / "a", tiny_task_file, monkeypatch)
     after = fingerprint_of(tmp_path / "b", tiny_task_file, monkeypatch, **edit)
-    assert [key for key in before if before[key] != after[key]] == changed
-    assert set(before) == set(after)
+    assert [key for key in after if before.get(key) != after[key]] == changed
+    assert set(after) - set(before) == ({"labelled_sets"} if field == "seed" else set()) and set(before) <= set(after)
     found = differences(before, after)
     assert len(found) == len(changed)
-    name = fingerprint_module.FIELD_NAMES[changed[-1]]
-    assert any(line.startswith(f"{name} differs from the run's ({before[changed[-1]]!r}"[:60]) for line in found), found
+    edited = [key for key in changed if key in before][-1]
+    name = fingerprint_module.FIELD_NAMES[edited]
+    assert any(line.startswith(f"{name} differs from the run's ({before[edited]!r}"[:60]) for line in found), found
     assert digest(before) != digest(after) or changed == ["label_token_ids"]  # token ids follow from words and model
 
 
@@ -107,7 +108,7 @@ def test_check_reuse_reuses_refuses_in_one_line_or_recomputes(tiny_task_file, tm
         check_reuse("runs/x", before, after, recompute=False)
     assert str(refused.value) == (
         "runs/x was made otherwise: template text differs from the run's ('review : {text} sentiment :' there, now "
-        f"'review {{text}} ?') (and 1 more); pass {RECOMPUTE_FLAG} to recompute it, or choose another --out")
+        f"'review {{text}} ?') (and 2 more); pass {RECOMPUTE_FLAG} to recompute it, or choose another --out")
     with pytest.raises(PartsError, match=r"^runs/x was made otherwise: the run's fingerprint is not recorded \(made "
                                          r"before parts recorded fingerprints\); pass --recompute-changed"):
         check_reuse("runs/x", None, after, recompute=False)
@@ -311,3 +312,44 @@ def test_effects_are_reused_only_with_their_fingerprint(tiny_model_dir, tiny_tas
     make_hf_model("llama", seed=1).save_pretrained(model)
     err = one_line_error(effects, capsys)
     assert f"{run_folder} was made with other model files than {model} has now" in err
+
+
+@pytest.mark.parametrize("command", ["sweep", "evaluate", "transfer", "control"])
+def test_a_run_of_seed_1_drawn_when_seeds_could_overlap_is_refused_then_recomputed(
+        command, tiny_model_dir, tiny_task_file, shifted_task_file, tmp_path, capsys, monkeypatch):
+    """Seeds 1-4 draw their labelled sets disjoint from the lower seeds' now, so a run made with the earlier draw
+    (which overlapped) holds other demonstrations: it is refused, never reused, and recomputed with the flag."""
+    import parts.data.prompts as prompts
+    import parts.experiments.runner as runner
+    from parts.data.prompts import sample_labeled_set
+    from parts.data.tasks import load_split
+
+    task = make_task(tmp_path / "task", tiny_task_file)
+    rows = [json.loads(line) for line in (task.parent / "train.jsonl").read_text().splitlines()]
+    more = [{**row, "text": row["text"] + " film"} for row in rows]  # 80 rows: room for seed 1's 24 (transfer)
+    (task.parent / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + more))
+    out = tmp_path / "out"
+    argv = command_line(command, str(tiny_model_dir), task, shifted_task_file, out)
+    argv[argv.index("--seeds") + 1] = "1"
+
+    with monkeypatch.context() as earlier:  # the earlier draw: nothing excluded, no field in the fingerprint
+        earlier.setattr(prompts, "_taken_before", lambda *args: frozenset())
+        made = runner.run_fingerprint
+        earlier.setattr(runner, "run_fingerprint",
+                        lambda *args, **kwargs: {k: v for k, v in made(*args, **kwargs).items() if k != "labelled_sets"})
+        assert main(argv) == 0
+    old = {p.parent: DecompositionRun.load(p.parent).prompts.demonstrations for p in out.rglob("summary.json")}
+    first = stamps(out)
+    err = one_line_error(argv, capsys)
+    assert "made otherwise: the draw of the labelled sets (disjoint across seeds) is not recorded in the" in err
+    assert RECOMPUTE_FLAG in err and stamps(out) == first  # refused before any work
+
+    assert main([*argv, RECOMPUTE_FLAG]) == 0
+    fp = get_task(str(task))
+    labels = [row["label"] for row in load_split(fp, "train")]
+    seed_0 = set(sum(sample_labeled_set(fp, labels, 4, 0, 20), []))
+    new = {folder: DecompositionRun.load(folder).prompts.demonstrations for folder in old}
+    assert all(set(demos) & seed_0 for demos in old.values())  # the earlier draw overlapped seed 0's set here
+    assert all(not set(demos) & seed_0 for demos in new.values()) and new != old
+    second = stamps(out)
+    assert main(argv) == 0 and stamps(out) == second  # the recomputed runs are reused

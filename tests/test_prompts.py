@@ -36,7 +36,7 @@ def test_arc_template_reads_choices():
     assert template.fields == ["choices", "question"]
 
 
-LABELS = [0] * 30 + [1] * 10 + [2] * 20
+LABELS = [0] * 60 + [1] * 50 + [2] * 50  # room for six disjoint labelled sets of 24, seven of each class to train on
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -48,7 +48,9 @@ def test_demonstrations_cover_classes_end_on_different_labels_and_are_seeded(see
     assert not set(demos) & set(train) and len(set(train)) == 21
     assert Counter(LABELS[i] for i in train) == Counter({0: 7, 1: 7, 2: 7})
     assert (demos, train) == sample_labeled_set(task, LABELS, 3, seed, n_train=21)
-    assert demos != sample_labeled_set(task, LABELS, 3, seed + 100)[0] or seed  # seeds differ somewhere
+    assert sample_labeled_set(task, LABELS, 3, seed)[0] == demos  # the demonstrations of a test run: the same
+    for other in range(seed):  # disjoint from every lower seed's labelled set
+        assert not set(demos + train) & set(sum(sample_labeled_set(task, LABELS, 3, other, n_train=21), []))
 
 
 def test_different_seeds_give_different_demonstrations():

@@ -39,8 +39,8 @@ def target_task_file(tmp_path_factory):
 
 def test_target_prompts_use_the_source_template_and_demonstrations(tiny_task_file, target_task_file):
     source, target = get_task(str(tiny_task_file)), get_task(str(target_task_file))
-    prompts = transfer_prompts(source, target, template=1, seed=2, limit=6)
-    own = build_prompts(source, 1, 2, split="test", limit=1)
+    prompts = transfer_prompts(source, target, template=1, seed=1, limit=6)
+    own = build_prompts(source, 1, 1, split="test", limit=1)
     assert prompts.demonstrations == own.demonstrations
     assert prompts.label_words == (" negative", " positive")  # the source's, not the target's " no"/" yes"
     train, rows = load_split(source, "train"), load_split(target, "test")

@@ -3,7 +3,10 @@
 The paper's protocol: k demonstrations from the training split (k = 4, or 3 for 3-way tasks),
 the same number from every class, shuffled until the last two have different labels. The
 24-labelled-example budget is those k demonstrations plus 24 - k further training examples,
-disjoint from them, which reweighting trains on (`split="train"`). Test examples are a
+disjoint from them, which reweighting trains on (`split="train"`). The labelled sets of
+different seeds are disjoint, as the paper's: seed s draws from the training split less the
+24-example sets of seeds 0..s-1 (so seeds 0..s are pairwise disjoint, for any s the split
+holds; seed 0 is the draw parts always made). Test examples are a
 label-balanced random sample that depends only on the task and split, never on the
 demonstration seed, so every run of a task scores the same examples. Some test files are
 sorted by label, so the first N rows would be a biased sample.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from parts.data.tasks import Example, Task, Template, load_split
 from parts.errors import PartsError
 
 LABEL_BUDGET = 24
+PROTOCOL_SEEDS = 5  # seeds 0-4: a seed's further examples leave the later ones of these their demonstrations
 
 
 def _stable_seed(*parts: object) -> list[int]:
@@ -32,62 +36,142 @@ def _stable_seed(*parts: object) -> list[int]:
 
 
 def balanced_sample(
-    labels: Sequence[int], n: int, n_labels: int, rng: np.random.Generator, exclude: Sequence[int] = ()
+    labels: Sequence[int], n: int, n_labels: int, rng: np.random.Generator, exclude: Collection[int] = (),
+    cap: Sequence[int] | None = None,
 ) -> list[int]:
     """`n` indices with every class as equally represented as possible, in class round-robin.
 
     Classes take turns in a random order, each giving its next example from a shuffled list,
     so a smaller sample is always a prefix of a larger one drawn with the same generator state.
+    `cap[c]`: class c gives more than `cap[c]` only once every class has given all it may (what it
+    keeps back is for the demonstrations of later seeds).
     """
     excluded = set(exclude)
     pools = [
         [int(i) for i in rng.permutation(len(labels)) if labels[i] == c and i not in excluded]
         for c in range(n_labels)
     ]
+    limits = [len(pool) for pool in pools] if cap is None else [max(0, int(limit)) for limit in cap]
+    kept = [pool[limit:] for pool, limit in zip(pools, limits, strict=True)]
     chosen: list[int] = []
     order = [int(c) for c in rng.permutation(n_labels)]
-    while len(chosen) < n and any(pools):
-        for c in order:
-            if pools[c] and len(chosen) < n:
-                chosen.append(pools[c].pop(0))
+    for turns in ([pool[:limit] for pool, limit in zip(pools, limits, strict=True)], kept):
+        while len(chosen) < n and any(turns):
+            for c in order:
+                if turns[c] and len(chosen) < n:
+                    chosen.append(turns[c].pop(0))
     return chosen
 
 
 def sample_labeled_set(
     task: Task, train_labels: Sequence[int], shots: int, seed: int, n_train: int = 0
 ) -> tuple[list[int], list[int]]:
-    """Demonstrations and `n_train` further labelled examples for one seed, disjoint.
+    """Demonstrations and `n_train` further labelled examples for one seed, disjoint, and disjoint from the
+    labelled sets (`LABEL_BUDGET` examples each) of seeds 0..seed-1.
 
     Every class appears among the demonstrations and the last two have different labels.
+    `shots` 0: no demonstrations, only the further examples.
     """
-    if shots < task.n_labels:
+    if 0 < shots < task.n_labels:
         raise PartsError(
             f"{shots} shots cannot show all {task.n_labels} classes of {task.name}: "
             f"use --shots {task.n_labels} or more"
         )
     present = set(train_labels)
     absent = [task.label_names[c] for c in range(task.n_labels) if c not in present]
-    if absent:
+    if absent and shots:
         raise PartsError(
             f"the training split of {task.name} has no example of class(es) {', '.join(absent)}: "
             "demonstrations must cover every class; fix the data"
         )
-    per_class = np.bincount(np.asarray(train_labels), minlength=task.n_labels)
+    per_class = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=task.n_labels)
     if per_class.min() < shots // task.n_labels or len(train_labels) < shots + n_train:
         raise PartsError(
             f"the training split of {task.name} ({len(train_labels)} examples, per class "
             f"{per_class.tolist()}) cannot give {shots} balanced demonstrations and {n_train} "
             "further examples: lower --shots, or --limit (--split train) or --labels"
         )
+    taken = _taken_before(task, train_labels, shots, seed)
+    demos, train = _draw(task, train_labels, shots, seed, n_train, taken)
+    if len(train) < n_train:
+        raise _too_few(task, train_labels, shots, seed, n_train)
+    return demos, train
+
+
+def _draw(
+    task: Task, labels: Sequence[int], shots: int, seed: int, n_train: int, taken: frozenset[int]
+) -> tuple[list[int], list[int]]:
+    """One seed's demonstrations and further examples, from the training split less `taken` (the labelled
+    sets of seeds 0..seed-1). Seed 0 takes nothing out, so its draw is the one parts always made."""
+    n_labels = task.n_labels
+    if shots == 0 and seed == 0:  # the zero-shot draw parts always made for every seed, kept for seed 0
+        rng = np.random.default_rng(_stable_seed(task.name, "train", "test-sample"))
+        return [], balanced_sample(labels, n_train, n_labels, rng)
     rng = np.random.default_rng(_stable_seed(task.name, seed))
-    demos = balanced_sample(train_labels, shots, task.n_labels, rng)
+    left = np.bincount([c for i, c in enumerate(labels) if i not in taken], minlength=n_labels)
+    short = [c for c in range(n_labels) if left[c] < shots // n_labels]
+    if short:
+        c = short[0]
+        raise PartsError(
+            f"class {task.label_names[c]} of {task.name} has {left[c]} training examples left beside the labelled "
+            f"sets of {_seeds_below(seed)}: the {shots} demonstrations of seed {seed} need {shots // n_labels}; add "
+            f"examples of {task.label_names[c]} to its train split, or use {_seeds_below(seed)} only"
+        )
+    demos = balanced_sample(labels, shots, n_labels, rng, exclude=taken) if shots else []
     # Shuffle until the last two demonstrations have different labels (the paper's rule).
     for _ in range(1000):
-        demos = [demos[i] for i in rng.permutation(len(demos))]
-        if len(demos) < 2 or train_labels[demos[-1]] != train_labels[demos[-2]]:
+        if not shots:
             break
-    train = balanced_sample(train_labels, n_train, task.n_labels, rng, exclude=demos)
+        demos = [demos[i] for i in rng.permutation(len(demos))]
+        if len(demos) < 2 or labels[demos[-1]] != labels[demos[-2]]:
+            break
+    cap = None
+    later = PROTOCOL_SEEDS - 1 - seed
+    if seed > 0 and later > 0 and shots:  # a scarce class keeps what the later seeds' demonstrations need
+        for i in demos:
+            left[labels[i]] -= 1
+        cap = [int(n) - later * -(-shots // n_labels) for n in left]
+    train = balanced_sample(labels, n_train, n_labels, rng, exclude=taken | set(demos), cap=cap)
     return demos, train
+
+
+_chains: dict[tuple[str, int, int, tuple[int, ...]], list[frozenset[int]]] = {}
+
+
+def _taken_before(task: Task, labels: Sequence[int], shots: int, seed: int) -> frozenset[int]:
+    """The union of the labelled sets of seeds 0..seed-1 (`LABEL_BUDGET` examples each), drawn in turn."""
+    key = (task.name, task.n_labels, shots, tuple(labels))
+    if key not in _chains and len(_chains) >= 32:
+        _chains.clear()
+    chain = _chains.setdefault(key, [frozenset()])  # chain[s]: the union for seed s
+    while len(chain) <= seed:
+        earlier = len(chain) - 1
+        further = max(LABEL_BUDGET - shots, 0)
+        demos, train = _draw(task, labels, shots, earlier, further, chain[earlier])
+        if len(train) < further:
+            raise _too_few(task, labels, shots, seed, 0, fits=earlier)
+        chain.append(chain[earlier] | set(demos) | set(train))
+    return chain[seed]
+
+
+def _too_few(task: Task, labels: Sequence[int], shots: int, seed: int, n_train: int, fits: int | None = None
+             ) -> PartsError:
+    """The one-line error of a training split too small for seed `seed`'s disjoint labelled set."""
+    per_class = np.bincount(np.asarray(labels, dtype=np.int64), minlength=task.n_labels).tolist()
+    budget = max(LABEL_BUDGET, shots)
+    need = seed * budget + shots + n_train
+    fits = seed if fits is None else fits
+    return PartsError(
+        f"task {task.name} has {len(labels)} labelled training examples (per class {per_class}); seed {seed} needs "
+        f"{need}: its own {shots + n_train} and the {budget} of {'' if seed == 1 else 'each of '}{_seeds_below(seed)}, all "
+        f"disjoint "
+        f"({PROTOCOL_SEEDS} seeds of {budget} need {PROTOCOL_SEEDS * budget}); add training examples, or use "
+        f"{_seeds_below(fits)} only"
+    )
+
+
+def _seeds_below(seed: int) -> str:
+    return "seed 0" if seed == 1 else f"seeds 0-{seed - 1}"
 
 
 def sample_test(task: Task, labels: Sequence[int], split: str, limit: int | None) -> list[int]:
@@ -217,10 +301,7 @@ def build_prompts(
     n_train = (LABEL_BUDGET - shots if limit is None else limit) if split == "train" else 0
     demos: list[int]
     further: list[int]
-    if shots == 0:
-        demos, further = [], sample_test(task, train_labels, "train", n_train) if n_train else []
-    else:
-        demos, further = sample_labeled_set(task, train_labels, shots, seed, n_train)
+    demos, further = sample_labeled_set(task, train_labels, shots, seed, n_train) if shots or n_train else ([], [])
     if split == "train":
         rows, indices = train, further
     else:

@@ -13,6 +13,7 @@ were. So every run records a fingerprint in its `summary.json` (and every result
 | label_token_ids | the label words' token ids (known once the tokenizer is loaded) |
 | train_data, split_data | a hash of the rows of the training split (demonstrations) and of the run's split |
 | shots, seed, split, sample | the demonstrations, their seed, the split and how many examples were asked for |
+| labelled_sets | seeds 1 and up: drawn apart from the lower seeds' labelled sets (absent for seed 0, whose draw is unchanged) |
 | model, model_files | the model's label and what its weights are (`parts.model.identity`) |
 | dtype, engine, prefix_reuse, split_experts | the options that change the numbers |
 
@@ -37,6 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from parts.data.prompts import LABEL_BUDGET
 from parts.data.tasks import Task, data_dir_from_env, hub_source
 from parts.decomposition.runs import FORMAT_VERSION
 from parts.errors import PartsError
@@ -57,6 +59,7 @@ FIELD_NAMES = {  # how a difference in each field is named
     "split_data": "the split's data",
     "shots": "shots",
     "seed": "seed",
+    "labelled_sets": "the draw of the labelled sets (disjoint across seeds)",
     "split": "split",
     "sample": "sample size",
     "model": "model",
@@ -134,6 +137,7 @@ def run_fingerprint(
         "split_data": split_hash(task, split, data_dir),
         "shots": source.default_shots if shots is None else shots,
         "seed": seed,
+        **({"labelled_sets": _labelled_sets_drawn(seed)} if seed else {}),
         "split": split,
         "sample": "all" if limit is None else limit,
         **model_identity(model),
@@ -145,6 +149,12 @@ def run_fingerprint(
     if label_token_ids is not None:
         fields["label_token_ids"] = list(label_token_ids)
     return fields
+
+
+def _labelled_sets_drawn(seed: int) -> str:
+    """How a seed's labelled set is drawn, for seeds 1 and up (`parts.data.prompts.sample_labeled_set`)."""
+    below = "seed 0" if seed == 1 else f"seeds 0-{seed - 1}"
+    return f"disjoint from those of {below} ({LABEL_BUDGET} labelled each)"
 
 
 def digest(fields: Mapping[str, Any], leave_out: tuple[str, ...] = ("label_token_ids",)) -> str:
