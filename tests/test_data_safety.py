@@ -192,7 +192,7 @@ def test_a_run_of_other_settings_under_a_root_is_refused_or_left(command, argv_f
     before = snapshot(out)
     code, err = run(argv_for(command, out), capsys)
     assert_refused(code, err, out / runs[0])
-    assert "was made otherwise: seed differs from the run's (3 there, now 0)" in err
+    assert "was made otherwise: seed differs from the run's (1 there, now 0)" in err
     assert snapshot(out) == before
 
 
