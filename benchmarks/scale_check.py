@@ -60,6 +60,7 @@ from parts.model.loading import DTYPES, _embedded_checkpoint, from_hf
 from parts.model.preflight import check_device
 
 RESULTS = Path(__file__).with_name("results.md")
+SECTION = "\n## Scale check: "  # the section of results.md the rows are appended to
 GIB = 2**30
 TASK = "sst2"
 # (label, shots, test prompts): the issue's prompt sets.
@@ -385,7 +386,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def record(result: dict[str, Any], table: str, argv: Sequence[str]) -> None:
-    """Append the table to benchmarks/results.md with the command, date, machine and load."""
+    """Append the table to benchmarks/results.md's scale check section with the command, date, machine and load."""
     import transformers
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -393,8 +394,12 @@ def record(result: dict[str, Any], table: str, argv: Sequence[str]) -> None:
     section = (f"\n### {when}: `python benchmarks/scale_check.py {' '.join(argv)}` on {platform.node()} "
                f"({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, transformers "
                f"{transformers.__version__}, torch threads {result['threads']}; load average {load}\n\n{table}\n")
-    with RESULTS.open("a") as out:
-        out.write(section)
+    text = RESULTS.read_text() if RESULTS.is_file() else ""
+    start = text.find(SECTION)
+    end = text.find("\n## ", start + 1) if start >= 0 else -1
+    # At the end of the scale check's section, wherever later sections have been appended since.
+    text = text + section if end < 0 else text[:end] + section + text[end:]
+    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

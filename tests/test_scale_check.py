@@ -97,3 +97,13 @@ def test_a_device_this_machine_lacks_is_refused(monkeypatch):
     monkeypatch.setattr(scale_check, "check_device", lambda device: (_ for _ in ()).throw(PartsError(f"no {device}")))
     with pytest.raises(PartsError, match="no cuda"):
         scale_check.main(["--shape", "tiny", "--device", "cuda"])
+
+
+def test_rows_are_recorded_at_the_end_of_the_scale_check_section(tmp_path, monkeypatch):
+    results = tmp_path / "results.md"
+    results.write_text("# Benchmark results\n\n## Scale check: 7B shapes\n\nabout\n\n## Later section\n\nlater\n")
+    monkeypatch.setattr(scale_check, "RESULTS", results)
+    scale_check.record({"threads": 1}, "| a row |", ["--shape", "tiny"])
+    text = results.read_text()
+    assert text.index("about") < text.index("`python benchmarks/scale_check.py --shape tiny`") \
+        < text.index("| a row |") < text.index("## Later section")
