@@ -95,3 +95,19 @@ def test_a_training_split_too_small_for_disjoint_seeds_is_refused_in_one_line(tm
                                          r"seed 4 needs 100: .* or use seeds 0-1 only$"):
         build_prompts(task, 1, 4, split="test")  # seed 2's set does not fit, so seeds 3 and 4 have no place
     assert len(build_prompts(get_task(small_task(tmp_path / "enough", 120)), 1, 4, split="train")) == 20
+
+
+def test_a_command_whose_highest_seed_does_not_fit_is_refused_before_any_work(tiny_model_dir, tiny_task_file, tmp_path,
+                                                                              capsys):
+    from parts.cli import main
+
+    out = tmp_path / "out"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1",
+            "--seeds", "0-2", "--limit", "4", "--device", "cpu", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["parts evaluate: error: task tiny has 40 labelled training examples (per class [20, 20]); seed 2 "
+                     "needs 52: its own 4 and the 24 of each of seeds 0-1, all disjoint (5 seeds of 24 need 120); add "
+                     "training examples, or use seed 0 only"]
+    assert not out.exists()  # refused before seed 0 ran

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks
 
     tasks = check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
-    check_task_data(args, tasks, args.templates[0], args.seeds[0], "test", args.limit)
+    check_task_data(args, tasks, args.templates[0], args.seeds, "test", args.limit)
     from parts.experiments.checkpoints import (
         checkpoint_figure,
         checkpoint_runs,

@@ -136,17 +136,22 @@ def check_device_option(args: argparse.Namespace) -> None:
         check_device(args.device, here=getattr(args, "ray", None) is None)
 
 
-def check_task_data(args: argparse.Namespace, tasks: Sequence[Task], template: int, seed: int, split: str = "test",
-                    limit: int | None = None, shots: int | None = None) -> None:
+def check_task_data(args: argparse.Namespace, tasks: Sequence[Task], template: int, seeds: int | Sequence[int],
+                    split: str = "test", limit: int | None = None, shots: int | None = None) -> None:
     """Each task's prompts of one setting, built now from its local data: a template field the data lacks, a
     bad label or too few examples of a class is answered before the slow imports, not after the model load.
+    `seeds`: the first seed's prompts, then the highest's (its labelled set is drawn apart from every lower
+    seed's, so a training split too small for it is answered here too, before any seed runs).
     Tasks read from the hub are read when they run; here only whether the hub can be reached, if they are not cached."""
     from parts.data.prompts import build_prompts
     from parts.data.tasks import check_hub_data, reads_local_data
 
+    chosen = [seeds] if isinstance(seeds, int) else list(seeds)
+    checked = list(dict.fromkeys(chosen[:1] + [max(chosen)])) if chosen else []
     for task in tasks:
         if reads_local_data(task, args.data_dir):
-            build_prompts(task, template, seed, shots, split, limit, args.data_dir)
+            for seed in checked:
+                build_prompts(task, template, seed, shots, split, limit, args.data_dir)
         else:
             check_hub_data(task)
 

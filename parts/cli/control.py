@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.alpha < 1:
         raise PartsError(f"--alpha must be between 0 and 1, got {args.alpha}")
     tasks = check_tasks(args.tasks, args.templates)
-    check_task_data(args, tasks, args.templates[0], args.seeds[0], "test", args.limit)
+    check_task_data(args, tasks, args.templates[0], args.seeds, "test", args.limit)
     check_label_words(args, tasks, args.templates)  # a re-initialised model keeps its tokenizer
     if args.csv:
         io.check_file(args.csv)  # refuse before the work if a user's file is in the way

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks
 
     checked = check_tasks(args.tasks, args.templates, args.shots, args.labels)  # before torch is imported: at once
-    check_task_data(args, checked, args.templates[0], args.seeds[0], "test", args.limit, args.shots)
+    check_task_data(args, checked, args.templates[0], args.seeds, "test", args.limit, args.shots)
     check_label_words(args, checked, args.templates)
 
     from parts.errors import PartsError

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks
 
     tasks = check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
-    check_task_data(args, tasks, args.templates[0], args.seeds[0], args.split, args.limit, args.shots)
+    check_task_data(args, tasks, args.templates[0], args.seeds, args.split, args.limit, args.shots)
     check_label_words(args, tasks, args.templates)
 
     from parts.experiments.runner import model_label

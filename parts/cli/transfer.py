@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = parse_pairs(args.pairs)  # before torch is imported: a mistake is reported at once
     check_tasks([task for pair in pairs for task in pair], args.templates)
     sources = check_tasks(list(dict.fromkeys(source for source, _ in pairs)))  # the targets take their words and shots
-    check_task_data(args, sources, args.templates[0], args.seeds[0], "test", args.limit, args.shots)
+    check_task_data(args, sources, args.templates[0], args.seeds, "test", args.limit, args.shots)
     check_label_words(args, sources, args.templates)
 
     from parts.experiments.results import TRANSFER_CSV, results_table
