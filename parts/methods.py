@@ -51,6 +51,9 @@ METHODS = (
     # Beyond the paper (issue 24): each sees exactly the labelled examples CompRW sees, never the test labels.
     Method("comprw-signed", "SignedRW", at_k=False, at_budget=True, beyond_paper=True,
            description="CompRW with weights clipped to [-1, 1] instead of [0, 1]: a bad component can be flipped"),
+    Method("probe-resid", "ResidProbe", at_k=False, at_budget=True, beyond_paper=True,
+           description="logistic regression on the last-token final residual after the final norm, L2 by "
+                       "leave-one-out on the L - k others"),
     Method("probe-logits", "LogitProbe", at_k=False, at_budget=True, beyond_paper=True,
            description="logistic regression on the components x labels logits (unconstrained CompRW), L2 by "
                        "leave-one-out on the L - k others"),

@@ -7,12 +7,17 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from parts.cli import main
 from parts.components import component_names
 from parts.data.prompts import PromptSet
-from parts.decomposition.runs import DecompositionRun
+from parts.decomposition.runs import TENSORS, DecompositionRun
 from parts.errors import PartsError
 from parts.experiments.evaluate import beyond_paper_predictions
+from parts.experiments.results import read_results
+from parts.experiments.runner import decompose_task, run_dir
+from parts.methods import MAIN_METHODS
 from parts.reweighting import masking, supervised
 from parts.reweighting.reweight import predict, train_weights
 
@@ -38,8 +43,7 @@ def make_run(component_logits: torch.Tensor, labels: torch.Tensor, residual: tor
     total = component_logits.sum(1) if model_logits is None else model_logits
     run = DecompositionRun("m", prompts, list(range(n_labels)), 1, 2, component_names(1, 2), component_logits,
                            total - component_logits.sum(1), total)
-    if residual is not None:
-        run.final_residual = residual  # type: ignore[attr-defined]
+    run.final_residual = residual
     return run
 
 
@@ -87,12 +91,13 @@ def test_masking_refuses_no_examples():
 
 
 def test_predictions_never_read_the_test_labels():
-    train = make_run(flipped_case(N_TRAIN) + biased_case(N_TRAIN), gold(N_TRAIN))
-    test = make_run(flipped_case(N_TEST) + biased_case(N_TEST), gold(N_TEST))
+    train = make_run(flipped_case(N_TRAIN) + biased_case(N_TRAIN), gold(N_TRAIN), separable_features(N_TRAIN, 0))
+    test = make_run(flipped_case(N_TEST) + biased_case(N_TEST), gold(N_TEST), separable_features(N_TEST, 1))
     poisoned = dataclasses.replace(test, prompts=dataclasses.replace(test.prompts, labels=(0,) * N_TEST))
     clean, dirty = beyond_paper_predictions(train, test), beyond_paper_predictions(train, poisoned)
     assert clean.keys() == dirty.keys()
-    assert {"comprw-signed", "mask-biased", "probe-logits", "calib-affine"} <= clean.keys()
+    assert {m.key for m in MAIN_METHODS if m.beyond_paper} - {"gates"} <= clean.keys()
+    assert torch.equal(clean["probe-resid"][0], gold(N_TEST))  # the residual holds the label: the probe finds it
     for method in clean:
         assert torch.equal(clean[method][0], dirty[method][0]) and clean[method][1] == dirty[method][1], method
 
@@ -150,3 +155,56 @@ def test_fewer_than_two_per_class_is_a_one_line_error_naming_the_method(fit):
             supervised.fit_affine_calibration(torch.randn(6, 3), labels, method="probe-logits")
     with pytest.raises(PartsError, match="class 2 has 0 of 4"):
         supervised.fit_probe("m", torch.randn(4, 4), torch.tensor([0, 0, 1, 1]), 3)
+
+
+def test_a_run_without_its_final_residual_is_refused_by_the_residual_probe_only():
+    train = make_run(biased_case(N_TRAIN), gold(N_TRAIN))  # as a run saved before parts stored the residual
+    test = make_run(biased_case(N_TEST), gold(N_TEST), separable_features(N_TEST, 1))
+    with pytest.raises(PartsError, match=r"^the test run of t t1 s0 stores no final residual .*probe-resid.*"
+                                         r"pass --recompute-changed to recompute it$"):
+        beyond_paper_predictions(train, test)
+    others = beyond_paper_predictions(train, test, residual=False)
+    assert "probe-resid" not in others and "mask-biased" in others
+
+
+def test_the_stored_residual_is_what_the_unembedding_reads(tiny_model, tiny_task_file, tmp_path):
+    run = decompose_task(tiny_model, tiny_task_file, limit=6, progress=False)
+    assert run.final_residual is not None and run.final_residual.shape == (6, 32)
+    ids = run.label_token_ids
+    bias = tiny_model.b_U[ids].float() if getattr(tiny_model, "b_U", None) is not None else 0.0
+    logits = run.final_residual @ tiny_model.W_U[:, ids].float() + bias
+    torch.testing.assert_close(logits, run.model_logits, atol=1e-4, rtol=1e-4)
+    run.save(tmp_path / "run")
+    again = DecompositionRun.load(tmp_path / "run")
+    assert again == run and torch.equal(again.final_residual, run.final_residual)
+
+
+def test_evaluate_refuses_a_run_saved_without_its_residual_until_recomputed(tmp_path, tiny_model_dir, tiny_task_file,
+                                                                          capsys):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1",
+            "--seeds", "0", "--labels", "12", "--limit", "8", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    folder = run_dir(tmp_path, str(tiny_model_dir), tiny_task_file, 1, 0, "test", limit=8)
+    tensors = load_file(str(folder / TENSORS))
+    save_file({k: v for k, v in tensors.items() if k != "final_residual"}, str(folder / TENSORS))  # as saved before
+    (tmp_path / "results.csv").unlink()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("stores no final residual (saved before parts stored one), which the residual probe "
+                        "(probe-resid) needs: pass --recompute-changed to recompute it") and "\n" not in err
+    assert main([*argv, "--recompute-changed"]) == 0
+    assert DecompositionRun.load(folder).final_residual is not None
+    assert "probe-resid" in set(read_results(tmp_path / "results.csv")["method"])
+
+
+@pytest.mark.integration
+def test_evaluate_on_the_embedded_model_gives_every_method_beyond_the_paper(tmp_path, data_dir):
+    argv = ["evaluate", "--tasks", "sst2", "--templates", "1", "--seeds", "0", "--labels", "24", "--limit", "8",
+            "--data-dir", str(data_dir), "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    rows = read_results(tmp_path / "results.csv")
+    beyond = rows[rows["method"].isin([m.key for m in MAIN_METHODS if m.beyond_paper])]
+    assert set(beyond["method"]) == {m.key for m in MAIN_METHODS if m.beyond_paper}
+    assert set(beyond["labels"]) == {24} and set(beyond["n_test"]) == {8}
+    assert all(round(8 * a) == pytest.approx(8 * a, abs=1e-4) for a in beyond["accuracy"])  # a share of 8 examples

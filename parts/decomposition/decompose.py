@@ -233,7 +233,7 @@ class Decomposer:
 
     def _split(self, logits: Tensor, activations: Activations) -> Decomposition:
         """Component logits from the last position's raw activations (all mathematics is the readout's)."""
-        return Decomposition(*self.readout.split(activations, logits))
+        return Decomposition(*self.readout.split(activations, logits), self.readout.final_residual(activations))
 
     def _prefix_reuse_is_exact(self, token_lists: Sequence[Sequence[int]], order: Sequence[int], batch_size: int,
                                prefix_length: int, result: Decomposition) -> bool:
@@ -286,7 +286,8 @@ class Decomposer:
         def gather(name: str) -> Tensor:
             return torch.cat([getattr(p, name) for p in parts]).cpu()[inverse]
 
-        result = Decomposition(gather("component_logits"), gather("remainder"), gather("model_logits"))
+        result = Decomposition(gather("component_logits"), gather("remainder"), gather("model_logits"),
+                               gather("final_residual"))
         if prefix_length and not self._prefix_reuse_is_exact(token_lists, order, batch_size, prefix_length, result):
             warnings.warn("reusing the demonstrations' keys and values changes this model's logits (its attention "
                           "depends on where the padding sits: ALiBi from slots, a sliding window): every prompt runs "

@@ -3,7 +3,8 @@
 A run saves to a folder holding `summary.json` (what was run and the headline numbers),
 `prompts.jsonl` (one line per example: the exact prompt, its gold label and the token ids the model
 was given, so a run can be checked elsewhere without guessing the tokenisation) and
-`tensors.safetensors` (component logits, remainder, model logits), and parts' marker `.parts`.
+`tensors.safetensors` (component logits, remainder, model logits and, since the residual probe, the last
+position's final residual after the final norm), and parts' marker `.parts`.
 The folder is written under a staging name and renamed into place (`parts.io`), so a folder that
 exists is complete.
 """
@@ -33,6 +34,7 @@ PROMPTS = "prompts.jsonl"
 TENSORS = "tensors.safetensors"
 RUN_KIND = "run"  # what a run folder's marker says it is (parts.io)
 _TENSOR_NAMES = ("component_logits", "remainder", "model_logits")
+FINAL_RESIDUAL = "final_residual"  # an extra tensor of tensors.safetensors; runs saved before it lack it
 
 
 def reconstruction_error(
@@ -87,6 +89,8 @@ class Decomposition:
     component_logits: Float[Tensor, "example component label"]
     remainder: Float[Tensor, "example label"]  # embeddings and biases
     model_logits: Float[Tensor, "example label"]  # the model's own logits at the label words
+    # The last position's final residual after the final norm (what the unembedding reads), for the residual probe.
+    final_residual: Float[Tensor, "example d_model"] | None = None
 
     @property
     def reconstruction_error(self) -> Float[Tensor, " example"]:
@@ -111,6 +115,9 @@ class DecompositionRun:
     token_ids: list[list[int]] | None = None
     # Everything that determined the run (`parts.decomposition.fingerprint`; None: saved before parts recorded it).
     fingerprint: dict[str, Any] | None = None
+    # The last position's final residual after the final norm, d_model floats per example (None: saved before parts
+    # stored it); the input of the residual probe (`parts.experiments.evaluate.beyond_paper_predictions`).
+    final_residual: Float[Tensor, "example d_model"] | None = None
 
     @classmethod
     def from_decomposition(
@@ -121,7 +128,7 @@ class DecompositionRun:
         return cls(
             model, prompts, list(label_token_ids), n_layers, n_heads, list(component_names),
             decomposition.component_logits, decomposition.remainder, decomposition.model_logits, dict(info),
-            None if token_ids is None else [list(t) for t in token_ids], fingerprint,
+            None if token_ids is None else [list(t) for t in token_ids], fingerprint, decomposition.final_residual,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -132,6 +139,7 @@ class DecompositionRun:
             self.summary() == other.summary()
             and self.prompts == other.prompts
             and all(torch.equal(getattr(self, n), getattr(other, n)) for n in _TENSOR_NAMES)
+            and _same(self.final_residual, other.final_residual)
         )
 
     # -- derived numbers ---------------------------------------------------------------
@@ -257,7 +265,10 @@ class DecompositionRun:
         another process saved meanwhile is judged as if it had been there from the start.
         """
         with io.write_folder(path, legacy=is_legacy_run, kind=RUN_KIND, check=check) as staging:
-            save_file({name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}, str(staging / TENSORS))
+            tensors = {name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}
+            if self.final_residual is not None:
+                tensors[FINAL_RESIDUAL] = self.final_residual.contiguous().cpu()
+            save_file(tensors, str(staging / TENSORS))
             p = self.prompts
             token_ids = self.token_ids if self.token_ids is not None else [None] * len(p.prompts)
             rows = [json.dumps({"index": index, "label": label, "prompt": prompt,
@@ -308,8 +319,13 @@ class DecompositionRun:
             summary["component_names"], tensors["component_logits"], tensors["remainder"], tensors["model_logits"],
             summary.get("info", {}),
             [r["token_ids"] for r in rows] if rows and all("token_ids" in r for r in rows) else None,
-            summary.get("fingerprint"),
+            summary.get("fingerprint"), tensors.get(FINAL_RESIDUAL),
         )
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    """Both absent, or bit-identical."""
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
 
 
 _SUMMARY_KEYS = ("model", "task", "template", "seed", "shots", "split", "n_examples", "label_names", "label_words",
@@ -326,8 +342,10 @@ def _check_consistent(folder: Path, summary: dict[str, Any], tensors: dict[str, 
         "remainder": (summary["n_examples"], len(summary["label_names"])),
         "model_logits": (summary["n_examples"], len(summary["label_names"])),
     }
+    if FINAL_RESIDUAL in tensors:
+        expected[FINAL_RESIDUAL] = (summary["n_examples"], *tensors[FINAL_RESIDUAL].shape[1:])
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
+        if tuple(tensors[name].shape) != shape or (name == FINAL_RESIDUAL and len(shape) != 2):
             raise PartsError(
                 f"{folder} is damaged ({name} has shape {tuple(tensors[name].shape)}, the summary says {shape}): "
                 "delete it and rerun"

@@ -18,6 +18,7 @@ L - k training examples as CompRW, never on the test labels:
 | method | labels | what |
 |---|---|---|
 | `comprw-signed` | L | CompRW with weights clipped to [-1, 1] |
+| `probe-resid` | L | logistic regression on the last-token final residual after the final norm, L2 by leave-one-out |
 | `probe-logits` | L | logistic regression on the components x labels logits, L2 by leave-one-out |
 | `calib-affine` | L | a scale and a bias per class on the k-shot label logits, L2 by leave-one-out |
 | `mask-biased` | L | the sum of the components not label-biased on the training prompts |
@@ -49,7 +50,7 @@ from parts import io
 from parts.data.prompts import LABEL_BUDGET, many_shot_order, render_prompt
 from parts.data.tasks import Example, Task, Template, check_tasks, load_split
 from parts.decomposition.decompose import Decomposer
-from parts.decomposition.fingerprint import digest
+from parts.decomposition.fingerprint import RECOMPUTE_FLAG, digest
 from parts.decomposition.runs import DecompositionRun, is_legacy_run
 from parts.errors import PartsError
 from parts.experiments.driver import Executor, SettingWork, Work, drive
@@ -194,18 +195,31 @@ def _accuracy(predictions: Tensor, run: DecompositionRun) -> float:
     return float((predictions == run.labels).float().mean())
 
 
-def beyond_paper_predictions(train: DecompositionRun, test: DecompositionRun, **recipe: Any
+NO_RESIDUAL = ("stores no final residual (saved before parts stored one), which the residual probe (probe-resid) "
+               f"needs: pass {RECOMPUTE_FLAG} to recompute it")
+
+
+def beyond_paper_predictions(train: DecompositionRun, test: DecompositionRun, residual: bool = True, **recipe: Any
                              ) -> dict[str, tuple[Int[Tensor, " example"], str]]:
     """Each method beyond the paper (`parts.methods`, `beyond_paper`): its predictions on the test examples and
     the note of its results row. Trained on `train` (the L - k labelled examples: their labels and
     decompositions) and applied to `test`'s decompositions; `test`'s labels are never read. `recipe` goes to
-    `train_weights` (signed CompRW's)."""
+    `train_weights` (signed CompRW's). `residual=False` leaves out the residual probe; else a run without its
+    final residual is a one-line PartsError."""
     out: dict[str, tuple[Tensor, str]] = {}
+    n_labels = test.component_logits.shape[-1]
+    if residual:
+        for run in (train, test):
+            if run.final_residual is None:
+                raise PartsError(f"the {run.prompts.split} run of {run.prompts.task} t{run.prompts.template} "
+                                 f"s{run.prompts.seed} {NO_RESIDUAL}")
+        assert train.final_residual is not None and test.final_residual is not None
+        probe = supervised.fit_probe("probe-resid", train.final_residual, train.labels, n_labels)
+        out["probe-resid"] = (probe.predict(test.final_residual), probe.note)
     signed = train_weights(train.component_logits, train.labels, **{**recipe, "signed": True})
     out["comprw-signed"] = (predict(signed.weights, test.component_logits, signed=True),
                             f"train acc {signed.train_accuracy:.3f}; {signed.stopped_because} after {signed.epochs} "
                             f"epochs; {int((signed.weights < 0).sum())} weights below 0")
-    n_labels = test.component_logits.shape[-1]
     probe = supervised.fit_probe("probe-logits", train.component_logits, train.labels, n_labels)
     out["probe-logits"] = (probe.predict(test.component_logits), probe.note)
     calibrated = supervised.fit_affine_calibration(train.model_logits, train.labels, method="calib-affine")
@@ -242,6 +256,12 @@ def evaluate_setting(
         run = ensure_run(path, None if loaded else model(), model_label=model_label, task=task, split=split, limit=limit,
                          **run_settings)
         assert run is not None
+        if run.final_residual is None:  # saved before parts stored it: the residual probe cannot run on it
+            if not options.recompute_changed:
+                raise PartsError(f"{path} {NO_RESIDUAL}")
+            run = ensure_run(path, model(), model_label=model_label, task=task, split=split, limit=limit, redo=True,
+                             **run_settings)
+            assert run is not None
         return run
 
     test = decomposition("test", setting.limit)
@@ -343,7 +363,8 @@ def setting_predictions(root: str | Path, model_arg: str | None, setting: Settin
         predictions[("comprw", budget)] = predict(load_weights(test_dir, budget)[1], test.component_logits)
         class_weights = calibration.train_calib_plus(train.model_logits, train.labels)
         predictions[("calib+", budget)] = calibration.calib_plus_predict(class_weights.weights, test.model_logits)
-        for method, (predicted, _) in beyond_paper_predictions(train, test).items():
+        stored = train.final_residual is not None and test.final_residual is not None  # runs saved before: no probe
+        for method, (predicted, _) in beyond_paper_predictions(train, test, residual=stored).items():
             predictions[(method, budget)] = predicted
         many, _ = _cached_logits(test_dir / f"icl-labels{budget}.safetensors", lambda: (torch.empty(0), {}))
         predictions[("icl", budget)] = many.argmax(-1)

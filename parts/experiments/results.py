@@ -52,6 +52,7 @@ NOTE_PATTERNS = {
     "calib+": rf"class weights{_NUMBERS}",
     "comprw-signed": rf"train acc \d+\.\d+; {_TRAINING}; \d+ weights below 0",
     "mask-biased": r"masked \d+ of \d+ components",
+    "probe-resid": r"C \S+ by leave-one-out; train acc \d+\.\d+",
     "probe-logits": r"C \S+ by leave-one-out; train acc \d+\.\d+",
     "calib-affine": r"C \S+ by leave-one-out; train acc \d+\.\d+",
 }

@@ -303,6 +303,7 @@ def ensure_run(
     load: bool = True,
     options: RunOptions | None = None,
     model_label: str | None = None,
+    redo: bool = False,
     **settings: Any,
 ) -> DecompositionRun | None:
     """The finished run at `path`, or run it now with `options` and save it.
@@ -313,7 +314,8 @@ def ensure_run(
     neither: the model is not compared): else it is
     refused, or redone with `options.recompute_changed`. A folder counts as finished only if it loads (runs
     are saved atomically), so an interrupted sweep reruns exactly what it had not finished. With `load=False`
-    a finished run is not read. One process at a time makes a run: another waits, then reuses it.
+    a finished run is not read; with `redo` a finished run of these settings is run again and replaced (one saved
+    before parts stored something now needed). One process at a time makes a run: another waits, then reuses it.
     """
     overrides, settings = RunOptions.split(settings)
     options = resolve(options, **overrides)
@@ -331,7 +333,7 @@ def ensure_run(
     if model is not None:
         wanted["label_token_ids"] = label_token_ids(model.tokenizer, wanted["label_words"])
     with io.lock(path):  # a second process making this run waits for the first, then reuses its run
-        if reusable_run(path, wanted, options):
+        if reusable_run(path, wanted, options) and not redo:
             if not load:
                 return None
             try:

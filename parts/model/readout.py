@@ -422,6 +422,12 @@ class Readout:
             model_logits = logits.float()[:, ids]
         return component_logits, remainder, model_logits
 
+    def final_residual(self, activations: Activations) -> Float[Tensor, "batch d_model"]:
+        """The last position's final residual stream after the final norm (its own scale, weight and bias): what the
+        unembedding reads. Kept per run for the residual probe (parts.reweighting.supervised)."""
+        resid = _last(activations, FINAL_NORM_IN).to(self.unembed.device)
+        return self.final_norm.apply(resid)
+
 
 def _last(activations: Activations, name: str) -> Tensor:
     """A captured activation at the last position, in float32: [batch ...]."""
