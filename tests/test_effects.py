@@ -246,7 +246,7 @@ def test_bad_input_gets_one_line_errors(tiny_llama, tmp_path, monkeypatch, capsy
     with pytest.raises(PartsError, match="differ from the run's"):
         total_effects(tiny_llama, tampered, ablation="zero")
     monkeypatch.setattr(all_positions_module, "ALL_POSITIONS_LIMIT", 5)
-    with pytest.raises(PartsError, match=r"would take about .* h here.*--yes") as caught:
+    with pytest.raises(PartsError, match=r"would take about [0-9.]+ (s|min|h) here.*--yes") as caught:
         total_effects(tiny_llama, run, positions="all")
     assert "\n" not in str(caught.value)
     run.save(tmp_path / "run")

@@ -23,8 +23,8 @@ is one row of a single forward over the last token, started at that layer from t
 stream. Where the model's attention allows it, the rows are positions of one sequence with a mask
 that lets each see only the clean prompt and itself (no copies of the keys and values); otherwise
 (sliding windows, ALiBi) they are rows of a batch with the prompt's keys and values repeated, every
-layer recomputed. Which one ran is checked on the first batch: rows that ablate nothing must give
-the clean logits, or the model is refused.
+layer recomputed. Which one ran is checked on the first batch (the first two layers' ablations): rows
+that ablate nothing must give the clean logits, or the model is refused.
 
 The ablated pass recomputes the final norm from the ablated residual, so a total effect includes the
 norm's response. `freeze_norm` keeps the clean scales of the norms a direct effect reads through

@@ -22,6 +22,13 @@ from parts.model.readout import FINAL_NORM_IN, z_name
 ALL_POSITIONS_LIMIT = 3000
 
 
+def duration(seconds: float) -> str:
+    """`seconds` for a person: seconds under two minutes, minutes under two hours, else hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 class AllPositions(RunnerBase):
     """Ablation at every position (`all_positions`)."""
 
@@ -101,10 +108,13 @@ class AllPositions(RunnerBase):
             clean_logits[rows] = self.label_logits(final).cpu()
             check_clean_logits(self.run, rows, clean_logits[rows], self.dtype)
             if rows is batches[0] and len(self.targets) * n > ALL_POSITIONS_LIMIT and not yes:
-                estimate = clean_seconds * len(batches) * (len(self.targets) + 1)
+                # the first batch's seconds per (padded) token, times every batch's tokens, once per component
+                # and once for this clean pass
+                tokens = [len(batch) * max(len(token_lists[i]) for i in batch) for batch in batches]
+                estimate = clean_seconds / tokens[0] * sum(tokens) * (len(self.targets) + 1)
                 raise PartsError(
                     f"--positions all reruns every prompt once per component: {len(self.targets)} components x {n} "
-                    f"examples would take about {estimate / 3600:.1f} h here (measured on the first batch); add --yes "
+                    f"examples would take about {duration(estimate)} here (measured on the first batch); add --yes "
                     f"to run it, or use a run with fewer examples")
         means = {name: total / counts.clamp(min=1)[:, None] for name, total in sums.items()}
         effects = torch.zeros((n, len(self.targets), n_labels))

@@ -107,6 +107,23 @@ def layer_copies(cache: Any, repeats: int = 1, detach: bool = False) -> Any:
     return new
 
 
+def suffix_keys_values(cache: Any, prefix_length: int) -> list[tuple[Tensor, Tensor]] | None:
+    """Each layer's keys and values after the shared prefix (copies), or None where the cache is not a plain
+    dynamic cache of every position (a sliding window's layers drop keys): then it is not split."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" or layer.keys is None for layer in layers):
+        return None
+    if len({layer.keys.shape[-2] for layer in layers}) != 1 or layers[0].keys.shape[-2] < prefix_length:
+        return None
+    return [(layer.keys[..., prefix_length:, :].clone(), layer.values[..., prefix_length:, :].clone()) for layer in layers]
+
+
+def cache_tensors(cache: Any) -> list[Tensor]:
+    """Every key and value tensor of a cache (to measure it)."""
+    return [t for layer in getattr(cache, "layers", []) for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, Tensor)]
+
+
 def run_digest(run: DecompositionRun) -> str | None:
     """The digest of the run's fingerprint (None: a run saved before parts recorded one): effects record it, so
     effects of a run that was since remade are recognised as stale."""

@@ -22,6 +22,10 @@ from parts.decomposition.exactness import reconstruction_tolerance
 from parts.errors import PartsError
 from parts.model.readout import FINAL_NORM_IN, z_name
 
+# The clean pass for the means keeps every batch's suffix keys and values for the ablations (instead of computing
+# the suffixes twice) while they fit in this many bytes.
+KEEP_BYTES = 2**30
+
 
 class ExactLastPosition(RunnerBase):
     """Exact ablation at the last token (`__call__`)."""
@@ -178,7 +182,8 @@ class ExactLastPosition(RunnerBase):
 
     # -- everything ---------------------------------------------------------------------------------------------
     def layer_groups(self) -> list[tuple[int, list[int]]]:
-        """(layer, indices of the run's components at that layer), layer by layer."""
+        """(layer, indices of the run's components at that layer), layer by layer: the ablations that run as rows
+        of one forward started at that layer (more layers per forward measured no faster: benchmarks/results.md)."""
         groups: dict[int, list[int]] = {}
         for i, target in enumerate(self.targets):
             groups.setdefault(target.layer, []).append(i)
@@ -190,19 +195,21 @@ class ExactLastPosition(RunnerBase):
         clean_logits = self.label_logits(clean.final_in)
         scale = (self.readout.final_norm.scale(clean.final_in) if self.freeze_norm else None)
         effects = torch.zeros((len(batch.rows), len(self.targets), clean_logits.shape[-1]), device=self.device)
-        positions_agree = True
-        for layer, indices in self.layer_groups():
-            targets: list[Target | None] = [self.targets[i] for i in indices]
-            if check:
-                final, agree = self._checked(batch, clean, layer, targets, replacement, clean_logits)
-                positions_agree = positions_agree and agree
-            else:
-                mode = self.mode or "batch"
-                final = self.ablated_final(batch, clean, layer, targets, replacement, mode, mode == "positions")
+        groups = self.layer_groups()
+        checked: dict[int, Tensor] = {}
+        if check:  # the first two layers' ablations: rows through every layer, and rows started past the embeddings
+            agree = True
+            for layer, indices in groups[:2]:
+                checked[layer], agrees = self._checked(batch, clean, layer, [self.targets[i] for i in indices],
+                                                       replacement, clean_logits)
+                agree = agree and agrees
+            self.mode = "positions" if agree else "batch"
+        for layer, indices in groups:
+            final = checked[layer] if layer in checked else self.ablated_final(
+                batch, clean, layer, [self.targets[i] for i in indices], replacement, self.mode or "batch",
+                self.mode == "positions")
             logits = self.label_logits(final, None if scale is None else scale[:, None].expand(final.shape[:2]))
             effects[:, indices] = clean_logits[:, None] - logits
-        if check:
-            self.mode = "positions" if positions_agree else "batch"
         return effects
 
     def _checked(self, batch: Batch, clean: Clean, layer: int, targets: list[Target | None], replacement: Any,
@@ -234,12 +241,14 @@ class ExactLastPosition(RunnerBase):
         started, cpu_started = time.perf_counter(), time.process_time()
         self.settle_batching()
         n = self.run.n_examples
-        replacement = self._replacement_pass()
+        replacement, kept = None, None
+        if self.ablation != "zero":  # the clean pass for the replacements keeps the batches' keys and values
+            replacement, kept = self.clean_pass(KEEP_BYTES)
         effects = torch.zeros((n, len(self.targets), len(self.run.label_token_ids)))
         clean_logits = torch.zeros((n, len(self.run.label_token_ids)))
         with tqdm(total=n, desc="total effects", disable=not self.progress, unit="example") as bar:
-            for number, batch in enumerate(self.batches()):
-                clean = self.clean(batch)
+            for number, batch in enumerate(self.batches() if kept is None else self.kept_batches(kept)):
+                clean = batch.clean if batch.clean is not None else self.clean(batch)
                 logits = self.label_logits(clean.final_in).cpu()
                 check_clean_logits(self.run, batch.rows, logits, self.dtype)
                 effects[batch.rows] = self.effects_of_batch(batch, clean, replacement, check=number == 0).cpu()

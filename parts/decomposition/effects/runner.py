@@ -22,10 +22,12 @@ from parts.decomposition.effects.common import (
     RESAMPLE_SEED,
     Batch,
     Clean,
+    cache_tensors,
     check_clean_logits,
     check_run_matches,
     layer_copies,
     resample_order,
+    suffix_keys_values,
     targets_of,
 )
 from parts.decomposition.runs import DecompositionRun
@@ -64,6 +66,9 @@ class RunnerBase:
         self.blocks: nn.ModuleList = getattr(self.blocks_parent, self.blocks_attr)
         self.mode: str | None = None  # "positions" or "batch", settled on the first batch
         self.prefix_reuse = True
+        self._prefix: tuple[list[int], Any] | None = None  # the shared prefix's tokens and keys and values
+        self.prefix: Any = None  # the latest pass's prefix cache (None: no shared prefix)
+        self.prefix_length = 0
         self.model_type = str(getattr(self.hf.config, "model_type", type(self.hf).__name__))
         self._rows_shape = (0, 0)  # examples, rows per example of the running forward
 
@@ -83,10 +88,10 @@ class RunnerBase:
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if prefix_length and isinstance(window, int) and max(len(t) for t in token_lists) > window:
             prefix_length = 0  # padding after a prefix would take a sliding window's key slots (as in decompose)
-        prefix_cache = self.decomposer.prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
+        prefix_cache = self._prefix_cache(token_lists[0][:prefix_length]) if prefix_length else None
         if prefix_cache is None:
             prefix_length = 0
-        self.prefix_length = prefix_length
+        self.prefix_length, self.prefix = prefix_length, prefix_cache
         order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
         pad = self.decomposer.pad_token_id
         for start in range(0, len(order), self.batch_size):
@@ -111,6 +116,44 @@ class RunnerBase:
                                      past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = output.past_key_values
             yield Batch(rows, ids, mask, cache)
+
+    def _prefix_cache(self, tokens: list[int]) -> Any:
+        """The shared prefix's keys and values, computed once per runner (every pass over the batches reuses them)."""
+        if self._prefix is None or self._prefix[0] != tokens:
+            self._prefix = (tokens, self.decomposer.prefix_cache(tokens))
+        return self._prefix[1]
+
+    def clean_pass(self, keep_bytes: int = 0) -> tuple[Any, list[tuple[Batch, list[tuple[Tensor, Tensor]] | None]] | None]:
+        """Every batch's clean last token, and the replacement computed from them (None: zero ablation); with
+        `keep_bytes`, also the batches, their suffixes' keys and values kept while they fit in that many bytes
+        (None: they did not, or this cache cannot be split from the prefix), for `kept_batches`."""
+        cleans = []
+        kept: list[tuple[Batch, list[tuple[Tensor, Tensor]] | None]] | None = [] if keep_bytes > 0 else None
+        size = 0
+        for batch in tqdm(self.batches(), desc="clean pass", disable=not self.progress, unit="batch"):
+            batch.clean = self.clean(batch)
+            cleans.append((batch.rows, batch.clean))
+            if kept is not None:
+                suffix = suffix_keys_values(batch.cache, self.prefix_length) if self.prefix is not None else None
+                tensors = [t for pair in suffix for t in pair] if suffix is not None else cache_tensors(batch.cache)
+                size += sum(t.numel() * t.element_size() for t in tensors)
+                if size > keep_bytes or (self.prefix is not None and suffix is None):
+                    kept = None  # recomputed instead: one batch's keys and values alive at a time
+                else:
+                    kept.append((Batch(batch.rows, batch.ids, batch.mask, None if suffix is not None else batch.cache,
+                                       batch.clean), suffix))
+        return self.replacements(cleans), kept
+
+    def kept_batches(self, kept: list[tuple[Batch, list[tuple[Tensor, Tensor]] | None]]) -> Iterator[Batch]:
+        """The batches `clean_pass` kept, each with its full cache again (the shared prefix's, then its suffix's)."""
+        for batch, suffix in kept:
+            if suffix is not None:
+                batch.cache = copy.deepcopy(self.prefix)
+                batch.cache.batch_repeat_interleave(len(batch.rows))
+                for layer, (keys, values) in zip(batch.cache.layers, suffix, strict=True):
+                    layer.keys, layer.values = torch.cat([layer.keys, keys], -2), torch.cat([layer.values, values], -2)
+            yield batch
+            batch.cache = None
 
     def settle_batching(self) -> None:
         """Keep batching (and the shared prefix's reuse) only where the first batch's clean logits are the run's:
@@ -186,6 +229,11 @@ class RunnerBase:
         """Per example of the run, what each head's z and each MLP part is replaced by (None: zero ablation)."""
         if self.ablation == "zero":
             return None
+        return self.replacement_of(*self.stack_cleans(cleans))
+
+    def stack_cleans(self, cleans: list[tuple[list[int], Clean]]
+                     ) -> tuple[Float[Tensor, "example layer head d_head"], list[Float[Tensor, "example part d_model"]]]:
+        """Every example's clean z and MLP parts, in the run's order, from the batches' clean values."""
         n = self.run.n_examples
         z = torch.zeros((n, *cleans[0][1].z.shape[1:]), device=self.device)
         mlp = [torch.zeros((n, *part.shape[1:]), device=self.device) for part in cleans[0][1].mlp_parts]
@@ -194,9 +242,16 @@ class RunnerBase:
             z[index] = clean.z
             for layer, part in enumerate(clean.mlp_parts):
                 mlp[layer][index] = part
+        return z, mlp
+
+    def replacement_of(self, z: Float[Tensor, "example layer head d_head"], mlp: list[Float[Tensor, "example part d_model"]]
+                       ) -> tuple[Tensor, list[Tensor]] | None:
+        """What the ablation replaces every example's clean z and MLP parts by (None: zero ablation)."""
+        if self.ablation == "zero":
+            return None
         if self.ablation == "mean":
             return z.mean(0, keepdim=True).expand_as(z), [m.mean(0, keepdim=True).expand_as(m) for m in mlp]
-        source = resample_order(n)
+        source = resample_order(self.run.n_examples)
         return z[source], [m[source] for m in mlp]
 
     def _rows(self, value: Tensor) -> Tensor:
@@ -215,18 +270,3 @@ class RunnerBase:
         if self.run.info.get("split_experts"):
             info["split_experts"] = True
         return info
-
-    def _replacement_pass(self) -> Any:
-        if self.ablation == "zero":
-            return None
-        cleans = [(batch.rows, self.clean(batch))  # one batch's keys and values alive at a time
-                  for batch in tqdm(self.batches(), desc="clean pass", disable=not self.progress, unit="batch")]
-        return self.replacements(cleans)
-
-    def _deltas(self, batch: Batch, clean: Clean, replacement: Any) -> tuple[Tensor, list[Tensor]]:
-        """(replacement - clean) for every head's z and every MLP part of a batch."""
-        if replacement is None:
-            return -clean.z, [-part for part in clean.mlp_parts]
-        index = torch.tensor(batch.rows, device=self.device)
-        return replacement[0][index] - clean.z, [r[index] - part for r, part in zip(replacement[1], clean.mlp_parts, strict=True)]
-
