@@ -31,7 +31,7 @@ EXPORTS = {
     "sweep": "parts.experiments.sweep",
     "component_table": "parts.analysis.analyze",
     "inspect_head": "parts.analysis.inspect_head",
-    "total_effects": "parts.decomposition.effects",
+    "total_effects": "parts.decomposition.effects.api",
     "TotalEffects": "parts.decomposition.effect_data",
     "PartsError": "parts.errors",
 }

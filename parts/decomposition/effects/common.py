@@ -40,6 +40,7 @@ class Target:
 
 
 def targets_of(names: Sequence[str], n_experts: Sequence[int]) -> list[Target]:
+    """Where each named component's output is replaced (`n_experts`: per layer, 0 unless experts are split)."""
     targets = []
     for name in names:
         component = parse_component(name)
@@ -66,6 +67,8 @@ class Clean:
 
 @dataclass
 class Batch:
+    """A batch of the run's examples: its suffix tokens, mask, and the keys and values of every position but the last."""
+
     rows: list[int]  # which examples of the run, in order
     ids: Int[Tensor, "batch pos"]  # left-padded suffixes (after the shared prefix)
     mask: Int[Tensor, "batch key"]  # prefix + suffix
