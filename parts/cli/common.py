@@ -222,3 +222,41 @@ def executor(args: argparse.Namespace) -> Any:
     from parts.experiments.ray_executor import RayExecutor  # imports Ray only when asked for
 
     return RayExecutor(args.ray, gpus_per_worker=args.gpus_per_worker, workers=args.workers)
+
+
+def add_dry_run_options(parser: argparse.ArgumentParser) -> None:
+    """`--dry-run` and what it assumes (`parts.experiments.plan`): a plan printed, nothing loaded or written."""
+    group = parser.add_argument_group("planning (docs/guide/plan.md)")
+    group.add_argument("--dry-run", action="store_true",
+                       help="load no weights and write nothing: print the settings to run and done, forward tokens, "
+                            "components, peak memory and batch size, disk and estimated time")
+    group.add_argument("--assume", metavar="DEVICE", default=None,
+                       help="with --dry-run: estimate for a recorded device (h200, a100, cpu-2core, ...) instead of "
+                            "probing this one")
+    group.add_argument("--shape", metavar="NAME", default=None,
+                       help="with --dry-run: plan for a model shape built in code (llama-2-7b, mistral-7b, llama-3-8b) "
+                            "instead of --model, tokenised with the embedded model's tokenizer")
+
+
+def wants_plan(args: argparse.Namespace) -> bool:
+    """Whether the command is to print its plan (`--dry-run`); `--assume` / `--shape` without it, or an unknown
+    `--assume` device, is a one-line error before anything is imported."""
+    from parts.errors import PartsError
+
+    if not args.dry_run and (args.assume is not None or args.shape is not None):
+        raise PartsError("--assume and --shape describe a plan: add --dry-run")
+    if args.assume is not None:
+        from parts.experiments.plan import assumed_device
+
+        assumed_device(args.assume)
+    return bool(args.dry_run)
+
+
+def plan_target(args: argparse.Namespace, dtype: str | None = None) -> Any:
+    """The model and device a `--dry-run` plans for (`parts.experiments.plan.load_target`)."""
+    from parts.experiments.options import dtype_name
+    from parts.experiments.plan import load_target
+
+    return load_target(getattr(args, "model", None), getattr(args, "revision", None),
+                       dtype_name(dtype or getattr(args, "dtype", None) or "float32"), getattr(args, "device", None),
+                       args.assume, args.shape)

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from parts.cli.common import (
+    add_dry_run_options,
     add_executor_options,
     add_model_options,
     add_run_options,
@@ -16,7 +17,9 @@ from parts.cli.common import (
     executor,
     int_list,
     name_list,
+    plan_target,
     run_options,
+    wants_plan,
 )
 
 
@@ -38,12 +41,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, help="root folder of the run folders")
     add_model_options(parser)
     add_executor_options(parser)
+    add_dry_run_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks
 
+    dry_run = wants_plan(args)
     tasks = check_tasks(args.tasks, args.templates)  # before torch is imported: a mistake is reported at once
     check_task_data(args, tasks, args.templates[0], args.seeds, args.split, args.limit, args.shots)
     check_label_words(args, tasks, args.templates)
@@ -56,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
     planned = plan_sweep(label, args.tasks, args.templates, args.seeds, args.split, args.limit, args.shots, args.out,
                          options)
     already = sum(run.is_done(options) for run in planned)  # a run made otherwise is refused here, before any work
+    if dry_run:
+        from parts.experiments.plan import sweep_plan
+
+        plan = sweep_plan(plan_target(args), planned, options)
+        print(plan.describe())
+        plan.check_fits()
+        return 0
     start = time.perf_counter()
     paths = sweep(args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit,
                   shots=args.shots, out=args.out, revision=args.revision, options=options, executor=executor(args))

@@ -101,10 +101,17 @@ def auto_batch_size(
     """The largest batch whose longest prompts fit a share of free memory, from 1 to MAX_AUTO_BATCH_SIZE (8 on a CPU)."""
     device = model.W_U.device
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    budget = free * MEMORY_FRACTION.get(device.type, 0.5)
+    return planned_batch_size(model.cfg, device.type, model.W_U.element_size(), token_lists, prefix_length, free)
+
+
+def planned_batch_size(cfg: Any, device_type: str, element_bytes: int, token_lists: Sequence[Sequence[int]],
+                       prefix_length: int, free_bytes: int) -> int:
+    """`auto_batch_size` from the model's shape alone (`cfg`: any object with `prompt_memory_bytes`' fields), so a
+    plan can choose it before the weights load (`parts.experiments.plan`); `free_bytes` is what the batches may use."""
+    budget = free_bytes * MEMORY_FRACTION.get(device_type, 0.5)
     longest = max(len(t) for t in token_lists) - prefix_length
-    per_prompt = ESTIMATE_MARGIN * prompt_memory_bytes(model.cfg, longest, prefix_length, model.W_U.element_size())
-    cap = MAX_AUTO_BATCH_SIZE_CPU if device.type == "cpu" else MAX_AUTO_BATCH_SIZE
+    per_prompt = ESTIMATE_MARGIN * prompt_memory_bytes(cfg, longest, prefix_length, element_bytes)
+    cap = MAX_AUTO_BATCH_SIZE_CPU if device_type == "cpu" else MAX_AUTO_BATCH_SIZE
     return max(1, min(cap, len(token_lists), int(budget // per_prompt)))
 
 

@@ -1,0 +1,675 @@
+"""A plan before a long run (`--dry-run`): what a command would forward, hold in memory, write and take, from the
+model's config and tokenizer alone (no weights load).
+
+The counting follows the decomposition step for step (`parts.decomposition.decompose`): the same prompts are
+built and tokenised, the shared prefix is run once (`Decomposer.shared_prefix_length`, off past a sliding
+window), the suffixes run longest first in batches of the size `auto` would choose (`planned_batch_size`, from the
+memory left once the weights are in), each batch padded to its longest prompt, and the one full-prompt check that
+prefix reuse is exact runs when a call pads more than any before it on the same model (`VERIFIED_PADDING`).
+What is already on disk, made as asked (the commands' own reuse checks), is counted as done and not forwarded.
+
+- `ModelShape`: the sizes a plan needs, from a Hugging Face config (parameters counted on the meta device);
+  `NAMED_SHAPES` holds configs built in code (a Llama-2-7B or Mistral-7B shape) for planning without the hub.
+- `check_fits`: refuse a model or batch that will not fit in memory before anything loads, naming the estimate
+  and the `--batch-size`, `--dtype` or `--device` that would fit (`benchmarks/scale_check.py` calls it too).
+- `DEVICES`: recorded rates for `--assume NAME`; `probe_rate`: a few-second probe of this device (one block).
+- `Plan`: the settings, forward calls and files; `Plan.describe()` is what `--dry-run` prints.
+
+Time is a cost model, not a measurement: the FLOPs of every forward (linear layers at the device's block rate,
+attention's query-key pairs at `ATTENTION_EFFICIENCY` of it, from this project's CPU profile in
+benchmarks/results.md), plus a fixed cost per batch, per call and per model load. The rate is probed here (one
+random block of the model's width, a few seconds: other processes on the cores slow it as they slow the run) or
+recorded for a named device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parts.components import component_names
+from parts.data.prompts import build_prompts, label_token_ids
+from parts.decomposition.decompose import (
+    ESTIMATE_MARGIN,
+    MEMORY_FRACTION,
+    Decomposer,
+    free_memory_bytes,
+    planned_batch_size,
+    prompt_memory_bytes,
+)
+from parts.decomposition.runs import PROMPTS, SUMMARY, TENSORS, Decomposition, DecompositionRun
+from parts.errors import PartsError
+from parts.experiments.runner import model_label
+from parts.model.loading import DTYPES
+from parts.model.locations import EMBEDDED_ALIASES, files_on_disk, resolve_model_name
+
+GIB = 1024**3
+
+# Cost model (see the module docstring): the probed block rate counts a forward's linear layers fully; attention
+# over a long cached prefix runs at a lower share of it (benchmarks/results.md: 1.5 us per query-key pair over the
+# embedded model's 30 layers, 46 GFLOP/s a core, against 73 in the linear layers); fixed costs in seconds.
+LINEAR_EFFICIENCY = 1.0
+ATTENTION_EFFICIENCY = 0.6
+SECONDS_PER_BATCH_LAYER = 0.0012  # hooks, cache copies and Python per layer per batch (CPU profile)
+SECONDS_PER_CALL = 0.3  # tokenising, sorting, the readout, the reconstruction check, saving
+SECONDS_PER_WEIGHT_BYTE = 1 / 0.4e9  # loading the weights (a converted checkpoint: ~0.4 GB/s here)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device a plan can assume: its memory and its dense matmul rate (FLOP/s) per dtype."""
+
+    name: str
+    kind: str  # "cpu" or "cuda": which batch-size cap and memory share apply
+    memory_bytes: int
+    rates: dict[str, float]
+    source: str  # where the numbers come from
+
+    def rate(self, dtype: str) -> float:
+        """Its rate in `dtype` (float32's where none is recorded)."""
+        return self.rates.get(dtype, self.rates["float32"])
+
+
+# Forward rates (FLOP/s of a transformer block, as `probe_rate` measures them). The CPU's: this project's 2-core VM
+# idle, 73 GFLOP/s a core in the linear layers of a forward (benchmarks/results.md; bf16 and fp16 have no fast path
+# there). The GPUs': half their dense matmul rate (an H200's ~790 TFLOP/s bf16 measured on a lent machine, the
+# others' vendor figures; float32 without TF32), for a forward's smaller operations: not measured by parts.
+DEVICES = {
+    "cpu-2core": Device("cpu-2core", "cpu", 24 * GIB, {"float32": 146e9, "bfloat16": 40e9, "float16": 20e9},
+                        "recorded: this project's 2-core VM, idle"),
+    "cpu-1core": Device("cpu-1core", "cpu", 24 * GIB, {"float32": 73e9, "bfloat16": 20e9, "float16": 10e9},
+                        "recorded: one core of this project's VM"),
+    "h200": Device("h200", "cuda", 139 * GIB, {"float32": 33e12, "bfloat16": 395e12, "float16": 395e12},
+                   "recorded: H200 141 GB, half the measured bf16 matmul rate"),
+    "h100": Device("h100", "cuda", 79 * GIB, {"float32": 33e12, "bfloat16": 395e12, "float16": 395e12},
+                   "vendor: H100 80 GB SXM, half the dense rate; not measured"),
+    "a100": Device("a100", "cuda", 79 * GIB, {"float32": 10e12, "bfloat16": 156e12, "float16": 156e12},
+                   "vendor: A100 80 GB, half the dense rate; not measured"),
+    "a100-40gb": Device("a100-40gb", "cuda", 39 * GIB, {"float32": 10e12, "bfloat16": 156e12, "float16": 156e12},
+                        "vendor: A100 40 GB, half the dense rate; not measured"),
+    "l4": Device("l4", "cuda", 22 * GIB, {"float32": 15e12, "bfloat16": 60e12, "float16": 60e12},
+                 "vendor: L4 24 GB, half the dense rate; not measured"),
+}
+
+
+def assumed_device(name: str) -> Device:
+    """The recorded device `--assume NAME` names; a one-line error listing the known ones otherwise."""
+    key = name.strip().lower()
+    if key not in DEVICES:
+        raise PartsError(f"unknown device {name!r} for --assume: use one of {', '.join(DEVICES)}")
+    return DEVICES[key]
+
+
+# -- the model's shape -------------------------------------------------------------------------------------------
+# Configs built in code, for planning (and `benchmarks/scale_check.py`) without the hub: Hugging Face config
+# class name and its keyword arguments.
+NAMED_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-2-7b": ("LlamaConfig", {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                                   "max_position_embeddings": 4096, "tie_word_embeddings": False}),
+    "mistral-7b": ("MistralConfig", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+                                     "max_position_embeddings": 32768, "sliding_window": None,
+                                     "tie_word_embeddings": False}),
+    "llama-3-8b": ("LlamaConfig", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                                   "max_position_embeddings": 8192, "tie_word_embeddings": False}),
+}
+
+
+def named_config(name: str) -> Any:
+    """The Hugging Face config of a named shape (`NAMED_SHAPES`); a one-line error listing them otherwise."""
+    if name not in NAMED_SHAPES:
+        raise PartsError(f"unknown model shape {name!r}: use one of {', '.join(NAMED_SHAPES)}")
+    import transformers
+
+    class_name, kwargs = NAMED_SHAPES[name]
+    return getattr(transformers, class_name)(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs to know about a model: its sizes (TransformerLens's names, as `prompt_memory_bytes` reads
+    them), its parameters (all, and those a token passes through in the blocks) and its sliding window."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    n_key_value_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    parameters: int
+    block_parameters: int  # per token: the blocks' weights, a mixture of experts' counted for the experts used
+    sliding_window: int | None = None
+
+    @property
+    def components(self) -> int:
+        """Heads and MLPs: one component each (experts kept whole)."""
+        return self.n_layers * (self.n_heads + 1)
+
+    def weights_bytes(self, element_bytes: int) -> int:
+        """Memory of the weights at `element_bytes` a parameter."""
+        return self.parameters * element_bytes
+
+    @classmethod
+    def from_config(cls, config: Any, name: str) -> ModelShape:
+        """The shape of a Hugging Face config; parameters counted on a model built on the meta device (no memory)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        total = sum(p.numel() for p in model.parameters())
+        outside = {id(model.get_input_embeddings().weight)}
+        output = model.get_output_embeddings()
+        if output is not None:
+            outside.add(id(output.weight))
+        n_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+        used = getattr(config, "num_experts_per_tok", None) or n_experts
+        block = 0.0
+        for param_name, param in model.named_parameters():
+            if id(param) in outside:
+                continue
+            share = used / n_experts if n_experts and ".experts." in param_name else 1.0
+            block += param.numel() * share
+        n_heads = int(config.num_attention_heads)
+        d_head = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        return cls(
+            name=name, n_layers=int(config.num_hidden_layers), n_heads=n_heads,
+            n_key_value_heads=int(getattr(config, "num_key_value_heads", None) or n_heads), d_head=d_head,
+            d_model=int(config.hidden_size),
+            d_mlp=int(getattr(config, "intermediate_size", None) or getattr(config, "moe_intermediate_size", 0) or
+                      4 * config.hidden_size),
+            d_vocab=int(config.vocab_size), n_ctx=int(getattr(config, "max_position_embeddings", 2048)),
+            parameters=int(total), block_parameters=int(block),
+            sliding_window=window if isinstance(window, int) else None,
+        )
+
+
+def element_bytes(dtype: str) -> int:
+    """Bytes a weight of `dtype` takes (a canonical name: float32, bfloat16, float16)."""
+    return 4 if dtype == "float32" else 2
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+def batch_bytes(shape: ModelShape, longest_suffix: int, prefix: int, batch_size: int, dtype: str) -> int:
+    """Estimated peak memory of one batch beyond the weights: `ESTIMATE_MARGIN` x `prompt_memory_bytes` per prompt
+    (what `auto` plans with), plus the shared prefix's keys and values."""
+
+    size = element_bytes(dtype)
+    prefix_cache = 2 * shape.n_layers * shape.n_key_value_heads * shape.d_head * prefix * size
+    return batch_size * ESTIMATE_MARGIN * prompt_memory_bytes(shape, longest_suffix, prefix, size) + prefix_cache
+
+
+def free_bytes_here(device: str | None) -> tuple[str, int]:
+    """(kind, memory free now) of the device a command would run on: a GPU's free memory, else available RAM."""
+    import torch
+
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    return resolved.type, free_memory_bytes(resolved)
+
+
+def check_fits(shape: ModelShape, dtype: str, device_kind: str, free_bytes: int, longest_suffix: int = 1,
+               prefix: int = 0, batch_size: int = 1, where: str = "this device") -> None:
+    """Refuse, before anything loads, a model whose weights and one batch (`batch_size` prompts of `longest_suffix`
+    new tokens after a `prefix`) will not fit in `free_bytes` (the share `auto` plans with: 80% of a GPU's, half
+    of a CPU's). The one-line error gives the estimate and what would fit: a smaller `--batch-size`, `--dtype
+    bfloat16`, or a recorded device (`DEVICES`) with the memory."""
+
+    budget = int(free_bytes * MEMORY_FRACTION.get(device_kind, 0.5))
+    weights = shape.weights_bytes(element_bytes(dtype))
+    batch = batch_bytes(shape, longest_suffix, prefix, batch_size, dtype)
+    if weights + batch <= budget:
+        return
+    one = batch_bytes(shape, longest_suffix, prefix, 1, dtype)
+    fixes = []
+    if weights + one <= budget:
+        per_prompt = batch_bytes(shape, longest_suffix, prefix, 2, dtype) - one
+        fixes.append(f"--batch-size {max(1, 1 + (budget - weights - one) // max(per_prompt, 1))}")
+    else:
+        if dtype == "float32" and shape.weights_bytes(2) + batch_bytes(shape, longest_suffix, prefix, 1, "bfloat16") <= budget:
+            fixes.append("--dtype bfloat16")
+        need = weights + one
+        bigger = [d.name for d in DEVICES.values() if d.kind == "cuda"
+                  and need <= d.memory_bytes * MEMORY_FRACTION["cuda"]]
+        fixes.append(f"--device cuda on a GPU of {need / MEMORY_FRACTION['cuda'] / GIB:.0f} GiB or more"
+                     + (f" ({', '.join(bigger)})" if bigger else "") + ", or --device auto over several GPUs")
+    raise PartsError(
+        f"{shape.name} in {dtype} will not fit on {where}: about {(weights + batch) / GIB:.1f} GiB "
+        f"({weights / GIB:.1f} GiB of weights + {batch / GIB:.2f} GiB for a batch of {batch_size} at "
+        f"{prefix + longest_suffix} tokens) against {budget / GIB:.1f} GiB usable of {free_bytes / GIB:.1f} GiB free: "
+        f"use {' or '.join(fixes)}"
+    )
+
+
+# -- the rate --------------------------------------------------------------------------------------------------
+def probe_rate(shape: ModelShape, dtype: str, device: str | None = None, seconds: float = 1.0, tokens: int = 256
+               ) -> float:
+    """This device's rate (FLOP/s) on one transformer block of the model's width, in its dtype, timed for about
+    `seconds`: norm, query/key/value/output projections, causal attention over `tokens`, a gated MLP. Random weights
+    of one block only (at most 2,048 wide: a 7B block's shape, narrowed), never the model's. A block rather than a
+    bare matmul, so the norms, softmax and small operations (and other processes sharing the cores) are counted as
+    a forward pass meets them."""
+    import torch
+
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    scale = min(1.0, 2048 / shape.d_model)
+    d_model, d_mlp = int(shape.d_model * scale), int(shape.d_mlp * scale)
+    n_heads, d_head = max(1, int(shape.n_heads * scale)), shape.d_head
+    n_kv = max(1, min(n_heads, int(shape.n_key_value_heads * scale)))
+    kind, torch_dtype = torch.device(device).type, DTYPES[dtype]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def weight(rows: int, columns: int) -> Any:
+        return (torch.randn(rows, columns, generator=generator) / rows**0.5).to(device=device, dtype=torch_dtype)
+
+    w_q, w_kv, w_o = weight(d_model, n_heads * d_head), weight(d_model, 2 * n_kv * d_head), weight(n_heads * d_head, d_model)
+    w_gate_up, w_down = weight(d_model, 2 * d_mlp), weight(d_mlp, d_model)
+    x = torch.randn(tokens, d_model, generator=generator).to(device=device, dtype=torch_dtype)
+    params = d_model * (n_heads + 2 * n_kv) * d_head + n_heads * d_head * d_model + 3 * d_model * d_mlp
+    flops_each = 2 * tokens * params + 4 * n_heads * d_head * tokens * (tokens + 1) // 2
+
+    def block(x: Any) -> Any:
+        h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(x.dtype)
+        q = (h @ w_q).view(1, tokens, n_heads, d_head).transpose(1, 2)
+        k, v = (h @ w_kv).view(1, tokens, 2, n_kv, d_head).permute(2, 0, 3, 1, 4)
+        k, v = k.repeat_interleave(n_heads // n_kv, 1), v.repeat_interleave(n_heads // n_kv, 1)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + attended.transpose(1, 2).reshape(tokens, n_heads * d_head) @ w_o
+        h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(x.dtype)
+        gate, up = (h @ w_gate_up).chunk(2, dim=-1)
+        return x + (torch.nn.functional.silu(gate) * up) @ w_down
+
+    def sync() -> None:
+        if kind == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        block(x)  # warm-up
+        sync()
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            block(x)
+            runs += 1
+            if runs % 4 == 0:
+                sync()
+        sync()
+        elapsed = time.perf_counter() - start
+    return flops_each * runs / elapsed
+
+
+# -- counting one decomposition call ---------------------------------------------------------------------------------
+@dataclass
+class Call:
+    """One `Decomposer` call of a plan (a run, or a set of full-model logits): what it forwards.
+
+    `batches` are (prompts, padded width) after the shared prefix; `check_tokens` the one full prompt run alone to
+    check that prefix reuse is exact (0 when an earlier call on the model already padded as much)."""
+
+    label: str
+    prompts: int
+    tokens: int  # the prompts' own tokens
+    prefix: int
+    batch_size: int
+    batches: list[tuple[int, int]]
+    check_tokens: int
+    longest: int
+
+    @property
+    def forwarded(self) -> int:
+        """Token positions run through the model: the prefix once, every batch's padded rows, the check."""
+        return self.prefix + sum(rows * width for rows, width in self.batches) + self.check_tokens
+
+    @property
+    def query_keys(self) -> int:
+        """Query-key pairs of attention (padding included: it is computed, then masked)."""
+        pairs = self.prefix * (self.prefix + 1) // 2 + self.check_tokens * (self.check_tokens + 1) // 2
+        for rows, width in self.batches:
+            pairs += rows * (width * self.prefix + width * (width + 1) // 2)
+        return pairs
+
+    @property
+    def logit_rows(self) -> int:
+        """Positions unembedded (the last one of each forward only)."""
+        return (1 if self.prefix else 0) + sum(rows for rows, _ in self.batches) + (1 if self.check_tokens else 0)
+
+
+def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+    """`Decomposer.shared_prefix_length` (imported, so the plan counts as the decomposition does)."""
+
+    return Decomposer.shared_prefix_length(token_lists)
+
+
+@dataclass
+class Planner:
+    """Counts calls on one model as the decomposition would run them, in order: the exactness check of prefix reuse
+    is run once per model and again only for a call that pads more (`VERIFIED_PADDING`), so the state is kept here."""
+
+    shape: ModelShape
+    dtype: str
+    device_kind: str
+    free_bytes: int  # memory the batches may use once the weights are in
+    batch_size: int | str | None
+    prefix_reuse: bool = True
+    verified_padding: int = 0
+
+    def call(self, label: str, token_lists: Sequence[Sequence[int]]) -> Call:
+
+        prefix = shared_prefix_length(token_lists) if self.prefix_reuse and len(token_lists) > 1 else 0
+        window = self.shape.sliding_window
+        if prefix and window is not None and max(len(t) for t in token_lists) > window:
+            prefix = 0
+        if self.batch_size is None or self.batch_size == "auto":
+            size = planned_batch_size(self.shape, self.device_kind, element_bytes(self.dtype), token_lists, prefix,
+                                      self.free_bytes)
+        else:
+            size = int(self.batch_size)
+        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        lengths = [len(token_lists[i]) for i in order]
+        batches, padding = [], {}
+        for start in range(0, len(order), size):
+            stop = min(start + size, len(order))
+            batches.append((stop - start, lengths[start] - prefix))
+            for row in range(start, stop):
+                padding[order[row]] = lengths[start] - lengths[row]
+        check = 0
+        if prefix:
+            example = max(padding, key=lambda i: padding[i])
+            if padding[example] > self.verified_padding:
+                check = len(token_lists[example])
+                self.verified_padding = padding[example]
+        return Call(label, len(token_lists), sum(lengths), prefix, size, batches, check, lengths[0])
+
+
+# -- files -----------------------------------------------------------------------------------------------------------
+def safetensors_bytes(tensors: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> int:
+    """The exact size of a float32 safetensors file of these shapes (its header written by the library itself)."""
+    import torch
+    from safetensors.torch import save
+
+    return len(save({name: torch.zeros(shape) for name, shape in tensors.items()}, metadata=metadata))
+
+
+def run_folder_files(prompts: Any, token_lists: Sequence[Sequence[int]], components: int,
+                     summary_estimate: int) -> dict[str, int]:
+    """Bytes of a run folder's files: tensors.safetensors and prompts.jsonl exact (`DecompositionRun.save` writes
+    these shapes and rows), summary.json estimated (its accuracies' digits are known only after the run)."""
+
+    n, labels = len(prompts.prompts), len(prompts.label_words)
+    tensors = safetensors_bytes({"component_logits": (n, components, labels), "remainder": (n, labels),
+                                 "model_logits": (n, labels)})
+    rows = "".join(json.dumps({"index": index, "label": label, "prompt": prompt, "token_ids": list(tokens)}) + "\n"
+                   for index, prompt, label, tokens in zip(prompts.example_indices, prompts.prompts, prompts.labels,
+                                                          token_lists, strict=True))
+    return {TENSORS: tensors, PROMPTS: len(rows.encode()), SUMMARY: summary_estimate}
+
+
+def summary_estimate(model: str, prompts: Any, label_token_ids: list[int], shape: ModelShape,
+                     fingerprint: dict[str, Any] | None, info: dict[str, Any]) -> int:
+    """summary.json's size with typical numbers in the places the run fills (accuracies of 6 decimals)."""
+    import torch
+
+
+    n, labels = len(prompts.prompts), len(prompts.label_words)
+    names = component_names(shape.n_layers, shape.n_heads)
+    empty = Decomposition(torch.zeros(n, len(names), labels), torch.zeros(n, labels), torch.zeros(n, labels))
+    run = DecompositionRun.from_decomposition(model, prompts, label_token_ids, names, shape.n_layers, shape.n_heads,
+                                              empty, None, fingerprint, **info)
+    summary = run.summary()
+    # Accuracies are k / n, most components near chance: two thirds at n // 2, a third one example either side.
+    middle = n // 2
+    typical = [round(k / max(n, 1), 6) for k in (middle, middle, middle - 1, middle, middle, middle + 1)]
+    summary.update(chance=typical[0], full_accuracy=typical[0], max_reconstruction_error=3.814697265625e-06,
+                   component_accuracy=[typical[i % len(typical)] for i in range(len(names))])
+    return len(json.dumps(summary, indent=1).encode())
+
+
+# -- the plan -------------------------------------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """One setting of a command's plan: done (reused as the real command would), or its calls and files."""
+
+    label: str
+    done: bool
+    calls: list[Call] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)  # path -> bytes
+    reused: int = 0  # calls whose output is on disk already (a shared run, a cached file)
+
+
+@dataclass
+class Plan:
+    """What a command would do: its settings, forward calls and files, on one model and device."""
+
+    command: str
+    shape: ModelShape
+    dtype: str
+    device: str  # what the estimate assumes: "cpu (this machine)", "h200 (assumed)"...
+    device_kind: str
+    free_bytes: int  # memory free on it before the weights load
+    rate: float  # matmul FLOP/s on it at this dtype
+    rate_source: str
+    settings: list[Setting] = field(default_factory=list)
+    tokenizer_note: str = ""
+    loads: int = 1  # model loads the command would make (0 when everything is done)
+    auto: bool = True  # the batch size is `auto`'s choice
+
+    @property
+    def calls(self) -> list[Call]:
+        return [call for setting in self.settings for call in setting.calls]
+
+    @property
+    def forwarded(self) -> int:
+        return sum(call.forwarded for call in self.calls)
+
+    @property
+    def files(self) -> dict[str, int]:
+        return {path: size for setting in self.settings for path, size in setting.files.items()}
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(self.files.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """Weights plus the largest batch's estimate."""
+        weights = self.shape.weights_bytes(element_bytes(self.dtype))
+        batch = max((batch_bytes(self.shape, call.longest - call.prefix, call.prefix, call.batch_size, self.dtype)
+                     for call in self.calls), default=0)
+        return weights + batch
+
+    def flops(self) -> tuple[float, float]:
+        """(linear-layer and unembedding FLOPs, attention FLOPs) of every call."""
+        shape = self.shape
+        linear = sum(2 * shape.block_parameters * c.forwarded + 2 * shape.d_model * shape.d_vocab * c.logit_rows
+                     for c in self.calls)
+        attention = sum(4 * shape.n_layers * shape.n_heads * shape.d_head * c.query_keys for c in self.calls)
+        return float(linear), float(attention)
+
+    def seconds(self) -> float:
+        """The cost model's estimate of the whole command's time (see the module docstring)."""
+        linear, attention = self.flops()
+        batches = sum(len(c.batches) + (1 if c.prefix else 0) + (1 if c.check_tokens else 0) for c in self.calls)
+        load = self.loads * self.shape.weights_bytes(element_bytes(self.dtype)) * SECONDS_PER_WEIGHT_BYTE
+        return (linear / (self.rate * LINEAR_EFFICIENCY) + attention / (self.rate * ATTENTION_EFFICIENCY)
+                + batches * self.shape.n_layers * SECONDS_PER_BATCH_LAYER + len(self.calls) * SECONDS_PER_CALL + load)
+
+    def check_fits(self) -> None:
+        """`check_fits` for the plan's largest batch."""
+        if not self.calls:
+            return
+        call = max(self.calls, key=lambda c: batch_bytes(self.shape, c.longest - c.prefix, c.prefix, c.batch_size,
+                                                          self.dtype))
+        check_fits(self.shape, self.dtype, self.device_kind, self.free_bytes, call.longest - call.prefix,
+                   call.prefix, call.batch_size, self.device)
+
+    def describe(self) -> str:
+        """The plan as `--dry-run` prints it."""
+        shape, done = self.shape, [s for s in self.settings if s.done]
+        todo = [s for s in self.settings if not s.done]
+        calls = self.calls
+        sizes = sorted({c.batch_size for c in calls})
+        weights = shape.weights_bytes(element_bytes(self.dtype))
+        lines = [
+            f"parts {self.command} --dry-run: {shape.name}, {self.dtype}, on {self.device} (no weights loaded)",
+            f"settings     {len(self.settings)}: {len(todo)} to run, {len(done)} already done"
+            + (f" ({sum(s.reused for s in todo)} of the to-run settings' calls reuse files on disk)"
+               if any(s.reused for s in todo) else ""),
+        ]
+        if todo:
+            lines.append("to run       " + ", ".join(s.label for s in todo[:6]) + (" ..." if len(todo) > 6 else ""))
+        lines += [
+            f"components   {shape.components} ({shape.n_layers} layers x {shape.n_heads} heads + {shape.n_layers} MLPs)",
+            f"forwards     {len(calls)} calls, {sum(c.prompts for c in calls):,} prompts, {self.forwarded:,} tokens "
+            f"forwarded ({sum(c.tokens for c in calls):,} prompt tokens; shared prefixes run once: "
+            f"{sum(c.prefix for c in calls):,}; longest prompt {max((c.longest for c in calls), default=0):,})"
+            + self.tokenizer_note,
+            f"memory       {weights / GIB:.2f} GiB of weights + {(self.peak_bytes - weights) / GIB:.2f} GiB for the "
+            f"largest batch = {self.peak_bytes / GIB:.2f} GiB peak; batch size "
+            + ("/".join(map(str, sizes)) if sizes else "-") + f" ({'auto' if self.auto else 'given'}) "
+            f"of {self.free_bytes / GIB:.1f} GiB free",
+            f"disk         {self.disk_bytes / 1e6:,.2f} MB in {len(self.files)} files (run folders: tensors.safetensors "
+            "and prompts.jsonl exact, summary.json and weights estimated)",
+            f"time         about {format_seconds(self.seconds())} at {self.rate / 1e9:,.0f} GFLOP/s "
+            f"({self.rate_source}); cost model: parts.experiments.plan",
+        ]
+        return "\n".join(lines)
+
+
+def format_seconds(seconds: float) -> str:
+    """'45 s', '12 min', '2.5 h'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# -- building a plan for a command -----------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """The model and device a plan is made for: its shape and tokenizer, the memory and rate assumed."""
+
+    shape: ModelShape
+    tokenizer: Any
+    dtype: str
+    device: str
+    device_kind: str
+    free_bytes: int
+    rate: float
+    rate_source: str
+    label: str  # the model's label as runs record it
+    tokenizer_note: str = ""
+
+
+def model_files_folder(name: str | None, revision: str | None) -> Path:
+    """The folder of a model's config and tokenizer, or a one-line error saying how to get them without weights."""
+
+    folder = files_on_disk(name, revision)
+    if folder is None:
+        if name in EMBEDDED_ALIASES:
+            raise PartsError("the embedded model is not converted yet: run any parts command on it once "
+                             "(e.g. parts decompose --task sst2 --limit 2) before --dry-run")
+        raise PartsError(f"no config.json of {name!r} on this disk: download its config and tokenizer only "
+                         f"(huggingface-cli download {name} config.json tokenizer.json tokenizer_config.json), or "
+                         "plan a named shape with --shape")
+    return folder
+
+
+def bridge_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer as the loaded model holds it: TransformerLens's bridge sets it up at boot (a BOS token prepended
+    where the tokenizer has one, a pad token), so the plan tokenises exactly as `Decomposer.tokenize` will."""
+    from transformer_lens.model_bridge.sources._hf_format import setup_tokenizer
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as `parts.model.loading.from_hf` does first
+    return setup_tokenizer(tokenizer)
+
+
+def load_target(name: str | None, revision: str | None, dtype: str, device: str | None, assume: str | None,
+                shape_name: str | None = None, probe_seconds: float = 1.0) -> Target:
+    """The model's shape and tokenizer (config files only; `shape_name`: a `NAMED_SHAPES` config, tokenised with the
+    embedded model's tokenizer) and the device: `assume` a recorded one, else this machine's, probed."""
+    from transformers import AutoConfig, AutoTokenizer
+
+
+    if shape_name is not None:
+        config, label = named_config(shape_name), f"{shape_name} (shape)"
+        folder = model_files_folder(None, None)
+        note = " [tokens counted with the embedded model's tokenizer]"
+    else:
+        folder = model_files_folder(name, revision)
+        config, label, note = AutoConfig.from_pretrained(folder), str(model_label(resolve_model_name(name), revision)), ""
+    shape = ModelShape.from_config(config, label)
+    tokenizer = bridge_tokenizer(AutoTokenizer.from_pretrained(folder))
+    if assume is not None:
+        known = assumed_device(assume)
+        kind, free = known.kind, known.memory_bytes
+        rate, source, where = known.rate(dtype), known.source, f"{known.name} (assumed)"
+    else:
+        kind, free = free_bytes_here(device)
+        rate = probe_rate(shape, dtype, device if device != "auto" else None, probe_seconds)
+        source, where = f"probed here for {probe_seconds:.0f} s", f"{kind} (this machine)"
+    return Target(shape, tokenizer, dtype, where, kind, free, rate, source, label, note)
+
+
+def new_plan(command: str, target: Target, batch_size: int | str | None, prefix_reuse: bool) -> tuple[Plan, Planner]:
+    """An empty plan for `command` on `target`, and the planner that counts its calls (the batches get the memory
+    left once the weights are in)."""
+    weights = target.shape.weights_bytes(element_bytes(target.dtype))
+    plan = Plan(command, target.shape, target.dtype, target.device, target.device_kind, target.free_bytes,
+                target.rate, target.rate_source, tokenizer_note=target.tokenizer_note,
+                auto=batch_size in (None, "auto"))
+    planner = Planner(target.shape, target.dtype, target.device_kind, max(0, target.free_bytes - weights), batch_size,
+                      prefix_reuse)
+    return plan, planner
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """As `Decomposer.tokenize` does it."""
+    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+
+
+def run_call(planner: Planner, target: Target, label: str, prompts: Any, fingerprint: dict[str, Any] | None,
+             path: Path, options: Any) -> tuple[Call, dict[str, int]]:
+    """The call and files of one decomposition run saved at `path`."""
+
+    tokens = tokenize(target.tokenizer, prompts.prompts)
+    call = planner.call(label, tokens)
+    ids = label_token_ids(target.tokenizer, prompts.label_words)
+    bos = getattr(target.tokenizer, "bos_token_id", None)
+    info = {"dtype": target.dtype, "prefix_reuse": options.prefix_reuse, "engine": options.engine,
+            "bos_prepended": bos is not None and all(t[0] == bos for t in tokens)}
+    summary = summary_estimate(target.label, prompts, ids,
+                               target.shape, None if fingerprint is None else {**fingerprint, "label_token_ids": ids},
+                               info)
+    files = {str(path / name): size for name, size in
+             run_folder_files(prompts, tokens, target.shape.components, summary).items()}
+    return call, files
+
+
+def sweep_plan(target: Target, planned: Sequence[Any], options: Any) -> Plan:
+    """The plan of `parts sweep`: each `PlannedRun` done (reused as the sweep would) or one call and its folder."""
+
+    plan, planner = new_plan("sweep", target, options.batch_size, options.prefix_reuse)
+    for run in planned:
+        if run.is_done(options):
+            plan.settings.append(Setting(run.label, True))
+            continue
+        prompts = build_prompts(run.task, run.template, run.seed, run.shots, run.split, run.limit, options.data_dir)
+        call, files = run_call(planner, target, run.label, prompts, run.fingerprint(options), run.path, options)
+        plan.settings.append(Setting(run.label, False, [call], files))
+    plan.loads = int(any(not s.done for s in plan.settings))
+    return plan

@@ -1,0 +1,129 @@
+"""`--dry-run` (parts.experiments.plan): its predictions against the runs it plans, on the embedded model at small n.
+
+The forward tokens are counted where the model is run (the hf engine's prefix and batch forwards) and must equal
+the plan's exactly; the run folders' tensors.safetensors and prompts.jsonl must have the bytes the plan says,
+summary.json within 5%; the time estimate (from a matmul probe taken just before) within 2x of the run's own
+duration. The plan never calls the weight loader.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from parts.cli import main
+from parts.errors import PartsError
+from parts.experiments import plan as plan_module
+from parts.experiments.options import RunOptions
+from parts.model import engines, loading
+
+
+@pytest.fixture
+def count_forwards(monkeypatch):
+    """Token positions the hf engine forwards (the shared prefix and every batch, padding included)."""
+    counted = {"tokens": 0}
+    run, prefix_cache = engines.HFEngine.run, engines.HFEngine.prefix_cache
+
+    def counting_run(self, input_ids, *args, **kwargs):
+        counted["tokens"] += input_ids.numel()
+        return run(self, input_ids, *args, **kwargs)
+
+    def counting_prefix(self, prefix):
+        counted["tokens"] += prefix.numel()
+        return prefix_cache(self, prefix)
+
+    monkeypatch.setattr(engines.HFEngine, "run", counting_run)
+    monkeypatch.setattr(engines.HFEngine, "prefix_cache", counting_prefix)
+    return counted
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail if anything loads model weights (the plan must not)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dry run loaded model weights")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_sweep_dry_run_predicts_tokens_disk_and_time(tmp_path, data_dir, monkeypatch, count_forwards, capsys):
+    from parts.experiments.sweep import plan_sweep, sweep
+
+    monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    options = RunOptions(device="cpu", batch_size="auto", progress=False)
+    out = tmp_path / "runs"
+    planned = plan_sweep(None, ["sst2"], [1], [0, 1], limit=6, out=out, options=options)
+    with pytest.MonkeyPatch.context() as patch:  # the plan loads no weights
+        patch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the dry run loaded model weights"))
+        import transformers
+
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                      lambda *a, **k: pytest.fail("the dry run loaded model weights"))
+        target = plan_module.load_target(None, None, "float32", "cpu", None, probe_seconds=1.0)
+        plan = plan_module.sweep_plan(target, planned, options)
+    assert [s.done for s in plan.settings] == [False, False]
+    assert plan.shape.components == 30 * 10 == len(plan.calls) * 150
+    start = time.perf_counter()
+    sweep(None, ["sst2"], [1], [0, 1], limit=6, out=out, options=options)
+    seconds = time.perf_counter() - start
+    assert count_forwards["tokens"] == plan.forwarded
+    for path, size in plan.files.items():
+        real = Path(path).stat().st_size
+        if path.endswith("summary.json"):
+            assert abs(real - size) <= 0.05 * real, path
+        else:
+            assert real == size, path
+    assert 0.5 <= plan.seconds() / seconds <= 2, (plan.seconds(), seconds)
+    # Planned again, every run is done: nothing to forward or write, no load.
+    again = plan_module.sweep_plan(target, planned, options)
+    assert all(s.done for s in again.settings) and again.forwarded == 0 and again.disk_bytes == 0 and again.loads == 0
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_dir, monkeypatch, capsys, no_weights):
+    monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    out = tmp_path / "runs"
+    code = main(["sweep", "--task", "sst2", "--templates", "1", "--seeds", "0", "--limit", "4", "--out", str(out),
+                 "--dry-run", "--assume", "h200", "--dtype", "bfloat16"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "h200 (assumed)" in printed and "1 to run, 0 already done" in printed and "300 (30 layers" in printed
+    assert not out.exists()
+
+
+def test_unknown_assumed_device_lists_the_known_ones(tmp_path, capsys):
+    code = main(["sweep", "--task", "sst2", "--out", str(tmp_path), "--dry-run", "--assume", "tpu9"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "unknown device 'tpu9' for --assume" in error and "h200" in error and "cpu-2core" in error
+    assert len(error.splitlines()) == 1
+    code = main(["sweep", "--task", "sst2", "--out", str(tmp_path), "--assume", "h200"])
+    assert code == 2 and "add --dry-run" in capsys.readouterr().err
+
+
+def test_a_model_that_does_not_fit_is_refused_with_what_would():
+    shape = plan_module.ModelShape.from_config(plan_module.named_config("llama-2-7b"), "llama-2-7b")
+    assert shape.parameters == 6_738_415_616  # Llama-2-7B's own count
+    assert shape.components == 32 * 33
+    gib = plan_module.GIB
+    # float32 on a 24 GiB CPU: the weights alone (25.1 GiB) are over half the memory; no batch size helps.
+    with pytest.raises(PartsError, match=r"will not fit .*\(25\.1 GiB of weights .* use --device cuda on a GPU of"):
+        plan_module.check_fits(shape, "float32", "cpu", 24 * gib, 200, 3000, 8)
+    # bfloat16 on a 24 GiB GPU: batches of 64 at 1,100 tokens do not fit, the batch size named does, one more not.
+    with pytest.raises(PartsError, match=r"use --batch-size (\d+)$") as refused:
+        plan_module.check_fits(shape, "bfloat16", "cuda", 24 * gib, 100, 1000, 64)
+    fitting = int(str(refused.value).rsplit(" ", 1)[1])
+    plan_module.check_fits(shape, "bfloat16", "cuda", 24 * gib, 100, 1000, fitting)
+    with pytest.raises(PartsError):
+        plan_module.check_fits(shape, "bfloat16", "cuda", 24 * gib, 100, 1000, fitting + 1)
+    plan_module.check_fits(shape, "bfloat16", "cuda", 139 * gib, 200, 3000, 8)  # fits an H200
+
+
+def test_probe_measures_a_rate():
+    shape = plan_module.ModelShape("tiny", 2, 4, 2, 16, 64, 128, 100, 512, 0, 0)
+    rate = plan_module.probe_rate(shape, "float32", "cpu", seconds=0.05, tokens=32)
+    assert 1e6 < rate < 1e14
