@@ -171,10 +171,8 @@ def agreement_row(run: DecompositionRun, reference: TotalEffects, variant: Total
 
 
 def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """docs/effects.md's comparison of the ways to compute total effects, one row per (run, variant)."""
-    def seconds(value: Any) -> str:
-        return "n/a" if pd.isna(value) else f"{float(value):.0f}"
-
+    """docs/effects.md's comparison of the ways to compute total effects, one row per (run, variant). (Their costs
+    are benchmark rows, benchmarks/results.md: the seconds a file records were taken on whatever machine made it.)"""
     return pd.DataFrame({
         "task": rows["task"], "template": rows["template"], "n": rows["n_examples"],
         "reference": rows["reference"], "variant": rows["variant"],
@@ -187,8 +185,6 @@ def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
         "mean abs difference / mean abs effect": rows["relative_difference"].map(lambda r: f"{r:.3f}"),
         "T1 reference -> variant (%)": [f"{_pct(a)} -> {_pct(b)}" for a, b in
                                         zip(rows["t1_reference"], rows["t1_variant"], strict=True)],
-        "CPU s reference / variant": [f"{seconds(a)} / {seconds(b)}" for a, b in
-                                      zip(rows["cpu_seconds_reference"], rows["cpu_seconds_variant"], strict=True)],
     })
 
 
