@@ -27,6 +27,7 @@ class Method:
     main: bool = True  # in the paper's main table (`parts evaluate`); else in the transfer table only
     description: str = ""
     beyond_paper: bool = False  # not in the paper: marked with BEYOND_PAPER_MARK in tables
+    optional: bool = False  # costly: run only when asked (`parts evaluate --gates`), else no row is expected
 
     @property
     def heading(self) -> str:
@@ -62,6 +63,9 @@ METHODS = (
     Method("mask-biased", "BiasMask", at_k=False, at_budget=True, beyond_paper=True,
            description="the sum of the components that do not predict one label on all L - k training prompts "
                        "(no weights learned; after UniBias, Zhou et al. 2024)"),
+    Method("gates", "Gates", at_k=False, at_budget=True, beyond_paper=True, optional=True,
+           description="one gate per head and MLP inside the forward pass at the last token (later layers read the "
+                       "gated outputs), CompRW's recipe by backpropagation on the L - k others (parts.reweighting.gates)"),
     Method("oracle", "Oracle RW (fit on test)", at_k=True, at_budget=False, upper_bound=True,
            description="per-component weights fitted on the test set itself: an optimistic reference, not a bound"),
     # The paper's Table 3 (transfer): one component's own predictions on the target test set.

@@ -104,7 +104,7 @@ def test_write_results_merges_by_key_atomically(tmp_path):
 
 
 EXPECTED_METHODS = {("icl", 4), ("contextual", 4), ("batch", 4), ("oracle", 4), ("icl", 12), ("calib+", 12),
-                    ("comprw", 12)} | {(m.key, 12) for m in MAIN_METHODS if m.beyond_paper}
+                    ("comprw", 12)} | {(m.key, 12) for m in MAIN_METHODS if m.beyond_paper and not m.optional}
 
 
 def test_evaluate_end_to_end_then_resumes_without_the_model(tmp_path, tiny_model_dir, tiny_task_file, capsys,

@@ -213,3 +213,39 @@ def test_embedded_model_gates_at_one_and_a_full_rerun(embedded_model, data_dir):
     with torch.inference_mode():
         gated = forward.logits(gates)
     assert (gated - rerun_logits(forward, gates)).abs().max() <= TOL * scale
+
+
+def test_evaluate_with_gates_adds_their_row_and_their_predictions(tmp_path, tiny_model_dir, tiny_task_file, capsys):
+    """`parts evaluate --gates`: a gates row whose accuracy is the saved gated logits' (recomputed by hand against
+    the test labels), the gates saved beside the test run, and `setting_predictions` reading them without a model;
+    without --gates no gates row is expected."""
+    from parts.cli import main
+    from parts.data.tasks import get_task
+    from parts.decomposition.runs import DecompositionRun
+    from parts.experiments.evaluate import Setting, setting_predictions
+    from parts.experiments.results import read_results
+    from parts.experiments.runner import run_dir
+    from parts.reweighting.gates import gated_logits_file, gates_file
+    from parts.reweighting.reweight import read_weights
+
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1",
+            "--seeds", "0", "--labels", "12", "--limit", "8", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    rows = read_results(tmp_path / "results.csv")
+    assert "gates" not in set(rows["method"])
+    assert main([*argv, "--gates"]) == 0
+    assert "0 of 1 settings already evaluated" in capsys.readouterr().out  # the gates row was missing
+    rows = read_results(tmp_path / "results.csv")
+    gates_row = rows[rows["method"] == "gates"]
+    assert len(gates_row) == 1 and gates_row["labels"].item() == 12 and "epochs" in gates_row["note"].item()
+    folder = run_dir(tmp_path, str(tiny_model_dir), tiny_task_file, 1, 0, "test", limit=8)
+    test = DecompositionRun.load(folder)
+    names, result, info = read_weights(gates_file(folder, 12))
+    assert names == test.component_names and info["method"] == "gates"
+    from safetensors.torch import load_file
+    logits = load_file(str(gated_logits_file(folder, 12)))["logits"]
+    by_hand = sum(int(p == y) for p, y in zip(logits.argmax(-1).tolist(), test.labels.tolist(), strict=True)) / 8
+    assert gates_row["accuracy"].item() == pytest.approx(by_hand)
+    task = get_task(str(tiny_task_file))
+    labels, predictions = setting_predictions(tmp_path, str(tiny_model_dir), Setting(task, 1, 0, 8, (12,)))
+    assert torch.equal(predictions[("gates", 12)], logits.argmax(-1)) and torch.equal(labels, test.labels)

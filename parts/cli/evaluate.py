@@ -38,6 +38,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--shots", type=non_negative_int, default=None, help="demonstrations (default 4; 3 for mnli)")
     parser.add_argument("--limit", type=positive_int, default=None, help="test examples per task (a balanced sample)")
     parser.add_argument("--out", required=True, help="output root: run folders, results.csv and the table go here")
+    parser.add_argument("--gates", action="store_true",
+                        help="also train in-forward component gates (beyond the paper; off by default: minutes of "
+                             "backpropagation through the model per setting, see docs/guide/methods.md)")
     parser.add_argument("--table-only", action="store_true",
                         help="compute nothing: print and write the table of the settings already in results.csv")
     add_model_options(parser)
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from parts.experiments.runner import ModelSpec
 
     options = run_options(args)
-    settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots)
+    settings = sweep_settings(args.tasks, args.templates, args.seeds, args.limit, args.labels, args.shots, args.gates)
     plan = evaluation_plan(ModelSpec(args.model, args.revision), settings, args.out)
     csv_path = Path(args.out) / RESULTS_CSV
     check_outputs(csv_path, evaluation_table_path(plan, options))  # before reading them: a user's file is refused

@@ -79,6 +79,7 @@ from parts.experiments.runner import (
 )
 from parts.methods import MAIN_METHODS
 from parts.reweighting import calibration, masking, supervised
+from parts.reweighting.gates import gated_logits, gated_logits_file, gates_file, train_gates
 from parts.reweighting.reweight import load_weights, predict, save_weights, train_weights, weights_file
 
 
@@ -174,14 +175,16 @@ class Setting:
     limit: int | None  # test examples
     labels: tuple[int, ...] = (LABEL_BUDGET,)  # label budgets: k demonstrations + (L - k) training examples
     shots: int | None = None
+    gates: bool = False  # also the in-forward gates (`parts.reweighting.gates`; optional: costly)
 
     @property
     def k(self) -> int:
         return self.task.default_shots if self.shots is None else self.shots
 
     def expected_methods(self) -> set[tuple[str, int]]:
-        at_k = {(m.key, self.k) for m in MAIN_METHODS if m.at_k}
-        return at_k | {(m.key, n) for n in self.labels for m in MAIN_METHODS if m.at_budget}
+        methods = [m for m in MAIN_METHODS if not m.optional or (m.key == "gates" and self.gates)]
+        at_k = {(m.key, self.k) for m in methods if m.at_k}
+        return at_k | {(m.key, n) for n in self.labels for m in methods if m.at_budget}
 
 
 def setting_fingerprint(model_arg: str | None, setting: Setting, options: RunOptions) -> dict[str, Any]:
@@ -228,6 +231,16 @@ def beyond_paper_predictions(train: DecompositionRun, test: DecompositionRun, re
     out["mask-biased"] = (masking.mask_predict(keep, test.component_logits),
                           f"masked {int((~keep).sum())} of {len(keep)} components")
     return out
+
+
+def _gates(model: TransformerBridge, train: DecompositionRun, test: DecompositionRun, test_dir: Path, budget: int,
+           **recipe: Any) -> tuple[Tensor, dict[str, str]]:
+    """The in-forward gates trained on `train` (saved beside the test run) and the test examples' gated logits."""
+    gates = train_gates(model, train, **{key: value for key, value in recipe.items() if key not in ("clip", "signed")})
+    save_weights(gates_file(test_dir, budget), test.component_names, gates, labels=budget, method="gates")
+    note = (f"train acc {gates.train_accuracy:.3f}; {gates.stopped_because} after {gates.epochs} epochs; "
+            f"{int((gates.clipped < 0.5).sum())} gates below 0.5")
+    return gated_logits(model, test, gates.weights), {"note": note}
 
 
 def evaluate_setting(
@@ -314,6 +327,11 @@ def evaluate_setting(
                          "class weights " + " ".join(f"{w:.3f}" for w in class_weights.weights.tolist())))
         for method, (predicted, note) in beyond_paper_predictions(train, test, **recipe).items():
             rows.append(_row(name, setting, method, budget, _accuracy(predicted, test), n_test, note))
+        if setting.gates:
+            def compute_gates(train: DecompositionRun = train, budget: int = budget) -> tuple[Tensor, dict[str, str]]:
+                return _gates(model(), train, test, test_dir, budget, **recipe)
+            gated, info = _cached_logits(gated_logits_file(test_dir, budget), compute_gates)
+            rows.append(_row(name, setting, "gates", budget, _accuracy(gated.argmax(-1), test), n_test, info["note"]))
 
         def compute_many_shot(train: DecompositionRun = train, budget: int = budget) -> tuple[Tensor, dict[str, str]]:
             drawn = demonstrations + [train_rows[i] for i in train.prompts.example_indices]
@@ -366,6 +384,9 @@ def setting_predictions(root: str | Path, model_arg: str | None, setting: Settin
         stored = train.final_residual is not None and test.final_residual is not None  # runs saved before: no probe
         for method, (predicted, _) in beyond_paper_predictions(train, test, residual=stored).items():
             predictions[(method, budget)] = predicted
+        if gated_logits_file(test_dir, budget).is_file():  # the optional gates, where they ran
+            gated, _ = _cached_logits(gated_logits_file(test_dir, budget), lambda: (torch.empty(0), {}))
+            predictions[("gates", budget)] = gated.argmax(-1)
         many, _ = _cached_logits(test_dir / f"icl-labels{budget}.safetensors", lambda: (torch.empty(0), {}))
         predictions[("icl", budget)] = many.argmax(-1)
     return test.labels, predictions
@@ -393,10 +414,11 @@ def select(results: pd.DataFrame, model: str, settings: Sequence[Setting]) -> pd
 
 
 def sweep_settings(tasks: Sequence[str], templates: Sequence[int], seeds: Sequence[int], limit: int | None,
-                   labels: Sequence[int], shots: int | None = None) -> list[Setting]:
-    """Every (task, template, seed), seed-major: an interrupted sweep leaves whole seeds done."""
+                   labels: Sequence[int], shots: int | None = None, gates: bool = False) -> list[Setting]:
+    """Every (task, template, seed), seed-major: an interrupted sweep leaves whole seeds done (`gates`: with the
+    optional in-forward gates)."""
     resolved = check_tasks(tasks, templates, shots, labels)  # fail now, not an hour in
-    return [Setting(task, template, seed, limit, tuple(labels), shots)
+    return [Setting(task, template, seed, limit, tuple(labels), shots, gates)
             for seed in seeds for template in templates for task in resolved]
 
 
