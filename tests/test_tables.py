@@ -36,13 +36,23 @@ kept as is
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, tiny_model_dir, tiny_task_file):
+def roomy_task_file(tmp_path_factory, tiny_task_file):
+    """The tiny task with its 40 training rows twice: seeds 0 and 1 need 48 for disjoint 24-example sets."""
+    folder = tmp_path_factory.mktemp("roomytask")
+    for name in ("tiny.json", "test.jsonl"):
+        (folder / name).write_text((tiny_task_file.parent / name).read_text())
+    (folder / "train.jsonl").write_text(2 * (tiny_task_file.parent / "train.jsonl").read_text())
+    return folder / "tiny.json"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model_dir, roomy_task_file):
     root = tmp_path_factory.mktemp("evaluated")
-    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1,2",
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(roomy_task_file), "--templates", "1,2",
             "--seeds", "0,1", "--labels", "24", "--limit", "8", "--out", str(root), "--device", "cpu"]
     assert main(argv) == 0
     results = root / "results-files"
-    export_results(root, results, limit=8, tasks={"tiny": tiny_task_file})
+    export_results(root, results, limit=8, tasks={"tiny": roomy_task_file})
     return root, results, argv
 
 
@@ -54,10 +64,10 @@ def test_evaluate_prints_the_intervals(evaluated, capsys):
     assert "24-shot ICL" in printed.split("CompRW minus each baseline")[1]
 
 
-def test_export_recomputes_every_accuracy_per_example(evaluated, tiny_model_dir, tiny_task_file):
+def test_export_recomputes_every_accuracy_per_example(evaluated, tiny_model_dir, roomy_task_file):
     root, results, _ = evaluated
     loaded = load_results(results)
-    per_setting = 7 + sum(m.beyond_paper for m in MAIN_METHODS)  # the paper's 7 rows and those beyond it
+    per_setting = 7 + sum(m.beyond_paper and not m.optional for m in MAIN_METHODS)  # the paper's 7 rows, those beyond it
     assert len(loaded.main) == 4 * per_setting and len(loaded.predictions) == 4 * per_setting
     merged = loaded.predictions.merge(loaded.main, on=["task", "template", "seed", "method", "labels"])
     hits = merged["correct"].map(lambda text: text.count("1") / len(text))
@@ -65,7 +75,7 @@ def test_export_recomputes_every_accuracy_per_example(evaluated, tiny_model_dir,
     assert set(merged["correct"].str.len()) == {8}
     # one row per test run, the paper's label-biased rule counted by hand
     assert len(loaded.runs) == 4
-    run = DecompositionRun.load(run_dir(root, str(tiny_model_dir), tiny_task_file, 2, 1, "test", limit=8))
+    run = DecompositionRun.load(run_dir(root, str(tiny_model_dir), roomy_task_file, 2, 1, "test", limit=8))
     row = loaded.runs[(loaded.runs.template == 2) & (loaded.runs.seed == 1)].iloc[0]
     predictions = run.component_predictions
     by_hand = sum(len(set(predictions[:, c].tolist())) == 1 for c in range(predictions.shape[1]))
@@ -178,7 +188,7 @@ def test_coverage_lists_what_finished():
     assert paper.compact_runs(uneven, 15) == "t1-2 × s0-2,4; t3 × s0, 9"
 
 
-def test_tables_never_replaces_what_parts_did_not_write(evaluated, tiny_task_file, tmp_path, capsys):
+def test_tables_never_replaces_what_parts_did_not_write(evaluated, roomy_task_file, tmp_path, capsys):
     """Docs pages: only the marked blocks change, the page keeps its permissions and never becomes parts' file;
     result files: a user's file of the same name is refused before anything is written."""
     import os
@@ -199,7 +209,7 @@ def test_tables_never_replaces_what_parts_did_not_write(evaluated, tiny_task_fil
     mine.mkdir()
     (mine / "runs.csv").write_text("the user's own runs table\n")
     with pytest.raises(PartsError, match=f"{mine / 'runs.csv'} exists and parts did not write it"):
-        export_results(root, mine, limit=8, tasks={"tiny": tiny_task_file})
+        export_results(root, mine, limit=8, tasks={"tiny": roomy_task_file})
     assert sorted(p.name for p in mine.iterdir()) == ["runs.csv"]
     assert (mine / "runs.csv").read_text() == "the user's own runs table\n"
 
