@@ -53,8 +53,12 @@ def test_task_table_counts_runs(two_ways):
     row = effects_row(run, mean)
     rows = pd.DataFrame([row, {**row, "template": 2, "t1_total": 0.0, "pearson": 0.5}])
     table = task_table(rows).iloc[0]
-    beats = row["t1_total"] > row["full"] and row["t1_total"] > row["chance_best_of_n"]
-    assert table["runs with T1 total > FULL and > chance best"] == f"{int(beats)} of 2"
+    beats = row["t1_total"] > row["full"] and row["t1_total_low"] > row["chance_best_of_n"]
+    assert table["runs where T1 total > FULL and its interval > chance best"] == f"{int(beats)} of 2"
+    clear = {**row, "full": 0.0, "t1_total": 0.9, "t1_total_low": 0.8, "chance_best_of_n": 0.7}
+    near = {**clear, "t1_total_low": 0.69}  # the best component's interval reaches the chance yardstick: not counted
+    assert task_table(pd.DataFrame([clear, near])).iloc[0]["runs where T1 total > FULL and its interval > chance best"] \
+        == "1 of 2"
     assert table["pearson per run"] == f"{row['pearson']:.2f}, 0.50"
     assert table["T1 total (%)"] == f"{100 * row['t1_total'] / 2:.1f}"
 
