@@ -403,14 +403,14 @@ def safetensors_bytes(tensors: dict[str, tuple[int, ...]], metadata: dict[str, s
     return len(save({name: torch.zeros(shape) for name, shape in tensors.items()}, metadata=metadata))
 
 
-def run_folder_files(prompts: Any, token_lists: Sequence[Sequence[int]], components: int,
+def run_folder_files(prompts: Any, token_lists: Sequence[Sequence[int]], components: int, d_model: int,
                      summary_estimate: int) -> dict[str, int]:
     """Bytes of a run folder's files: tensors.safetensors and prompts.jsonl exact (`DecompositionRun.save` writes
     these shapes and rows), summary.json estimated (its accuracies' digits are known only after the run)."""
 
     n, labels = len(prompts.prompts), len(prompts.label_words)
     tensors = safetensors_bytes({"component_logits": (n, components, labels), "remainder": (n, labels),
-                                 "model_logits": (n, labels)})
+                                 "model_logits": (n, labels), "final_residual": (n, d_model)})
     rows = "".join(json.dumps({"index": index, "label": label, "prompt": prompt, "token_ids": list(tokens)}) + "\n"
                    for index, prompt, label, tokens in zip(prompts.example_indices, prompts.prompts, prompts.labels,
                                                           token_lists, strict=True))
@@ -656,7 +656,7 @@ def run_call(planner: Planner, target: Target, label: str, prompts: Any, fingerp
                                target.shape, None if fingerprint is None else {**fingerprint, "label_token_ids": ids},
                                info)
     files = {str(path / name): size for name, size in
-             run_folder_files(prompts, tokens, target.shape.components, summary).items()}
+             run_folder_files(prompts, tokens, target.shape.components, target.shape.d_model, summary).items()}
     return call, files
 
 
