@@ -42,3 +42,33 @@ def test_bench_protocol_runs_every_stage_on_a_tiny_model():
     for row in result["rows"]:  # prefix reuse and the plain forward agree with the full-prompt decomposition
         assert row["max diff reuse-full / logit scale"] < 1e-5
         assert row["max diff logits-plain / logit scale"] < 1e-5
+
+
+@pytest.mark.integration
+def test_profile_setting_and_bench_methods_time_one_setting(tmp_path, data_dir):
+    """Both scripts wrap the library's own functions: a renamed one would break them, so they run here (subprocesses:
+    the wrapping stays out of the test process). The profile's stages add up to the setting, its padding analysis
+    (tokenizer only) counts the tokens the profiled batches ran, and every method of `parts evaluate` is timed."""
+    import json
+    import os
+    import subprocess
+
+    from profile_setting import BEYOND_PAPER
+
+    env = {**os.environ, "PARTS_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    root, profile = tmp_path / "root", tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "profile_setting.py"), "--task", "sst2", "--limit", "4",
+                          "--out", str(root), "--json", str(profile), "--rate", "95"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "real and padding tokens equal" in run.stdout
+    data = json.loads(profile.read_text())
+    assert sum(stage["cpu_s"] for stage in data["stages"]) == pytest.approx(data["setting_cpu_s"], rel=0.05)
+    test_run = data["runs"]["decomposition: test (k-shot)"]
+    assert test_run["prompts"] == 4 and test_run["real"] > 0 and test_run["floor_s"] > 0
+    assert data["runs"]["decomposition: train (L - k)"]["prompts"] == 24 - 4
+    assert set(data["methods"]) == {"contextual", "batch", "oracle", "comprw", "calib+", *BEYOND_PAPER}
+
+    bench = subprocess.run([sys.executable, str(BENCHMARKS / "bench_methods.py"), str(root), "--repeats", "1",
+                            "--profile", str(profile)], env=env, capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "| sst2 t1 s0 | 4 |" in bench.stdout and "(profile)" in bench.stdout
