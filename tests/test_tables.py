@@ -222,7 +222,8 @@ def test_committed_docs_tables_match_the_committed_results():
     root = Path(__file__).resolve().parents[1]
     assert rebuild(root / "results", root / "docs", None, check=True) == []
     text = (root / "docs" / "results.md").read_text()
-    assert "<!-- parts-tables:main -->\n| task | runs | n |" in text
+    assert "<!-- parts-tables:main -->\nSettings (template t, demonstration seed s): " in text
+    assert "\n\n| task | runs | n |" in text.split("<!-- parts-tables:main -->")[1]
 
 
 def test_table1_uses_the_papers_templates_only():
@@ -346,3 +347,109 @@ def test_resampling_changes_lists_the_verdicts_that_differ():
                                            "estimate": "3.0", "interval, runs exchangeable (default)": "[0.2, 6.4]",
                                            "interval, nested": "[-1.0, 7.8]"}]
     assert paper.resampling_changes(intervals(0.2, 6.4), intervals(0.1, 7.0)).empty
+
+
+def test_export_only_main_keeps_the_other_tables(evaluated, roomy_task_file, tmp_path, capsys):
+    """`--only main` replaces main.csv and the main rows of predictions.csv; transfer's rows and the other files stay."""
+    import shutil
+
+    root, results, _ = evaluated
+    out = tmp_path / "results"
+    shutil.copytree(results, out)  # with its marker: parts wrote these files
+    transfer_line = "transfer,tiny-model,tiny -> other,1,0,icl,4,4,0110"
+    predictions = (out / "predictions.csv").read_text()
+    main_lines = predictions.splitlines()[1:]
+    (out / "predictions.csv").write_text(predictions.splitlines()[0] + "\n" + transfer_line + "\n" + main_lines[0] + "\n")
+    (out / "main.csv").write_text((results / "main.csv").read_text().splitlines()[0] + "\n")  # an old, smaller table
+    (out / "runs.csv").write_text("the committed runs\n")
+    (out / "transfer.csv").write_text("the committed transfer table\n")
+    (out / "components.txt").write_text("L0H0\n")
+    written = export_results(root, out, limit=8, tasks={"tiny": roomy_task_file}, only=["main"])
+    assert sorted(written) == ["main.csv", "predictions.csv"]
+    assert (out / "main.csv").read_text() == (results / "main.csv").read_text()
+    lines = (out / "predictions.csv").read_text().splitlines()
+    assert lines == [predictions.splitlines()[0], *main_lines, transfer_line]  # main rows first, as a full export
+    assert (out / "runs.csv").read_text() == "the committed runs\n"
+    assert (out / "transfer.csv").read_text() == "the committed transfer table\n"
+    assert (out / "components.txt").read_text() == "L0H0\n"
+    with pytest.raises(PartsError, match="unknown table.*mainn"):
+        export_results(root, out, limit=8, only=["mainn"])
+    with pytest.raises(PartsError, match="no transfer results at n=8"):
+        export_results(root, out, limit=8, tasks={"tiny": roomy_task_file}, only=["transfer"])
+    assert main(["tables", "--results", str(out), "--docs", str(tmp_path), "--only", "main", "--no-figures"]) == 2
+    assert "give --from-runs ROOT too" in capsys.readouterr().err
+
+
+def _pair_predictions() -> pd.DataFrame:
+    """Two tasks; CompRW 24 and SignedRW† 24 on 2 settings each, Gates† 24 on one setting of task a only."""
+    rows = []
+    table = {("a", 1, 0): {"comprw": "1101", "comprw-signed": "1001", "gates": "0101", "icl": "0001"},
+             ("a", 2, 0): {"comprw": "0111", "comprw-signed": "0110", "icl": "0011"},
+             ("b", 1, 0): {"comprw": "1100", "comprw-signed": "1110", "icl": "1000"},
+             ("b", 2, 0): {"comprw": "0011", "comprw-signed": "0001", "icl": "0010"}}
+    for (task, template, seed), methods in table.items():
+        for method, correct in methods.items():
+            rows.append({"kind": "main", "task": task, "template": template, "seed": seed, "method": method,
+                         "labels": 4 if method == "icl" else 24, "correct": correct})
+    return pd.DataFrame(rows)
+
+
+def test_beyond_paper_difference_by_hand():
+    """CompRW minus each method beyond the paper over only the settings both have, recomputed by hand: the estimate,
+    and the 95% interval from the same draws (examples, then runs, with replacement) averaged over tasks."""
+    predictions = _pair_predictions()
+    main_rows = pd.DataFrame({"task": ["a", "b"], "shots": [4, 4]})
+    pairs = paper.pairwise_intervals(predictions, main_rows, n_resamples=400, seed=3)
+    gates = pairs[(pairs["versus"] == "Gates† 24") & (pairs["quantity"] == "difference")].set_index("task")
+    assert list(gates.index) == ["a", "average"]  # task b has no gates: not in the pair
+    assert gates.loc["a", "runs"] == 1 and gates.loc["a", "settings"] == "t1 × s0, 1"
+    assert gates.loc["a", "estimate"] == pytest.approx(100 * (3 / 4 - 2 / 4))  # t1 s0 alone, not t2 s0
+    assert gates.loc["average", "settings"] == "t1 × s0, 1 per task, 1 task, 1 in all"
+    # SignedRW: both tasks, both settings; redo the bootstrap by hand, task by task, with the same generator
+    rng = np.random.default_rng(3)
+    draws = []
+    for task in ("a", "b"):
+        rows = predictions[predictions["task"] == task]
+        settings = sorted({(t, s) for t, s in zip(rows["template"], rows["seed"], strict=True)})
+
+        def correct(method: str, rows: pd.DataFrame = rows, settings: list = settings) -> np.ndarray:
+            by = {(r.template, r.seed): [int(c) for c in r.correct] for r in rows[rows["method"] == method].itertuples()}
+            return np.array([by[key] for key in settings], dtype=float)
+
+        difference = correct("comprw") - correct("comprw-signed")  # [run example]
+        examples = rng.integers(0, 4, size=(400, 4))
+        runs = rng.integers(0, 2, size=(400, 2))
+        draws.append([difference[np.ix_(runs[i], examples[i])].mean() for i in range(400)])
+    by_hand = 100 * np.mean(draws, axis=0)
+    signed = pairs[(pairs["versus"] == "SignedRW† 24") & (pairs["quantity"] == "difference")].set_index("task")
+    # a: (3 + 3 - 2 - 2) / 8 = 25 points; b: (2 + 2 - 3 - 1) / 8 = 0 points; the average: 12.5
+    assert signed.loc["average", "estimate"] == pytest.approx(12.5)
+    assert signed.loc["average", "low"] == pytest.approx(np.quantile(by_hand, 0.025))
+    assert signed.loc["average", "high"] == pytest.approx(np.quantile(by_hand, 0.975))
+    assert signed.loc["average", "settings"] == "t1-2 × s0, 2 per task, 2 tasks, 4 in all"
+    table = paper.beyond_paper_table(pairs).set_index("method")
+    assert list(table.index) == ["SignedRW† 24", "Gates† 24"]
+    assert table.loc["Gates† 24", "settings (both methods)"] == "t1 × s0, 1 per task, 1 task, 1 in all"
+    assert table.loc["SignedRW† 24", "CompRW minus the method"] == (
+        f"12.5 [{rounded(np.quantile(by_hand, 0.025))}, {rounded(np.quantile(by_hand, 0.975))}]")
+    assert table.loc["Gates† 24", "the method"].startswith("50.0 [")
+    assert table.loc["Gates† 24", "CompRW (same settings)"].startswith("75.0 [")
+    per_task = paper.beyond_paper_differences(pairs).set_index("task")
+    assert per_task.loc["b", "Gates† 24"] == "" and per_task.loc["a", "Gates† 24"].endswith("(1 run)")
+    assert per_task.loc["a", "SignedRW† 24"].startswith("25.0 [") and list(per_task.index) == ["a", "b", "average"]
+
+
+def test_main_table_leaves_out_a_method_run_on_fewer_settings():
+    """Gates on one setting of task a: the main table keeps both settings of every other method, names the gates."""
+    predictions = _pair_predictions()
+    main_rows = pd.DataFrame({"task": ["a", "b"], "shots": [4, 4]})
+    intervals = paper.main_intervals(predictions, main_rows, n_resamples=50)
+    accuracy = intervals[intervals["quantity"] == "accuracy"].set_index(["task", "method"])
+    assert "Gates† 24" not in set(intervals["method"])
+    assert accuracy.loc[("a", "CompRW 24"), "runs"] == 2
+    assert accuracy.loc[("a", "CompRW 24"), "estimate"] == pytest.approx(100 * 6 / 8)
+    assert paper.main_settings_line(predictions, main_rows) == (
+        "Settings (template t, demonstration seed s): t1-2 × s0, 2 per task, 2 tasks, 4 in all. Run on fewer "
+        "settings, so left out of this table where they lack some: Gates† 24 (t1 × s0, 1 per task, 1 task, 1 in all).")
+    table = paper.difference_table(intervals, beyond_paper=False)
+    assert list(table.columns) == ["task", "k-shot ICL"]  # SignedRW† is in the beyond-paper table instead

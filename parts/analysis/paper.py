@@ -36,7 +36,7 @@ from parts.analysis.stats import (
     rounded,
     spread,
 )
-from parts.methods import label_order, method_label
+from parts.methods import BEYOND_PAPER_MARK, label_order, method_label
 
 PAPER_TASK_ORDER = ("sst2", "boolq", "qqp", "wic", "rte", "mnli", "agnews", "arc")
 
@@ -79,13 +79,39 @@ def _with_columns(predictions: pd.DataFrame, main: pd.DataFrame) -> pd.DataFrame
     return frame
 
 
+def _settings(frame: pd.DataFrame) -> dict[str, dict[str, set[tuple[int, int]]]]:
+    """Per task and method (named as in tables): its settings, (template, seed) pairs."""
+    return {str(task): {str(m): {(int(t), int(s)) for t, s in zip(g["template"], g["seed"], strict=True)}
+                        for m, g in rows.groupby("method", sort=False)}
+            for task, rows in frame.groupby("task", sort=False)}
+
+
+def partial_methods(predictions: pd.DataFrame, main: pd.DataFrame) -> dict[str, dict[str, set[tuple[int, int]]]]:
+    """The methods that lack some of a task's settings (those of any method of the task), e.g. the optional
+    gates run on a subset: method -> task -> its settings there. `main_intervals` leaves them out of that task,
+    so that the other methods keep every setting; `pairwise_intervals` compares them on what they have."""
+    partial: dict[str, dict[str, set[tuple[int, int]]]] = {}
+    for task, by_method in _settings(_with_columns(predictions, main)).items():
+        every = set().union(*by_method.values())
+        for method, settings in by_method.items():
+            if settings != every:
+                partial.setdefault(method, {})[task] = settings
+    return partial
+
+
 def main_intervals(predictions: pd.DataFrame, main: pd.DataFrame, n_resamples: int = 2000, seed: int = 0,
                    resample: str = "runs", reference: str | None = None) -> pd.DataFrame:
     """Every method's accuracy and CompRW 24 (or `reference`) minus every other method, per task and for the
     average, with 95% hierarchical bootstrap intervals (percent; `resample`: "runs" or "nested", see
-    `parts.analysis.stats.bootstrap_replicates`). Only tasks with at least one finished run. The same `seed`
+    `parts.analysis.stats.bootstrap_replicates`). Only tasks with at least one finished run; in each, only the
+    methods that have every one of its settings (`partial_methods` names the others). The same `seed`
     draws the same replicates whatever the reference, so differences from two calls are paired alike."""
     frame = _with_columns(predictions, main)
+    partial = partial_methods(predictions, main)
+    if partial:
+        left_out = pd.Series([task in partial.get(method, {}) for task, method in zip(frame["task"], frame["method"],
+                                                                                       strict=True)], index=frame.index)
+        frame = frame[~left_out]
     arrays = correctness_arrays(frame)
     ordered = {t: arrays[t] for t in ordered_tasks(list(arrays))}
     templates = {task: [key[0] for key in keys] for task, keys in correctness_runs(frame).items()}
@@ -147,14 +173,108 @@ def main_table(intervals: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["task", "runs", "n", *columns])
 
 
-def difference_table(intervals: pd.DataFrame) -> pd.DataFrame:
-    """Task x baseline: CompRW 24 minus the baseline, 'diff [low, high]' percentage points."""
+def difference_table(intervals: pd.DataFrame, beyond_paper: bool = True) -> pd.DataFrame:
+    """Task x baseline: CompRW 24 minus the baseline, 'diff [low, high]' percentage points; without
+    `beyond_paper`, the paper's baselines alone (`beyond_paper_differences` has the others)."""
     differences = intervals[intervals["quantity"] == "difference"]
+    if not beyond_paper:
+        differences = differences[~differences["method"].str.contains(BEYOND_PAPER_MARK, regex=False)]
     rows = []
     for task, group in differences.groupby("task", sort=False):
         by_method = group.set_index("method")
         rows.append({"task": task, **{m.split(" - ", 1)[1]: _cell(r) for m, r in by_method.iterrows()}})
     return pd.DataFrame(rows)
+
+
+def settings_text(per_task: dict[str, set[tuple[int, int]]]) -> str:
+    """Which settings (template x seed) each task has, in a phrase: 't1-3 × s0-2, 9 per task, 8 tasks, 72 in all';
+    tasks with other settings listed apart: 'sst2, qqp: t1 × s0, 1; boolq: t1-2 × s0, 2; 4 in all'."""
+    groups: dict[frozenset[tuple[int, int]], list[str]] = {}
+    for task, settings in per_task.items():
+        groups.setdefault(frozenset(settings), []).append(task)
+    total = sum(len(settings) for settings in per_task.values())
+    if len(groups) == 1:
+        shared, tasks = next(iter(groups.items()))
+        return f"{compact_runs(set(shared))} per task, {len(tasks)} task{'s' * (len(tasks) != 1)}, {total} in all"
+    return "; ".join(f"{', '.join(tasks)}: {compact_runs(set(shared))}" for shared, tasks in groups.items()) \
+        + f"; {total} in all"
+
+
+def main_settings_line(predictions: pd.DataFrame, main: pd.DataFrame) -> str:
+    """What the main table holds, in a sentence for its block: its settings, and the methods left out because they
+    ran on fewer settings (`partial_methods`)."""
+    frame = _with_columns(predictions, main)
+    per_task = {task: set().union(*by_method.values()) for task, by_method in _settings(frame).items()}
+    line = f"Settings (template t, demonstration seed s): {settings_text(per_task)}."
+    partial = partial_methods(predictions, main)
+    if partial:
+        named = ", ".join(f"{method} ({settings_text(tasks)})" for method, tasks in
+                          sorted(partial.items(), key=lambda item: label_order(item[0])))
+        line += f" Run on fewer settings, so left out of this table where they lack some: {named}."
+    return line
+
+
+def pairwise_intervals(predictions: pd.DataFrame, main: pd.DataFrame, n_resamples: int = 2000, seed: int = 0,
+                       resample: str = "runs") -> pd.DataFrame:
+    """Every method beyond the paper against CompRW at its label budget ('SignedRW† 24' against 'CompRW 24'), each
+    pair over only the settings both have, per task and for the average over the tasks that have both: the
+    `main_intervals` rows (percent) of the two accuracies and of CompRW minus the method, with the column `versus`
+    (the method) and `settings` (per task: the (template, seed) pairs; for the average, every task's, as text
+    by `settings_text`). Empty where no method beyond the paper has a row."""
+    frame = _with_columns(predictions, main)
+    tables = []
+    beyond = [m for m in dict.fromkeys(frame["method"]) if BEYOND_PAPER_MARK in m]
+    for method in sorted(beyond, key=label_order):
+        reference = f"{REFERENCE.rpartition(' ')[0]} {method.rpartition(' ')[2]}"  # CompRW at the method's budget
+        pair = frame[frame["method"].isin([method, reference])]
+        runs = {task: set(keys) for task, keys in correctness_runs(pair).items()}
+        both = [t for t in ordered_tasks(list(runs)) if {method, reference} <= set(pair.loc[pair["task"] == t, "method"])]
+        if not both:
+            continue
+        arrays = correctness_arrays(pair[pair["task"].isin(both)])
+        groups = {task: [key[0] for key in keys] for task, keys in correctness_runs(pair[pair["task"].isin(both)]).items()}
+        table = bootstrap_intervals({t: arrays[t] for t in both}, reference=reference, n_resamples=n_resamples,
+                                    seed=seed, resample=resample, groups=groups)
+        table[["estimate", "low", "high"]] *= 100
+        per_task = {t: {(int(a), int(b)) for a, b in runs[t]} for t in both}
+        table["versus"] = method
+        table["settings"] = [settings_text(per_task) if t == "average" else compact_runs(per_task[t])
+                             for t in table["task"]]
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def beyond_paper_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method beyond the paper (`pairwise_intervals`): the settings it shares with CompRW, runs and n
+    summed over the tasks, and on the average over tasks CompRW's accuracy, the method's and CompRW minus the
+    method, 'mean [low, high]' (%)."""
+    rows = []
+    for method, group in pairs[pairs["task"] == "average"].groupby("versus", sort=False):
+        by_quantity = {(q, m): r for (q, m), r in group.set_index(["quantity", "method"]).iterrows()}
+        reference = next(m for q, m in by_quantity if q == "accuracy" and m != method)
+        ours = by_quantity[("accuracy", method)]
+        rows.append({"method": method, "settings (both methods)": ours["settings"], "runs": int(ours["runs"]),
+                     "n": int(ours["examples"]), "CompRW (same settings)": _cell(by_quantity[("accuracy", reference)]),
+                     "the method": _cell(ours),
+                     "CompRW minus the method": _cell(by_quantity[("difference", f"{reference} - {method}")])})
+    return pd.DataFrame(rows)
+
+
+def beyond_paper_differences(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Task x method beyond the paper (`pairwise_intervals`): CompRW minus the method over the settings both have,
+    'diff [low, high] (runs)' percentage points and the number of settings it is over; tasks in the paper's order,
+    then the average ('' where a task lacks the method)."""
+    differences = pairs[pairs["quantity"] == "difference"]
+    tasks = [*ordered_tasks([t for t in differences["task"] if t != "average"]), "average"]
+    methods = list(dict.fromkeys(differences["versus"]))
+    rows = []
+    for task in tasks:
+        row: dict[str, object] = {"task": task}
+        for method, group in differences[differences["task"] == task].groupby("versus", sort=False):
+            r = group.iloc[0]
+            row[str(method)] = f"{_cell(r)} ({int(r['runs'])} run{'s' * (int(r['runs']) != 1)})"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["task", *methods]).fillna("")
 
 
 def paper_comparison(intervals: pd.DataFrame) -> pd.DataFrame:

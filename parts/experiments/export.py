@@ -14,12 +14,17 @@ without rerunning the model):
 | `controls.csv` | control run | a random-init run and its pretrained twin: `control_row`, one-label count, accuracies |
 
 Every accuracy recomputed from the run folders is checked against the row `parts evaluate` wrote.
+
+`only` exports some tables and keeps the others as `out` has them (`TABLES`: which files each table owns):
+`only=("main",)` replaces `main.csv` and the main-table rows of `predictions.csv` from a root that holds a
+main-table rerun alone, and keeps the transfer rows of `predictions.csv`, `transfer.csv`, `runs.csv`,
+`controls.csv` and `components.txt` untouched.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -161,10 +166,45 @@ def run_rows(root: Path, limit: str) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, names
 
 
+# each table `export_results(only=...)` can export alone: the files it owns; predictions.csv is shared, by `kind`
+TABLES = {"main": ("main.csv", "predictions.csv"), "transfer": ("transfer.csv", "predictions.csv"),
+          "runs": ("runs.csv", "components.txt"), "controls": ("controls.csv",)}
+
+
+def check_tables(only: Collection[str]) -> None:
+    """Refuse an empty or unknown choice of tables to export."""
+    unknown = sorted(set(only) - set(TABLES))
+    if unknown or not only:
+        raise PartsError(f"unknown table(s) to export {', '.join(unknown) or '(none given)'}: choose among "
+                         f"{', '.join(TABLES)}")
+
+
+def _kept_predictions(out: Path, kinds: Collection[str]) -> pd.DataFrame:
+    """The rows of `out`'s predictions.csv whose `kind` is not among `kinds` (empty where there is no file)."""
+    path = out / "predictions.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    io.check_file(path)  # the user's own file of that name: refused before reading it as ours
+    try:
+        frame = pd.read_csv(path, dtype={"correct": str})
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    if "kind" not in frame.columns:
+        raise PartsError(f"{path} has no `kind` column: export every table (`parts tables --from-runs ROOT` without "
+                         "--only) to rewrite it")
+    return frame[~frame["kind"].isin(list(kinds))]
+
+
 def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
-                   tasks: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
+                   tasks: Mapping[str, str | Path] | None = None, only: Collection[str] | None = None
+                   ) -> dict[str, Path]:
     """Write the table inputs (see the module docstring) for the runs of `limit` test examples under `root`.
-    `tasks` maps user task names to their JSON files (the paper's tasks resolve by name)."""
+    `tasks` maps user task names to their JSON files (the paper's tasks resolve by name); `only`: the tables of
+    `TABLES` to export (default all), the other files under `out` kept as they are."""
+    if only is not None:
+        check_tables(only)
+        if set(only) != set(TABLES):
+            return _export_some(Path(root), Path(out), limit, tasks or {}, set(only))
     tasks = tasks or {}
     root, out = Path(root), Path(out)
     size = "all" if limit is None else str(limit)
@@ -184,6 +224,56 @@ def export_results(root: str | Path, out: str | Path, limit: int | None = 200,
         io.check_file(out / name)
     written = {name: io.write_file(out / name, partial(frame.to_csv, index=False)) for name, frame in frames.items()}
     written["components.txt"] = io.write_text(out / "components.txt", "\n".join(names) + "\n")
+    return written
+
+
+def _export_some(root: Path, out: Path, limit: int | None, tasks: Mapping[str, str | Path], only: set[str]
+                 ) -> dict[str, Path]:
+    """`export_results` for the tables `only`: each is exported from `root`, which must hold it; the files of
+    the other tables, and the other tables' rows of predictions.csv, stay as `out` has them."""
+    size = "all" if limit is None else str(limit)
+    frames: dict[str, pd.DataFrame] = {}
+    predictions: list[dict[str, Any]] = []
+    names: list[str] = []
+    if "main" in only:
+        main_rows = [r for r in text_records(read_results(root / RESULTS_CSV)) if r["limit"] == size]
+        if not main_rows:
+            raise PartsError(f"no main-table results at n={size} under {root}: run `parts evaluate --limit {size} "
+                             f"--out {root}` first, or leave main out of --only")
+        frames["main.csv"] = pd.DataFrame(main_rows)
+        predictions += main_predictions(root, main_rows, tasks)
+    if "transfer" in only:
+        transfer_rows = [r for r in text_records(read_results(root / TRANSFER_CSV))
+                         if r["limit"] == size or " -> " in r["task"]]
+        if not transfer_rows:
+            raise PartsError(f"no transfer results at n={size} under {root}: run `parts transfer --out {root}` first, "
+                             "or leave transfer out of --only")
+        transfer_table, transfer_predictions = transfer_rows_and_predictions(root, transfer_rows, tasks)
+        frames["transfer.csv"] = pd.DataFrame(transfer_table)
+        predictions += transfer_predictions
+    if "runs" in only:
+        runs, names = run_rows(root, size)
+        if not runs:
+            raise PartsError(f"no test runs of {size} examples under {root}: leave runs out of --only")
+        frames["runs.csv"] = pd.DataFrame(runs)
+    if "controls" in only:
+        committed = out / "components.txt"  # the main runs' component order, where they are not exported now
+        order = names or (committed.read_text().split() if committed.is_file() else [])
+        controls = control_rows(root, size, order)
+        if not controls:
+            raise PartsError(f"no control runs of {size} examples under {root}: run `parts control --out {root}` "
+                             "first, or leave controls out of --only")
+        frames["controls.csv"] = pd.DataFrame(controls)
+    if {"main", "transfer"} & only:
+        kept = _kept_predictions(out, {"main", "transfer"} & only)
+        merged = pd.concat([pd.DataFrame(predictions), kept], ignore_index=True)
+        # the main table's rows first, as a full export writes them
+        frames["predictions.csv"] = merged.sort_values("kind", key=lambda kind: kind != "main", kind="stable")
+    for name in [*frames, *(["components.txt"] if names else [])]:  # refuse before writing any
+        io.check_file(out / name)
+    written = {name: io.write_file(out / name, partial(frame.to_csv, index=False)) for name, frame in frames.items()}
+    if names:
+        written["components.txt"] = io.write_text(out / "components.txt", "\n".join(names) + "\n")
     return written
 
 

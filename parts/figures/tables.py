@@ -36,6 +36,8 @@ from parts.methods import label_order
 BLOCK = re.compile(r"(<!-- parts-tables:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /parts-tables:(?P=name) -->)", re.S)
 INPUTS = ("main.csv", "transfer.csv", "predictions.csv", "runs.csv", "components.txt")
 CHANCE_RULE_SIZES = (40, 100, 200, 2000)
+NOT_RUN = ("(not run yet: main.csv has no row of a method beyond the paper; `parts evaluate` writes them, "
+           "`parts tables --from-runs ROOT --only main` exports them)")
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -145,8 +147,12 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
     analysis: dict[str, object] = {}
     if not results.predictions.empty and (results.predictions["kind"] == "main").any():
         intervals = paper.main_intervals(results.predictions, results.main, n_resamples, resample=resample)
-        blocks["main"] = markdown(paper.main_table(intervals))
-        blocks["differences"] = markdown(paper.difference_table(intervals))
+        blocks["main"] = (f"{paper.main_settings_line(results.predictions, results.main)}\n\n"
+                          f"{markdown(paper.main_table(intervals))}")
+        blocks["differences"] = markdown(paper.difference_table(intervals, beyond_paper=False))
+        pairs = paper.pairwise_intervals(results.predictions, results.main, n_resamples, resample=resample)
+        blocks["beyond-paper"] = NOT_RUN if pairs.empty else markdown(paper.beyond_paper_table(pairs))
+        blocks["beyond-paper-differences"] = NOT_RUN if pairs.empty else markdown(paper.beyond_paper_differences(pairs))
         blocks["paper-comparison"] = markdown(paper.paper_comparison(intervals))
         if {"24-shot ICL", "k-shot ICL"} <= set(intervals["method"]):  # both shot counts were evaluated
             many_shot = paper.main_intervals(results.predictions, results.main, n_resamples, resample=resample,
