@@ -223,7 +223,8 @@ def instrument(profile: Profile) -> None:
 
     def timed_prefix(self: Any, prefix: Sequence[int]) -> Any:
         with p.stage("forward: shared prefix"):
-            p.open[-1]["prefix"] = len(prefix)
+            if p.open:  # a decomposition call (the gates' runner builds its prefix cache outside one)
+                p.open[-1]["prefix"] = len(prefix)
             return prefix_cache(self, prefix)
 
     decompose.Decomposer.prefix_cache = timed_prefix  # type: ignore[method-assign]
@@ -232,7 +233,9 @@ def instrument(profile: Profile) -> None:
     def timed_forward(self: Any, input_ids: torch.Tensor, suffix_lengths: torch.Tensor, cache: Any,
                       prefix_length: int) -> Any:
         batch, width = input_ids.shape
-        if p.inside("prefix-reuse check"):
+        if not p.open:  # outside a decomposition call: not part of a run's schedule
+            pass
+        elif p.inside("prefix-reuse check"):
             p.open[-1]["check"] += batch * width
         else:  # a batch of the schedule: its rows x padded width, and each prompt's own suffix length
             p.open[-1]["batches"].append((batch, width))
@@ -366,15 +369,18 @@ def padding_report(args: argparse.Namespace) -> dict[str, Any]:
     for task, template, seed in settings:
         sets = prompt_sets(tokenizer, shape.n_ctx, task, template, seed, args.limit, args.data_dir)
         tokens = {name: plan.tokenize(tokenizer, prompts) for name, prompts in sets.items()}
+        line = []
         for scheme, calls in schedules(planners, tokens).items():
             real = sum(c.tokens - c.prefix * c.prompts for c in calls)
             suffix = sum(rows * width for c in calls for rows, width in c.batches)
+            line.append(f"{scheme} {suffix - real:,}")
             totals[scheme]["real"] += real
             totals[scheme]["padding"] += suffix - real
             totals[scheme]["prefix"] += sum(c.prefix for c in calls)
             totals[scheme]["check"] += sum(c.check_tokens for c in calls)
             totals[scheme]["forwarded"] += sum(c.forwarded for c in calls)
             totals[scheme]["flops"] += flops(shape, calls, RECORDED_RATE)[0]
+        print(f"{task} t{template} s{seed}: real suffix tokens {real:,}; padding " + ", ".join(line), flush=True)
     names = {"current": "current: each set longest first, batches of `auto` (<= 8)",
              "merged": "test + train + content-free merged, longest first; L-shot apart",
              "none": "no padding, no check (every prompt alone: the floor)"}
@@ -457,15 +463,20 @@ def profile_setting(args: argparse.Namespace) -> dict[str, Any]:
         result["runs"][run] = {"cpu_s": cpu, "wall_s": wall}
         print(f"| **{run}** | **all** | **{cpu:.2f}** | **{wall:.2f}** | **{cpu / setting_cpu:.1%}** |")
 
-    print("\nTokens and the floor per run of the model (floor: real tokens only at the rate above; schedule: the "
-          "tokens the batches ran, padding and the check included; forward: the CPU s of the shared prefix, the "
-          "batches and the check's forward, hooks and cache copies included)\n")
-    print("| run | prompts | prefix | real suffix tokens | padding | check | floor s | schedule s | forward CPU s "
-          "| run CPU s | run / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\nTokens and the floor per run of the model. floor: the real tokens alone at the rate above; schedule: "
+          "the tokens the batches ran (padding, the check); forward: CPU s of the prefix, the batches and the check, "
+          "hooks and cache copies included. run / floor = schedule / floor (padding and the check) x forward / "
+          "schedule (the forward's own overhead over the matmul rate) x run / forward (all else).\n")
+    print("| run | prompts | batches | prefix | real suffix tokens | padding | check | floor s | schedule s "
+          "| forward CPU s | run CPU s | schedule / floor | forward / schedule | run / forward | run / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     forward_stages = {"forward: shared prefix", "prefix cache copy per batch", "forward: batches", "hooks (attach)",
                       "hooks (last position)", CHECK_FORWARD}
-    total_floor = total_schedule = 0.0
+    total_floor = total_schedule = total_forward = 0.0
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b > 0 else "-"
+
     for run in runs:
         if run not in profile.tokens:
             continue
@@ -474,14 +485,18 @@ def profile_setting(args: argparse.Namespace) -> dict[str, Any]:
         _, schedule_s = flops(shape, t.calls, rate)
         forward_cpu = sum(profile.cpu[(run, s)] for s in forward_stages)
         run_cpu = result["runs"][run]["cpu_s"]
+        batches = sum(len(c.batches) for c in t.calls)
         total_floor, total_schedule = total_floor + floor_s, total_schedule + schedule_s
-        result["runs"][run].update(prompts=t.prompts, prefix=t.prefix, real=t.real, padding=t.padded - t.real,
-                                   check=t.check, floor_s=floor_s, schedule_s=schedule_s, forward_cpu_s=forward_cpu)
-        print(f"| {run} | {t.prompts} | {t.prefix:,} | {t.real:,} | {t.padded - t.real:,} | {t.check:,} | "
-              f"{floor_s:.2f} | {schedule_s:.2f} | {forward_cpu:.2f} | {run_cpu:.2f} | "
-              f"{run_cpu / max(floor_s, 1e-9):.2f}x |")
-    print(f"| **setting** | | | | | | **{total_floor:.2f}** | **{total_schedule:.2f}** | | **{setting_cpu:.2f}** | "
-          f"**{setting_cpu / max(total_floor, 1e-9):.2f}x** |")
+        total_forward += forward_cpu
+        result["runs"][run].update(prompts=t.prompts, batches=batches, prefix=t.prefix, real=t.real,
+                                   padding=t.padded - t.real, check=t.check, floor_s=floor_s, schedule_s=schedule_s,
+                                   forward_cpu_s=forward_cpu)
+        print(f"| {run} | {t.prompts} | {batches} | {t.prefix:,} | {t.real:,} | {t.padded - t.real:,} | {t.check:,} | "
+              f"{floor_s:.2f} | {schedule_s:.2f} | {forward_cpu:.2f} | {run_cpu:.2f} | {ratio(schedule_s, floor_s)} | "
+              f"{ratio(forward_cpu, schedule_s)} | {ratio(run_cpu, forward_cpu)} | {ratio(run_cpu, floor_s)} |")
+    print(f"| **setting** | | | | | | | **{total_floor:.2f}** | **{total_schedule:.2f}** | **{total_forward:.2f}** | "
+          f"**{setting_cpu:.2f}** | {ratio(total_schedule, total_floor)} | {ratio(total_forward, total_schedule)} | "
+          f"{ratio(setting_cpu, total_forward)} | **{ratio(setting_cpu, total_floor)}** |")
     result.update(floor_s=total_floor, schedule_s=total_schedule)
     methods = {s: profile.cpu[("methods", s)] for r, s in profile.cpu if r == "methods"}
     beyond = sum(v for k, v in methods.items() if k in BEYOND_PAPER)
