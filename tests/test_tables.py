@@ -427,13 +427,16 @@ def test_beyond_paper_difference_by_hand():
     assert signed.loc["average", "low"] == pytest.approx(np.quantile(by_hand, 0.025))
     assert signed.loc["average", "high"] == pytest.approx(np.quantile(by_hand, 0.975))
     assert signed.loc["average", "settings"] == "t1-2 × s0, 2 per task, 2 tasks, 4 in all"
-    table = paper.beyond_paper_table(pairs).set_index("method")
+    table = paper.pair_table(pairs, average_only=True).set_index("method")
     assert list(table.index) == ["SignedRW† 24", "Gates† 24"]
     assert table.loc["Gates† 24", "settings (both methods)"] == "t1 × s0, 1 per task, 1 task, 1 in all"
     assert table.loc["SignedRW† 24", "CompRW minus the method"] == (
         f"12.5 [{rounded(np.quantile(by_hand, 0.025))}, {rounded(np.quantile(by_hand, 0.975))}]")
     assert table.loc["Gates† 24", "the method"].startswith("50.0 [")
     assert table.loc["Gates† 24", "CompRW (same settings)"].startswith("75.0 [")
+    gates_per_task = paper.pair_table(pairs, ["Gates† 24"])
+    assert list(gates_per_task["task"]) == ["a", "average"] and gates_per_task["runs"].tolist() == [1, 1]
+    assert gates_per_task.loc[0, "CompRW minus the method"].startswith("25.0 [")
     per_task = paper.beyond_paper_differences(pairs).set_index("task")
     assert per_task.loc["b", "Gates† 24"] == "" and per_task.loc["a", "Gates† 24"].endswith("(1 run)")
     assert per_task.loc["a", "SignedRW† 24"].startswith("25.0 [") and list(per_task.index) == ["a", "b", "average"]
@@ -453,3 +456,23 @@ def test_main_table_leaves_out_a_method_run_on_fewer_settings():
         "settings, so left out of this table where they lack some: Gates† 24 (t1 × s0, 1 per task, 1 task, 1 in all).")
     table = paper.difference_table(intervals, beyond_paper=False)
     assert list(table.columns) == ["task", "k-shot ICL"]  # SignedRW† is in the beyond-paper table instead
+
+
+def test_beyond_paper_blocks_of_the_docs():
+    """`parts tables`' blocks: the gates on fewer settings in their own table, the paper's baselines alone in
+    `differences`; with no method beyond the paper, the blocks say they have not run."""
+    from parts.figures.tables import NOT_RUN, Results, build_tables
+
+    predictions = _pair_predictions()
+    main_rows = predictions.drop(columns=["kind", "correct"]).assign(shots=4)
+    empty = pd.DataFrame()
+    blocks, _ = build_tables(Results(main_rows, empty, predictions, empty, [], empty, empty, empty), n_resamples=50)
+    assert blocks["main"].startswith("Settings (template t, demonstration seed s): t1-2 × s0, 2 per task, 2 tasks")
+    assert "| SignedRW† 24 |" in blocks["main"].splitlines()[2] and "Gates†" not in blocks["main"].split("\n\n")[1]
+    assert blocks["differences"].splitlines()[0] == "| task | k-shot ICL |"
+    assert blocks["beyond-paper-partial"].splitlines()[2].startswith("| Gates† 24 | a | t1 × s0, 1 | 1 | 4 | 75.0 [")
+    assert len(blocks["beyond-paper-partial"].splitlines()) == 4  # task a and the average
+    assert blocks["beyond-paper"].splitlines()[2].startswith("| SignedRW† 24 | t1-2 × s0, 2 per task, 2 tasks, 4 in all |")
+    paper_only = predictions[~predictions["method"].isin(["comprw-signed", "gates"])]
+    blocks, _ = build_tables(Results(main_rows, empty, paper_only, empty, [], empty, empty, empty), n_resamples=50)
+    assert blocks["beyond-paper"] == blocks["beyond-paper-partial"] == NOT_RUN

@@ -244,22 +244,6 @@ def pairwise_intervals(predictions: pd.DataFrame, main: pd.DataFrame, n_resample
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def beyond_paper_table(pairs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method beyond the paper (`pairwise_intervals`): the settings it shares with CompRW, runs and n
-    summed over the tasks, and on the average over tasks CompRW's accuracy, the method's and CompRW minus the
-    method, 'mean [low, high]' (%)."""
-    rows = []
-    for method, group in pairs[pairs["task"] == "average"].groupby("versus", sort=False):
-        by_quantity = {(q, m): r for (q, m), r in group.set_index(["quantity", "method"]).iterrows()}
-        reference = next(m for q, m in by_quantity if q == "accuracy" and m != method)
-        ours = by_quantity[("accuracy", method)]
-        rows.append({"method": method, "settings (both methods)": ours["settings"], "runs": int(ours["runs"]),
-                     "n": int(ours["examples"]), "CompRW (same settings)": _cell(by_quantity[("accuracy", reference)]),
-                     "the method": _cell(ours),
-                     "CompRW minus the method": _cell(by_quantity[("difference", f"{reference} - {method}")])})
-    return pd.DataFrame(rows)
-
-
 def beyond_paper_differences(pairs: pd.DataFrame) -> pd.DataFrame:
     """Task x method beyond the paper (`pairwise_intervals`): CompRW minus the method over the settings both have,
     'diff [low, high] (runs)' percentage points and the number of settings it is over; tasks in the paper's order,
@@ -275,6 +259,26 @@ def beyond_paper_differences(pairs: pd.DataFrame) -> pd.DataFrame:
             row[str(method)] = f"{_cell(r)} ({int(r['runs'])} run{'s' * (int(r['runs']) != 1)})"
         rows.append(row)
     return pd.DataFrame(rows, columns=["task", *methods]).fillna("")
+
+
+def pair_table(pairs: pd.DataFrame, methods: list[str] | None = None, average_only: bool = False) -> pd.DataFrame:
+    """Per method beyond the paper (those of `methods`, default all) and task, then the average over tasks, from
+    `pairwise_intervals`: the settings it shares with CompRW, runs and n (summed over tasks for the average), CompRW's
+    accuracy and the method's on those settings, 'mean [low, high]' (%), and CompRW minus the method (percentage
+    points). `average_only`: the average rows alone, one per method (the task column left out)."""
+    rows = []
+    for method in sorted(methods or list(dict.fromkeys(pairs["versus"])), key=label_order):
+        mine = pairs[(pairs["versus"] == method) & ((pairs["task"] == "average") | (not average_only))]
+        for task, group in mine.groupby("task", sort=False):
+            by_quantity = {(q, m): r for (q, m), r in group.set_index(["quantity", "method"]).iterrows()}
+            reference = next(m for q, m in by_quantity if q == "accuracy" and m != method)
+            ours = by_quantity[("accuracy", method)]
+            rows.append({"method": method, **({} if average_only else {"task": task}),
+                         "settings (both methods)": ours["settings"], "runs": int(ours["runs"]),
+                         "n": int(ours["examples"]), "CompRW (same settings)": _cell(by_quantity[("accuracy", reference)]),
+                         "the method": _cell(ours),
+                         "CompRW minus the method": _cell(by_quantity[("difference", f"{reference} - {method}")])})
+    return pd.DataFrame(rows)
 
 
 def paper_comparison(intervals: pd.DataFrame) -> pd.DataFrame:

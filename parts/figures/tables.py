@@ -151,8 +151,13 @@ def build_tables(results: Results, n_resamples: int = 2000, ddof: int = DDOF, re
                           f"{markdown(paper.main_table(intervals))}")
         blocks["differences"] = markdown(paper.difference_table(intervals, beyond_paper=False))
         pairs = paper.pairwise_intervals(results.predictions, results.main, n_resamples, resample=resample)
-        blocks["beyond-paper"] = NOT_RUN if pairs.empty else markdown(paper.beyond_paper_table(pairs))
+        blocks["beyond-paper"] = NOT_RUN if pairs.empty else markdown(paper.pair_table(pairs, average_only=True))
         blocks["beyond-paper-differences"] = NOT_RUN if pairs.empty else markdown(paper.beyond_paper_differences(pairs))
+        partial = [] if pairs.empty else [m for m in paper.partial_methods(results.predictions, results.main)
+                                          if m in set(pairs["versus"])]
+        blocks["beyond-paper-partial"] = (NOT_RUN if pairs.empty else markdown(paper.pair_table(pairs, partial))
+                                          if partial else "(none: every method beyond the paper has every setting of "
+                                                          "the main table)")
         blocks["paper-comparison"] = markdown(paper.paper_comparison(intervals))
         if {"24-shot ICL", "k-shot ICL"} <= set(intervals["method"]):  # both shot counts were evaluated
             many_shot = paper.main_intervals(results.predictions, results.main, n_resamples, resample=resample,
