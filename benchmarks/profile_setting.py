@@ -501,9 +501,10 @@ def profile_setting(args: argparse.Namespace) -> dict[str, Any]:
     methods = {s: profile.cpu[("methods", s)] for r, s in profile.cpu if r == "methods"}
     beyond = sum(v for k, v in methods.items() if k in BEYOND_PAPER)
     model_runs = sum(v["cpu_s"] for k, v in result["runs"].items() if k not in ("methods", "setting", "gates"))
+    rest = setting_cpu - beyond - result["runs"].get("gates", {}).get("cpu_s", 0.0)
     print("\nMethods (fit + predict, CPU s): " + ", ".join(f"{k} {v:.3f}" for k, v in methods.items())
-          + f". Beyond the paper (gates apart): {beyond:.3f} CPU s = {beyond / max(setting_cpu - beyond, 1e-9):.1%} "
-          f"of the rest of the setting; the runs of the model: {model_runs:.1f} CPU s.")
+          + f". Beyond the paper (gates apart): {beyond:.3f} CPU s = {beyond / max(rest, 1e-9):.1%} of the setting "
+          f"without them and without the gates; the runs of the model: {model_runs:.1f} CPU s.")
     result["methods"] = methods
     return result
 
