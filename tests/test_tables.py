@@ -260,7 +260,8 @@ def test_check_fails_on_a_stale_note(evaluated, tmp_path, capsys):
                        f"has the note {row['note']!r}, which `parts evaluate` no longer writes: re-export it "
                        "(`parts tables --from-runs ROOT`) or correct the note"]
     committed = pd.read_csv(Path(__file__).resolve().parents[1] / "results" / "main.csv")
-    assert stale_note_rows(committed).empty and len(committed[committed["method"] == "oracle"]) == 120
+    settings = committed[["task", "template", "seed"]].drop_duplicates()
+    assert stale_note_rows(committed).empty and len(committed[committed["method"] == "oracle"]) == len(settings) >= 72
 
 
 def test_table2_keeps_template_4_for_the_contrastive_pairs_only():
