@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from parts.cli.common import count, positive_int
+from parts.cli.common import add_dry_run_options, count, plan_target, positive_int, wants_plan
 from parts.errors import PartsError
 
 
@@ -56,17 +56,16 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--engine", choices=("hf", "bridge"), default=None,
                        help="the engine the runs were made with (refused if a run says otherwise)")
     group.add_argument("--batch-size", type=positive_int, default=4, help="examples per forward pass (default 4)")
+    add_dry_run_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from parts.decomposition.effect_data import TotalEffects, has_effects
     from parts.decomposition.effects import check_run_matches, total_effects
-    from parts.decomposition.fingerprint import check_reuse, digest
-    from parts.decomposition.runs import DecompositionRun, find_runs
-    from parts.model.identity import model_identity
-    from parts.model.loading import load_model, recorded_model, resolve_model_name
+    from parts.decomposition.runs import find_runs
+    from parts.model.loading import load_model, recorded_model
 
+    dry_run = wants_plan(args)
     paths = find_runs(args.root)
     if not paths:
         raise PartsError(f"no finished runs under {args.root}: make them with `parts decompose` or `parts sweep`")
@@ -74,39 +73,15 @@ def run(args: argparse.Namespace) -> int:
         raise PartsError("--against compares effects already computed: give --summary CSV too")
     if args.summary is not None:
         return write_summary(paths, args.summary, args.against)
-    settings = {"method": args.method, "positions": args.positions, "ablation": args.ablation,
-                "freeze_norm": args.freeze_norm}
+    if dry_run:
+        return plan(args, paths)
     models: dict[tuple[str, str], Any] = {}
     done = skipped = 0
     for path in paths:
-        run_ = DecompositionRun.load(path)
-        if args.model is not None and resolve_model_name(args.model) != run_.model:
-            raise PartsError(f"{path} was made with model {run_.model!r}, not {args.model!r}: drop --model or "
-                             "give that run's model")
-        dtype = args.dtype or run_.info.get("dtype", "float32")
-        if args.engine is not None or args.dtype is not None:
-            recorded_dtype, recorded_engine = run_.info.get("dtype"), run_.info.get("engine")
-            if args.dtype is not None and recorded_dtype not in (None, args.dtype):
-                raise PartsError(f"{path} was made in {recorded_dtype}, not {args.dtype}: use --dtype {recorded_dtype}")
-            if args.engine is not None and recorded_engine not in (None, args.engine):
-                raise PartsError(f"{path} was made with the {recorded_engine} engine, not {args.engine}: "
-                                 f"use --engine {recorded_engine}")
-        # What the effects are made of (docs/guide/reuse.md): the run, the model's files now, the dtype, the settings.
-        identity = model_identity(run_.model)
-        made_with = (run_.fingerprint or {}).get("model_files")
-        if made_with is not None and made_with != identity["model_files"]:
-            raise PartsError(f"{path} was made with other model files than {run_.model} has now ({made_with} then, "
-                             f"{identity['model_files']} now): recompute the run first (parts sweep ... "
-                             "--recompute-changed), or point at the model it was made with")
-        wanted = {"run": None if run_.fingerprint is None else digest(run_.fingerprint), **identity, "dtype": dtype,
-                  **settings}
-        if has_effects(path) and not args.force:
-            old = TotalEffects.load(path).info
-            if all(old.get(key) == value for key, value in settings.items()) and check_reuse(
-                    f"the effects in {path}", old.get("fingerprint"), wanted, args.recompute_changed,
-                    whose="the effects'"):
-                skipped += 1
-                continue
+        run_, dtype, wanted, reuse = effects_wanted(path, args)
+        if reuse:
+            skipped += 1
+            continue
         key = (run_.model, dtype)
         if key not in models:
             models[key] = load_model(**recorded_model(run_.model), device=args.device, dtype=dtype)
@@ -121,6 +96,66 @@ def run(args: argparse.Namespace) -> int:
         print(f"{path}: {count(len(run_.component_names), 'component')} x {count(run_.n_examples, 'example')} "
               f"in {time.perf_counter() - started:.0f} s -> {Path(path) / 'effects.safetensors'}")
     print(f"total effects: {done} computed, {skipped} already there")
+    return 0
+
+
+def effects_wanted(path: Any, args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], bool]:
+    """One run folder as `parts effects` sees it: (the run, the dtype to load, the fingerprint its effects record,
+    whether effects of these settings are there to reuse); a run the options contradict is a one-line error."""
+    from parts.decomposition.effect_data import TotalEffects, has_effects
+    from parts.decomposition.fingerprint import check_reuse, digest
+    from parts.decomposition.runs import DecompositionRun
+    from parts.model.identity import model_identity
+    from parts.model.loading import resolve_model_name
+
+    settings = {"method": args.method, "positions": args.positions, "ablation": args.ablation,
+                "freeze_norm": args.freeze_norm}
+    run_ = DecompositionRun.load(path)
+    if args.model is not None and resolve_model_name(args.model) != run_.model:
+        raise PartsError(f"{path} was made with model {run_.model!r}, not {args.model!r}: drop --model or "
+                         "give that run's model")
+    dtype = args.dtype or run_.info.get("dtype", "float32")
+    if args.engine is not None or args.dtype is not None:
+        recorded_dtype, recorded_engine = run_.info.get("dtype"), run_.info.get("engine")
+        if args.dtype is not None and recorded_dtype not in (None, args.dtype):
+            raise PartsError(f"{path} was made in {recorded_dtype}, not {args.dtype}: use --dtype {recorded_dtype}")
+        if args.engine is not None and recorded_engine not in (None, args.engine):
+            raise PartsError(f"{path} was made with the {recorded_engine} engine, not {args.engine}: "
+                             f"use --engine {recorded_engine}")
+    # What the effects are made of (docs/guide/reuse.md): the run, the model's files now, the dtype, the settings.
+    identity = model_identity(run_.model)
+    made_with = (run_.fingerprint or {}).get("model_files")
+    if made_with is not None and made_with != identity["model_files"]:
+        raise PartsError(f"{path} was made with other model files than {run_.model} has now ({made_with} then, "
+                         f"{identity['model_files']} now): recompute the run first (parts sweep ... "
+                         "--recompute-changed), or point at the model it was made with")
+    wanted = {"run": None if run_.fingerprint is None else digest(run_.fingerprint), **identity, "dtype": dtype,
+              **settings}
+    reuse = False
+    if has_effects(path) and not args.force:
+        old = TotalEffects.load(path).info
+        reuse = all(old.get(key) == value for key, value in settings.items()) and check_reuse(
+            f"the effects in {path}", old.get("fingerprint"), wanted, args.recompute_changed, whose="the effects'")
+    return run_, dtype, wanted, reuse
+
+
+def plan(args: argparse.Namespace, paths: list[Any]) -> int:
+    """`--dry-run`: the plan of every (model, dtype) the runs need (parts.experiments.plan_effects), nothing loaded
+    or written."""
+    from parts.experiments.plan_effects import effects_plan
+    from parts.model.loading import recorded_model
+
+    groups: dict[tuple[str, str], list[tuple[str, Any, bool, dict[str, Any]]]] = {}
+    for path in paths:
+        run_, dtype, wanted, reuse = effects_wanted(path, args)
+        groups.setdefault((run_.model, dtype), []).append((str(path), run_, reuse, wanted))
+    for (model, dtype), runs in groups.items():
+        recorded = recorded_model(model)
+        args.model, args.revision = recorded["name"], recorded["revision"]
+        found = effects_plan(plan_target(args, dtype), runs, args.method, args.positions, args.ablation,
+                             args.freeze_norm, args.batch_size, args.yes)
+        print(found.describe())
+        found.check_fits()
     return 0
 
 
