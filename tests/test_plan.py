@@ -127,3 +127,137 @@ def test_probe_measures_a_rate():
     shape = plan_module.ModelShape("tiny", 2, 4, 2, 16, 64, 128, 100, 512, 0, 0)
     rate = plan_module.probe_rate(shape, "float32", "cpu", seconds=0.05, tokens=32)
     assert 1e6 < rate < 1e14
+
+
+def test_evaluate_dry_run_predicts_tokens_disk_time_and_what_is_done(tmp_path, data_dir, monkeypatch, count_forwards):
+    """The test run, the content-free prompts, the 20 labelled examples' run and the 24-shot prompts of one setting:
+    every forward counted, every file of the plan written at the size it says (the weights files' and results
+    tables' estimated within a factor; their length depends on the descent), and nothing more."""
+    from parts.experiments.evaluate import evaluation_plan, run_evaluation, sweep_settings
+    from parts.experiments.runner import ModelSpec
+
+    monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    options = RunOptions(device="cpu", batch_size="auto", progress=False)
+    out = tmp_path / "runs"
+    works = evaluation_plan(ModelSpec(), sweep_settings(["sst2"], [1], [0], 8, [24]), out)
+    with pytest.MonkeyPatch.context() as patch:  # the plan loads no weights
+        patch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the dry run loaded model weights"))
+        target = plan_module.load_target(None, None, "float32", "cpu", None, probe_seconds=1.0)
+        plan = plan_module.evaluate_plan(target, works, options)
+    assert [s.done for s in plan.settings] == [False]
+    # The k-shot test run (8), the content-free prompts (3), the 20 labelled examples' run, the 24-shot run (8).
+    assert [c.prompts for c in plan.calls] == [8, 3, 20, 8]
+    start = time.perf_counter()
+    run_evaluation(works, options)
+    seconds = time.perf_counter() - start
+    assert count_forwards["tokens"] == plan.forwarded
+    written = {str(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert set(plan.files) == written
+    for path, size in plan.files.items():
+        real = Path(path).stat().st_size
+        if path.endswith("summary.json"):
+            assert abs(real - size) <= 0.05 * real, path
+        elif "reweight-labels" in path or Path(path).parent == out:
+            assert real / 4 <= size <= 4 * real, (path, size, real)
+        else:
+            assert real == size, path
+    assert 0.5 <= plan.seconds() / seconds <= 2, (plan.seconds(), seconds)
+    # Planned again: the setting is done (its rows are in results.csv), nothing to forward or write, no load.
+    again = plan_module.evaluate_plan(target, works, options)
+    assert [s.done for s in again.settings] == [True] and again.forwarded == 0 and again.disk_bytes == 0
+    assert again.loads == 0
+    # A second seed beside it: one setting to run, the first done; its runs are new, nothing reused.
+    more = evaluation_plan(ModelSpec(), sweep_settings(["sst2"], [1], [0, 1], 8, [24]), out)
+    mixed = plan_module.evaluate_plan(target, more, options)
+    assert [s.done for s in mixed.settings] == [True, False] and len(mixed.calls) == 4
+    assert "2: 1 to run, 1 already done" in mixed.describe()
+
+
+def test_cli_evaluate_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_dir, monkeypatch, capsys, no_weights):
+    monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    out = tmp_path / "runs"
+    code = main(["evaluate", "--tasks", "sst2", "--templates", "1", "--seeds", "0", "--limit", "4", "--out", str(out),
+                 "--gates", "--dry-run", "--assume", "h200"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "parts evaluate --dry-run" in printed and "1 to run, 0 already done" in printed
+    assert "4 calls, 31 prompts" in printed and "not counted  gates (--gates)" in printed
+    assert not out.exists()
+
+
+def test_transfer_dry_run_predicts_tokens_disk_time_and_what_is_done(tmp_path, data_dir, monkeypatch, count_forwards):
+    """The source's test and labelled runs and the target's run of one sst2 -> yelp setting: every forward counted,
+    every file written at the size the plan says (transfer.csv and its table estimated), and nothing more."""
+    from parts.experiments.runner import ModelSpec
+    from parts.experiments.transfer import run_transfer, transfer_settings, transfer_works
+
+    monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    options = RunOptions(device="cpu", batch_size="auto", progress=False)
+    out = tmp_path / "runs"
+    settings = transfer_settings([("sst2", "yelp")], [1], [0], 8, 6)
+    with pytest.MonkeyPatch.context() as patch:  # the plan loads no weights
+        patch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the dry run loaded model weights"))
+        target = plan_module.load_target(None, None, "float32", "cpu", None, probe_seconds=1.0)
+        plan = plan_module.transfer_plan(target, transfer_works(ModelSpec(), settings, out), options)
+    assert [c.prompts for c in plan.calls] == [8, 20, 6]
+    start = time.perf_counter()
+    run_transfer(ModelSpec(), settings, out, options)
+    seconds = time.perf_counter() - start
+    assert count_forwards["tokens"] == plan.forwarded
+    written = {str(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert set(plan.files) == written
+    for path, size in plan.files.items():
+        real = Path(path).stat().st_size
+        if path.endswith("summary.json"):
+            assert abs(real - size) <= 0.05 * real, path
+        elif Path(path).parent == out:
+            assert real / 4 <= size <= 4 * real, (path, size, real)
+        else:
+            assert real == size, path
+    assert 0.5 <= plan.seconds() / seconds <= 2, (plan.seconds(), seconds)
+    again = plan_module.transfer_plan(target, transfer_works(ModelSpec(), settings, out), options)
+    assert [s.done for s in again.settings] == [True] and again.forwarded == 0 and again.loads == 0
+    # Another target size: its rows in transfer.csv were made otherwise, refused as the real command refuses them;
+    # with --recompute-changed the setting is to run, the source's two runs reused (shared with `parts evaluate`).
+    smaller = transfer_works(ModelSpec(), transfer_settings([("sst2", "yelp")], [1], [0], 8, 4), out)
+    with pytest.raises(PartsError, match="target_sample differs"):
+        plan_module.transfer_plan(target, smaller, options)
+    other = plan_module.transfer_plan(target, smaller, options.replace(recompute_changed=True))
+    assert [c.prompts for c in other.calls] == [4] and other.settings[0].reused == 2
+
+
+@pytest.mark.parametrize("command", [
+    ["sweep", "--task", "sst2", "--templates", "1", "--seeds", "0"],
+    ["evaluate", "--tasks", "sst2", "--templates", "1", "--seeds", "0"],
+    ["transfer", "--pairs", "sst2:yelp", "--templates", "1", "--seeds", "0", "--target-limit", "4"],
+    ["decompose", "--task", "sst2"],
+])
+def test_a_run_that_will_not_fit_is_refused_before_the_weights_load(command, tmp_path, data_dir, monkeypatch, capsys,
+                                                                    no_weights):
+    """With 1 GiB free (half of it usable on a CPU) the embedded model's 0.50 GiB of weights and a batch do not fit:
+    every command refuses in one line, naming the estimate and what would fit, before loading or writing."""
+    monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    monkeypatch.setattr(plan_module, "free_bytes_here", lambda device: ("cpu", plan_module.GIB))
+    out = tmp_path / "runs"
+    code = main([*command, "--limit", "4", "--out", str(out), "--device", "cpu"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert "SmolLM2-135M-Instruct in float32 will not fit on cpu (this machine): about 0." in error
+    assert "(0.5 GiB of weights" in error and "against 0.5 GiB usable of 1.0 GiB free: use --dtype bfloat16" in error
+    assert not out.exists()
+
+
+def test_a_batch_too_large_is_refused_with_the_batch_size_that_fits(tmp_path, data_dir, monkeypatch, capsys,
+                                                                    no_weights):
+    monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    monkeypatch.setattr(plan_module, "free_bytes_here", lambda device: ("cpu", 3 * plan_module.GIB))
+    sweep = ["sweep", "--task", "sst2", "--templates", "1", "--seeds", "0", "--limit", "64", "--shots", "24",
+             "--out", str(tmp_path / "runs"), "--device", "cpu"]
+    code = main([*sweep, "--batch-size", "64"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "will not fit" in error and "for a batch of 64 at" in error, error
+    fitting = int(error.rsplit("--batch-size ", 1)[1])
+    assert 1 <= fitting < 64
+    # The batch size it names does fit (the dry run plans it and checks it too), one more does not.
+    assert main([*sweep, "--batch-size", str(fitting), "--dry-run"]) == 0
+    assert main([*sweep, "--batch-size", str(fitting + 1), "--dry-run"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from parts.cli.common import add_model_options, add_run_options, check_label_words, non_negative_int, positive_int, run_options
@@ -41,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     options = run_options(args)
     check_replaceable(args.out, prompts, overwrite=args.overwrite)  # before the model load and the work
+    from parts.experiments.plan import check_command_fits, sweep_plan
+    from parts.experiments.runner import PlannedRun
+
+    run = PlannedRun(ModelSpec(args.model, args.revision), task, args.template, args.seed, Path(args.out), args.shots,
+                     args.split, args.limit)  # planned as a sweep of one run: refused now if it will not fit
+    check_command_fits(sweep_plan, [run], options.replace(recompute_changed=True), args.model, args.revision,
+                       args.device)
     model = load_spec(ModelSpec(args.model, args.revision), options)
     check_replaceable(args.out, prompts, model_name(model), args.overwrite)
     start = time.perf_counter()

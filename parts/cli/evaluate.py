@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from parts.cli.common import (
+    add_dry_run_options,
     add_executor_options,
     add_model_options,
     check_label_words,
@@ -15,8 +16,10 @@ from parts.cli.common import (
     int_list,
     name_list,
     non_negative_int,
+    plan_target,
     positive_int,
     run_options,
+    wants_plan,
 )
 
 
@@ -45,12 +48,14 @@ def add_parser(subparsers: Any) -> None:
                         help="compute nothing: print and write the table of the settings already in results.csv")
     add_model_options(parser)
     add_executor_options(parser)
+    add_dry_run_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks
 
+    dry_run = wants_plan(args)
     checked = check_tasks(args.tasks, args.templates, args.shots, args.labels)  # before torch is imported: at once
     check_task_data(args, checked, args.templates[0], args.seeds, "test", args.limit, args.shots)
     check_label_words(args, checked, args.templates)
@@ -73,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
     plan = evaluation_plan(ModelSpec(args.model, args.revision), settings, args.out)
     csv_path = Path(args.out) / RESULTS_CSV
     check_outputs(csv_path, evaluation_table_path(plan, options))  # before reading them: a user's file is refused
+    if dry_run:
+        from parts.experiments.plan import evaluate_plan
+
+        planned = evaluate_plan(plan_target(args), plan, options)
+        print(planned.describe())
+        planned.check_fits()
+        return 0
+    if args.ray is None and not args.table_only:  # Ray's workers have their own memory
+        from parts.experiments.plan import check_command_fits, evaluate_plan
+
+        check_command_fits(evaluate_plan, plan, options, args.model, args.revision, args.device)
     done = sum(work.is_done(options) for work in plan)
     print(f"{done} of {len(plan)} settings already evaluated; "
           + ("the table shows those" if args.table_only else f"{len(plan) - done} to go"))

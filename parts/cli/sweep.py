@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         print(plan.describe())
         plan.check_fits()
         return 0
+    if args.ray is None:  # Ray's workers have their own memory
+        from parts.experiments.plan import check_command_fits, sweep_plan
+
+        check_command_fits(sweep_plan, planned, options, args.model, args.revision, args.device)
     start = time.perf_counter()
     paths = sweep(args.model, args.tasks, args.templates, args.seeds, split=args.split, limit=args.limit,
                   shots=args.shots, out=args.out, revision=args.revision, options=options, executor=executor(args))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from parts.cli.common import (
+    add_dry_run_options,
     add_executor_options,
     add_model_options,
     check_label_words,
@@ -14,8 +15,10 @@ from parts.cli.common import (
     executor,
     int_list,
     non_negative_int,
+    plan_target,
     positive_int,
     run_options,
+    wants_plan,
 )
 
 
@@ -42,12 +45,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, help="output root (share it with `parts evaluate` to reuse source runs)")
     add_model_options(parser)
     add_executor_options(parser)
+    add_dry_run_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from parts.data.tasks import check_tasks, parse_pairs
 
+    dry_run = wants_plan(args)
     pairs = parse_pairs(args.pairs)  # before torch is imported: a mistake is reported at once
     check_tasks([task for pair in pairs for task in pair], args.templates)
     sources = check_tasks(list(dict.fromkeys(source for source, _ in pairs)))  # the targets take their words and shots
@@ -60,6 +65,21 @@ def run(args: argparse.Namespace) -> int:
 
     settings = transfer_settings(pairs, args.templates, args.seeds, args.limit, args.target_limit,
                                  args.shots)
+    if dry_run:
+        from parts.experiments.plan import transfer_plan
+        from parts.experiments.transfer import transfer_works
+
+        planned = transfer_plan(plan_target(args), transfer_works(ModelSpec(args.model, args.revision), settings,
+                                                                  args.out), run_options(args))
+        print(planned.describe())
+        planned.check_fits()
+        return 0
+    if args.ray is None:  # Ray's workers have their own memory
+        from parts.experiments.plan import check_command_fits, transfer_plan
+        from parts.experiments.transfer import transfer_works
+
+        check_command_fits(transfer_plan, transfer_works(ModelSpec(args.model, args.revision), settings, args.out),
+                           run_options(args), args.model, args.revision, args.device)
     rows, table = run_transfer(ModelSpec(args.model, args.revision), settings, args.out, run_options(args),
                                executor(args))
     print(results_table(rows))

@@ -400,7 +400,7 @@ def safetensors_bytes(tensors: dict[str, tuple[int, ...]], metadata: dict[str, s
     import torch
     from safetensors.torch import save
 
-    return len(save({name: torch.zeros(shape) for name, shape in tensors.items()}, metadata=metadata))
+    return len(save({name: torch.zeros(shape, device="cpu") for name, shape in tensors.items()}, metadata=metadata))
 
 
 def run_folder_files(prompts: Any, token_lists: Sequence[Sequence[int]], components: int, d_model: int,
@@ -425,7 +425,8 @@ def summary_estimate(model: str, prompts: Any, label_token_ids: list[int], shape
 
     n, labels = len(prompts.prompts), len(prompts.label_words)
     names = component_names(shape.n_layers, shape.n_heads)
-    empty = Decomposition(torch.zeros(n, len(names), labels), torch.zeros(n, labels), torch.zeros(n, labels))
+    empty = Decomposition(torch.zeros(n, len(names), labels, device="cpu"), torch.zeros(n, labels, device="cpu"),
+                          torch.zeros(n, labels, device="cpu"))
     run = DecompositionRun.from_decomposition(model, prompts, label_token_ids, names, shape.n_layers, shape.n_heads,
                                               empty, None, fingerprint, **info)
     summary = run.summary()
@@ -465,6 +466,8 @@ class Plan:
     tokenizer_note: str = ""
     loads: int = 1  # model loads the command would make (0 when everything is done)
     auto: bool = True  # the batch size is `auto`'s choice
+    fixed_seconds: float = 0.0  # work beside the forwards (fitting weights, writing tables): a command's own estimate
+    notes: list[str] = field(default_factory=list)  # what the plan does not count, printed last
 
     @property
     def calls(self) -> list[Call]:
@@ -504,7 +507,8 @@ class Plan:
         batches = sum(len(c.batches) + (1 if c.prefix else 0) + (1 if c.check_tokens else 0) for c in self.calls)
         load = self.loads * self.shape.weights_bytes(element_bytes(self.dtype)) * SECONDS_PER_WEIGHT_BYTE
         return (linear / (self.rate * LINEAR_EFFICIENCY) + attention / (self.rate * ATTENTION_EFFICIENCY)
-                + batches * self.shape.n_layers * SECONDS_PER_BATCH_LAYER + len(self.calls) * SECONDS_PER_CALL + load)
+                + batches * self.shape.n_layers * SECONDS_PER_BATCH_LAYER + len(self.calls) * SECONDS_PER_CALL + load
+                + self.fixed_seconds)
 
     def check_fits(self) -> None:
         """`check_fits` for the plan's largest batch."""
@@ -545,6 +549,7 @@ class Plan:
             f"time         about {format_seconds(self.seconds())} at {self.rate / 1e9:,.0f} GFLOP/s "
             f"({self.rate_source}); cost model: parts.experiments.plan",
         ]
+        lines += [f"not counted  {note}" for note in dict.fromkeys(self.notes)]
         return "\n".join(lines)
 
 
@@ -601,7 +606,8 @@ def bridge_tokenizer(tokenizer: Any) -> Any:
 def load_target(name: str | None, revision: str | None, dtype: str, device: str | None, assume: str | None,
                 shape_name: str | None = None, probe_seconds: float = 1.0) -> Target:
     """The model's shape and tokenizer (config files only; `shape_name`: a `NAMED_SHAPES` config, tokenised with the
-    embedded model's tokenizer) and the device: `assume` a recorded one, else this machine's, probed."""
+    embedded model's tokenizer) and the device: `assume` a recorded one, else this machine's, probed (not with
+    `probe_seconds` 0: a rate of 0, for a plan that only checks memory)."""
     from transformers import AutoConfig, AutoTokenizer
 
 
@@ -620,7 +626,7 @@ def load_target(name: str | None, revision: str | None, dtype: str, device: str 
         rate, source, where = known.rate(dtype), known.source, f"{known.name} (assumed)"
     else:
         kind, free = free_bytes_here(device)
-        rate = probe_rate(shape, dtype, device if device != "auto" else None, probe_seconds)
+        rate = probe_rate(shape, dtype, device if device != "auto" else None, probe_seconds) if probe_seconds else 0.0
         source, where = f"probed here for {probe_seconds:.0f} s", f"{kind} (this machine)"
     return Target(shape, tokenizer, dtype, where, kind, free, rate, source, label, note)
 
@@ -643,15 +649,16 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
 
 
 def run_call(planner: Planner, target: Target, label: str, prompts: Any, fingerprint: dict[str, Any] | None,
-             path: Path, options: Any) -> tuple[Call, dict[str, int]]:
-    """The call and files of one decomposition run saved at `path`."""
+             path: Path, options: Any, **more_info: Any) -> tuple[Call, dict[str, int]]:
+    """The call and files of one decomposition run saved at `path` (`more_info`: what the command adds to the run's
+    info before saving it)."""
 
     tokens = tokenize(target.tokenizer, prompts.prompts)
     call = planner.call(label, tokens)
     ids = label_token_ids(target.tokenizer, prompts.label_words)
     bos = getattr(target.tokenizer, "bos_token_id", None)
     info = {"dtype": target.dtype, "prefix_reuse": options.prefix_reuse, "engine": options.engine,
-            "bos_prepended": bos is not None and all(t[0] == bos for t in tokens)}
+            "bos_prepended": bos is not None and all(t[0] == bos for t in tokens), **more_info}
     summary = summary_estimate(target.label, prompts, ids,
                                target.shape, None if fingerprint is None else {**fingerprint, "label_token_ids": ids},
                                info)
@@ -673,3 +680,286 @@ def sweep_plan(target: Target, planned: Sequence[Any], options: Any) -> Plan:
         plan.settings.append(Setting(run.label, False, [call], files))
     plan.loads = int(any(not s.done for s in plan.settings))
     return plan
+
+
+# -- parts evaluate ---------------------------------------------------------------------------------------------------
+# Per to-run setting of `parts evaluate`, the work beside the forwards (reweighting and the oracle's descent, the
+# probes' leave-one-out, Calib+, the masks, writing results.csv and the table), in seconds on one CPU core at n = 200
+# (measured on the embedded model: benchmarks/results.md's main table less its forwards); scaled by the test size.
+SECONDS_PER_EVALUATE_SETTING = 4.0
+TYPICAL_EPOCHS = 1000  # a weights file's length grows with its descent's epochs (100 to 2,000 in the main table)
+
+
+def logits_file_bytes(rows: int, labels: int, metadata: dict[str, str]) -> int:
+    """Exact bytes of a cached logits file (`parts.experiments.evaluate._cached_logits`: float32 `logits` and its
+    metadata as one sorted JSON string)."""
+    return safetensors_bytes({"logits": (rows, labels)}, {"parts": json.dumps(metadata, sort_keys=True)})
+
+
+def weights_file_bytes(shape: ModelShape, info: dict[str, Any]) -> int:
+    """Estimated bytes of a weights file (`parts.reweighting.reweight.save_weights`): its losses' count is the
+    descent's epochs, known only after it ran (`TYPICAL_EPOCHS` assumed)."""
+    record = {"component_names": component_names(shape.n_layers, shape.n_heads), "epochs": TYPICAL_EPOCHS,
+              "stopped_because": "plateau", "train_accuracy": 0.85, "losses": [0.512345] * TYPICAL_EPOCHS,
+              "info": info}
+    return safetensors_bytes({"weights": (shape.components,)}, {"parts": json.dumps(record, sort_keys=True)})
+
+
+def stores_final_residual(path: Path) -> bool:
+    """Whether a saved run's tensors hold the final residual (runs saved before parts stored it do not)."""
+    from safetensors import safe_open
+
+    from parts.decomposition.runs import FINAL_RESIDUAL
+
+    with safe_open(str(path / TENSORS), framework="pt") as handle:
+        return FINAL_RESIDUAL in handle.keys()  # noqa: SIM118 (a safetensors handle is no dict)
+
+
+def reused_run(path: Path, fingerprint: dict[str, Any], options: Any) -> bool:
+    """Whether evaluate/transfer would reuse the run at `path` (`reusable_run`), refusing as they would a reused
+    run without the final residual the residual probe needs (with `--recompute-changed`: to redo)."""
+    from parts.experiments.evaluate import NO_RESIDUAL
+    from parts.experiments.runner import reusable_run
+
+    if not reusable_run(path, fingerprint, options):
+        return False
+    if stores_final_residual(path):
+        return True
+    if not options.recompute_changed:
+        raise PartsError(f"{path} {NO_RESIDUAL}")
+    return False
+
+
+def planned_run(planner: Planner, target: Target, entry: Setting, path: Path, prompts: Any,
+                fingerprint: dict[str, Any], options: Any, residual: bool = True, **info: Any) -> None:
+    """A decomposition run of `entry`: reused when on disk as the command would reuse it (`reused_run`; `residual`
+    False: a run without the final residual too), else its call and files (`info`: what the command adds to the
+    run's summary)."""
+    from parts.experiments.runner import reusable_run
+
+    if (reused_run if residual else reusable_run)(path, fingerprint, options):
+        entry.reused += 1
+        return
+    call, files = run_call(planner, target, f"{entry.label} {prompts.split}", prompts, fingerprint, path, options,
+                           **info)
+    entry.calls.append(call)
+    entry.files.update(files)
+
+
+def planned_task_run(planner: Planner, target: Target, entry: Setting, root: Path, where: dict[str, Any], split: str,
+                     limit: int | None, options: Any, residual: bool = True) -> Any:
+    """The run of `where`'s task, template, seed and shots on `split` under `root` (`run_dir`), as `planned_run`;
+    returns its prompts."""
+    from parts.experiments.runner import expected_fingerprint, run_dir
+
+    task, template, seed, shots = where["task"], where["template"], where["seed"], where["shots"]
+    prompts = build_prompts(task, template, seed, shots, split, limit, options.data_dir)
+    fingerprint = expected_fingerprint(where["model"], task, template, seed, shots, split, limit, options)
+    planned_run(planner, target, entry, run_dir(root, split=split, limit=limit, **where), prompts, fingerprint, options,
+                residual)
+    return prompts
+
+
+def planned_logits(planner: Planner, target: Target, entry: Setting, path: Path, prompts: Sequence[str], labels: int,
+                   metadata: dict[str, str]) -> None:
+    """A cached logits file of `entry` (the full model's label logits of `prompts`): reused when on disk, else its
+    call and the file."""
+    if path.is_file():
+        entry.reused += 1
+        return
+    entry.calls.append(planner.call(f"{entry.label} {path.stem}", tokenize(target.tokenizer, prompts)))
+    entry.files[str(path)] = logits_file_bytes(len(prompts), labels, metadata)
+
+
+def results_files(root: Path, table: Path, rows: list[dict[str, Any]], fingerprints: dict[str, Any],
+                  csv_name: str) -> dict[str, int]:
+    """Estimated bytes of a results table as the command leaves it: the rows already there merged with `rows`
+    (notes and accuracies of typical length), its fingerprints file, and the markdown table (a row per method)."""
+    from parts.experiments.results import FINGERPRINTS, merge_results, read_results, results_frame
+
+    csv_path = root / csv_name
+    merged = merge_results(read_results(csv_path), results_frame(rows))
+    csv_text = merged.to_csv(index=False, lineterminator="\r\n")
+    recorded = {}
+    fingerprint_path = csv_path.with_name(csv_path.stem + FINGERPRINTS)
+    if fingerprint_path.is_file():
+        recorded = json.loads(fingerprint_path.read_text())
+    known = {**recorded, **fingerprints}
+    fingerprint_text = json.dumps({d: known[d] for d in sorted(set(merged["fingerprint"])) if d in known}, indent=1)
+    methods = merged[["task", "method", "labels"]].drop_duplicates()
+    return {str(csv_path): len(csv_text.encode()), str(fingerprint_path): len(fingerprint_text.encode()),
+            str(table): 300 + 40 * len(methods)}
+
+
+def typical_note(method: str) -> str:
+    """A note of the length `parts evaluate` writes for `method` (`parts.experiments.results.NOTE_PATTERNS`)."""
+    from parts.experiments.results import ORACLE_NOTE
+
+    trained = "train acc 0.850; plateau after 1000 epochs"
+    return {"contextual": "prior 0.500 0.500", "calib+": "class weights 1.000 1.000",
+            "oracle": f"{ORACLE_NOTE}; {trained}", "comprw": trained, "comprw-signed": f"{trained}; 12 weights below 0",
+            "mask-biased": "masked 12 of 300 components", "probe-resid": "C 1 by leave-one-out; train acc 0.850",
+            "probe-logits": "C 1 by leave-one-out; train acc 0.850",
+            "calib-affine": "C 1 by leave-one-out; train acc 0.850"}.get(method, "")
+
+
+def evaluate_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
+    """The plan of `parts evaluate` (`works`: its `EvaluateWork` items): a setting whose rows are in results.csv
+    is done; the others decompose, as `evaluate_setting` does and in its order, whatever is not on disk: the k-shot
+    test run, the content-free prompts (contextual calibration; logits cached beside the test run), and per label
+    budget the seed's L - k labelled examples' run and the L-shot ICL prompts (logits cached). The residual probe
+    reads the runs' final residual (no forward of its own); `--gates` trains by backpropagation through the model,
+    which is not counted here (`Plan` prints that)."""
+    import warnings
+
+    from parts.data.prompts import many_shot_order
+    from parts.data.tasks import load_split
+    from parts.decomposition.fingerprint import digest
+    from parts.experiments.evaluate import (
+        RESULTS_CSV,
+        evaluation_table_path,
+        many_shot_prompts,
+        setting_fingerprint,
+    )
+    from parts.experiments.results import result_row
+    from parts.experiments.runner import model_slug, run_dir
+    from parts.reweighting.calibration import content_free_prompts
+    from parts.reweighting.reweight import weights_file
+
+    plan, planner = new_plan("evaluate", target, options.batch_size, options.prefix_reuse)
+    data_dir, rows = options.data_dir, []
+    fingerprints: dict[str, Any] = {}
+    for work in works:
+        if work.is_done(options):
+            plan.settings.append(Setting(work.label, True))
+            continue
+        setting, label = work.setting, work.model.label
+        task, k, template = setting.task, setting.k, setting.template
+        where = {"model": label, "task": task, "template": template, "seed": setting.seed, "shots": k,
+                 "options": options}
+        entry = Setting(work.label, False)
+        test = planned_task_run(planner, target, entry, work.root, where, "test", setting.limit, options)
+        test_dir = run_dir(work.root, split="test", limit=setting.limit, **where)
+        n_labels = len(test.label_words)
+        train_rows, test_rows = load_split(task, "train", data_dir), load_split(task, "test", data_dir)
+        demonstrations = [train_rows[i] for i in test.demonstrations]
+        chosen = task.template(template)
+        planned_logits(planner, target, entry, test_dir / "content-free.safetensors",
+                       content_free_prompts(chosen, demonstrations), n_labels, {})
+        entry.files[str(weights_file(test_dir, "oracle"))] = weights_file_bytes(
+            target.shape, {"trained_on": "test set (optimistic reference)"})
+        for budget in setting.labels:
+            train = planned_task_run(planner, target, entry, work.root, where, "train", budget - k, options)
+            entry.files[str(weights_file(test_dir, budget))] = weights_file_bytes(
+                target.shape, {"labels": budget, "train_run": str(run_dir(".", split="train", limit=budget - k,
+                                                                          **where))})
+            drawn = demonstrations + [train_rows[i] for i in train.example_indices]
+            labelled = [drawn[i] for i in many_shot_order(task, setting.seed, [d["label"] for d in drawn])]
+            queries = [test_rows[i] for i in test.example_indices]
+            with warnings.catch_warnings():  # the real run warns of dropped demonstrations; the metadata says it
+                warnings.simplefilter("ignore")
+                prompts, dropped = many_shot_prompts(target.tokenizer, chosen, labelled, queries, target.shape.n_ctx)
+            planned_logits(planner, target, entry, test_dir / f"icl-labels{budget}.safetensors", prompts, n_labels,
+                           {"dropped": str(dropped), "shown": str(len(labelled) - dropped)})
+        fingerprint = setting_fingerprint(label, setting, options)
+        made_of = digest(fingerprint)
+        fingerprints[made_of] = fingerprint
+        name = model_slug(label, options)
+        rows += [result_row(name, task.name, template, setting.seed, k, setting.limit, method, labels, 0.512345,
+                            len(test.prompts), typical_note(method), made_of)
+                 for method, labels in sorted(setting.expected_methods())]
+        if setting.gates:
+            plan.notes.append("gates (--gates): backpropagation through the model per setting and budget, not "
+                              "counted in the forwards or the time")
+        plan.fixed_seconds += SECONDS_PER_EVALUATE_SETTING * len(test.prompts) / 200
+        plan.settings.append(entry)
+    todo = [s for s in plan.settings if not s.done]
+    if todo:  # results.csv, its fingerprints and the table: rewritten after each setting, counted once at the end
+        todo[-1].files.update(results_files(works[0].root, evaluation_table_path(works, options), rows, fingerprints,
+                                            RESULTS_CSV))
+    plan.loads = int(any(s.calls for s in plan.settings))
+    return plan
+
+
+# -- parts transfer ---------------------------------------------------------------------------------------------------
+SECONDS_PER_TRANSFER_SETTING = 1.0  # CompRW's and Calib+'s training on 20 examples, the rows and the table
+
+
+def transfer_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
+    """The plan of `parts transfer` (`works`: its `TransferWork` items): a setting whose rows are in transfer.csv is
+    done; the others decompose, as `evaluate_transfer` does and in its order, whatever is not on disk: the source's
+    test run and its 24 - k labelled examples' run (shared with `parts evaluate` under the same root), and the
+    target's test examples after the source's template and demonstrations (under `transfer/`)."""
+    from parts.data.prompts import LABEL_BUDGET
+    from parts.decomposition.fingerprint import digest
+    from parts.experiments.results import TRANSFER_CSV, result_row
+    from parts.experiments.runner import model_slug, transfer_run_dir
+    from parts.experiments.transfer import SIDE_METHODS, TARGET_ONLY_METHODS, transfer_name, transfer_prompts
+    from parts.methods import method_labels
+
+    plan, planner = new_plan("transfer", target, options.batch_size, options.prefix_reuse)
+    rows: list[dict[str, Any]] = []
+    fingerprints: dict[str, Any] = {}
+    for work in works:
+        if work.is_done(options):
+            plan.settings.append(Setting(work.label, True))
+            continue
+        setting, label = work.setting, work.model.label
+        source, k = setting.source, setting.k
+        where = {"model": label, "task": source, "template": setting.template, "seed": setting.seed, "shots": k,
+                 "options": options}
+        entry = Setting(work.label, False)
+        source_test = planned_task_run(planner, target, entry, work.root, where, "test", setting.source_limit, options,
+                                       False)
+        planned_task_run(planner, target, entry, work.root, where, "train", LABEL_BUDGET - k, options, False)
+        prompts = transfer_prompts(source, setting.target, setting.template, setting.seed, k, setting.target_limit,
+                                   options.data_dir)
+        planned_run(planner, target, entry,
+                    transfer_run_dir(work.root, label, source, setting.target, setting.template, setting.seed, k,
+                                     setting.target_limit, options),
+                    prompts, setting.target_fingerprint(label, options), options, False,
+                    demonstrations_from=source.name)
+        fingerprint = setting.fingerprint(label, options)
+        made_of = digest(fingerprint)
+        fingerprints[made_of] = fingerprint
+        name, shifted = model_slug(label, options), transfer_name(source, setting.target)
+        sides = [(source.name, setting.source_limit, len(source_test.prompts), SIDE_METHODS),
+                 (shifted, setting.target_limit, len(prompts.prompts), SIDE_METHODS + TARGET_ONLY_METHODS)]
+        rows += [result_row(name, task_name, setting.template, setting.seed, k, limit, method,
+                            method_labels(method, k, LABEL_BUDGET), 0.512345, n, typical_note(method), made_of)
+                 for task_name, limit, n, methods in sides for method in methods]
+        plan.fixed_seconds += SECONDS_PER_TRANSFER_SETTING
+        plan.settings.append(entry)
+    todo = [s for s in plan.settings if not s.done]
+    if todo:  # transfer.csv, its fingerprints and the table: rewritten after each setting, counted once at the end
+        root = works[0].root
+        table = root / f"transfer-{model_slug(works[0].model.label, options)}.md"
+        todo[-1].files.update(results_files(root, table, rows, fingerprints, TRANSFER_CSV))
+    plan.loads = int(any(s.calls for s in plan.settings))
+    return plan
+
+
+# -- the real commands' check ----------------------------------------------------------------------------------------
+def check_command_fits(plan_of: Any, works: Sequence[Any], options: Any, name: str | None, revision: str | None,
+                       device: str | None) -> None:
+    """Refuse a real command, before its weights load, whose model or largest batch will not fit in the memory
+    free on `device` now (`check_fits`: one line, the estimate and the `--batch-size` or `--device` that would fit).
+
+    `plan_of(target, works, options)` is the command's plan (`sweep_plan`, `evaluate_plan`, `transfer_plan`), made
+    here for the first setting to run of each task (a task's prompts are about as long in every template and seed),
+    without probing the rate. Nothing is checked when everything is done, when the model's files are not on this
+    disk yet (the load fetches them), or on `--device auto` over several GPUs (the weights are spread)."""
+    import torch
+
+    if device == "auto" and torch.cuda.device_count() > 1:
+        return
+    if files_on_disk(name, revision) is None:
+        return
+    first: dict[str, Any] = {}
+    for work in works:
+        if not work.is_done(options):
+            first.setdefault(work.label.rsplit(" t", 1)[0], work)  # "sst2 t1 s0", "sst2 -> yelp t1 s0"
+    if not first:
+        return
+    target = load_target(name, revision, options.dtype, device, None, probe_seconds=0)
+    plan_of(target, list(first.values()), options).check_fits()

@@ -345,6 +345,11 @@ class TransferWork(SettingWork[TransferSetting]):
         return evaluate_transfer(model, self.model.label, self.setting, self.root, options)
 
 
+def transfer_works(model: ModelSpec, settings: Sequence[TransferSetting], root: str | Path) -> list[TransferWork]:
+    """One work item per setting: what `parts transfer` runs (or reuses) under `root`."""
+    return [TransferWork(model, setting, Path(root)) for setting in settings]
+
+
 def run_transfer(model: ModelSpec, settings: Sequence[TransferSetting], root: str | Path, options: RunOptions,
                  executor: Executor | None = None, loader: Loader | None = None) -> tuple[list[dict[str, str]], Path]:
     """Every transfer setting not yet in `root/transfer.csv`; returns all the settings' rows and the table's path.
@@ -353,7 +358,7 @@ def run_transfer(model: ModelSpec, settings: Sequence[TransferSetting], root: st
     process only, so an interrupted transfer sweep loses no finished setting.
     """
     root = Path(root)
-    plan = [TransferWork(model, setting, root) for setting in settings]
+    plan = transfer_works(model, settings, root)
     name = model_slug(model.label, options)
     table = root / f"transfer-{name}.md"
     templates = ",".join(map(str, dict.fromkeys(s.template for s in settings)))
