@@ -112,14 +112,14 @@ class GatedForward:
         runner = self.runner
         heads, mlps = self.grids(gates)
         n = len(batch.rows)
-        runner._rows_shape = (n, 1)
+        runner.rows_shape = (n, 1)
         modules = {name: self.hf.get_submodule(path) for name, (path, _) in runner.layout.taps.items()}
         captured: dict[str, Tensor] = {}
         handles = []
         for layer in range(runner.n_layers):
             def gate_z(_m: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> tuple[tuple, dict]:
                 value = args[0] if args else kwargs["hidden_states"]
-                z = runner._rows(value).reshape(n, 1, runner.n_heads, -1)
+                z = runner.as_rows(value).reshape(n, 1, runner.n_heads, -1)
                 new = (z * heads[layer, None, None, :, None].to(value.dtype)).reshape(value.shape)
                 return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
@@ -131,13 +131,13 @@ class GatedForward:
             handles.append(modules[runner.layout.mlp_out[layer]].register_forward_hook(gate_mlp))
 
         def capture(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            value = runner._rows(args[0] if args else kwargs["hidden_states"])[:, 0]
+            value = runner.as_rows(args[0] if args else kwargs["hidden_states"])[:, 0]
             captured["final"] = value if value.dtype == torch.float64 else value.float()  # float64 kept: gradient checks
             raise StopAtFinalNorm
         handles.append(self.hf.get_submodule(runner.layout.taps[FINAL_NORM_IN][0]).register_forward_pre_hook(
             capture, with_kwargs=True))
         until_final_norm(lambda: self.hf(
-            batch.ids[:, -1:], attention_mask=batch.mask, position_ids=runner._last_positions(batch),
+            batch.ids[:, -1:], attention_mask=batch.mask, position_ids=runner.last_positions(batch),
             past_key_values=layer_copies(batch.cache), use_cache=batch.cache is not None, logits_to_keep=1), handles)
         if "final" not in captured:
             raise RuntimeError("the final norm was never reached: the model's forward does not end in its final norm")

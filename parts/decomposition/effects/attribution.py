@@ -72,29 +72,29 @@ class AttributionPatching(RunnerBase):
         mlp_leaf = torch.zeros((size, self.n_layers, clean.final_in.shape[-1]), device=self.device, dtype=self.dtype,
                                requires_grad=True)
         captured: dict[str, Tensor] = {}
-        self._rows_shape = (size, 1)
+        self.rows_shape = (size, 1)
         handles = []
         for layer in range(self.n_layers):
             def pre(_m: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> tuple[tuple, dict]:
                 value = args[0] if args else kwargs["hidden_states"]
-                new = (self._rows(value) + z_leaf[:, layer, None]).reshape(value.shape)
+                new = (self.as_rows(value) + z_leaf[:, layer, None]).reshape(value.shape)
                 return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
             def post(_m: nn.Module, _args: tuple, output: Any, layer: int = layer) -> Any:
                 value = output[0] if isinstance(output, tuple) else output
-                new = (self._rows(value) + mlp_leaf[:, layer, None]).reshape(value.shape)
+                new = (self.as_rows(value) + mlp_leaf[:, layer, None]).reshape(value.shape)
                 return (new, *output[1:]) if isinstance(output, tuple) else new
             handles.append(modules[z_name(layer)].register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(modules[self.layout.mlp_out[layer]].register_forward_hook(post))
 
         def capture(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["final"] = self._rows(args[0] if args else kwargs["hidden_states"]).float()[:, 0]
+            captured["final"] = self.as_rows(args[0] if args else kwargs["hidden_states"]).float()[:, 0]
             raise StopAtFinalNorm
         handles.append(self.hf.get_submodule(self.layout.taps[FINAL_NORM_IN][0]).register_forward_pre_hook(
             capture, with_kwargs=True))
         with torch.enable_grad():
             until_final_norm(lambda: self.hf(
-                batch.ids[:, -1:], attention_mask=batch.mask, position_ids=self._last_positions(batch),
+                batch.ids[:, -1:], attention_mask=batch.mask, position_ids=self.last_positions(batch),
                 past_key_values=layer_copies(batch.cache, detach=True), use_cache=batch.cache is not None,
                 logits_to_keep=1), handles)
         n_labels = len(self.run.label_token_ids)

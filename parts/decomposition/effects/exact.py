@@ -72,7 +72,7 @@ class ExactLastPosition(RunnerBase):
                 frozen.setdefault((target.kind, layer), torch.zeros(rows, dtype=torch.bool, device=self.device))[row] = True
         handles = []
         captured: dict[str, Tensor] = {}
-        self._rows_shape = (n, rows)
+        self.rows_shape = (n, rows)
         modules = {name: self.hf.get_submodule(path) for name, (path, _) in self.layout.taps.items()}
         for layer in layers:
             handles.append(modules[z_name(layer)].register_forward_pre_hook(
@@ -89,7 +89,7 @@ class ExactLastPosition(RunnerBase):
 
         def capture(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             value = args[0] if args else kwargs["hidden_states"]
-            captured["final"] = self._rows(value).float()
+            captured["final"] = self.as_rows(value).float()
             raise StopAtFinalNorm
         handles.append(self.hf.get_submodule(final_path).register_forward_pre_hook(capture, with_kwargs=True))
         first = start if skip else 0
@@ -117,7 +117,7 @@ class ExactLastPosition(RunnerBase):
     def _forward_rows(self, batch: Batch, rows: int, mode: str, first: int) -> None:
         n = len(batch.rows)
         last = batch.ids[:, -1:]
-        positions = self._last_positions(batch)
+        positions = self.last_positions(batch)
         if mode == "positions":
             # Every row a position of one sequence after the prompt, each seeing the prompt's keys and values and itself.
             keys = batch.mask.shape[1] - 1
@@ -155,7 +155,7 @@ class ExactLastPosition(RunnerBase):
     def _replace_input(self, new: Float[Tensor, "batch row head d_head"], chosen: Bool[Tensor, "row head"]) -> Any:
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             value = args[0] if args else kwargs["hidden_states"]
-            heads = self._rows(value).reshape(*new.shape)
+            heads = self.as_rows(value).reshape(*new.shape)
             out = torch.where(chosen[None, :, :, None], new.to(value.dtype), heads).reshape(value.shape)
             return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
         return hook
@@ -164,7 +164,7 @@ class ExactLastPosition(RunnerBase):
                         change: Float[Tensor, "batch row d_model"]) -> Any:
         def hook(_m: nn.Module, _args: tuple, output: Any) -> Any:
             value = output[0] if isinstance(output, tuple) else output
-            rows = torch.where(chosen[None, :, None], new.to(value.dtype), self._rows(value)) + change.to(value.dtype)
+            rows = torch.where(chosen[None, :, None], new.to(value.dtype), self.as_rows(value)) + change.to(value.dtype)
             out = rows.reshape(value.shape)
             return (out, *output[1:]) if isinstance(output, tuple) else out
         return hook
@@ -172,11 +172,11 @@ class ExactLastPosition(RunnerBase):
     def _freeze(self, norm: Any, scale: Float[Tensor, " batch"], row_mask: Tensor) -> Any:
         def hook(_m: nn.Module, args: tuple, output: Any) -> Any:
             value = output[0] if isinstance(output, tuple) else output
-            x = self._rows(args[0]).float()
+            x = self.as_rows(args[0]).float()
             fixed = norm.centre(x) / scale[:, None, None] * norm.weight
             if norm.bias is not None:
                 fixed = fixed + norm.bias
-            new = torch.where(row_mask[None, :, None], fixed.to(value.dtype), self._rows(value)).reshape(value.shape)
+            new = torch.where(row_mask[None, :, None], fixed.to(value.dtype), self.as_rows(value)).reshape(value.shape)
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return hook
 

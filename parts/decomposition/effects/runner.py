@@ -70,7 +70,9 @@ class RunnerBase:
         self.prefix: Any = None  # the latest pass's prefix cache (None: no shared prefix)
         self.prefix_length = 0
         self.model_type = str(getattr(self.hf.config, "model_type", type(self.hf).__name__))
-        self._rows_shape = (0, 0)  # examples, rows per example of the running forward
+        self.rows_shape = (0, 0)
+        """(examples, rows per example) of the running forward: how `as_rows` views its activations; set by whoever
+        runs a forward with several rows per example (the ablations, attribution, reweighting's gates)."""
 
     # -- tokens and the clean pass ----------------------------------------------------------------------------
     def token_lists(self) -> list[list[int]]:
@@ -186,7 +188,7 @@ class RunnerBase:
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
         try:
             with torch.inference_mode():
-                self.hf(batch.ids[:, -1:], attention_mask=batch.mask, position_ids=self._last_positions(batch),
+                self.hf(batch.ids[:, -1:], attention_mask=batch.mask, position_ids=self.last_positions(batch),
                         past_key_values=layer_copies(batch.cache), use_cache=batch.cache is not None, logits_to_keep=1)
         finally:
             for handle in handles:
@@ -213,7 +215,9 @@ class RunnerBase:
         return Clean(z, mlp_parts, torch.stack([resid[l] for l in range(self.n_layers)], dim=1),
                       activations[FINAL_NORM_IN].float().reshape(n, -1), post_in)
 
-    def _last_positions(self, batch: Batch) -> Int[Tensor, "batch 1"]:
+    def last_positions(self, batch: Batch) -> Int[Tensor, "batch 1"]:
+        """The position id of each example's last token after the shared prefix (left padding does not count), for a
+        forward of the last token alone."""
         return suffix_position_ids(batch.mask, self.prefix_length)[:, -1:]
 
     def label_logits(self, final_in: Float[Tensor, "... d_model"],
@@ -254,10 +258,10 @@ class RunnerBase:
         source = resample_order(self.run.n_examples)
         return z[source], [m[source] for m in mlp]
 
-    def _rows(self, value: Tensor) -> Tensor:
+    def as_rows(self, value: Tensor) -> Tensor:
         """A [batch row ...] view of an activation of the running forward ([batch row ...] as positions,
-        [(batch row) 1 ...] as a batch, or flattened tokens [(batch row) ...])."""
-        n, rows = self._rows_shape
+        [(batch row) 1 ...] as a batch, or flattened tokens [(batch row) ...]), by `rows_shape`."""
+        n, rows = self.rows_shape
         return value.reshape(n, rows, -1)
 
     def _info(self, method: str, positions: str, started: float, cpu_started: float) -> dict[str, Any]:
