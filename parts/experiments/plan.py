@@ -223,32 +223,38 @@ def free_bytes_here(device: str | None) -> tuple[str, int]:
 def check_fits(shape: ModelShape, dtype: str, device_kind: str, free_bytes: int, longest_suffix: int = 1,
                prefix: int = 0, batch_size: int = 1, where: str = "this device") -> None:
     """Refuse, before anything loads, a model whose weights and one batch (`batch_size` prompts of `longest_suffix`
-    new tokens after a `prefix`) will not fit in `free_bytes` (the share `auto` plans with: 80% of a GPU's, half
-    of a CPU's). The one-line error gives the estimate and what would fit: a smaller `--batch-size`, `--dtype
+    new tokens after a `prefix`) will not fit in `free_bytes`. The rule is `auto`'s own (`planned_batch_size`):
+    the weights must fit in the free memory, and the batch's prompts in the share of what is left that `auto`
+    plans with (80% on a GPU, half on a CPU), so a batch size `auto` chose always passes unless not even one
+    prompt fits. The one-line error gives the estimate and what would fit: a smaller `--batch-size`, `--dtype
     bfloat16`, or a recorded device (`DEVICES`) with the memory."""
 
-    budget = int(free_bytes * MEMORY_FRACTION.get(device_kind, 0.5))
+    fraction = MEMORY_FRACTION.get(device_kind, 0.5)
     weights = shape.weights_bytes(element_bytes(dtype))
+    budget = int(max(0, free_bytes - weights) * fraction)  # what `auto` divides among a batch's prompts
+    prefix_cache = batch_bytes(shape, longest_suffix, prefix, 0, dtype)  # shown in the estimate, as auto ignores it
+    per_prompt = batch_bytes(shape, longest_suffix, prefix, 1, dtype) - prefix_cache
     batch = batch_bytes(shape, longest_suffix, prefix, batch_size, dtype)
-    if weights + batch <= budget:
+    if weights < free_bytes and batch_size * per_prompt <= budget:
         return
-    one = batch_bytes(shape, longest_suffix, prefix, 1, dtype)
     fixes = []
-    if weights + one <= budget:
-        per_prompt = batch_bytes(shape, longest_suffix, prefix, 2, dtype) - one
-        fixes.append(f"--batch-size {max(1, 1 + (budget - weights - one) // max(per_prompt, 1))}")
+    if weights < free_bytes and per_prompt <= budget:
+        fixes.append(f"--batch-size {budget // per_prompt}")
     else:
-        if dtype == "float32" and shape.weights_bytes(2) + batch_bytes(shape, longest_suffix, prefix, 1, "bfloat16") <= budget:
+        small = shape.weights_bytes(2)
+        small_prompt = (batch_bytes(shape, longest_suffix, prefix, 1, "bfloat16")
+                        - batch_bytes(shape, longest_suffix, prefix, 0, "bfloat16"))
+        if dtype == "float32" and small < free_bytes and small_prompt <= (free_bytes - small) * fraction:
             fixes.append("--dtype bfloat16")
-        need = weights + one
-        bigger = [d.name for d in DEVICES.values() if d.kind == "cuda"
-                  and need <= d.memory_bytes * MEMORY_FRACTION["cuda"]]
-        fixes.append(f"--device cuda on a GPU of {need / MEMORY_FRACTION['cuda'] / GIB:.0f} GiB or more"
+        need = weights + per_prompt / MEMORY_FRACTION["cuda"]  # free memory that holds the weights and one prompt
+        bigger = [d.name for d in DEVICES.values() if d.kind == "cuda" and need <= d.memory_bytes]
+        fixes.append(f"--device cuda on a GPU of {need / GIB:.0f} GiB or more"
                      + (f" ({', '.join(bigger)})" if bigger else "") + ", or --device auto over several GPUs")
     raise PartsError(
         f"{shape.name} in {dtype} will not fit on {where}: about {(weights + batch) / GIB:.1f} GiB "
         f"({weights / GIB:.1f} GiB of weights + {batch / GIB:.2f} GiB for a batch of {batch_size} at "
-        f"{prefix + longest_suffix} tokens) against {budget / GIB:.1f} GiB usable of {free_bytes / GIB:.1f} GiB free: "
+        f"{prefix + longest_suffix} tokens) against {free_bytes / GIB:.1f} GiB free ({budget / GIB:.1f} GiB of it for "
+        "batches once the weights are in): "
         f"use {' or '.join(fixes)}"
     )
 
