@@ -88,7 +88,8 @@ def test_against_writes_and_accumulates_rows(two_ways, tiny_llama, tmp_path):
     summary(other, reference)  # another variant adds a row
     assert list(pd.read_csv(out)["variant"]) == ["exact, last, zero", "exact, last, mean, freeze-norm"]
     with pytest.raises(PartsError, match="give --summary CSV too"):
-        effects_cli.run(argparse.Namespace(root=str(other), against=str(reference), summary=None))
+        effects_cli.run(argparse.Namespace(root=str(other), against=str(reference), summary=None, dry_run=False,
+                                          assume=None, shape=None))
     stranger_run = tiny_run(tiny_llama, list(reversed(PROMPTS)))
     stranger_run.save(tmp_path / "stranger" / "run")
     total_effects(tiny_llama, stranger_run, ablation="zero").save(tmp_path / "stranger" / "run")

@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
 
     settings = transfer_settings(pairs, args.templates, args.seeds, args.limit, args.target_limit,
                                  args.shots)
+    from parts.experiments.results import check_outputs
+    from parts.experiments.transfer import transfer_outputs
+
+    # before any plan reads them: a user's file in the way is refused as the run itself would
+    check_outputs(*transfer_outputs(ModelSpec(args.model, args.revision), args.out, run_options(args)))
     if dry_run:
         from parts.experiments.plan import transfer_plan
         from parts.experiments.transfer import transfer_works

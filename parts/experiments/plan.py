@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from parts.components import component_names
-from parts.data.prompts import build_prompts, label_token_ids
+from parts.data.prompts import LABEL_BUDGET, build_prompts, label_token_ids, many_shot_order
+from parts.data.tasks import load_split
 from parts.decomposition.decompose import (
     ESTIMATE_MARGIN,
     MEMORY_FRACTION,
@@ -41,11 +43,26 @@ from parts.decomposition.decompose import (
     planned_batch_size,
     prompt_memory_bytes,
 )
-from parts.decomposition.runs import PROMPTS, SUMMARY, TENSORS, Decomposition, DecompositionRun
+from parts.decomposition.fingerprint import digest
+from parts.decomposition.runs import FINAL_RESIDUAL, PROMPTS, SUMMARY, TENSORS, Decomposition, DecompositionRun
 from parts.errors import PartsError
-from parts.experiments.runner import model_label
-from parts.model.loading import DTYPES
+from parts.experiments.evaluate import NO_RESIDUAL, RESULTS_CSV, evaluation_table_path, many_shot_prompts, setting_fingerprint
+from parts.experiments.results import (
+    FINGERPRINTS,
+    ORACLE_NOTE,
+    TRANSFER_CSV,
+    merge_results,
+    read_results,
+    result_row,
+    results_frame,
+)
+from parts.experiments.runner import expected_fingerprint, model_label, model_slug, reusable_run, run_dir, transfer_run_dir
+from parts.experiments.transfer import SIDE_METHODS, TARGET_ONLY_METHODS, transfer_name, transfer_prompts
+from parts.methods import method_labels
+from parts.model.loading import DTYPES, check_local_folder
 from parts.model.locations import EMBEDDED_ALIASES, files_on_disk, resolve_model_name
+from parts.reweighting.calibration import content_free_prompts
+from parts.reweighting.reweight import weights_file
 
 GIB = 1024**3
 
@@ -588,6 +605,8 @@ class Target:
 def model_files_folder(name: str | None, revision: str | None) -> Path:
     """The folder of a model's config and tokenizer, or a one-line error saying how to get them without weights."""
 
+    if name not in EMBEDDED_ALIASES:
+        check_local_folder(resolve_model_name(name))  # a path that is no model folder: load_model's own error
     folder = files_on_disk(name, revision)
     if folder is None:
         if name in EMBEDDED_ALIASES:
@@ -623,9 +642,16 @@ def load_target(name: str | None, revision: str | None, dtype: str, device: str 
         note = " [tokens counted with the embedded model's tokenizer]"
     else:
         folder = model_files_folder(name, revision)
-        config, label, note = AutoConfig.from_pretrained(folder), str(model_label(resolve_model_name(name), revision)), ""
+        label, note = str(model_label(resolve_model_name(name), revision)), ""
+    try:
+        if shape_name is None:
+            config = AutoConfig.from_pretrained(folder)
+        tokenizer = bridge_tokenizer(AutoTokenizer.from_pretrained(folder))
+    except (OSError, ValueError, KeyError) as err:  # as load_model: a bad folder or config is the user's to fix
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PartsError(f"cannot load model {name!r}: {first_line} (check the name or folder; omit --model for "
+                         "the offline default)") from err
     shape = ModelShape.from_config(config, label)
-    tokenizer = bridge_tokenizer(AutoTokenizer.from_pretrained(folder))
     if assume is not None:
         known = assumed_device(assume)
         kind, free = known.kind, known.memory_bytes
@@ -715,7 +741,6 @@ def stores_final_residual(path: Path) -> bool:
     """Whether a saved run's tensors hold the final residual (runs saved before parts stored it do not)."""
     from safetensors import safe_open
 
-    from parts.decomposition.runs import FINAL_RESIDUAL
 
     with safe_open(str(path / TENSORS), framework="pt") as handle:
         return FINAL_RESIDUAL in handle.keys()  # noqa: SIM118 (a safetensors handle is no dict)
@@ -724,8 +749,6 @@ def stores_final_residual(path: Path) -> bool:
 def reused_run(path: Path, fingerprint: dict[str, Any], options: Any) -> bool:
     """Whether evaluate/transfer would reuse the run at `path` (`reusable_run`), refusing as they would a reused
     run without the final residual the residual probe needs (with `--recompute-changed`: to redo)."""
-    from parts.experiments.evaluate import NO_RESIDUAL
-    from parts.experiments.runner import reusable_run
 
     if not reusable_run(path, fingerprint, options):
         return False
@@ -741,7 +764,6 @@ def planned_run(planner: Planner, target: Target, entry: Setting, path: Path, pr
     """A decomposition run of `entry`: reused when on disk as the command would reuse it (`reused_run`; `residual`
     False: a run without the final residual too), else its call and files (`info`: what the command adds to the
     run's summary)."""
-    from parts.experiments.runner import reusable_run
 
     if (reused_run if residual else reusable_run)(path, fingerprint, options):
         entry.reused += 1
@@ -756,7 +778,6 @@ def planned_task_run(planner: Planner, target: Target, entry: Setting, root: Pat
                      limit: int | None, options: Any, residual: bool = True) -> Any:
     """The run of `where`'s task, template, seed and shots on `split` under `root` (`run_dir`), as `planned_run`;
     returns its prompts."""
-    from parts.experiments.runner import expected_fingerprint, run_dir
 
     task, template, seed, shots = where["task"], where["template"], where["seed"], where["shots"]
     prompts = build_prompts(task, template, seed, shots, split, limit, options.data_dir)
@@ -781,7 +802,6 @@ def results_files(root: Path, table: Path, rows: list[dict[str, Any]], fingerpri
                   csv_name: str) -> dict[str, int]:
     """Estimated bytes of a results table as the command leaves it: the rows already there merged with `rows`
     (notes and accuracies of typical length), its fingerprints file, and the markdown table (a row per method)."""
-    from parts.experiments.results import FINGERPRINTS, merge_results, read_results, results_frame
 
     csv_path = root / csv_name
     merged = merge_results(read_results(csv_path), results_frame(rows))
@@ -799,7 +819,6 @@ def results_files(root: Path, table: Path, rows: list[dict[str, Any]], fingerpri
 
 def typical_note(method: str) -> str:
     """A note of the length `parts evaluate` writes for `method` (`parts.experiments.results.NOTE_PATTERNS`)."""
-    from parts.experiments.results import ORACLE_NOTE
 
     trained = "train acc 0.850; plateau after 1000 epochs"
     return {"contextual": "prior 0.500 0.500", "calib+": "class weights 1.000 1.000",
@@ -818,19 +837,6 @@ def evaluate_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
     which is not counted here (`Plan` prints that)."""
     import warnings
 
-    from parts.data.prompts import many_shot_order
-    from parts.data.tasks import load_split
-    from parts.decomposition.fingerprint import digest
-    from parts.experiments.evaluate import (
-        RESULTS_CSV,
-        evaluation_table_path,
-        many_shot_prompts,
-        setting_fingerprint,
-    )
-    from parts.experiments.results import result_row
-    from parts.experiments.runner import model_slug, run_dir
-    from parts.reweighting.calibration import content_free_prompts
-    from parts.reweighting.reweight import weights_file
 
     plan, planner = new_plan("evaluate", target, options.batch_size, options.prefix_reuse)
     data_dir, rows = options.data_dir, []
@@ -896,12 +902,6 @@ def transfer_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
     done; the others decompose, as `evaluate_transfer` does and in its order, whatever is not on disk: the source's
     test run and its 24 - k labelled examples' run (shared with `parts evaluate` under the same root), and the
     target's test examples after the source's template and demonstrations (under `transfer/`)."""
-    from parts.data.prompts import LABEL_BUDGET
-    from parts.decomposition.fingerprint import digest
-    from parts.experiments.results import TRANSFER_CSV, result_row
-    from parts.experiments.runner import model_slug, transfer_run_dir
-    from parts.experiments.transfer import SIDE_METHODS, TARGET_ONLY_METHODS, transfer_name, transfer_prompts
-    from parts.methods import method_labels
 
     plan, planner = new_plan("transfer", target, options.batch_size, options.prefix_reuse)
     rows: list[dict[str, Any]] = []
@@ -968,4 +968,7 @@ def check_command_fits(plan_of: Any, works: Sequence[Any], options: Any, name: s
     if not first:
         return
     target = load_target(name, revision, options.dtype, device, None, probe_seconds=0)
-    plan_of(target, list(first.values()), options).check_fits()
+    with warnings.catch_warnings():  # the run that follows says them (e.g. a --limit above the data) once
+        warnings.simplefilter("ignore")
+        plan = plan_of(target, list(first.values()), options)
+    plan.check_fits()

@@ -350,6 +350,12 @@ def transfer_works(model: ModelSpec, settings: Sequence[TransferSetting], root: 
     return [TransferWork(model, setting, Path(root)) for setting in settings]
 
 
+def transfer_outputs(model: ModelSpec, root: str | Path, options: RunOptions) -> tuple[Path, Path]:
+    """The files `parts transfer` writes under `root`: its rows (`transfer.csv`) and its markdown table."""
+    root = Path(root)
+    return root / TRANSFER_CSV, root / f"transfer-{model_slug(model.label, options)}.md"
+
+
 def run_transfer(model: ModelSpec, settings: Sequence[TransferSetting], root: str | Path, options: RunOptions,
                  executor: Executor | None = None, loader: Loader | None = None) -> tuple[list[dict[str, str]], Path]:
     """Every transfer setting not yet in `root/transfer.csv`; returns all the settings' rows and the table's path.
@@ -360,12 +366,12 @@ def run_transfer(model: ModelSpec, settings: Sequence[TransferSetting], root: st
     root = Path(root)
     plan = transfer_works(model, settings, root)
     name = model_slug(model.label, options)
-    table = root / f"transfer-{name}.md"
+    table = transfer_outputs(model, root, options)[1]
     templates = ",".join(map(str, dict.fromkeys(s.template for s in settings)))
     seeds = ",".join(map(str, dict.fromkeys(s.seed for s in settings)))
     header = (f"{name}: transfer, accuracy (%) mean ± std over templates {templates} x seeds {seeds}; "
               f"source n={settings[0].source_limit}, target n={settings[0].target_limit}")
-    check_outputs(root / TRANSFER_CSV, table)  # refuse now, not after the first setting, if a user's file is in the way
+    check_outputs(*transfer_outputs(model, root, options))  # a user's file in the way: refused now
 
     def settings_rows() -> list[dict[str, str]]:
         everything = read_results(root / TRANSFER_CSV)

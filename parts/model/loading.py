@@ -268,7 +268,7 @@ def as_bridge(model: Any, tokenizer: Any = None) -> TransformerBridge:
     return bridge
 
 
-def _check_local_folder(name: str) -> str:
+def check_local_folder(name: str) -> str:
     """A name that is a path must be a model folder; anything else is left to the hub."""
     path = Path(name).expanduser()
     if not is_local_name(name):
@@ -316,7 +316,7 @@ def load_model(
 
     embedded = name in EMBEDDED_ALIASES
     label = resolve_model_name(name)
-    folder = None if embedded else _check_local_folder(label)
+    folder = None if embedded else check_local_folder(label)
     if revision is not None and (embedded or Path(str(folder)).is_dir()):
         raise PartsError(
             f"--revision {revision} applies to hub models only: {label} is a local copy with one set of weights "
