@@ -106,27 +106,30 @@ def attention_from_last_token(
     return pattern[0, head, -1].float().cpu()
 
 
-def attention_view(model: TransformerBridge, run: DecompositionRun, example: int, layer: int, head: int) -> AttentionView:
-    """The attention of one head from the last token of one of the run's prompts."""
+def view_tokens(tokenizer: Any, run: DecompositionRun, example: int) -> tuple[list[int], list[str], list[int]]:
+    """What an attention view shows of one of the run's prompts beside the pattern, from the tokenizer alone: its
+    token ids, every token as text, and the positions of the demonstrations' label words."""
     if not 0 <= example < run.n_examples:
         raise PartsError(f"example {example} is not in this run of {run.n_examples} examples: choose 0-{run.n_examples - 1}")
     prompt = run.prompts.prompts[example]
-    encoded = model.tokenizer(prompt, return_offsets_mapping=True)
+    encoded = tokenizer(prompt, return_offsets_mapping=True)
     token_ids = list(encoded["input_ids"])
-    pattern = attention_from_last_token(model, token_ids, layer, head)
     try:
         template = get_task(run.prompts.task).template(run.prompts.template)
         separator, tail = template.separator, _template_tail(template.text)
     except PartsError:  # a user task known only by name: the default separator, no tail check
         separator, tail = "\n", ""
     spans = demonstration_label_spans(prompt, run.prompts.label_words, separator, tail)
-    return AttentionView(
-        example=example,
-        gold=run.prompts.labels[example],
-        tokens=[model.tokenizer.decode([t]) for t in token_ids],
-        pattern=pattern,
-        label_positions=spans_to_positions(encoded["offset_mapping"], spans),
-    )
+    return (token_ids, [tokenizer.decode([t]) for t in token_ids],
+            spans_to_positions(encoded["offset_mapping"], spans))
+
+
+def attention_view(model: TransformerBridge, run: DecompositionRun, example: int, layer: int, head: int) -> AttentionView:
+    """The attention of one head from the last token of one of the run's prompts."""
+    token_ids, tokens, label_positions = view_tokens(model.tokenizer, run, example)
+    pattern = attention_from_last_token(model, token_ids, layer, head)
+    return AttentionView(example=example, gold=run.prompts.labels[example], tokens=tokens, pattern=pattern,
+                         label_positions=label_positions)
 
 
 def head_inspection(

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from parts.cli.common import RUNS_FOLDER_FIX, add_model_options, name_list, positive_int, run_options
+from parts.cli.common import (
+    RUNS_FOLDER_FIX,
+    add_dry_run_options,
+    add_model_options,
+    name_list,
+    plan_target,
+    positive_int,
+    run_options,
+    wants_plan,
+)
+from parts.errors import PartsError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -33,6 +43,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--task-files", type=name_list, default=None, metavar="FILES",
                         help="JSON files of your own tasks in the sweep (comma-separated), for the main table's intervals")
     add_model_options(parser, model_help=None, revision=False, decomposes=False)  # --attention's model (the runs')
+    add_dry_run_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from parts import io
     from parts.data.tasks import get_task
 
+    if wants_plan(args) and not args.attention:
+        raise PartsError("--dry-run plans --attention's model passes; the plain report loads no model: add --attention")
     io.existing_folder(args.runs, "runs folder", RUNS_FOLDER_FIX)  # before the slow imports: answered at once
+    if args.dry_run:
+        return plan(args)
     from parts.report.site import build_report, count
 
     tasks_files = {get_task(path).name: path for path in args.task_files or []}
@@ -63,4 +78,24 @@ def run(args: argparse.Namespace) -> int:
     report = build_report(args.runs, args.out, attention, args.heads, args.results, tasks_files)
     print(f"{count(report.runs, 'run')} of {count(report.tasks, 'task')}: {len(report.pages)} pages, "
           f"{report.bytes / 1e6:.1f} MB in {report.seconds:.1f} s; open {report.out}/index.html")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    """`--dry-run` with --attention: the plan of every model the tasks need (parts.report.plan_attention)."""
+    from parts.model.loading import recorded_model
+    from parts.report import data as report_data
+    from parts.report.plan_attention import attention_plan
+
+    tasks, _ = report_data.collect_tasks(args.runs)
+    groups: dict[str, list[tuple[Any, list[str]]]] = {}
+    for task in tasks:
+        summary, _ = report_data.task_data(task, args.runs, None)
+        groups.setdefault(task.reference.model, []).append((task, report_data.attention_heads(summary, args.heads)))
+    for model, items in groups.items():
+        recorded = recorded_model(model)
+        args.model, args.revision = recorded["name"], recorded["revision"]
+        found = attention_plan(plan_target(args), items, args.examples, args.out)
+        print(found.describe())
+        found.check_fits()
     return 0
