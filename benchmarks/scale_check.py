@@ -156,6 +156,14 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def resident_bytes(device: torch.device) -> int:
+    """What the process holds now: resident bytes on a CPU (freed heap the allocator kept included), allocated
+    bytes on a GPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _status_bytes("VmRSS")
+
+
 def peak_bytes(device: torch.device) -> int:
     """The peak since `reset_peak`: resident bytes on a CPU, allocated bytes on a GPU."""
     if device.type == "cuda":
@@ -336,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         chosen: list[dict[str, Any]] = []
         say(f"decomposing {label} ({len(prompts)} prompts)")
         reset_peak(device)
+        before = resident_bytes(device)
         started = time.perf_counter()
         with recording_batch_size(chosen):
             run = decompose_task(model, task, 1, args.seed, prompts.shots, "test", len(prompts), batch_size=batch_size,
@@ -349,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "prompts": label, "n": run.n_examples,
             "tokens": f"{min(lengths)}-{max(lengths)} ({chosen[0]['prefix_length']} shared)",
             "batch" if batch_size == "auto" else "batch (given)": chosen[0]["batch_size"],
-            "peak GiB": peak / GIB,
+            "resident before GiB": before / GIB, "peak GiB": peak / GIB,
             "estimate GiB": (start + weights + RUNTIME_BYTES + max(c["estimate"] for c in chosen)) / GIB,
             "batch estimate GiB": max(c["estimate"] for c in chosen) / GIB,
             "run folder MB": folder_bytes(folder) / 1e6, "s / prompt": seconds / run.n_examples,
