@@ -249,3 +249,24 @@ def test_evaluate_with_gates_adds_their_row_and_their_predictions(tmp_path, tiny
     task = get_task(str(tiny_task_file))
     labels, predictions = setting_predictions(tmp_path, str(tiny_model_dir), Setting(task, 1, 0, 8, (12,)))
     assert torch.equal(predictions[("gates", 12)], logits.argmax(-1)) and torch.equal(labels, test.labels)
+
+
+def test_evaluate_says_which_methods_its_interval_tables_leave_out(tmp_path, tiny_model_dir, tiny_task_file, capsys):
+    """Gates on one of two settings: the printed interval tables keep both settings of every other method and leave
+    the gates out, and `parts evaluate` says so in one line with the gates' own settings, not silently."""
+    from parts.cli import main
+
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--tasks", str(tiny_task_file), "--templates", "1",
+            "--labels", "12", "--limit", "8", "--out", str(tmp_path), "--device", "cpu"]
+    assert main([*argv, "--seeds", "0,1"]) == 0
+    assert main([*argv, "--seeds", "0", "--gates"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--seeds", "0,1", "--table-only"]) == 0
+    printed = capsys.readouterr().out
+    intervals = printed.split("accuracy (%), mean over runs", 1)[1]
+    line, accuracy_header = intervals.splitlines()[1:3]
+    assert line == ("Settings (template t, demonstration seed s): t1 × s0-1, 2 per task, 1 task, 2 in all. Run on fewer "
+                    "settings, so left out of this table where they lack some: Gates† 12 (t1 × s0, 1 per task, 1 task, "
+                    "1 in all).")
+    assert "CompRW 12" in accuracy_header and "Gates" not in intervals.split(line, 1)[1]
+    assert "| 2 |" in intervals  # CompRW and the others keep both runs

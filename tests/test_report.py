@@ -241,7 +241,7 @@ def test_main_table_with_intervals_after_parts_evaluate(tmp_path, tiny_model_dir
     (table,) = report_data.main_tables(tmp_path / "runs", tmp_path / "runs" / "results.csv", {"tiny": tiny_task_file})
     assert table["intervals"] and table["note"] == ""
     rows = read_results(tmp_path / "runs" / "results.csv")
-    accuracy, differences = interval_tables(tmp_path / "runs", rows, {"tiny": tiny_task_file})
+    accuracy, differences, _ = interval_tables(tmp_path / "runs", rows, {"tiny": tiny_task_file})
     assert table["accuracy"].equals(accuracy) and table["differences"].equals(differences)
     cell = accuracy.set_index("task").loc["tiny", "CompRW 12"]
     overview = (tmp_path / "site" / "index.html").read_text()

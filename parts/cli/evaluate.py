@@ -108,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
         tasks = {s.task.name: s.task.name for s in settings}
         tasks |= {get_task(t).name: t for t in args.tasks}  # user task files, by the name their rows carry
-        accuracy, differences = interval_tables(args.out, chosen, tasks)
+        accuracy, differences, settings_line = interval_tables(args.out, chosen, tasks)
         print("\naccuracy (%), mean over runs [95% bootstrap interval: test examples and runs resampled per task]")
+        if settings_line:  # the settings, and the methods run on fewer (--gates on some) that the tables leave out
+            print(settings_line)
         print(markdown(accuracy))
         print("\nCompRW minus each baseline (percentage points) [95% bootstrap interval]")
         print(markdown(differences))

@@ -302,12 +302,16 @@ def control_rows(root: Path, limit: str, names: list[str]) -> list[dict[str, Any
 
 
 def interval_tables(root: str | Path, results: pd.DataFrame, tasks: Mapping[str, str | Path] | None = None,
-                    n_resamples: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The main table with 95% hierarchical bootstrap intervals, and CompRW minus each baseline with its
-    interval, for `results.csv` rows whose settings are finished under `root` (`parts evaluate` prints them)."""
+                    n_resamples: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The main table with 95% hierarchical bootstrap intervals, CompRW minus each baseline with its interval, and
+    the sentence saying which settings they hold and which methods ran on fewer settings and are left out where
+    they lack some (`paper.main_settings_line`), for `results.csv` rows whose settings are finished under `root`
+    (`parts evaluate` prints them)."""
     rows = text_records(results)
     predictions = pd.DataFrame(main_predictions(Path(root), rows, tasks or {}))
     if predictions.empty:
-        return pd.DataFrame(), pd.DataFrame()
-    intervals = paper.main_intervals(predictions, pd.DataFrame(rows), n_resamples)
-    return paper.main_table(intervals), paper.difference_table(intervals)
+        return pd.DataFrame(), pd.DataFrame(), ""
+    main = pd.DataFrame(rows)
+    intervals = paper.main_intervals(predictions, main, n_resamples)
+    return (paper.main_table(intervals), paper.difference_table(intervals),
+            paper.main_settings_line(predictions, main))

@@ -207,7 +207,7 @@ def main_tables(root: str | Path, path: Path, tasks: Mapping[str, str | Path] | 
     for (model, limit), group in frame.groupby(["model", "limit"], sort=False):
         entry: dict[str, Any] = {"model": str(model), "limit": str(limit)}
         try:
-            accuracy, differences = interval_tables(root, group, tasks)
+            accuracy, differences, _ = interval_tables(root, group, tasks)
             if accuracy.empty:
                 raise PartsError("no setting's predictions could be recomputed")
             entry |= {"intervals": True, "accuracy": accuracy, "differences": differences, "note": ""}
