@@ -39,6 +39,13 @@ def count_forwards(monkeypatch):
     return counted
 
 
+def assert_files_as_planned(plan, out: Path) -> None:
+    """Every file the plan names is written under `out` at the size it says, and nothing more: run folders' tensors
+    and prompts and the cached logits exact, summary.json within 5%, the weights files and the results tables
+    (their length depends on the descent) within a factor 4."""
+    assert_files_as_planned(plan, out)
+
+
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail if anything loads model weights (the plan must not)."""
@@ -73,12 +80,7 @@ def test_sweep_dry_run_predicts_tokens_disk_and_time(tmp_path, data_dir, monkeyp
     sweep(None, ["sst2"], [1], [0, 1], limit=6, out=out, options=options)
     seconds = time.perf_counter() - start
     assert count_forwards["tokens"] == plan.forwarded
-    for path, size in plan.files.items():
-        real = Path(path).stat().st_size
-        if path.endswith("summary.json"):
-            assert abs(real - size) <= 0.05 * real, path
-        else:
-            assert real == size, path
+    assert_files_as_planned(plan, out)
     assert 0.5 <= plan.seconds() / seconds <= 2, (plan.seconds(), seconds)
     # Planned again, every run is done: nothing to forward or write, no load.
     again = plan_module.sweep_plan(target, planned, options)
@@ -167,16 +169,7 @@ def test_evaluate_dry_run_predicts_tokens_disk_time_and_what_is_done(tmp_path, d
     run_evaluation(works, options)
     seconds = time.perf_counter() - start
     assert count_forwards["tokens"] == plan.forwarded
-    written = {str(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
-    assert set(plan.files) == written
-    for path, size in plan.files.items():
-        real = Path(path).stat().st_size
-        if path.endswith("summary.json"):
-            assert abs(real - size) <= 0.05 * real, path
-        elif "reweight-labels" in path or Path(path).parent == out:
-            assert real / 4 <= size <= 4 * real, (path, size, real)
-        else:
-            assert real == size, path
+    assert_files_as_planned(plan, out)
     assert 0.5 <= plan.seconds() / seconds <= 2, (plan.seconds(), seconds)
     # Planned again: the setting is done (its rows are in results.csv), nothing to forward or write, no load.
     again = plan_module.evaluate_plan(target, works, options)
@@ -220,16 +213,7 @@ def test_transfer_dry_run_predicts_tokens_disk_time_and_what_is_done(tmp_path, d
     run_transfer(ModelSpec(), settings, out, options)
     seconds = time.perf_counter() - start
     assert count_forwards["tokens"] == plan.forwarded
-    written = {str(p) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
-    assert set(plan.files) == written
-    for path, size in plan.files.items():
-        real = Path(path).stat().st_size
-        if path.endswith("summary.json"):
-            assert abs(real - size) <= 0.05 * real, path
-        elif Path(path).parent == out:
-            assert real / 4 <= size <= 4 * real, (path, size, real)
-        else:
-            assert real == size, path
+    assert_files_as_planned(plan, out)
     assert 0.5 <= plan.seconds() / seconds <= 2, (plan.seconds(), seconds)
     again = plan_module.transfer_plan(target, transfer_works(ModelSpec(), settings, out), options)
     assert [s.done for s in again.settings] == [True] and again.forwarded == 0 and again.loads == 0

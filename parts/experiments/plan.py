@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -817,6 +817,31 @@ def results_files(root: Path, table: Path, rows: list[dict[str, Any]], fingerpri
             str(table): 300 + 40 * len(methods)}
 
 
+def settings_to_run(plan: Plan, works: Sequence[Any], options: Any, task_of: Callable[[Any], Any]
+                    ) -> Iterator[tuple[Any, Setting, dict[str, Any]]]:
+    """The settings of `works` (evaluate's or transfer's items) to run, in order, each with its entry in `plan` (to
+    fill with its calls and files) and where its runs are (`run_dir`'s keywords; `task_of(setting)`: the task whose
+    runs they are, a transfer's source); a setting whose rows are in the results table is entered as done."""
+    for work in works:
+        entry = Setting(work.label, work.is_done(options))
+        plan.settings.append(entry)
+        if not entry.done:
+            setting = work.setting
+            yield work, entry, {"model": work.model.label, "task": task_of(setting), "template": setting.template,
+                                "seed": setting.seed, "shots": setting.k, "options": options}
+
+
+def with_results_files(plan: Plan, root: Path, table: Path, rows: list[dict[str, Any]], fingerprints: dict[str, Any],
+                       csv_name: str) -> Plan:
+    """`plan` with the results table's files (`results_files`: rewritten after each setting, counted once, on the
+    last setting to run) and its model loads (none when every setting is done or reuses files on disk)."""
+    todo = [s for s in plan.settings if not s.done]
+    if todo:
+        todo[-1].files.update(results_files(root, table, rows, fingerprints, csv_name))
+    plan.loads = int(any(s.calls for s in plan.settings))
+    return plan
+
+
 def typical_note(method: str) -> str:
     """A note of the length `parts evaluate` writes for `method` (`parts.experiments.results.NOTE_PATTERNS`)."""
 
@@ -841,15 +866,9 @@ def evaluate_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
     plan, planner = new_plan("evaluate", target, options.batch_size, options.prefix_reuse)
     data_dir, rows = options.data_dir, []
     fingerprints: dict[str, Any] = {}
-    for work in works:
-        if work.is_done(options):
-            plan.settings.append(Setting(work.label, True))
-            continue
+    for work, entry, where in settings_to_run(plan, works, options, lambda setting: setting.task):
         setting, label = work.setting, work.model.label
         task, k, template = setting.task, setting.k, setting.template
-        where = {"model": label, "task": task, "template": template, "seed": setting.seed, "shots": k,
-                 "options": options}
-        entry = Setting(work.label, False)
         test = planned_task_run(planner, target, entry, work.root, where, "test", setting.limit, options)
         test_dir = run_dir(work.root, split="test", limit=setting.limit, **where)
         n_labels = len(test.label_words)
@@ -884,13 +903,8 @@ def evaluate_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
             plan.notes.append("gates (--gates): backpropagation through the model per setting and budget, not "
                               "counted in the forwards or the time")
         plan.fixed_seconds += SECONDS_PER_EVALUATE_SETTING * len(test.prompts) / 200
-        plan.settings.append(entry)
-    todo = [s for s in plan.settings if not s.done]
-    if todo:  # results.csv, its fingerprints and the table: rewritten after each setting, counted once at the end
-        todo[-1].files.update(results_files(works[0].root, evaluation_table_path(works, options), rows, fingerprints,
-                                            RESULTS_CSV))
-    plan.loads = int(any(s.calls for s in plan.settings))
-    return plan
+    return with_results_files(plan, works[0].root, evaluation_table_path(works, options), rows, fingerprints,
+                              RESULTS_CSV)
 
 
 # -- parts transfer ---------------------------------------------------------------------------------------------------
@@ -906,15 +920,9 @@ def transfer_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
     plan, planner = new_plan("transfer", target, options.batch_size, options.prefix_reuse)
     rows: list[dict[str, Any]] = []
     fingerprints: dict[str, Any] = {}
-    for work in works:
-        if work.is_done(options):
-            plan.settings.append(Setting(work.label, True))
-            continue
+    for work, entry, where in settings_to_run(plan, works, options, lambda setting: setting.source):
         setting, label = work.setting, work.model.label
         source, k = setting.source, setting.k
-        where = {"model": label, "task": source, "template": setting.template, "seed": setting.seed, "shots": k,
-                 "options": options}
-        entry = Setting(work.label, False)
         source_test = planned_task_run(planner, target, entry, work.root, where, "test", setting.source_limit, options,
                                        False)
         planned_task_run(planner, target, entry, work.root, where, "train", LABEL_BUDGET - k, options, False)
@@ -935,14 +943,9 @@ def transfer_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
                             method_labels(method, k, LABEL_BUDGET), 0.512345, n, typical_note(method), made_of)
                  for task_name, limit, n, methods in sides for method in methods]
         plan.fixed_seconds += SECONDS_PER_TRANSFER_SETTING
-        plan.settings.append(entry)
-    todo = [s for s in plan.settings if not s.done]
-    if todo:  # transfer.csv, its fingerprints and the table: rewritten after each setting, counted once at the end
-        root = works[0].root
-        table = root / f"transfer-{model_slug(works[0].model.label, options)}.md"
-        todo[-1].files.update(results_files(root, table, rows, fingerprints, TRANSFER_CSV))
-    plan.loads = int(any(s.calls for s in plan.settings))
-    return plan
+    root = works[0].root
+    return with_results_files(plan, root, root / f"transfer-{model_slug(works[0].model.label, options)}.md", rows,
+                              fingerprints, TRANSFER_CSV)
 
 
 # -- the real commands' check ----------------------------------------------------------------------------------------
