@@ -11,6 +11,7 @@ install_import_hook("parts", "beartype.beartype(conf=beartype.BeartypeConf(is_pe
 
 import json  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -92,6 +93,29 @@ def tiny_model(request, tokenizer):
 
     model = from_hf(make_hf_model(request.param), tokenizer, f"tiny-{request.param}")
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, so the process's CPU time is the work's (the shared test machine's other load aside)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cpu_rate(one_thread):
+    """`probe_rate(shape)` in CPU time rather than wall-clock time, at one torch thread: what one thread does when it
+    runs, whatever else the machine runs meanwhile (a wall-clock probe and a wall-clock run a minute apart see
+    different loads). A plan at this rate is compared with the run's `time.process_time()`."""
+    from parts.experiments import plan as plan_module
+
+    def rate(shape) -> float:
+        wall, cpu = time.perf_counter(), time.process_time()
+        probed = plan_module.probe_rate(shape, "float32", "cpu", seconds=2.0)
+        return probed * (time.perf_counter() - wall) / (time.process_time() - cpu)
+    return rate
 
 
 @pytest.fixture(scope="session")

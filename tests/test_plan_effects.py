@@ -14,7 +14,6 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-import torch
 
 from parts.cli import main
 from parts.cli.effects import effects_wanted
@@ -44,24 +43,7 @@ def counting(model, counted):
     return handles
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, so the process's CPU time is the work's (the shared test machine's other load aside)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cpu_rate(shape) -> float:
-    """`probe_rate` in CPU time rather than wall-clock time: what one thread does when it runs, whatever else the
-    machine runs meanwhile (a wall-clock probe and a wall-clock run a minute apart see different loads)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    rate = plan_module.probe_rate(shape, "float32", "cpu", seconds=2.0)
-    return rate * (time.perf_counter() - wall) / (time.process_time() - cpu)
-
-
-def test_effects_dry_run_predicts_calls_tokens_disk_and_time(tmp_path, data_dir, monkeypatch, capsys, one_thread):
+def test_effects_dry_run_predicts_calls_tokens_disk_and_time(tmp_path, data_dir, monkeypatch, capsys, cpu_rate):
     monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
     out = tmp_path / "runs"
     assert main(["sweep", "--task", "sst2", "--templates", "1", "--seeds", "0", "--limit", "6", "--out", str(out),

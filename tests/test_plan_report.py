@@ -21,7 +21,6 @@ from parts.experiments import plan as plan_module
 from parts.model import loading
 from parts.report import data as report_data
 from parts.report import plan_attention
-from tests.test_plan_effects import cpu_rate, one_thread  # noqa: F401 (one_thread: a fixture used by name)
 
 
 def counting(model, counted):
@@ -36,7 +35,7 @@ def counting(model, counted):
 
 
 def test_report_attention_dry_run_predicts_calls_tokens_disk_and_time(tmp_path, data_dir, monkeypatch, capsys,
-                                                                       one_thread):  # noqa: F811
+                                                                       cpu_rate):
     monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
     runs, site = tmp_path / "runs", tmp_path / "site"
     assert main(["sweep", "--task", "sst2", "--templates", "1", "--seeds", "0", "--limit", "4", "--out", str(runs),
