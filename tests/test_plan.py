@@ -163,6 +163,10 @@ def test_probe_measures_a_rate():
     assert 1e6 < rate < 1e14
 
 
+def test_the_memory_line_gives_the_batch_sizes_as_a_range():
+    assert [plan_module.batch_sizes_text(s) for s in ([8, 3, 8, 5], [8, 8], [])] == ["3-8", "8", "-"]
+
+
 def test_evaluate_dry_run_predicts_tokens_disk_time_and_what_is_done(tmp_path, data_dir, monkeypatch, count_forwards,
                                                                     cpu_rate):
     """The test run, the content-free prompts, the 20 labelled examples' run and the 24-shot prompts of one setting:
@@ -207,6 +211,7 @@ def test_cli_evaluate_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_
     assert code == 0
     assert "parts evaluate --dry-run" in printed and "1 to run, 0 already done" in printed
     assert "4 calls, 31 prompts" in printed and "not counted  gates (--gates)" in printed
+    assert "GiB peak; batch size 3-20 (auto) of 139.0 GiB free" in printed
     assert not out.exists()
 
 

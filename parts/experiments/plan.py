@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -547,7 +547,7 @@ class Plan:
         shape, done = self.shape, [s for s in self.settings if s.done]
         todo = [s for s in self.settings if not s.done]
         calls = self.calls
-        sizes = sorted({c.batch_size for c in calls})
+        sizes = [c.batch_size for c in calls]
         weights = shape.weights_bytes(element_bytes(self.dtype))
         lines = [
             f"parts {self.command} --dry-run: {shape.name}, {self.dtype}, on {self.device} (no weights loaded)",
@@ -564,9 +564,8 @@ class Plan:
             f"{sum(c.prefix for c in calls):,}; longest prompt {max((c.longest for c in calls), default=0):,})"
             + self.tokenizer_note,
             f"memory       {weights / GIB:.2f} GiB of weights + {(self.peak_bytes - weights) / GIB:.2f} GiB for the "
-            f"largest batch = {self.peak_bytes / GIB:.2f} GiB peak; batch size "
-            + ("/".join(map(str, sizes)) if sizes else "-") + f" ({'auto' if self.auto else 'given'}) "
-            f"of {self.free_bytes / GIB:.1f} GiB free",
+            f"largest batch = {self.peak_bytes / GIB:.2f} GiB peak; batch size {batch_sizes_text(sizes)} "
+            f"({'auto' if self.auto else 'given'}) of {self.free_bytes / GIB:.1f} GiB free",
             f"disk         {self.disk_bytes / 1e6:,.2f} MB in {len(self.files)} files (run folders: tensors.safetensors "
             "and prompts.jsonl exact, summary.json and weights estimated)",
             f"time         about {format_seconds(self.seconds())} at {self.rate / 1e9:,.0f} GFLOP/s "
@@ -574,6 +573,14 @@ class Plan:
         ]
         lines += [f"not counted  {note}" for note in dict.fromkeys(self.notes)]
         return "\n".join(lines)
+
+
+def batch_sizes_text(sizes: Iterable[int]) -> str:
+    """The batch sizes of a plan's calls in a few characters: '8', or their range '3-8' ('-': none)."""
+    known = sorted(set(sizes))
+    if not known:
+        return "-"
+    return str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
 
 
 def format_seconds(seconds: float) -> str:

@@ -47,6 +47,7 @@ from parts.experiments.plan import (
     Setting,
     Target,
     batch_bytes,
+    batch_sizes_text,
     check_fits,
     element_bytes,
     format_seconds,
@@ -250,7 +251,7 @@ class EffectsPlan(Plan):
         shape, passes = self.shape, self.passes
         todo = [s for s in self.settings if not s.done]
         weights = shape.weights_bytes(element_bytes(self.dtype))
-        sizes = sorted({p.batch_size for p in passes})
+        sizes = [p.batch_size for p in passes]
         lines = [
             f"parts effects --dry-run: {shape.name}, {self.dtype}, on {self.device} (no weights loaded)",
             f"runs         {len(self.settings)}: {len(todo)} to do, {len(self.settings) - len(todo)} already have "
@@ -268,8 +269,8 @@ class EffectsPlan(Plan):
             f"{sum(p.prefix for p in passes):,}; longest prompt {max((p.longest for p in passes), default=0):,})"
             + self.tokenizer_note,
             f"memory       {weights / GIB:.2f} GiB of weights + {(self.peak_bytes - weights) / GIB:.2f} GiB for the "
-            f"largest batch = {self.peak_bytes / GIB:.2f} GiB peak; batch size "
-            + ("/".join(map(str, sizes)) if sizes else "-") + f" (--batch-size) of {self.free_bytes / GIB:.1f} GiB free",
+            f"largest batch = {self.peak_bytes / GIB:.2f} GiB peak; batch size {batch_sizes_text(sizes)} (--batch-size) "
+            f"of {self.free_bytes / GIB:.1f} GiB free",
             f"disk         {self.disk_bytes / 1e6:,.2f} MB in {len(self.files)} files ({EFFECTS}: tensors exact, "
             "the timings in its metadata estimated)",
             f"time         about {format_seconds(self.seconds())} at {self.rate / 1e9:,.0f} GFLOP/s "
