@@ -163,6 +163,41 @@ def test_probe_measures_a_rate():
     assert 1e6 < rate < 1e14
 
 
+def test_batched_tokenisation_gives_the_ids_of_one_prompt_at_a_time(data_dir, monkeypatch):
+    """The plan tokenises a prompt set in one batch call (`tokenize`; `CachedTokenizer` keeps them by text); the
+    decomposition tokenises one prompt at a time (`Decomposer.tokenize`), and the counts must agree to the token: on
+    every template's prompts with the BOS the bridge prepends, the content-free inputs ('N/A', '', '[MASK]'), the
+    tokenizer's special tokens written in a prompt, blank lines and non-ASCII text."""
+    from transformers import AutoTokenizer
+
+    from parts.data.prompts import build_prompts
+    from parts.data.tasks import get_task, load_split
+    from parts.reweighting.calibration import content_free_prompts
+
+    tokenizer = plan_module.bridge_tokenizer(AutoTokenizer.from_pretrained(plan_module.model_files_folder(None, None)))
+    prompts = []
+    for name, template in [("sst2", 1), ("sst2", 2), ("sst2", 3), ("boolq", 1), ("agnews", 2), ("arc", 3)]:
+        task = get_task(name)
+        built = build_prompts(task, template, 0, 4, "test", 4, data_dir)
+        train = load_split(task, "train", data_dir)
+        prompts += [*built.prompts, *content_free_prompts(task.template(template), [train[i] for i in built.demonstrations])]
+    special = tokenizer.all_special_tokens
+    assert tokenizer.bos_token in special
+    prompts += [f"Review: {token} good{token}\n\nSentiment:" for token in special]
+    prompts += ["Review: café — naïve 日本語\n\n\nSentiment: positive\n", " leading space", "\n"]
+    one_at_a_time = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    assert plan_module.tokenize(tokenizer, prompts) == one_at_a_time
+    assert all(ids[0] == tokenizer.bos_token_id for ids in one_at_a_time)  # the BOS the bridge prepends
+    written = one_at_a_time[-3 - len(special):-3]  # a special token written in a prompt is its own id
+    assert all(tokenizer.convert_tokens_to_ids(token) in ids[1:] for token, ids in zip(special, written, strict=True))
+    cached = plan_module.CachedTokenizer(tokenizer)
+    assert cached(prompts)["input_ids"] == one_at_a_time
+    assert cached(prompts[::-1])["input_ids"] == one_at_a_time[::-1] and cached.held == sum(map(len, one_at_a_time))
+    # Past its bound it lets the oldest go, and still gives the ids.
+    monkeypatch.setattr(plan_module, "CACHED_TOKENS", 100)
+    assert cached(prompts[:3])["input_ids"] == one_at_a_time[:3] and cached.held <= 100
+
+
 def test_the_memory_line_gives_the_batch_sizes_as_a_range():
     assert [plan_module.batch_sizes_text(s) for s in ([8, 3, 8, 5], [8, 8], [])] == ["3-8", "8", "-"]
 
@@ -204,6 +239,10 @@ def test_evaluate_dry_run_predicts_tokens_disk_time_and_what_is_done(tmp_path, d
 
 def test_cli_evaluate_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_dir, monkeypatch, capsys, no_weights):
     monkeypatch.setenv("PARTS_DATA_DIR", str(data_dir))
+    tokenised: list[str] = []
+    tokenize = plan_module.tokenize
+    monkeypatch.setattr(plan_module, "tokenize", lambda tokenizer, prompts: tokenised.extend(prompts) or
+                        tokenize(tokenizer, prompts))
     out = tmp_path / "runs"
     code = main(["evaluate", "--tasks", "sst2", "--templates", "1", "--seeds", "0", "--limit", "4", "--out", str(out),
                  "--gates", "--dry-run", "--assume", "h200"])
@@ -212,6 +251,8 @@ def test_cli_evaluate_dry_run_prints_the_plan_and_writes_nothing(tmp_path, data_
     assert "parts evaluate --dry-run" in printed and "1 to run, 0 already done" in printed
     assert "4 calls, 31 prompts" in printed and "not counted  gates (--gates)" in printed
     assert "GiB peak; batch size 3-20 (auto) of 139.0 GiB free" in printed
+    # Every prompt tokenised once (the 24-shot prompts are checked against the context window, then counted).
+    assert len(tokenised) == len(set(tokenised)) == 31
     assert not out.exists()
 
 

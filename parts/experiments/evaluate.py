@@ -89,13 +89,15 @@ def leading_demonstrations_to_drop(tokenizer: Any, template: Template, demonstra
     """The fewest leading demonstrations to drop so that every query's prompt fits in `n_ctx` tokens.
 
     Dropping whole demonstrations from the left (rather than tokens per prompt) keeps one shared
-    prefix for every query, so prefix reuse still applies.
+    prefix for every query, so prefix reuse still applies. `tokenizer` is called on the list of prompts
+    (one batch call: the same ids as one at a time; `parts.experiments.plan.CachedTokenizer` too).
     """
     for dropped in range(len(demonstrations) + 1):
         shown = demonstrations[dropped:]
-        if all(len(tokenizer(render_prompt(template, shown, q))["input_ids"]) <= n_ctx for q in queries):
+        prompts = [render_prompt(template, shown, q) for q in queries]
+        if all(len(ids) <= n_ctx for ids in tokenizer(prompts)["input_ids"]):
             return dropped
-    alone = [len(tokenizer(render_prompt(template, [], q))["input_ids"]) for q in queries]
+    alone = [len(ids) for ids in tokenizer([render_prompt(template, [], q) for q in queries])["input_ids"]]
     index = max(range(len(queries)), key=alone.__getitem__)
     query = render_prompt(template, [], queries[index])
     raise PartsError(f"test prompt {index} alone ({query[:60]!r}{'...' if len(query) > 60 else ''}) is {alone[index]} "

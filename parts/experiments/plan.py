@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,6 +389,7 @@ class Planner:
     batch_size: int | str | None
     prefix_reuse: bool = True
     verified_padding: int = 0
+    tokenizer: Any = None  # the model's, as a `CachedTokenizer` (`new_plan` gives it)
 
     def call(self, label: str, token_lists: Sequence[Sequence[int]]) -> Call:
 
@@ -678,13 +680,40 @@ def new_plan(command: str, target: Target, batch_size: int | str | None, prefix_
                 target.rate, target.rate_source, tokenizer_note=target.tokenizer_note,
                 auto=batch_size in (None, "auto"))
     planner = Planner(target.shape, target.dtype, target.device_kind, max(0, target.free_bytes - weights), batch_size,
-                      prefix_reuse)
+                      prefix_reuse, tokenizer=CachedTokenizer(target.tokenizer))
     return plan, planner
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """As `Decomposer.tokenize` does it."""
-    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+    """The ids `Decomposer.tokenize` gives (one prompt at a time), from one batch call of the tokenizer: no padding,
+    so the same ids (tests/test_plan.py), without a Python round trip per prompt."""
+    return [list(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
+
+
+CACHED_TOKENS = 4_000_000  # ~150 MB of Python lists: several 24-shot prompt sets of 200 at the longest
+
+
+@dataclass
+class CachedTokenizer:
+    """The model's tokenizer called on a list of prompts (`tokenize`: one batch call), each prompt's ids kept by its
+    text for the plan: the L-shot prompts are tokenised to check that they fit the context window
+    (`many_shot_prompts`) and counted next, and settings share runs. Past `CACHED_TOKENS` the oldest are let go (a
+    120-setting plan tokenises 52 M tokens, too many to hold)."""
+
+    tokenizer: Any
+    known: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
+    held: int = 0  # tokens in `known`
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, list[list[int]]]:
+        """{"input_ids": each prompt's ids}, as the tokenizer's own batch call returns them."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.known]
+        for prompt, ids in zip(new, tokenize(self.tokenizer, new), strict=True):
+            self.known[prompt] = ids
+            self.held += len(ids)
+        token_lists = [self.known[p] for p in prompts]
+        while self.held > CACHED_TOKENS and self.known:
+            self.held -= len(self.known.popitem(last=False)[1])
+        return {"input_ids": token_lists}
 
 
 def run_call(planner: Planner, target: Target, label: str, prompts: Any, fingerprint: dict[str, Any] | None,
@@ -692,7 +721,7 @@ def run_call(planner: Planner, target: Target, label: str, prompts: Any, fingerp
     """The call and files of one decomposition run saved at `path` (`more_info`: what the command adds to the run's
     info before saving it)."""
 
-    tokens = tokenize(target.tokenizer, prompts.prompts)
+    tokens = planner.tokenizer(prompts.prompts)["input_ids"]
     call = planner.call(label, tokens)
     ids = label_token_ids(target.tokenizer, prompts.label_words)
     bos = getattr(target.tokenizer, "bos_token_id", None)
@@ -801,7 +830,7 @@ def planned_logits(planner: Planner, target: Target, entry: Setting, path: Path,
     if path.is_file():
         entry.reused += 1
         return
-    entry.calls.append(planner.call(f"{entry.label} {path.stem}", tokenize(target.tokenizer, prompts)))
+    entry.calls.append(planner.call(f"{entry.label} {path.stem}", planner.tokenizer(prompts)["input_ids"]))
     entry.files[str(path)] = logits_file_bytes(len(prompts), labels, metadata)
 
 
@@ -896,7 +925,7 @@ def evaluate_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
             queries = [test_rows[i] for i in test.example_indices]
             with warnings.catch_warnings():  # the real run warns of dropped demonstrations; the metadata says it
                 warnings.simplefilter("ignore")
-                prompts, dropped = many_shot_prompts(target.tokenizer, chosen, labelled, queries, target.shape.n_ctx)
+                prompts, dropped = many_shot_prompts(planner.tokenizer, chosen, labelled, queries, target.shape.n_ctx)
             planned_logits(planner, target, entry, test_dir / f"icl-labels{budget}.safetensors", prompts, n_labels,
                            {"dropped": str(dropped), "shown": str(len(labelled) - dropped)})
         fingerprint = setting_fingerprint(label, setting, options)
