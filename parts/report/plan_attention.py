@@ -45,14 +45,16 @@ from parts.report.site import _call, count
 # run, `parts report --attention` with --heads 4 --examples 4 (16 views of 116-138 tokens: 9.93 s, of which the FLOP
 # model gives 7.93 s at the CPU-time probe rate of 77 GFLOP/s; source attribution 1.38 s, FLOP model 1.17 s) and
 # with --heads 2 --examples 2 (4 views: 2.53 s against 2.19 s; sources 1.20 s against 1.02 s at 70 GFLOP/s).
+# Checked on the main table's runs (8 tasks, 5 heads, 3 examples): 203 s of CPU time for the attention (492 s with
+# --attention less 289 s without, one run each) against 199 s planned at cpu-1core's recorded rate.
 SECONDS_PER_VIEW = 0.1  # one view beyond its FLOPs (0.08-0.13 s measured): run_with_cache's hooks, eager attention
 SECONDS_PER_SOURCES = 0.2  # per task (0.18-0.21 s measured): the capture's set-up, readout and sum check
 SOURCES_BATCH = 8  # run_sources' batch size (`parts.analysis.inspect_head.run_sources`)
-# The numbers the model fills attention.js with, as JSON text: attention rounded to 4 decimals ("0.0" to "0.1234":
-# from the last of ~130 tokens most get under 0.00005, so "0.0" is typical) and votes of 4 significant digits
-# (typically tiny: "-1.234e-05"; "0.0" the shortest). Measured on the embedded model's sst2 run: patterns 3.85
-# characters on average, votes 9.38 (4 views, 259 numbers each): the estimate 1.2% under the 10,096 bytes written.
-TYPICAL_PATTERN, TYPICAL_VOTE = 0.0, -1.234e-05
+# The numbers the model fills attention.js with, as JSON text: attention rounded to 4 decimals ("0.0" to "0.1234")
+# and votes of 4 significant digits (mostly tiny, "1.234e-05"; "0.0" the shortest). Measured on the embedded model:
+# patterns 4.78 characters on average and votes 9.29 on the main table's runs (8 tasks, 5 heads, 3 examples), 3.85
+# and 9.38 on a 4-example sst2 run (2 heads, 2 examples); typical here: 5 and 9.
+TYPICAL_PATTERN, TYPICAL_VOTE = 0.001, 1.234e-05
 SHORTEST_NUMBER, LONGEST_PATTERN, LONGEST_VOTE = 0.0, 0.1234, -1.234e-05
 
 
@@ -107,6 +109,8 @@ class AttentionPlan(Plan):
             "numbers' digits; the rest is the plain report's)",
             f"time         about {format_seconds(self.seconds())} at {self.rate / 1e9:,.0f} GFLOP/s "
             f"({self.rate_source}); cost model: parts.report.plan_attention",
+            "not counted  the plain report's own work (its pages and main table, as `parts report` without "
+            "--attention: no model)",
         ]
         return "\n".join(lines)
 
