@@ -139,3 +139,21 @@ def test_the_card_shows_the_total_effect_where_parts_effects_ran(tiny_run, tiny_
     accuracy = float((head.argmax(-1) == run.labels).float().mean())
     assert (f"total effect (mean ablation, all 8 examples): vote for the gold label {float(votes.mean()):+.3f} "
             f"(sd {float(votes.std()):.3f}); accuracy {accuracy:.1%}") in out
+
+
+def test_one_forward_gives_every_heads_attention_as_its_own_forward(tiny_llama, tiny_run):
+    """The report's views share one forward per example: each head's row must be what a forward for that head
+    alone gives (bit for bit), in the order asked, a distribution over the prompt's positions."""
+    from parts.analysis.inspect_head import attention_from_last_token, heads_attention_from_last_token
+
+    run, _ = tiny_run
+    token_ids = list(run.token_ids[0])
+    heads = [(1, 2), (0, 0), (1, 0)]  # two layers, out of order
+    rows = heads_attention_from_last_token(tiny_llama, token_ids, heads)
+    assert rows.shape == (3, len(token_ids))
+    for row, (layer, head) in zip(rows, heads, strict=True):
+        assert torch.equal(row, attention_from_last_token(tiny_llama, token_ids, layer, head))
+    torch.testing.assert_close(rows.sum(-1), torch.ones(3))
+    assert not torch.equal(rows[0], rows[1])
+    with pytest.raises(PartsError, match="L9H0 is not in this model"):
+        heads_attention_from_last_token(tiny_llama, token_ids, [(0, 0), (9, 0)])

@@ -48,7 +48,7 @@ def test_report_attention_dry_run_predicts_calls_tokens_disk_and_time(tmp_path, 
         assert main([*command, "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "tasks        1 to capture" in printed and "2 per task of 270 (30 layers x 9 heads)" in printed
-    assert "7 model calls (3 for source attribution in 1 task, 4 views)" in printed
+    assert "5 model calls (3 for source attribution in 1 task, 2 for the views)" in printed
     assert not site.exists()
 
     (task,) = report_data.collect_tasks(runs)[0]
@@ -68,7 +68,7 @@ def test_report_attention_dry_run_predicts_calls_tokens_disk_and_time(tmp_path, 
     start = time.process_time()
     assert main(command) == 0
     seconds = time.process_time() - start
-    assert counted == {"forwards": plan.forwards, "tokens": plan.forwarded} == {"forwards": 7, "tokens": 807}
+    assert counted == {"forwards": plan.forwards, "tokens": plan.forwarded} == {"forwards": 5, "tokens": 548}
 
     (path, estimate), = plan.files.items()
     real = (site / "data" / "sst2" / "attention.js").stat().st_size

@@ -93,17 +93,26 @@ def attention_from_last_token(
     model: TransformerBridge, token_ids: Sequence[int], layer: int, head: int
 ) -> Float[Tensor, " pos"]:
     """One head's attention from the last position over a prompt (one filtered forward pass)."""
-    if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
-        raise PartsError(
-            f"L{layer}H{head} is not in this model ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads): "
-            "choose a head from the run's component names"
-        )
-    hook = f"blocks.{layer}.attn.hook_pattern"
+    return heads_attention_from_last_token(model, token_ids, [(layer, head)])[0]
+
+
+def heads_attention_from_last_token(
+    model: TransformerBridge, token_ids: Sequence[int], heads: Sequence[tuple[int, int]]
+) -> Float[Tensor, "head pos"]:
+    """Several heads' attention from the last position over a prompt, in the order of `heads` ((layer, head)
+    pairs): one forward pass cached at their layers' patterns only."""
+    for layer, head in heads:
+        if not 0 <= layer < model.cfg.n_layers or not 0 <= head < model.cfg.n_heads:
+            raise PartsError(
+                f"L{layer}H{head} is not in this model ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads): "
+                "choose a head from the run's component names"
+            )
+    hooks = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads}
     tokens = torch.tensor([list(token_ids)], device=model.W_U.device)
     with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name == hook)
-    pattern: Float[Tensor, "batch head query key"] = cache[hook]
-    return pattern[0, head, -1].float().cpu()
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in hooks)
+    # cache[...]: "batch head query key"; the last query of batch row 0, one row per requested head
+    return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, head, -1] for layer, head in heads]).float().cpu()
 
 
 def view_tokens(tokenizer: Any, run: DecompositionRun, example: int) -> tuple[list[int], list[str], list[int]]:

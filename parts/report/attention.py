@@ -1,7 +1,7 @@
 """Where a report's top heads look: attention from the last token, for `parts report --attention`.
 
-The only part of a report that needs the model (one filtered forward pass per head and example,
-`parts.analysis.inspect_head.attention_view`). Examples are the reference run's first test
+The only part of a report that needs the model (one forward pass per example, cached at its heads' patterns
+only: `parts.analysis.inspect_head.heads_attention_from_last_token`). Examples are the reference run's first test
 example of each gold label, up to `examples` of them; tokens are stored once per example.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from parts.analysis.inspect_head import attention_view, run_sources
+from parts.analysis.inspect_head import heads_attention_from_last_token, run_sources, view_tokens
 from parts.components import parse_component
 from parts.decomposition.runs import DecompositionRun
 from parts.report.data import DIGITS, TaskRuns
@@ -50,13 +50,14 @@ def attention_data(model: TransformerBridge, task: TaskRuns, heads: Sequence[str
                                    for row, (ids, label) in enumerate(zip(attribution.token_ids, labels, strict=True))]
     shown: list[dict[str, Any]] = []
     patterns: dict[str, list[list[float]]] = {head: [] for head in heads}
-    for example in chosen:
-        for head in heads:
-            component = parse_component(head)
-            view = attention_view(model, run, example, component.layer, component.head)
-            patterns[head].append([round(float(a), DIGITS) for a in view.pattern])
-        shown.append({"example": example, "gold": run.prompts.label_names[view.gold], "tokens": view.tokens,
-                      "label_positions": view.label_positions})
+    components = [parse_component(head) for head in heads]
+    for example in chosen:  # one forward per example serves every head
+        token_ids, tokens, label_positions = view_tokens(model.tokenizer, run, example)
+        rows = heads_attention_from_last_token(model, token_ids, [(c.layer, c.head) for c in components])
+        for head, pattern in zip(heads, rows, strict=True):
+            patterns[head].append([round(float(a), DIGITS) for a in pattern])
+        shown.append({"example": example, "gold": run.prompts.label_names[run.prompts.labels[example]],
+                      "tokens": tokens, "label_positions": label_positions})
     data: dict[str, Any] = {"run": 0, "examples": shown, "heads": patterns}
     if contributions:
         data["contributions"], data["predicted"] = contributions, predicted

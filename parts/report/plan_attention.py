@@ -6,8 +6,8 @@ Per task page (`parts.report.attention.attention_data` on its reference run), co
 - where the run records its token ids, source attribution of the chosen examples (`run_sources`): a `Decomposer`
   call of batch size 8 with prefix reuse (the shared prefix once, then the suffixes longest first), then the
   example padded most run alone, in full (`attribute_sources`' own check, run every time);
-- one TransformerLens `run_with_cache` forward of the full prompt per head and example (`attention_view`): a
-  model call each, batch 1, every position unembedded.
+- one TransformerLens `run_with_cache` forward of the full prompt per example, for all the task's heads
+  (`heads_attention_from_last_token`): batch 1, every position unembedded.
 
 Nothing is cached: the report is rebuilt, so every task is to do. Only the attention.js files are counted on disk
 (the rest of the report is what the plain `parts report` writes): exact but for the numbers' digits, which are
@@ -47,7 +47,7 @@ from parts.report.site import _call, count
 # with --heads 2 --examples 2 (4 views: 2.53 s against 2.19 s; sources 1.20 s against 1.02 s at 70 GFLOP/s).
 # Checked on the main table's runs (8 tasks, 5 heads, 3 examples): 203 s of CPU time for the attention (492 s with
 # --attention less 289 s without, one run each) against 199 s planned at cpu-1core's recorded rate.
-SECONDS_PER_VIEW = 0.1  # one view beyond its FLOPs (0.08-0.13 s measured): run_with_cache's hooks, eager attention
+SECONDS_PER_VIEW = 0.1  # one view's forward beyond its FLOPs (0.08-0.13 s measured): run_with_cache's hooks, eager attention
 SECONDS_PER_SOURCES = 0.2  # per task (0.18-0.21 s measured): the capture's set-up, readout and sum check
 SOURCES_BATCH = 8  # run_sources' batch size (`parts.analysis.inspect_head.run_sources`)
 # The numbers the model fills attention.js with, as JSON text: attention rounded to 4 decimals ("0.0" to "0.1234")
@@ -72,7 +72,8 @@ class ViewCall(Call):
 class AttentionPlan(Plan):
     """The plan of `parts report --attention`: per task its source-attribution calls and attention views."""
 
-    views: int = 0
+    views: int = 0  # head x example: the patterns shown
+    view_forwards: int = 0  # their model calls: one per example
     sources: int = 0  # tasks with source attribution
     heads: int = 0
     examples: int = 0
@@ -87,7 +88,7 @@ class AttentionPlan(Plan):
         batches = self.forwards
         load = self.loads * self.shape.weights_bytes(element_bytes(self.dtype)) * SECONDS_PER_WEIGHT_BYTE
         return (linear / (self.rate * LINEAR_EFFICIENCY) + attention / (self.rate * ATTENTION_EFFICIENCY)
-                + batches * self.shape.n_layers * SECONDS_PER_BATCH_LAYER + self.views * SECONDS_PER_VIEW
+                + batches * self.shape.n_layers * SECONDS_PER_BATCH_LAYER + self.view_forwards * SECONDS_PER_VIEW
                 + self.sources * SECONDS_PER_SOURCES + load)
 
     def describe(self) -> str:
@@ -99,8 +100,8 @@ class AttentionPlan(Plan):
             f"heads        {self.heads} per task of {shape.n_layers * shape.n_heads} "
             f"({shape.n_layers} layers x {shape.n_heads} heads), {self.examples} examples each: "
             f"{count(self.views, 'attention view')}",
-            f"forwards     {self.forwards} model calls ({self.forwards - self.views} for source attribution in "
-            f"{count(self.sources, 'task')}, {self.views} views), {self.forwarded:,} tokens forwarded"
+            f"forwards     {self.forwards} model calls ({self.forwards - self.view_forwards} for source attribution in "
+            f"{count(self.sources, 'task')}, {self.view_forwards} for the views), {self.forwarded:,} tokens forwarded"
             + self.tokenizer_note,
             f"memory       {weights / GIB:.2f} GiB of weights + {(self.peak_bytes - weights) / GIB:.2f} GiB for the "
             f"largest batch = {self.peak_bytes / GIB:.2f} GiB peak; batch size {SOURCES_BATCH} (sources) / 1 (views) "
@@ -160,10 +161,11 @@ def attention_plan(target: Target, tasks: Sequence[tuple[TaskRuns, list[str]]], 
             alone = recorded[max(padding, key=lambda i: padding[i])]
             calls += [call, planner.call(f"{task.key} check", [alone])]
             plan.sources += 1
-        for example in chosen:
+        for example in chosen:  # one forward per example for all the heads
             n = len(view_tokens(target.tokenizer, run, example)[0])
-            calls += [ViewCall(f"{task.key} view", 1, n, 0, 1, [(1, n)], 0, n) for _ in heads]
+            calls.append(ViewCall(f"{task.key} view", 1, n, 0, 1, [(1, n)], 0, n))
         plan.views += len(chosen) * len(heads)
+        plan.view_forwards += len(chosen)
         plan.heads, plan.examples = max(plan.heads, len(heads)), max(plan.examples, len(chosen))
         size = attention_file_bytes(task.key, run, heads, target.tokenizer, chosen)
         plan.settings.append(Setting(task.key, False, calls, {str(Path(out) / "data" / task.key / "attention.js"): size}))
