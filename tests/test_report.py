@@ -246,6 +246,9 @@ def test_main_table_with_intervals_after_parts_evaluate(tmp_path, tiny_model_dir
     cell = accuracy.set_index("task").loc["tiny", "CompRW 12"]
     overview = (tmp_path / "site" / "index.html").read_text()
     assert cell in overview and "95% hierarchical bootstrap" in overview
+    assert table["settings"] == interval_tables(tmp_path / "runs", rows, {"tiny": tiny_task_file})[2]
+    assert table["settings"] == "Settings (template t, demonstration seed s): t1 × s0-1, 2 per task, 1 task, 2 in all."
+    assert table["settings"] in overview
     assert "train runs (the labelled examples reweighting trains on) not shown" in overview
     data = task_json(tmp_path / "site", "tiny")
     k_shot = rows[(rows["method"] == "icl") & (rows["labels"] == 4) & (rows["seed"] == 1)]["accuracy"].item()

@@ -201,18 +201,22 @@ def main_tables(root: str | Path, path: Path, tasks: Mapping[str, str | Path] | 
     """The main table per (model, test size) in `path`: every method's accuracy per task with a 95% hierarchical
     bootstrap interval and CompRW minus each baseline (`parts.experiments.export.interval_tables`, recomputed from
     the run folders under `root`); where that cannot be done (a setting's files are missing, a user task whose
-    JSON is not in `tasks`), mean ± sd over templates x seeds (`parts.experiments.results.mean_std_table`) and why."""
+    JSON is not in `tasks`), mean ± sd over templates x seeds (`parts.experiments.results.mean_std_table`) and why.
+    With intervals, `settings` is the sentence naming the settings the table holds and the methods it leaves out
+    for running on fewer settings (`parts.analysis.paper.main_settings_line`, as `parts evaluate` prints it)."""
     frame = read_results_frame(path)
     tables = []
     for (model, limit), group in frame.groupby(["model", "limit"], sort=False):
         entry: dict[str, Any] = {"model": str(model), "limit": str(limit)}
         try:
-            accuracy, differences, _ = interval_tables(root, group, tasks)
+            accuracy, differences, settings = interval_tables(root, group, tasks)
             if accuracy.empty:
                 raise PartsError("no setting's predictions could be recomputed")
-            entry |= {"intervals": True, "accuracy": accuracy, "differences": differences, "note": ""}
+            entry |= {"intervals": True, "accuracy": accuracy, "differences": differences, "note": "",
+                      "settings": settings}
         except PartsError as err:
-            entry |= {"intervals": False, "accuracy": mean_std_table(group), "differences": None, "note": str(err)}
+            entry |= {"intervals": False, "accuracy": mean_std_table(group), "differences": None, "note": str(err),
+                      "settings": ""}
         tables.append(entry)
     return tables
 

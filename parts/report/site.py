@@ -163,6 +163,8 @@ def overview_html(root_name: str, lines: Sequence[Mapping[str, Any]], measures: 
             main += ("<p class=note>Accuracy (%) per task and method: the mean over runs with a 95% hierarchical bootstrap "
                      "interval (test examples and runs resampled within each task); the average is over tasks. "
                      "Oracle reweighting fits its weights on the test set itself.</p>")
+            if t["settings"]:  # a method run on fewer settings (e.g. --gates on some) is left out: say so
+                main += f"<p class=note>{e(t['settings'])}</p>"
             if t["differences"] is not None and not t["differences"].empty:
                 main += "<h3>CompRW minus each baseline (percentage points, 95% interval)</h3>" + _frame(
                     t["differences"], "differences", pages)
