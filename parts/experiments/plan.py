@@ -58,7 +58,13 @@ from parts.experiments.results import (
     results_frame,
 )
 from parts.experiments.runner import expected_fingerprint, model_label, model_slug, reusable_run, run_dir, transfer_run_dir
-from parts.experiments.transfer import SIDE_METHODS, TARGET_ONLY_METHODS, transfer_name, transfer_prompts
+from parts.experiments.transfer import (
+    SIDE_METHODS,
+    TARGET_ONLY_METHODS,
+    transfer_name,
+    transfer_outputs,
+    transfer_prompts,
+)
 from parts.methods import method_labels
 from parts.model.loading import DTYPES, check_local_folder
 from parts.model.locations import EMBEDDED_ALIASES, files_on_disk, resolve_model_name
@@ -777,7 +783,6 @@ def stores_final_residual(path: Path) -> bool:
     """Whether a saved run's tensors hold the final residual (runs saved before parts stored it do not)."""
     from safetensors import safe_open
 
-
     with safe_open(str(path / TENSORS), framework="pt") as handle:
         return FINAL_RESIDUAL in handle.keys()  # noqa: SIM118 (a safetensors handle is no dict)
 
@@ -785,7 +790,6 @@ def stores_final_residual(path: Path) -> bool:
 def reused_run(path: Path, fingerprint: dict[str, Any], options: Any) -> bool:
     """Whether evaluate/transfer would reuse the run at `path` (`reusable_run`), refusing as they would a reused
     run without the final residual the residual probe needs (with `--recompute-changed`: to redo)."""
-
     if not reusable_run(path, fingerprint, options):
         return False
     if stores_final_residual(path):
@@ -800,7 +804,6 @@ def planned_run(planner: Planner, target: Target, entry: Setting, path: Path, pr
     """A decomposition run of `entry`: reused when on disk as the command would reuse it (`reused_run`; `residual`
     False: a run without the final residual too), else its call and files (`info`: what the command adds to the
     run's summary)."""
-
     if (reused_run if residual else reusable_run)(path, fingerprint, options):
         entry.reused += 1
         return
@@ -814,7 +817,6 @@ def planned_task_run(planner: Planner, target: Target, entry: Setting, root: Pat
                      limit: int | None, options: Any, residual: bool = True) -> Any:
     """The run of `where`'s task, template, seed and shots on `split` under `root` (`run_dir`), as `planned_run`;
     returns its prompts."""
-
     task, template, seed, shots = where["task"], where["template"], where["seed"], where["shots"]
     prompts = build_prompts(task, template, seed, shots, split, limit, options.data_dir)
     fingerprint = expected_fingerprint(where["model"], task, template, seed, shots, split, limit, options)
@@ -838,7 +840,6 @@ def results_files(root: Path, table: Path, rows: list[dict[str, Any]], fingerpri
                   csv_name: str) -> dict[str, int]:
     """Estimated bytes of a results table as the command leaves it: the rows already there merged with `rows`
     (notes and accuracies of typical length), its fingerprints file, and the markdown table (a row per method)."""
-
     csv_path = root / csv_name
     merged = merge_results(read_results(csv_path), results_frame(rows))
     csv_text = merged.to_csv(index=False, lineterminator="\r\n")
@@ -880,7 +881,6 @@ def with_results_files(plan: Plan, root: Path, table: Path, rows: list[dict[str,
 
 def typical_note(method: str) -> str:
     """A note of the length `parts evaluate` writes for `method` (`parts.experiments.results.NOTE_PATTERNS`)."""
-
     trained = "train acc 0.850; plateau after 1000 epochs"
     return {"contextual": "prior 0.500 0.500", "calib+": "class weights 1.000 1.000",
             "oracle": f"{ORACLE_NOTE}; {trained}", "comprw": trained, "comprw-signed": f"{trained}; 12 weights below 0",
@@ -896,9 +896,6 @@ def evaluate_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
     budget the seed's L - k labelled examples' run and the L-shot ICL prompts (logits cached). The residual probe
     reads the runs' final residual (no forward of its own); `--gates` trains by backpropagation through the model,
     which is not counted here (`Plan` prints that)."""
-    import warnings
-
-
     plan, planner = new_plan("evaluate", target, options.batch_size, options.prefix_reuse)
     data_dir, rows = options.data_dir, []
     fingerprints: dict[str, Any] = {}
@@ -952,7 +949,6 @@ def transfer_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
     done; the others decompose, as `evaluate_transfer` does and in its order, whatever is not on disk: the source's
     test run and its 24 - k labelled examples' run (shared with `parts evaluate` under the same root), and the
     target's test examples after the source's template and demonstrations (under `transfer/`)."""
-
     plan, planner = new_plan("transfer", target, options.batch_size, options.prefix_reuse)
     rows: list[dict[str, Any]] = []
     fingerprints: dict[str, Any] = {}
@@ -980,8 +976,8 @@ def transfer_plan(target: Target, works: Sequence[Any], options: Any) -> Plan:
                  for task_name, limit, n, methods in sides for method in methods]
         plan.fixed_seconds += SECONDS_PER_TRANSFER_SETTING
     root = works[0].root
-    return with_results_files(plan, root, root / f"transfer-{model_slug(works[0].model.label, options)}.md", rows,
-                              fingerprints, TRANSFER_CSV)
+    return with_results_files(plan, root, transfer_outputs(works[0].model, root, options)[1], rows, fingerprints,
+                              TRANSFER_CSV)
 
 
 # -- the real commands' check ----------------------------------------------------------------------------------------

@@ -366,22 +366,22 @@ def run_transfer(model: ModelSpec, settings: Sequence[TransferSetting], root: st
     root = Path(root)
     plan = transfer_works(model, settings, root)
     name = model_slug(model.label, options)
-    table = transfer_outputs(model, root, options)[1]
+    csv_path, table = transfer_outputs(model, root, options)
     templates = ",".join(map(str, dict.fromkeys(s.template for s in settings)))
     seeds = ",".join(map(str, dict.fromkeys(s.seed for s in settings)))
     header = (f"{name}: transfer, accuracy (%) mean ± std over templates {templates} x seeds {seeds}; "
               f"source n={settings[0].source_limit}, target n={settings[0].target_limit}")
-    check_outputs(*transfer_outputs(model, root, options))  # a user's file in the way: refused now
+    check_outputs(csv_path, table)  # a user's file in the way: refused now, not after the first setting
 
     def settings_rows() -> list[dict[str, str]]:
-        everything = read_results(root / TRANSFER_CSV)
+        everything = read_results(csv_path)
         return [row for setting in settings for row in text_records(transfer_rows_of(everything, name, setting))]
 
     def record(work: Work, rows: list[dict[str, Any]]) -> None:
         assert isinstance(work, TransferWork)
         fingerprint = work.setting.fingerprint(model.label, options)
         # merged by key: a resumed sweep rewrites the same rows
-        write_results(root / TRANSFER_CSV, rows, {digest(fingerprint): fingerprint})
+        write_results(csv_path, rows, {digest(fingerprint): fingerprint})
         write_table(table, results_table(settings_rows()), header)
 
     drive(plan, options, loader=loader, record=record, executor=executor, description="transfer settings")
